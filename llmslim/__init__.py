@@ -1,0 +1,22 @@
+"""llmslim: load, fine-tune and serve large language models where they otherwise would not fit.
+
+`import llmslim` registers the `"llmslim"` quantization method with transformers; it imports
+neither bitsandbytes nor CUDA.
+"""
+
+from __future__ import annotations
+
+from llmslim.config import SlimConfig
+from llmslim.hf import register as _register
+
+__version__ = "0.1.0"
+__all__ = ["SlimConfig", "from_pretrained", "quantize_", "save_pretrained", "__version__"]
+
+_register()
+
+
+def from_pretrained(*args, **kwargs):
+    """Load a causal LM compressed per a `SlimConfig`; see `llmslim.load.from_pretrained`."""
+    from llmslim.load import from_pretrained as _from_pretrained
+
+    return _from_pretrained(*args, **kwargs)

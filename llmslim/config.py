@@ -1,0 +1,126 @@
+"""`SlimConfig`: the one configuration object of llmslim, validated at construction.
+
+It is a transformers quantization config (`quant_method = "llmslim"`), so it travels inside a
+model's `config.json` and `from_pretrained` finds llmslim's quantizer from it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "llmslim"
+CONFIG_VERSION = 1
+
+# Weight formats, by name -> bits per weight (before scales). New formats slot in here and in
+# `quant/modules.py`'s FORMAT_MODULES.
+WEIGHT_FORMATS: dict[str | None, int] = {None: 16, "int8": 8, "nf4": 4, "fp4": 4}
+COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+DEFAULT_EXCLUDE = ("lm_head",)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _check_patterns(name: str, value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise ValueError(f"{name} must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got {value!r}")
+    return list(value)
+
+
+@dataclass(repr=False)
+class SlimConfig(QuantizationConfigMixin):
+    """How llmslim compresses a model.
+
+    Args:
+        weights: weight format of the selected linear layers: `None` (keep), `"int8"` (LLM.int8
+            row-wise absmax), `"nf4"` or `"fp4"` (blockwise 4-bit, bitsandbytes layout).
+        compute_dtype: dtype of the matmuls (`"bfloat16"`, `"float16"`, `"float32"`); `None` uses
+            the dtype the model is loaded in.
+        block_size: elements per absmax block for 4-bit formats.
+        double_quant: quantize the 4-bit absmax again to 8 bits (QLoRA); `None` means on for 4-bit.
+        int8_threshold: LLM.int8 outlier threshold: activation columns with |x| above it are
+            computed in 16 bits on CUDA. 0 disables the decomposition.
+        include: module-name patterns (fnmatch, matched against the full name or its suffix) of
+            the layers to quantize; `None` selects every linear layer.
+        exclude: patterns of layers never quantized; `lm_head` by default.
+        version: version of this config's schema.
+    """
+
+    weights: str | None = "nf4"
+    compute_dtype: str | None = None
+    block_size: int = 64
+    double_quant: bool | None = None
+    int8_threshold: float = 6.0
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    version: int = CONFIG_VERSION
+    quant_method: str = QUANT_METHOD
+
+    def __post_init__(self) -> None:
+        _check_choice("weights", self.weights, tuple(WEIGHT_FORMATS))
+        if isinstance(self.compute_dtype, torch.dtype):
+            self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")
+        _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise ValueError(f"block_size must be one of {list(BLOCK_SIZES)}, got {self.block_size!r}")
+        _check_choice("block_size", self.block_size, BLOCK_SIZES)
+        if self.double_quant is None:
+            self.double_quant = self.is_4bit
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be True, False or None, got {self.double_quant!r}")
+        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+            raise ValueError(f"int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got {self.int8_threshold!r}")
+        self.int8_threshold = float(self.int8_threshold)
+        self.include = _check_patterns("include", self.include)
+        self.exclude = _check_patterns("exclude", self.exclude) or []
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"version must be {CONFIG_VERSION} (this llmslim's config schema), got {self.version!r}")
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.weights in ("nf4", "fp4")
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype | None:
+        return None if self.compute_dtype is None else getattr(torch, self.compute_dtype)
+
+    def selects(self, module_name: str) -> bool:
+        """Whether the module called `module_name` is chosen by include / exclude."""
+        if _matches(module_name, self.exclude):
+            return False
+        return self.include is None or _matches(module_name, self.include)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": self.quant_method,
+            "version": self.version,
+            "weights": self.weights,
+            "compute_dtype": self.compute_dtype,
+            "block_size": self.block_size,
+            "double_quant": self.double_quant,
+            "int8_threshold": self.int8_threshold,
+            "include": self.include,
+            "exclude": list(self.exclude),
+        }
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items() if k != "quant_method")
+        return f"SlimConfig({fields})"
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"*.{p}") for p in patterns)

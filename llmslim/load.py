@@ -1,0 +1,235 @@
+"""Streaming, bounded-memory loading of a causal LM into llmslim's compressed layers.
+
+config.json -> meta-device skeleton -> layers replaced per SlimConfig -> for each tensor of each
+shard, in order: read (pread, so the file is never mapped into this process) -> quantize or cast
+-> place on its device -> free. Peak host memory is the compressed model plus about one source
+tensor, never the full-precision model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from llmslim import hf, models
+from llmslim.config import QUANT_METHOD, SlimConfig
+from llmslim.placement import DevicePlan, plan_devices
+from llmslim.quant.modules import SlimLinear
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def from_pretrained(
+    model: str | Path | None = None,
+    config: SlimConfig | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    progress: bool = True,
+) -> PreTrainedModel:
+    """Load a causal LM, compressing it on the fly, with bounded memory.
+
+    Args:
+        model: a local Hugging Face folder, a `.gguf` file, or None for the embedded default model.
+        config: how to compress it. Not needed for a checkpoint saved by llmslim (its config is read).
+        dtype: dtype of the layers kept in float (default: the checkpoint's).
+        device_map: `"cpu"`, `"cuda"`, `"auto"` or an accelerate device map (module -> device).
+        max_memory: per-device budget for `device_map="auto"`, e.g. `{0: "6GiB", "cpu": "20GiB"}`.
+        progress: show a tqdm bar over the tensors read.
+
+    Returns:
+        An ordinary `PreTrainedModel` in eval mode, with llmslim layers where the config asked.
+    """
+    path = models.resolve(model)
+    hf_config = AutoConfig.from_pretrained(path)
+    config, pre_quantized = _effective_config(path, hf_config, config)
+    dtype = _float_dtype(dtype, hf_config)
+    files = checkpoint_files(path)
+
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    hf.prepare_skeleton(skeleton, config)
+    plan = plan_devices(skeleton, device_map, max_memory)
+
+    loader = _Loader(skeleton, dtype, plan, pre_quantized, path, progress)
+    for file in files:
+        loader.load_file(file)
+    loader.finish()
+    return _finish_model(skeleton, config, plan, path)
+
+
+def _effective_config(path: Path, hf_config, config: SlimConfig | None) -> tuple[SlimConfig, bool]:
+    saved = getattr(hf_config, "quantization_config", None)
+    if saved is None:
+        if config is None:
+            raise ValueError(f"{path} holds a float model: pass a SlimConfig, e.g. SlimConfig(weights='nf4')")
+        return config, False
+    saved = saved if isinstance(saved, dict) else saved.to_dict()
+    if saved.get("quant_method") != QUANT_METHOD:
+        raise ValueError(
+            f"{path} is quantized with {saved.get('quant_method')!r}, not llmslim: load it with "
+            "transformers' from_pretrained, or start from the float model"
+        )
+    saved_config = SlimConfig.from_dict(saved)
+    if config is not None and config.to_dict() != saved_config.to_dict():
+        raise ValueError(
+            f"{path} is already quantized with {saved_config!r}, which differs from the requested {config!r}: "
+            "load it without a config, or quantize the float model instead"
+        )
+    return saved_config, True
+
+
+def _float_dtype(dtype: torch.dtype | str | None, hf_config) -> torch.dtype:
+    if dtype is None:
+        dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype must be a torch dtype name such as 'bfloat16', got {dtype!r}")
+        dtype = getattr(torch, dtype)
+    return dtype
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The weight files of a Hugging Face folder, safetensors first, in shard order."""
+    for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
+        index = path / index_name
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return [path / name for name in sorted(set(weight_map.values()))]
+    for pattern in ("*.safetensors", "*.bin"):
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}: is it a Hugging Face model folder?")
+
+
+@dataclass
+class _Target:
+    module: torch.nn.Module
+    name: str  # parameter or buffer name within the module
+    full_name: str
+
+
+class _Loader:
+    """Reads checkpoint tensors one at a time into a skeleton model."""
+
+    def __init__(self, model: PreTrainedModel, dtype: torch.dtype, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool):
+        self.model = model
+        self.dtype = dtype
+        self.plan = plan
+        self.pre_quantized = pre_quantized
+        self.source = source
+        self.expected = dict(model.state_dict(keep_vars=True))
+        self.prefix = model.base_model_prefix
+        self.unexpected: list[str] = []
+        self.bar = tqdm(total=len(self.expected), desc="llmslim: loading", unit="tensor", disable=None if progress else True)
+
+    def load_file(self, file: Path) -> None:
+        try:
+            for key, read in _iter_tensors(file):
+                self.bar.update()
+                target = self._target(key)
+                if target is None:
+                    self.unexpected.append(key)
+                    continue
+                self._load_tensor(target, read(), file)
+        except _CorruptFile as err:
+            raise ValueError(f"{file}: not a readable checkpoint shard ({err.__cause__}); it may be truncated or corrupt: re-download or re-save it") from err
+
+    def _target(self, key: str) -> _Target | None:
+        for name in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
+            if name in self.expected:
+                module_name, _, tensor_name = name.rpartition(".")
+                return _Target(self.model.get_submodule(module_name), tensor_name, name)
+        return None
+
+    def _load_tensor(self, target: _Target, tensor: torch.Tensor, file: Path) -> None:
+        device = self.plan.device_for(target.full_name)
+        module = target.module
+        if isinstance(module, SlimLinear) and not self.pre_quantized and target.name == "weight":
+            module.set_float_weight(tensor.to(device))
+            return
+        expected = self.expected[target.full_name]
+        if isinstance(module, SlimLinear) and self.pre_quantized and (tensor.dtype, tensor.shape) != (expected.dtype, expected.shape):
+            raise ValueError(
+                f"{file}: tensor {target.full_name} is {tensor.dtype} {tuple(tensor.shape)} but the llmslim config "
+                f"expects {expected.dtype} {tuple(expected.shape)}: the checkpoint's tensors do not match its quantization_config"
+            )
+        if tensor.is_floating_point() and not isinstance(module, SlimLinear):
+            tensor = tensor.to(self.dtype if expected.is_floating_point() else expected.dtype)
+        if tensor.shape != expected.shape:
+            raise ValueError(f"{file}: tensor {target.full_name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}")
+        _assign(module, target.name, tensor.to(device), expected)
+
+    def finish(self) -> None:
+        self.bar.close()
+        if self.unexpected:
+            logger.info("ignored %d checkpoint tensors the model does not use: %s", len(self.unexpected), self.unexpected[:5])
+        self.model.tie_weights()
+        hf.check_loaded(self.model, str(self.source))
+        missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta]
+        if missing:
+            raise ValueError(f"{self.source}: the checkpoint has no data for {missing[:5]} ({len(missing)} tensors): is it the right model?")
+
+
+class _CorruptFile(Exception):
+    pass
+
+
+def _iter_tensors(file: Path):
+    """(key, read) pairs of a checkpoint file; `read()` returns the tensor on the CPU."""
+    if file.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt", backend="pread") as handle:
+                for key in handle.keys():
+                    yield key, _guard(lambda k=key: handle.get_tensor(k), (SafetensorError, OSError, RuntimeError))
+        except (SafetensorError, OSError) as err:
+            raise _CorruptFile() from err
+        return
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for a bad pickle
+        raise _CorruptFile() from err
+    for key, value in state.items():
+        yield key, lambda v=value: v
+
+
+def _guard(read, errors):
+    def guarded():
+        try:
+            return read()
+        except errors as err:
+            raise _CorruptFile() from err
+
+    return guarded
+
+
+def _assign(module: torch.nn.Module, name: str, tensor: torch.Tensor, expected: torch.Tensor) -> None:
+    if name in module._parameters:
+        requires_grad = expected.requires_grad and tensor.is_floating_point()
+        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    else:
+        module._buffers[name] = tensor
+
+
+def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, source: Path) -> PreTrainedModel:
+    model.config.quantization_config = config
+    model.hf_quantizer = hf.SlimHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    model.config.name_or_path = str(source)
+    plan.dispatch(model)
+    return model.eval()

@@ -1,0 +1,230 @@
+"""The numerical contract of llmslim's weight formats, in plain PyTorch.
+
+Everything here is the reference: readable, slow, and bit-for-bit equal to bitsandbytes where the
+format is the same (NF4/FP4 codes and absmax, the 8-bit dynamic map used for double quantization).
+Fast kernels live in `kernels.py` and are tested against these functions.
+
+Layouts (all bitsandbytes-compatible):
+
+- 4-bit (NF4/FP4): the weight is flattened, cut into blocks of `block_size` elements, each block
+  scaled by its absmax into [-1, 1] and rounded to the nearest of 16 code values. Two codes are
+  packed per byte, the first element in the high nibble: `codes` has shape `(ceil(n / 2), 1)`.
+- Double quantization (QLoRA): the float32 absmax vector minus its mean (`offset`) is itself
+  quantized blockwise (blocks of 256) to 8 bits with the signed dynamic map.
+- LLM.int8 weights: row-wise (vector-wise) absmax, `int8 = round(w * 127 / absmax_row)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+FOUR_BIT_FORMATS = ("nf4", "fp4")
+NESTED_BLOCK_SIZE = 256
+
+# QLoRA's NormalFloat4: quantiles of N(0, 1) with an exact zero, normalised to [-1, 1].
+_NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+# FP4 e2m1 with bitsandbytes' exponent bias, listed in bit-pattern order (bit 3 is the sign).
+_FP4_VALUES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+
+@lru_cache(maxsize=None)
+def code_4bit(fmt: str) -> torch.Tensor:
+    """The 16 values a 4-bit code stands for, indexed by the code (float32, CPU)."""
+    if fmt == "nf4":
+        return torch.tensor(_NF4_VALUES, dtype=torch.float32)
+    if fmt == "fp4":
+        values = torch.tensor(_FP4_VALUES, dtype=torch.float32)
+        return values / values.abs().max()
+    raise ValueError(f"4-bit format must be one of {FOUR_BIT_FORMATS}, got {fmt!r}")
+
+
+@lru_cache(maxsize=None)
+def rounding_bounds_4bit(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Midpoints between sorted code values, and the map from sorted position to code."""
+    code = code_4bit(fmt)
+    order = torch.argsort(code)  # (16,)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2  # (15,)
+    return bounds, order.to(torch.uint8)
+
+
+@lru_cache(maxsize=None)
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map (Dettmers 2016), sorted, 256 float32 values."""
+    max_exponent_bits, total_bits = 7, 8
+    data: list[float] = []
+    non_sign_bits = total_bits - 1
+    additional_items = 2 ** (non_sign_bits - max_exponent_bits) - 1
+    for i in range(max_exponent_bits):
+        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    if additional_items > 0:
+        boundaries = torch.linspace(0.1, 1, additional_items + 1, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _scale_blocks(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise absmax scaling of a flat float32 tensor into [-1, 1].
+
+    The last, partial block is divided by its absmax while full blocks are multiplied by the
+    reciprocal: that is what bitsandbytes does, and it decides the rounding of boundary values.
+    """
+    n = flat.numel()
+    full = n - n % block_size
+    blocks = flat[:full].view(-1, block_size)  # (n_blocks, block)
+    absmax = blocks.abs().max(dim=-1).values  # (n_blocks,)
+    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if full < n:
+        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, tail_absmax.view(1)])
+        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
+    return scaled, absmax
+
+
+def quantize_blockwise_8bit(values: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization with the dynamic map, as bitsandbytes' CPU kernel does it.
+
+    Each value is divided by its block's absmax, the code value at or below it is found by
+    binary search (with the map's first entry taken as -1.0), and the next one up is taken only
+    when strictly closer.
+
+    Returns:
+        `(codes, absmax)`: uint8 codes shaped like `values`, float32 absmax per block.
+    """
+    code = dynamic_map().clone()
+    code[0] = -1.0  # the search range must cover [-1, 1]
+    flat = values.reshape(-1).float()
+    n = flat.numel()
+    n_blocks = -(-n // block_size)
+    padded = torch.nn.functional.pad(flat, (0, n_blocks * block_size - n))
+    absmax = padded.view(n_blocks, block_size).abs().amax(dim=1)  # (n_blocks,)
+    normed = flat / absmax.repeat_interleave(block_size)[:n]  # (n,)
+    left = (torch.searchsorted(code, normed, right=True) - 1).clamp(0, 255)  # (n,)
+    right = (left + 1).clamp(max=255)
+    closer_right = (normed - code[right]).abs() < (normed - code[left]).abs()
+    codes = torch.where(closer_right, right, left).to(torch.uint8)
+    return codes.view(values.shape), absmax
+
+
+def dequantize_blockwise_8bit(codes: torch.Tensor, absmax: torch.Tensor, block_size: int = NESTED_BLOCK_SIZE) -> torch.Tensor:
+    """Inverse of `quantize_blockwise_8bit`, in float32."""
+    values = dynamic_map()[codes.reshape(-1).long()]  # (n,)
+    scale = absmax.repeat_interleave(block_size)[: values.numel()]  # (n,)
+    return (values * scale).view(codes.shape)
+
+
+@dataclass
+class FourBitWeight:
+    """A 4-bit weight as stored: packed codes plus the state needed to dequantize it.
+
+    With double quantization `absmax` is uint8 and `nested_absmax` / `nested_offset` are set;
+    without it `absmax` is float32 and the nested fields are None.
+    """
+
+    codes: torch.Tensor  # (ceil(n / 2), 1) uint8
+    absmax: torch.Tensor  # (n_blocks,) uint8 or float32
+    nested_absmax: torch.Tensor | None  # (ceil(n_blocks / 256),) float32
+    nested_offset: torch.Tensor | None  # () float32
+    shape: tuple[int, ...]
+    fmt: str
+    block_size: int
+
+    def float_absmax(self) -> torch.Tensor:
+        """The per-block absmax as float32, undoing double quantization if present."""
+        if self.nested_absmax is None:
+            return self.absmax.float()
+        return dequantize_blockwise_8bit(self.absmax, self.nested_absmax) + self.nested_offset
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """Pack 4-bit values (uint8, flat) two per byte, first in the high nibble: (ceil(n/2), 1)."""
+    if q.numel() % 2:
+        raise ValueError("pack_nibbles needs an even count; pad first")
+    return ((q[::2] << 4) | q[1::2]).unsqueeze(1)
+
+
+def unpack_nibbles(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of `pack_nibbles`: the first `n` 4-bit values as int64."""
+    flat = codes.reshape(-1)
+    q = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)  # (2 * n_bytes,)
+    return q[:n].long()
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QLoRA double quantization of float32 absmax: (uint8 codes, nested absmax, offset)."""
+    offset = absmax.mean()
+    codes, nested_absmax = quantize_blockwise_8bit(absmax - offset)
+    return codes, nested_absmax, offset
+
+
+def quantize_4bit(weight: torch.Tensor, fmt: str = "nf4", block_size: int = 64, double_quant: bool = True) -> FourBitWeight:
+    """Blockwise NF4/FP4 quantization, equal to `bitsandbytes.functional.quantize_4bit`."""
+    bounds, order = rounding_bounds_4bit(fmt)
+    scaled, absmax = _scale_blocks(weight.reshape(-1).float(), block_size)
+    if scaled.numel() % 2:
+        scaled = torch.nn.functional.pad(scaled, (0, 1))
+    q = order[torch.bucketize(scaled, bounds)]  # (n_even,) uint8 codes
+    codes = pack_nibbles(q)
+    nested_absmax = nested_offset = None
+    if double_quant:
+        absmax, nested_absmax, nested_offset = double_quantize(absmax)
+    return FourBitWeight(codes, absmax, nested_absmax, nested_offset, tuple(weight.shape), fmt, block_size)
+
+
+def dequantize_4bit(w: FourBitWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reconstruct the weight: code value times its block's absmax, in float32, then cast."""
+    n = 1
+    for d in w.shape:
+        n *= d
+    values = code_4bit(w.fmt)[unpack_nibbles(w.codes, n)]  # (n,)
+    scale = w.float_absmax().repeat_interleave(w.block_size)[:n]  # (n,)
+    return (values * scale).view(w.shape).to(dtype)
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8 vector-wise weight quantization: one absmax per output row.
+
+    Returns:
+        `(int8 weight, row absmax as float32)` — bitsandbytes calls the latter `SCB`.
+    """
+    w = weight.float()
+    absmax = w.abs().amax(dim=1)  # (out,)
+    q = torch.round(w * (127.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).to(torch.int8)  # (out, in)
+    return q, absmax
+
+
+def dequantize_int8_rows(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of `quantize_int8_rows`."""
+    return (q.float() * (absmax / 127.0).unsqueeze(1)).to(dtype)
+
+
+def quantized_nbytes(tensors: list[torch.Tensor | None]) -> int:
+    """Bytes held by a list of tensors (None entries are skipped)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -1,0 +1,166 @@
+"""Fastest correct implementation per device of the operations defined in `formats.py`.
+
+- CUDA: bitsandbytes' kernels.
+- CPU: llmslim's C kernel for 4-bit quantization (bitsandbytes' CPU quantizer is pure torch and
+  runs at ~60 Mparam/s on 2 cores, which would dominate load time), bitsandbytes' CPU kernels for
+  8-bit blockwise (double quantization) and 4-bit dequantization.
+- Anywhere else, or when a backend is missing: the reference math in `formats.py`.
+
+Every function here is tested against `formats.py`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import lru_cache
+
+import torch
+
+from llmslim.quant import formats, native
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_ELEMENTS = 1 << 22  # fp16 input is converted to float32 in chunks of this many elements
+
+
+@lru_cache(maxsize=1)
+def bnb_functional():
+    """`bitsandbytes.functional`, imported on first use (None when bitsandbytes is missing)."""
+    try:
+        import bitsandbytes.functional as bnb_f
+    except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
+        return None
+    return bnb_f
+
+
+def _native_quantize_4bit(flat: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    lib = native.load()
+    if lib is None or block_size > 4096:
+        return None
+    if flat.dtype == torch.float16:
+        flat = flat.float()
+    fn = {torch.float32: lib.llmslim_quantize_4bit_f32, torch.bfloat16: lib.llmslim_quantize_4bit_bf16}.get(flat.dtype)
+    if fn is None:
+        return None
+    n = flat.numel()
+    bounds, order = formats.rounding_bounds_4bit(fmt)
+    codes = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
+    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731 - local shorthand
+    rc = fn(ptr(flat), n, block_size, ptr(bounds), ptr(order), ptr(codes), ptr(absmax))
+    if rc != 0:  # pragma: no cover - arguments are validated by SlimConfig
+        raise RuntimeError(f"llmslim_quantize_4bit failed with code {rc} for block_size={block_size}")
+    return codes, absmax
+
+
+def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bnb_f = bnb_functional()
+    if bnb_f is None:
+        return formats.double_quantize(absmax)
+    offset = absmax.mean()
+    codes, state2 = bnb_f.quantize_blockwise(absmax - offset, blocksize=formats.NESTED_BLOCK_SIZE)
+    return codes, state2.absmax, offset
+
+
+def quantize_4bit(weight: torch.Tensor, fmt: str, block_size: int, double_quant: bool) -> formats.FourBitWeight:
+    """Quantize a float weight to NF4/FP4 on its own device (same bits as `formats.quantize_4bit`)."""
+    shape = tuple(weight.shape)
+    bnb_f = bnb_functional()
+    if weight.device.type == "cuda" and bnb_f is not None:
+        codes, state = bnb_f.quantize_4bit(weight, blocksize=block_size, compress_statistics=double_quant, quant_type=fmt)
+        return four_bit_from_state(codes, state, shape)
+    packed = None
+    if weight.device.type == "cpu":
+        packed = _native_quantize_4bit(weight.detach().contiguous().reshape(-1), fmt, block_size)
+    if packed is None:
+        return formats.quantize_4bit(weight, fmt, block_size, double_quant)
+    codes, absmax = packed
+    nested_absmax = nested_offset = None
+    if double_quant:
+        absmax, nested_absmax, nested_offset = _double_quantize(absmax)
+    return formats.FourBitWeight(codes, absmax, nested_absmax, nested_offset, shape, fmt, block_size)
+
+
+def four_bit_from_state(codes: torch.Tensor, state, shape: tuple[int, ...]) -> formats.FourBitWeight:
+    """Our container from a bitsandbytes `QuantState`."""
+    nested = state.state2 is not None
+    return formats.FourBitWeight(
+        codes=codes,
+        absmax=state.absmax,
+        nested_absmax=state.state2.absmax if nested else None,
+        nested_offset=state.offset.reshape(()) if nested else None,
+        shape=shape,
+        fmt=state.quant_type,
+        block_size=state.blocksize,
+    )
+
+
+def quant_state(w: formats.FourBitWeight, dtype: torch.dtype):
+    """A bitsandbytes `QuantState` viewing our tensors (no copies), for its kernels and its format."""
+    bnb_f = bnb_functional()
+    device = w.codes.device
+    state2 = None
+    if w.nested_absmax is not None:
+        state2 = bnb_f.QuantState(
+            absmax=w.nested_absmax,
+            code=formats.dynamic_map().to(device),
+            blocksize=formats.NESTED_BLOCK_SIZE,
+            dtype=torch.float32,
+        )
+    return bnb_f.QuantState(
+        absmax=w.absmax,
+        shape=torch.Size(w.shape),
+        code=formats.code_4bit(w.fmt).to(device),
+        blocksize=w.block_size,
+        quant_type=w.fmt,
+        dtype=dtype,
+        offset=w.nested_offset,
+        state2=state2,
+    )
+
+
+def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize to `dtype` (bitsandbytes' kernels on CPU and CUDA)."""
+    bnb_f = bnb_functional()
+    # bitsandbytes sends odd row lengths to a torch.compile'd fallback (seconds of compile per shape)
+    if bnb_f is None or w.shape[-1] % 2:
+        return formats.dequantize_4bit(w, dtype)
+    return bnb_f.dequantize_4bit(w.codes, quant_state(w, dtype))
+
+
+def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise int8 weight quantization on the weight's device (torch ops run everywhere)."""
+    return formats.quantize_int8_rows(weight)
+
+
+def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
+    """`x @ W.T` for a 4-bit weight (no bias); `x` is already in `dtype`."""
+    bnb_f = bnb_functional()
+    if x.device.type == "cuda" and bnb_f is not None:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, w.codes.t(), quant_state=quant_state(w, dtype))
+    # CPU: dequantize once per call and use the dense GEMM (the next step is a fused kernel).
+    return torch.nn.functional.linear(x, dequantize_4bit(w, dtype))
+
+
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`x @ W.T` for a row-wise int8 weight (no bias).
+
+    CUDA: bitsandbytes' LLM.int8 matmul, with activation outlier columns (|x| > threshold) in 16
+    bits. CPU: PyTorch's weight-only int8 kernel, which never materialises a float weight.
+    """
+    if x.device.type == "cuda" and bnb_functional() is not None:
+        import bitsandbytes as bnb
+
+        state = bnb.MatmulLtState()
+        state.CB, state.SCB, state.threshold = weight, row_absmax, threshold
+        state.has_fp16_weights, state.is_training = False, False
+        return bnb.matmul(x, weight, state=state)
+    if hasattr(torch, "_weight_int8pack_mm"):
+        # float32 activations and scales: a bf16 scale alone would add up to 0.4% error per row
+        flat = x.reshape(-1, x.shape[-1]).float().contiguous()  # (tokens, in)
+        out = torch._weight_int8pack_mm(flat, weight, row_absmax / 127.0)  # (tokens, out)
+        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.linear(x, formats.dequantize_int8_rows(weight, row_absmax, x.dtype))

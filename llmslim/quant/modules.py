@@ -1,0 +1,208 @@
+"""Quantized linear modules, and the function that puts them into a model.
+
+Each module is built from the float layer it replaces with `from_linear` (on the meta device when
+loading, so no float weight is ever allocated) and filled later with `set_float_weight` (quantize
+now) or by loading its state dict (already quantized). Its state dict is the on-disk format:
+
+- `SlimLinear4bit`: `weight` (uint8 packed codes, `(ceil(out*in/2), 1)`), `weight_absmax`,
+  and with double quantization `weight_nested_absmax`, `weight_nested_offset`.
+- `SlimLinear8bit`: `weight` (int8 `(out, in)`), `SCB` (float32 row absmax, bitsandbytes' name).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
+
+from llmslim.config import SlimConfig
+from llmslim.quant import formats, kernels
+
+logger = logging.getLogger(__name__)
+
+
+class SlimLinear(nn.Module):
+    """Base of llmslim's quantized linear layers: shapes, bias, compute dtype, construction."""
+
+    fmt: str = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: SlimConfig, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.compute_dtype = config.torch_compute_dtype or dtype
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._register_quantized(config, device)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, config: SlimConfig) -> SlimLinear:
+        """An empty quantized layer with the shape, bias and device of `linear` (nn.Linear or Conv1D)."""
+        if isinstance(linear, Conv1D):
+            in_features, out_features = linear.weight.shape
+        else:
+            in_features, out_features = linear.in_features, linear.out_features
+        module = cls(in_features, out_features, linear.bias is not None, config, linear.weight.dtype, linear.weight.device)
+        module.source_transposed = isinstance(linear, Conv1D)
+        return module
+
+    def _register_quantized(self, config: SlimConfig, device) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_float_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight (in the layout of the layer this one replaced) into this layer."""
+        for name, value in self.quantize(weight).items():
+            self._set_tensor(name, value)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state-dict tensors (relative names) of a float weight quantized in this layer's format.
+
+        `weight` is in the layout of the layer this one replaced: `(out, in)`, or `(in, out)` for Conv1D.
+        """
+        if getattr(self, "source_transposed", False):
+            weight = weight.t()
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a weight of shape {tuple(weight.shape)} does not fit a layer of shape {(self.out_features, self.in_features)}")
+        return self._quantize(weight)
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _set_tensor(self, name: str, value: torch.Tensor) -> None:
+        if name in self._parameters:
+            self._parameters[name] = nn.Parameter(value, requires_grad=False)
+        else:
+            self._buffers[name] = value
+
+    def quantized_nbytes(self) -> int:
+        """Bytes of this layer's weight as stored: codes plus every scale and absmax (bias excluded)."""
+        return formats.quantized_nbytes([t for n, t in self.state_dict().items() if n != "bias"])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format={self.fmt}"
+
+    def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class SlimLinear4bit(SlimLinear):
+    """Linear layer with NF4/FP4 blockwise weights (bitsandbytes' layout and kernels)."""
+
+    def _register_quantized(self, config: SlimConfig, device) -> None:
+        self.fmt = config.weights
+        self.block_size = config.block_size
+        n = self.in_features * self.out_features
+        n_blocks = -(-n // self.block_size)
+        self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
+        if config.double_quant:
+            self.register_buffer("weight_absmax", torch.empty(n_blocks, dtype=torch.uint8, device=device))
+            n_nested = -(-n_blocks // formats.NESTED_BLOCK_SIZE)
+            self.register_buffer("weight_nested_absmax", torch.empty(n_nested, dtype=torch.float32, device=device))
+            self.register_buffer("weight_nested_offset", torch.empty((), dtype=torch.float32, device=device))
+        else:
+            self.register_buffer("weight_absmax", torch.empty(n_blocks, dtype=torch.float32, device=device))
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = kernels.quantize_4bit(weight, self.fmt, self.block_size, "weight_nested_absmax" in self._buffers)
+        tensors = {"weight": w.codes, "weight_absmax": w.absmax}
+        if w.nested_absmax is not None:
+            tensors.update(weight_nested_absmax=w.nested_absmax, weight_nested_offset=w.nested_offset)
+        return tensors
+
+    def four_bit_weight(self) -> formats.FourBitWeight:
+        """A view of this layer's tensors as the format's container (no copies)."""
+        return formats.FourBitWeight(
+            codes=self.weight,
+            absmax=self.weight_absmax,
+            nested_absmax=self._buffers.get("weight_nested_absmax"),
+            nested_offset=self._buffers.get("weight_nested_offset"),
+            shape=(self.out_features, self.in_features),
+            fmt=self.fmt,
+            block_size=self.block_size,
+        )
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return kernels.dequantize_4bit(self.four_bit_weight(), dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.linear_4bit(x.to(self.compute_dtype), self.four_bit_weight(), self.compute_dtype)
+        return self._add_bias(out).to(x.dtype)
+
+
+class SlimLinear8bit(SlimLinear):
+    """Linear layer with LLM.int8 weights: int8 rows with one absmax each (`SCB`)."""
+
+    fmt = "int8"
+
+    def _register_quantized(self, config: SlimConfig, device) -> None:
+        self.threshold = config.int8_threshold
+        self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), dtype=torch.int8, device=device), requires_grad=False)
+        self.register_buffer("SCB", torch.empty(self.out_features, dtype=torch.float32, device=device))
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, absmax = kernels.quantize_int8_rows(weight)
+        return {"weight": q, "SCB": absmax}
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return formats.dequantize_int8_rows(self.weight, self.SCB, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.linear_int8(x.to(self.compute_dtype), self.weight, self.SCB, self.threshold)
+        return self._add_bias(out).to(x.dtype)
+
+
+FORMAT_MODULES: dict[str, type[SlimLinear]] = {"int8": SlimLinear8bit, "nf4": SlimLinear4bit, "fp4": SlimLinear4bit}
+
+
+def quantizable(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, SlimLinear)
+
+
+def replace_linear_modules(model: nn.Module, config: SlimConfig, keep: set[str] = frozenset()) -> list[str]:
+    """Swap the layers `config` selects for empty quantized ones, in place.
+
+    Args:
+        model: the model, usually a meta-device skeleton.
+        config: which format and which layers.
+        keep: module names that must stay in float (for example layers tied to an embedding).
+
+    Returns:
+        The names of the replaced modules.
+    """
+    if config.weights is None:
+        return []
+    cls = FORMAT_MODULES[config.weights]
+    replaced = []
+    for name, module in list(_selected_modules(model, config)):
+        if not quantizable(module):
+            logger.info("not quantizing %s: %s layers are not quantized (only Linear and Conv1D)", name, type(module).__name__)
+            continue
+        if name in keep:
+            logger.info("not quantizing %s: its weight is tied to another module", name)
+            continue
+        model.set_submodule(name, cls.from_linear(module, config))
+        replaced.append(name)
+    if not replaced:
+        logger.warning("no linear layer matched include=%s exclude=%s: nothing was quantized", config.include, config.exclude)
+    return replaced
+
+
+def _selected_modules(model: nn.Module, config: SlimConfig) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if not name or not config.selects(name):
+            continue
+        if quantizable(module):
+            yield name, module
+        elif config.include is not None and not any(True for _ in module.children()):
+            yield name, module  # explicitly included leaf of another type: reported and skipped
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, SlimLinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SlimLinear):
+            yield name, module

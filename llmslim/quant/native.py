@@ -1,0 +1,78 @@
+"""Build and load llmslim's small C kernels (compiled once per machine, cached, loaded with ctypes).
+
+The kernels are plain C with OpenMP and no Python or torch headers, so a build takes about a
+second with the system compiler. Without a compiler `load()` returns None and callers fall back
+to the reference math in `formats.py` (correct, slower).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from llmslim.paths import cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = ("quant4.c",)
+_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+
+
+def _cpu_fingerprint() -> str:
+    """What -march=native depends on: the CPU's flags (a cached build is only reused on the same kind)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    return flags
+
+
+def _build_key(sources: list[Path], compiler: str) -> str:
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.read_bytes())
+    h.update(" ".join((compiler, *_FLAGS, platform.machine(), _cpu_fingerprint())).encode())
+    return h.hexdigest()[:16]
+
+
+def _compile(sources: list[Path], target: Path, compiler: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        tmp_lib = Path(tmp) / target.name
+        cmd = [compiler, *_FLAGS, *map(str, sources), "-o", str(tmp_lib), "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        os.replace(tmp_lib, target)  # atomic: a concurrent build never sees a half-written library
+
+
+@lru_cache(maxsize=1)
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, building it on first use; None when it cannot be built."""
+    if os.environ.get("LLMSLIM_NO_NATIVE") == "1":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        logger.warning("no C compiler found: 4-bit quantization uses the slower pure-torch path")
+        return None
+    sources = [Path(__file__).parent / "csrc" / name for name in _SOURCES]
+    target = cache_dir() / "kernels" / f"llmslim_cpu_{_build_key(sources, compiler)}.so"
+    if not target.exists():
+        try:
+            _compile(sources, target, compiler)
+        except (OSError, subprocess.CalledProcessError) as err:
+            detail = getattr(err, "stderr", "") or str(err)
+            logger.warning("building llmslim's CPU kernels failed, using the pure-torch path: %s", detail)
+            return None
+    lib = ctypes.CDLL(str(target))
+    for name in ("llmslim_quantize_4bit_f32", "llmslim_quantize_4bit_bf16"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    return lib
