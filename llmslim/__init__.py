@@ -20,3 +20,17 @@ def from_pretrained(*args, **kwargs):
     from llmslim.load import from_pretrained as _from_pretrained
 
     return _from_pretrained(*args, **kwargs)
+
+
+def save_pretrained(*args, **kwargs):
+    """Save a compressed model (llmslim or bitsandbytes layout); see `llmslim.save.save_pretrained`."""
+    from llmslim.save import save_pretrained as _save_pretrained
+
+    return _save_pretrained(*args, **kwargs)
+
+
+def quantize_(*args, **kwargs):
+    """Quantize a loaded float model in place; see `llmslim.quant.quantize.quantize_`."""
+    from llmslim.quant.quantize import quantize_ as _quantize_
+
+    return _quantize_(*args, **kwargs)

@@ -47,6 +47,14 @@ def check_loaded(model: torch.nn.Module, source: str) -> None:
         )
 
 
+def mark_quantized(model: torch.nn.Module, config: SlimConfig) -> None:
+    """Give a model quantized outside `from_pretrained` what transformers expects of a quantized one."""
+    model.config.quantization_config = config
+    model.hf_quantizer = SlimHfQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
 class SlimQuantize(ConversionOps):
     """Quantize one float weight read from a checkpoint into its llmslim layer's tensors."""
 

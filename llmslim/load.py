@@ -226,10 +226,7 @@ def _assign(module: torch.nn.Module, name: str, tensor: torch.Tensor, expected: 
 
 
 def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, source: Path) -> PreTrainedModel:
-    model.config.quantization_config = config
-    model.hf_quantizer = hf.SlimHfQuantizer(config, pre_quantized=True)
-    model.is_quantized = True
-    model.quantization_method = QUANT_METHOD
+    hf.mark_quantized(model, config)
     model.config.name_or_path = str(source)
     plan.dispatch(model)
     return model.eval()

@@ -1,0 +1,38 @@
+"""`quantize_`: compress an already-loaded float model in place."""
+
+from __future__ import annotations
+
+import torch
+
+from llmslim import hf
+from llmslim.config import SlimConfig
+from llmslim.quant.modules import FORMAT_MODULES, quantizable
+
+
+@torch.no_grad()
+def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
+    """Replace the layers `config` selects by quantized ones, in place (torchao-style).
+
+    Prefer `llmslim.from_pretrained` for large models: it never holds the float weights; this
+    is for a model that is already in memory.
+
+    Returns:
+        The names of the quantized layers.
+    """
+    if config.weights is None:
+        return []
+    keep = hf.tied_module_names(model)
+    cls = FORMAT_MODULES[config.weights]
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or name in keep or not quantizable(module) or not config.selects(name):
+            continue
+        layer = cls.from_linear(module, config)
+        layer.set_float_weight(module.weight.data)
+        if module.bias is not None:
+            layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        model.set_submodule(name, layer)
+        replaced.append(name)
+    if hasattr(model, "config"):
+        hf.mark_quantized(model, config)
+    return replaced
