@@ -145,7 +145,9 @@ class _Loader:
                     continue
                 self._load_tensor(target, read(), file)
         except _CorruptFile as err:
-            raise ValueError(f"{file}: not a readable checkpoint shard ({err.__cause__}); it may be truncated or corrupt: re-download or re-save it") from err
+            raise ValueError(
+                f"{file}: not a readable checkpoint shard ({err.__cause__}); it may be truncated or corrupt: re-download or re-save it"
+            ) from err
 
     def _target(self, key: str) -> _Target | None:
         for name in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
@@ -169,7 +171,9 @@ class _Loader:
         if tensor.is_floating_point() and not isinstance(module, SlimLinear):
             tensor = tensor.to(self.dtype if expected.is_floating_point() else expected.dtype)
         if tensor.shape != expected.shape:
-            raise ValueError(f"{file}: tensor {target.full_name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}")
+            raise ValueError(
+                f"{file}: tensor {target.full_name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}"
+            )
         _assign(module, target.name, tensor.to(device), expected)
 
     def finish(self) -> None:
@@ -180,7 +184,9 @@ class _Loader:
         hf.check_loaded(self.model, str(self.source))
         missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta]
         if missing:
-            raise ValueError(f"{self.source}: the checkpoint has no data for {missing[:5]} ({len(missing)} tensors): is it the right model?")
+            raise ValueError(
+                f"{self.source}: the checkpoint has no data for {missing[:5]} ({len(missing)} tensors): is it the right model?"
+            )
 
 
 class _CorruptFile(Exception):

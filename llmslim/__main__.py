@@ -1,0 +1,5 @@
+import sys
+
+from llmslim.cli import main
+
+sys.exit(main())

@@ -1,0 +1,157 @@
+"""The `llmslim` command: parse, call the library, print. No logic of its own beyond that."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+WEIGHT_CHOICES = ("none", "int8", "nf4", "fp4")
+DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def _add_model_options(p: argparse.ArgumentParser, default_weights: str | None = None) -> None:
+    p.add_argument(
+        "--weights",
+        choices=WEIGHT_CHOICES,
+        default=default_weights,
+        help="weight format (default: nf4 for a float model, the saved format for an llmslim checkpoint)",
+    )
+    p.add_argument("--block-size", type=int, default=64, help="elements per absmax block for 4-bit formats (default 64)")
+    p.add_argument("--no-double-quant", action="store_true", help="keep 4-bit absmax in float32")
+    p.add_argument("--exclude", nargs="*", default=None, help="module-name patterns to keep in float (default: lm_head)")
+    p.add_argument("--include", nargs="*", default=None, help="module-name patterns to quantize (default: every linear layer)")
+    p.add_argument("--dtype", default=None, help="dtype of the layers kept in float (default: the checkpoint's)")
+    p.add_argument("--device-map", default=None, help="'cpu', 'cuda', 'auto' (default: cuda if available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmslim", description="Make large language models fit: quantize, evaluate, generate.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what llmslim does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model once and save it")
+    q.add_argument("src", help="Hugging Face folder or .gguf file ('default' for the embedded model)")
+    q.add_argument("out", help="output folder (must not exist unless --overwrite)")
+    _add_model_options(q, default_weights="nf4")
+    q.add_argument(
+        "--format", choices=("llmslim", "bnb"), default="llmslim", help="llmslim layout, or bitsandbytes' for stock transformers"
+    )
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+    e = sub.add_parser("eval", help="perplexity on a text file")
+    e.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    _add_model_options(e)
+    e.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file (default: WikiText-2 test from ../shared/data)")
+    e.add_argument("--tokens", type=int, default=20_000, help="number of tokens scored (default 20000)")
+    e.add_argument("--json", action="store_true", help="also print the result as a JSON object")
+
+    g = sub.add_parser("generate", help="generate a reply to a prompt")
+    g.add_argument("args", nargs="+", metavar="[MODEL] PROMPT", help="optional model path, then the prompt")
+    _add_model_options(g)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template")
+
+    sub.add_parser("env", help="versions, devices and active kernel backends")
+
+    d = sub.add_parser("demo", help="the main job on the default model: memory, perplexity, an answer")
+    d.add_argument("--weights", choices=WEIGHT_CHOICES[1:], default="nf4")
+    d.add_argument("--tokens", type=int, default=4096, help="tokens of WikiText-2 for the perplexity (default 4096)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
+        print(f"llmslim {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _slim_config(args):
+    from llmslim import SlimConfig
+
+    if args.weights is None:
+        return None
+    extra = {} if args.exclude is None else {"exclude": args.exclude}
+    return SlimConfig(
+        weights=None if args.weights == "none" else args.weights,
+        block_size=args.block_size,
+        double_quant=False if args.no_double_quant else None,
+        include=args.include,
+        **extra,
+    )
+
+
+def _load(model_arg: str | None, args):
+    """Load MODEL per the command-line options; a float model with no --weights gets nf4."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import llmslim
+    from llmslim import models
+
+    path = models.resolve(None if model_arg in (None, "default") else model_arg)
+    config = _slim_config(args)
+    if config is None and getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is None:
+        args.weights = "nf4"
+        config = _slim_config(args)
+    model = llmslim.from_pretrained(path, config, dtype=args.dtype, device_map=args.device_map)
+    return model, AutoTokenizer.from_pretrained(path), path
+
+
+def cmd_quantize(args) -> int:
+    from llmslim.save import save_pretrained
+    from llmslim.stats import model_nbytes
+
+    model, tokenizer, path = _load(args.src, args)
+    out = save_pretrained(model, args.out, format=args.format, overwrite=args.overwrite, tokenizer=tokenizer)
+    print(f"quantized {path} -> {out} ({args.format} layout, {args.weights}, {model_nbytes(model) / 2**20:.1f} MiB of weights)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from llmslim.evaluate import load_tokens, perplexity
+
+    model, tokenizer, path = _load(args.model, args)
+    result = perplexity(model, load_tokens(tokenizer, args.text, args.tokens))
+    if args.json:
+        print(json.dumps({"model": str(path), "weights": args.weights, "text": args.text, **result.to_dict()}))
+    print(f"perplexity: {result.perplexity:.2f}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from llmslim.generate import generate_reply
+
+    if len(args.args) > 2:
+        raise ValueError(f"generate takes [MODEL] PROMPT, got {len(args.args)} arguments: quote the prompt")
+    model_arg, prompt = (args.args[0], args.args[1]) if len(args.args) == 2 else (None, args.args[0])
+    model, tokenizer, _ = _load(model_arg, args)
+    print(generate_reply(model, tokenizer, prompt, args.max_new_tokens, chat=not args.raw))
+    return 0
+
+
+def cmd_env(args) -> int:
+    from llmslim.env import environment_report
+
+    for key, value in environment_report().items():
+        print(f"{key:24s} {value}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from llmslim.demo import run_demo
+
+    run_demo(args.weights, args.tokens, DEFAULT_TEXT)
+    return 0
+
+
+_COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "env": cmd_env, "demo": cmd_demo}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

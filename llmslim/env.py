@@ -1,0 +1,40 @@
+"""`llmslim env`: versions, devices and which kernel backend each operation uses."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+PACKAGES = ("llmslim", "torch", "transformers", "accelerate", "bitsandbytes", "safetensors", "gguf", "tqdm")
+
+
+def _version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment_report() -> dict[str, str]:
+    """What `llmslim env` prints, as an ordered dict of label -> value."""
+    import torch
+
+    from llmslim import models
+    from llmslim.quant import native
+
+    report = {"python": platform.python_version(), "platform": platform.platform()}
+    report.update({name: _version(name) for name in PACKAGES})
+    report["cpu capability"] = torch.backends.cpu.get_cpu_capability()
+    report["cpu threads"] = str(torch.get_num_threads())
+    cuda = torch.cuda.is_available()
+    report["cuda"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "not available"
+    lib = native.load()
+    report["4-bit quantize (cpu)"] = f"llmslim C kernel ({lib._name})" if lib is not None else "pure torch (no C compiler)"
+    report["4-bit matmul (cpu)"] = "bitsandbytes dequantize + torch GEMM"
+    report["int8 matmul (cpu)"] = "torch._weight_int8pack_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequantize + torch GEMM"
+    report["4-bit / int8 (cuda)"] = "bitsandbytes CUDA kernels" if cuda else "n/a (no GPU)"
+    try:
+        report["default model"] = str(models.default_gguf())
+    except FileNotFoundError as err:
+        report["default model"] = f"missing: {err}"
+    return report
