@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from llmslim import hf
 from llmslim.quant import kernels
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantizable, quantized_layers
 

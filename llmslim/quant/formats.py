@@ -17,7 +17,7 @@ Layouts (all bitsandbytes-compatible):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -47,7 +47,7 @@ _NF4_VALUES = (
 _FP4_VALUES = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_4bit(fmt: str) -> torch.Tensor:
     """The 16 values a 4-bit code stands for, indexed by the code (float32, CPU)."""
     if fmt == "nf4":
@@ -58,7 +58,7 @@ def code_4bit(fmt: str) -> torch.Tensor:
     raise ValueError(f"4-bit format must be one of {FOUR_BIT_FORMATS}, got {fmt!r}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def rounding_bounds_4bit(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Midpoints between sorted code values, and the map from sorted position to code."""
     code = code_4bit(fmt)
@@ -67,7 +67,7 @@ def rounding_bounds_4bit(fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     return bounds, order.to(torch.uint8)
 
 
-@lru_cache(maxsize=None)
+@cache
 def dynamic_map() -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic map (Dettmers 2016), sorted, 256 float32 values."""
     max_exponent_bits, total_bits = 7, 8

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
@@ -65,7 +64,7 @@ class SlimLinear(nn.Module):
         `weight` is in the layout of the layer this one replaced: `(out, in)`, or `(in, out)` for Conv1D.
         """
         if getattr(self, "source_transposed", False):
-            weight = weight.t()
+            weight = weight.t().contiguous()  # Conv1D keeps (in, out)
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"a weight of shape {tuple(weight.shape)} does not fit a layer of shape {(self.out_features, self.in_features)}"

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random causal LMs written from configs, the shared data folder, markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
+
+import llmslim  # noqa: F401 - registers the quantization method, as a user's import does
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+
+_TINY = dict(vocab_size=96, max_position_embeddings=64)
+TINY_CONFIGS = {
+    "llama": lambda: LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **_TINY
+    ),
+    "gpt2": lambda: GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=96),
+    "opt": lambda: OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, **_TINY),
+    "qwen2": lambda: Qwen2Config(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **_TINY
+    ),
+    "mistral": lambda: MistralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **_TINY
+    ),
+}
+ARCHS = tuple(TINY_CONFIGS)
+
+
+def write_tiny_model(folder: Path, arch: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0, **save_kwargs) -> Path:
+    """A random-initialised model of architecture `arch`, saved as safetensors in `folder`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]()).to(dtype)
+    model.save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """One saved tiny model per architecture, shared by the whole session (read-only)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: write_tiny_model(root / arch, arch) for arch in ARCHS}
+
+
+@pytest.fixture
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
