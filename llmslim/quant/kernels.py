@@ -149,7 +149,8 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
     CUDA: bitsandbytes' LLM.int8 matmul, with activation outlier columns (|x| > threshold) in 16
-    bits. CPU: PyTorch's weight-only int8 kernel, which never materialises a float weight.
+    bits. CPU: PyTorch's weight-only int8 kernel, which never materialises a float weight, with
+    float32-exact row scales.
     """
     if x.device.type == "cuda" and bnb_functional() is not None:
         import bitsandbytes as bnb
@@ -158,9 +159,17 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
         state.CB, state.SCB, state.threshold = weight, row_absmax, threshold
         state.has_fp16_weights, state.is_training = False, False
         return bnb.matmul(x, weight, state=state)
-    if hasattr(torch, "_weight_int8pack_mm"):
-        # float32 activations and scales: a bf16 scale alone would add up to 0.4% error per row
-        flat = x.reshape(-1, x.shape[-1]).float().contiguous()  # (tokens, in)
-        out = torch._weight_int8pack_mm(flat, weight, row_absmax / 127.0)  # (tokens, out)
-        return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    return torch.nn.functional.linear(x, formats.dequantize_int8_rows(weight, row_absmax, x.dtype))
+    tokens = x.numel() // x.shape[-1]
+    # PyTorch's int8pack kernel reads rows in chunks of 16 (other lengths crash or return inf), and
+    # in float32 it is a GEMV: for many float32 rows the dense GEMM wins
+    if not hasattr(torch, "_weight_int8pack_mm") or x.shape[-1] % 16 or (x.dtype == torch.float32 and tokens > 4):
+        return torch.nn.functional.linear(x, formats.dequantize_int8_rows(weight, row_absmax, x.dtype))
+    scales = row_absmax / 127.0  # (out,) float32
+    rounded = scales.to(x.dtype)
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (tokens, in)
+    out = torch._weight_int8pack_mm(flat, weight, rounded)  # (tokens, out)
+    if x.dtype != torch.float32:
+        # the kernel takes scales in x's dtype; a bf16 scale alone is off by up to 0.4% per row,
+        # so undo that rounding with a float32 per-column correction
+        out = (out.float() * (scales / rounded.float())).to(x.dtype)
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,145 @@
+"""`SlimConfig`: validation messages, defaults, module selection, and serialisation (JSON and transformers)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import AutoConfig, LlamaConfig
+from transformers.quantizers.auto import AutoQuantizationConfig
+
+import llmslim  # noqa: F401 - registers quant_method "llmslim" with transformers
+from llmslim.config import BLOCK_SIZES, SlimConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"weights": "int3"}, "weights must be one of [None, 'int8', 'nf4', 'fp4'], got 'int3'"),
+        ({"weights": "NF4"}, "weights must be one of [None, 'int8', 'nf4', 'fp4'], got 'NF4'"),
+        ({"block_size": 48}, f"block_size must be one of {list(BLOCK_SIZES)}, got 48"),
+        ({"block_size": True}, f"block_size must be one of {list(BLOCK_SIZES)}, got True"),
+        ({"block_size": 64.0}, f"block_size must be one of {list(BLOCK_SIZES)}, got 64.0"),
+        ({"compute_dtype": "float64"}, "compute_dtype must be one of [None, 'float32', 'bfloat16', 'float16'], got 'float64'"),
+        ({"compute_dtype": torch.int8}, "compute_dtype must be one of [None, 'float32', 'bfloat16', 'float16'], got 'int8'"),
+        ({"int8_threshold": -1}, "int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got -1"),
+        ({"int8_threshold": True}, "int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got True"),
+        ({"int8_threshold": "6"}, "int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got '6'"),
+        ({"double_quant": "yes"}, "double_quant must be True, False or None, got 'yes'"),
+        ({"double_quant": 1}, "double_quant must be True, False or None, got 1"),
+        ({"include": [""]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got ['']"),
+        ({"include": [3]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got [3]"),
+        ({"exclude": {"lm_head"}}, "exclude must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got {'lm_head'}"),
+        ({"version": 2}, "version must be 1 (this llmslim's config schema), got 2"),
+        ({"quant_method": "bitsandbytes"}, "quant_method must be 'llmslim', got 'bitsandbytes'"),
+    ],
+    ids=lambda v: repr(v) if isinstance(v, dict) else "",
+)
+def test_bad_values_raise_naming_field_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        SlimConfig(**kwargs)
+
+
+@pytest.mark.parametrize("weights, double_quant", [("nf4", True), ("fp4", True), ("int8", False), (None, False)])
+def test_defaults(weights, double_quant):
+    cfg = SlimConfig(weights=weights)
+    assert cfg.double_quant is double_quant
+    assert cfg.is_4bit is (weights in ("nf4", "fp4"))
+    assert cfg.exclude == ["lm_head"] and cfg.include is None
+    assert (cfg.block_size, cfg.int8_threshold, cfg.compute_dtype, cfg.version, cfg.quant_method) == (64, 6.0, None, 1, "llmslim")
+    assert cfg.torch_compute_dtype is None
+
+
+def test_default_weights_are_nf4():
+    assert SlimConfig().weights == "nf4"
+
+
+def test_explicit_double_quant_is_kept():
+    assert SlimConfig(weights="nf4", double_quant=False).double_quant is False
+
+
+def test_normalised_values():
+    cfg = SlimConfig(compute_dtype=torch.bfloat16, int8_threshold=0, include="q_proj", exclude=None)
+    assert cfg.compute_dtype == "bfloat16" and cfg.torch_compute_dtype == torch.bfloat16
+    assert cfg.int8_threshold == 0.0 and isinstance(cfg.int8_threshold, float)
+    assert cfg.include == ["q_proj"] and cfg.exclude == []
+    assert SlimConfig(include=("q_proj", "v_proj")).include == ["q_proj", "v_proj"]
+
+
+def test_default_exclude_is_not_shared():
+    a, b = SlimConfig(), SlimConfig()
+    a.exclude.append("q_proj")
+    assert b.exclude == ["lm_head"]
+
+
+@pytest.mark.parametrize(
+    "include, exclude, name, selected",
+    [
+        (None, ["lm_head"], "model.layers.0.self_attn.q_proj", True),
+        (None, ["lm_head"], "lm_head", False),
+        (None, ["lm_head"], "model.lm_head", False),  # suffix after a dot
+        (["q_proj"], [], "model.layers.0.self_attn.q_proj", True),
+        (["q_proj"], [], "model.layers.0.self_attn.xq_proj", False),  # a suffix starts after a dot
+        (["q_proj"], [], "model.layers.0.self_attn.q_proj.lora", False),
+        (["Q_PROJ"], [], "model.layers.0.self_attn.q_proj", False),  # case-sensitive
+        (["self_attn.q_proj"], [], "model.layers.0.self_attn.q_proj", True),
+        (["layers.*.mlp.*"], [], "model.layers.3.mlp.up_proj", True),
+        (["layers.*.mlp.*"], [], "model.layers.3.self_attn.o_proj", False),
+        (["model.layers.1*"], [], "model.layers.12.mlp.up_proj", True),  # '*' also crosses dots
+        (["layers.[01].*"], [], "model.layers.1.mlp.up_proj", True),
+        (["layers.[01].*"], [], "model.layers.2.mlp.up_proj", False),
+        (["*_proj"], ["down_proj"], "model.layers.0.mlp.down_proj", False),  # exclude wins
+        (["*_proj"], ["down_proj"], "model.layers.0.mlp.up_proj", True),
+    ],
+)
+def test_selects(include, exclude, name, selected):
+    assert SlimConfig(include=include, exclude=exclude).selects(name) is selected
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SlimConfig(),
+        SlimConfig(weights="int8", int8_threshold=0.0, compute_dtype="float16"),
+        SlimConfig(weights="fp4", block_size=4096, double_quant=False, include=["q_proj", "layers.*.mlp.*"], exclude=[]),
+        SlimConfig(weights=None),
+    ],
+    ids=repr,
+)
+def test_json_round_trip(cfg):
+    data = json.loads(json.dumps(cfg.to_dict()))
+    assert data["quant_method"] == "llmslim" and data["version"] == 1
+    back = SlimConfig.from_dict(data)
+    assert back == cfg and back.to_dict() == cfg.to_dict()
+    assert SlimConfig.from_dict(json.loads(cfg.to_json_string())) == cfg
+
+
+def test_repr_names_every_field():
+    assert repr(SlimConfig(weights="int8")) == (
+        "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
+        "int8_threshold=6.0, include=None, exclude=['lm_head'])"
+    )
+
+
+def test_round_trip_through_a_transformers_config(tmp_path):
+    cfg = SlimConfig(weights="fp4", block_size=128, compute_dtype="bfloat16", include=["q_proj"])
+    model_config = LlamaConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64
+    )
+    model_config.quantization_config = cfg
+    model_config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved == cfg.to_dict()
+    reloaded = AutoConfig.from_pretrained(tmp_path).quantization_config
+    back = AutoQuantizationConfig.from_dict(reloaded)  # transformers finds SlimConfig by quant_method
+    assert type(back) is SlimConfig
+    assert back.to_dict() == cfg.to_dict() and back == cfg
+
+
+def test_transformers_config_built_with_quantization_config_kwarg(tmp_path):
+    cfg = SlimConfig(weights="int8")
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, quantization_config=cfg).save_pretrained(tmp_path)
+    reloaded = AutoConfig.from_pretrained(tmp_path)
+    assert AutoQuantizationConfig.from_dict(reloaded.quantization_config).to_dict() == cfg.to_dict()

@@ -1,0 +1,61 @@
+"""SmolLM2-135M-Instruct (the embedded default model) on 20,000 tokens of WikiText-2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import WIKITEXT
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+import llmslim
+from llmslim import SlimConfig, models
+from llmslim.cli import main
+from llmslim.evaluate import load_tokens, perplexity
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.slow,
+    pytest.mark.skipif(not WIKITEXT.exists(), reason=f"{WIKITEXT} is absent (shared data folder not mounted)"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return models.resolve(None)
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+@pytest.fixture(scope="module")
+def tokens(smollm2):
+    return load_tokens(AutoTokenizer.from_pretrained(smollm2), WIKITEXT, 20_000)
+
+
+@pytest.fixture(scope="module")
+def bf16_ppl(smollm2, tokens):
+    return perplexity(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.bfloat16), tokens, progress=False).perplexity
+
+
+def test_bf16_reference_reproduces_the_published_value(bf16_ppl):
+    assert bf16_ppl == pytest.approx(28.88, abs=0.01)
+
+
+def test_int8_within_one_percent_of_bf16(smollm2, tokens, bf16_ppl):
+    model = llmslim.from_pretrained(smollm2, SlimConfig(weights="int8"), progress=False)
+    assert perplexity(model, tokens, progress=False).perplexity < bf16_ppl * 1.01
+
+
+def test_nf4_agrees_with_transformers_bitsandbytes(smollm2, tokens):
+    ours = perplexity(llmslim.from_pretrained(smollm2, SlimConfig(weights="nf4"), progress=False), tokens, progress=False)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    theirs = perplexity(AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=bnb_config), tokens, progress=False)
+    assert ours.perplexity == pytest.approx(theirs.perplexity, rel=0.005)
+
+
+def test_cli_eval_on_the_default_model(capsys):
+    assert main(["eval", "--tokens", "1024", "--text", str(WIKITEXT)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("perplexity: ") and 10 < float(last.split()[1]) < 100
