@@ -12,7 +12,9 @@ Every function here is tested against `formats.py`.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
+import math
 from functools import lru_cache
 
 import torch
@@ -64,7 +66,12 @@ def _double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def quantize_4bit(weight: torch.Tensor, fmt: str, block_size: int, double_quant: bool) -> formats.FourBitWeight:
-    """Quantize a float weight to NF4/FP4 on its own device (same bits as `formats.quantize_4bit`)."""
+    """Quantize a float weight to NF4/FP4 on its own device.
+
+    Codes and float absmax equal `formats.quantize_4bit`; with double quantization the absmax is
+    quantized by bitsandbytes' own 8-bit kernel on every path, so the stored bytes equal what
+    `bitsandbytes.functional.quantize_4bit` stores whether or not the C kernel could be built.
+    """
     shape = tuple(weight.shape)
     bnb_f = bnb_functional()
     if weight.device.type == "cuda" and bnb_f is not None:
@@ -74,7 +81,8 @@ def quantize_4bit(weight: torch.Tensor, fmt: str, block_size: int, double_quant:
     if weight.device.type == "cpu":
         packed = _native_quantize_4bit(weight.detach().contiguous().reshape(-1), fmt, block_size)
     if packed is None:
-        return formats.quantize_4bit(weight, fmt, block_size, double_quant)
+        reference = formats.quantize_4bit(weight, fmt, block_size, double_quant=False)
+        packed = reference.codes, reference.absmax
     codes, absmax = packed
     nested_absmax = nested_offset = None
     if double_quant:
@@ -123,10 +131,14 @@ def quant_state(w: formats.FourBitWeight, dtype: torch.dtype):
 def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize to `dtype` (bitsandbytes' kernels on CPU and CUDA)."""
     bnb_f = bnb_functional()
-    # bitsandbytes sends odd row lengths to a torch.compile'd fallback (seconds of compile per shape)
-    if bnb_f is None or w.shape[-1] % 2:
+    n = math.prod(w.shape)
+    # bitsandbytes sends odd lengths to a torch.compile'd fallback (seconds of compile per shape)
+    if bnb_f is None or n % 2:
         return formats.dequantize_4bit(w, dtype)
-    return bnb_f.dequantize_4bit(w.codes, quant_state(w, dtype))
+    # Its CPU kernel takes one absmax per block *within a row*; our blocks run over the flattened
+    # weight (as bitsandbytes quantizes it), so hand it one long row and reshape after.
+    flat = dataclasses.replace(w, shape=(n,))
+    return bnb_f.dequantize_4bit(w.codes, quant_state(flat, dtype)).view(w.shape)
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

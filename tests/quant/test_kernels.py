@@ -1,0 +1,211 @@
+"""The fast paths of `llmslim.quant.kernels`, each checked against the reference math in `formats.py`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import bitsandbytes.functional as bnb_f
+import pytest
+import torch
+
+from llmslim.quant import formats, kernels, native
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+SHAPES = ((3, 7), (37, 129), (1, 63), (64, 64), (9, 1000))  # odd sizes, partial last blocks, n above 4096
+
+
+# tests of the C-kernel path itself (it is off with LLMSLIM_NO_NATIVE=1 or without a C compiler)
+needs_native = pytest.mark.skipif(
+    os.environ.get("LLMSLIM_NO_NATIVE") == "1" or not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")),
+    reason="llmslim's C kernel is off (LLMSLIM_NO_NATIVE=1) or cannot be built (no C compiler)",
+)
+
+
+def _randn(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _assert_same_4bit(a: formats.FourBitWeight, b: formats.FourBitWeight) -> None:
+    assert torch.equal(a.codes, b.codes)
+    assert a.absmax.dtype == b.absmax.dtype and torch.equal(a.absmax, b.absmax)
+    assert (a.shape, a.fmt, a.block_size) == (b.shape, b.fmt, b.block_size)
+    for x, y in ((a.nested_absmax, b.nested_absmax), (a.nested_offset, b.nested_offset)):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.fixture
+def no_native(monkeypatch):
+    """kernels without the C library, as with LLMSLIM_NO_NATIVE=1 (`native.load` is cached, so patch it)."""
+    monkeypatch.setattr(native, "load", lambda: None)
+
+
+# --- 4-bit quantization -----------------------------------------------------------------------------------------------
+
+
+@needs_native
+def test_native_library_builds_and_is_used(monkeypatch):
+    lib = native.load()
+    assert lib is not None
+    assert native.load() is lib  # built once, then cached
+    calls = []
+    real = formats.quantize_4bit
+    monkeypatch.setattr(formats, "quantize_4bit", lambda *a, **k: calls.append(a) or real(*a, **k))
+    kernels.quantize_4bit(_randn((4, 64)), "nf4", 64, double_quant=False)
+    assert calls == []  # the C kernel did the work, not the reference
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+def test_quantize_4bit_equals_reference(fmt, dtype, block_size):
+    for i, shape in enumerate(SHAPES):
+        x = _randn(shape, dtype, seed=block_size + i)
+        _assert_same_4bit(kernels.quantize_4bit(x, fmt, block_size, double_quant=False), formats.quantize_4bit(x, fmt, block_size, False))
+
+
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+def test_quantize_4bit_equals_reference_on_edge_values(fmt):
+    code = formats.code_4bit(fmt)
+    bounds, _ = formats.rounding_bounds_4bit(fmt)
+    x = torch.cat([code, bounds, torch.nextafter(bounds, torch.tensor(2.0)), torch.zeros(70), -code]) * 0.37
+    for block_size in (32, 64, 128):
+        _assert_same_4bit(kernels.quantize_4bit(x, fmt, block_size, False), formats.quantize_4bit(x, fmt, block_size, False))
+
+
+def test_quantize_4bit_of_a_non_contiguous_weight():
+    x = _randn((48, 20)).t()  # (20, 48), a transposed view
+    _assert_same_4bit(kernels.quantize_4bit(x, "nf4", 64, False), formats.quantize_4bit(x.contiguous(), "nf4", 64, False))
+
+
+@needs_native
+@pytest.mark.parametrize("block_size", (32, 64, 256, 4096))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+def test_double_quant_equals_bitsandbytes(fmt, dtype, block_size):
+    for i, shape in enumerate(((37, 129), (1, 63), (300, 64))):  # 300 * 64 / 32 = 600 absmax: three nested blocks
+        x = _randn(shape, dtype, seed=i)
+        w = kernels.quantize_4bit(x, fmt, block_size, double_quant=True)
+        codes, state = bnb_f.quantize_4bit(x, blocksize=block_size, quant_type=fmt, compress_statistics=True)
+        assert torch.equal(w.codes, codes)
+        assert w.absmax.dtype == torch.uint8 and torch.equal(w.absmax, state.absmax)
+        assert torch.equal(w.nested_absmax, state.state2.absmax)
+        assert w.nested_offset.shape == () and torch.equal(w.nested_offset, state.offset)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+def test_quantize_4bit_without_native_library_equals_reference(no_native, fmt, dtype):
+    assert native.load() is None
+    for i, shape in enumerate(SHAPES):
+        x = _randn(shape, dtype, seed=i)
+        _assert_same_4bit(kernels.quantize_4bit(x, fmt, 64, False), formats.quantize_4bit(x, fmt, 64, False))
+        # double quantization goes through bitsandbytes' 8-bit kernel on every path
+        w = kernels.quantize_4bit(x, fmt, 64, True)
+        codes, state = bnb_f.quantize_4bit(x, blocksize=64, quant_type=fmt, compress_statistics=True)
+        assert torch.equal(w.codes, codes) and torch.equal(w.absmax, state.absmax)
+        assert torch.equal(w.nested_absmax, state.state2.absmax) and torch.equal(w.nested_offset, state.offset)
+
+
+@needs_native
+@pytest.mark.parametrize("shape, block_size", [((1, 63), 64), ((300, 64), 32)], ids=str)
+def test_double_quant_bytes_do_not_depend_on_the_native_library(monkeypatch, shape, block_size):
+    x = _randn(shape, seed=3)
+    with_native = kernels.quantize_4bit(x, "nf4", block_size, double_quant=True)
+    monkeypatch.setattr(native, "load", lambda: None)
+    _assert_same_4bit(with_native, kernels.quantize_4bit(x, "nf4", block_size, double_quant=True))
+
+
+def test_quantize_4bit_without_bitsandbytes_uses_the_reference(no_native, monkeypatch):
+    monkeypatch.setattr(kernels, "bnb_functional", lambda: None)
+    x = _randn((37, 129), torch.bfloat16)
+    w = kernels.quantize_4bit(x, "nf4", 64, double_quant=True)
+    _assert_same_4bit(w, formats.quantize_4bit(x, "nf4", 64, True))
+    assert torch.equal(kernels.dequantize_4bit(w, torch.bfloat16), formats.dequantize_4bit(w, torch.bfloat16))
+
+
+# --- 4-bit dequantization ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", (False, True), ids=("plain", "double_quant"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+@pytest.mark.parametrize("shape, block_size", [((8, 128), 64), ((3, 256), 256), ((5, 64), 32), ((2, 1024), 1024)], ids=str)
+def test_dequantize_4bit_equals_reference_for_even_rows(shape, block_size, fmt, dtype, double_quant):
+    w = kernels.quantize_4bit(_randn(shape, dtype), fmt, block_size, double_quant)
+    out = kernels.dequantize_4bit(w, dtype)
+    assert out.dtype == dtype and out.shape == shape
+    assert torch.equal(out, formats.dequantize_4bit(w, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+def test_dequantize_4bit_equals_reference_for_odd_rows(fmt, dtype):
+    for shape in ((3, 7), (37, 129), (1, 63)):
+        w = kernels.quantize_4bit(_randn(shape, dtype), fmt, 64, double_quant=True)
+        assert torch.equal(kernels.dequantize_4bit(w, dtype), formats.dequantize_4bit(w, dtype))
+
+
+@pytest.mark.parametrize("shape, block_size", [((48, 96), 64), ((3, 64), 128), ((4, 576), 256)], ids=str)
+def test_dequantize_4bit_equals_reference_when_blocks_straddle_rows(shape, block_size):
+    w = kernels.quantize_4bit(_randn(shape), "nf4", block_size, double_quant=False)
+    assert torch.equal(kernels.dequantize_4bit(w, torch.float32), formats.dequantize_4bit(w, torch.float32))
+
+
+# --- matmuls ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", ((1,), (7,), (64,), (2, 3)), ids=str)
+@pytest.mark.parametrize("in_features", (128, 65))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_linear_4bit_equals_matmul_with_dequantized_weight(dtype, in_features, batch):
+    w = kernels.quantize_4bit(_randn((24, in_features)), "nf4", 64, double_quant=True)
+    x = _randn((*batch, in_features), dtype, seed=1)
+    out = kernels.linear_4bit(x, w, dtype)
+    assert out.dtype == dtype and out.shape == (*batch, 24)
+    weight = formats.dequantize_4bit(w, dtype)  # (24, in_features)
+    assert torch.equal(out, torch.nn.functional.linear(x, weight))  # the same GEMM: only the weight could differ
+    torch.testing.assert_close(out, x @ weight.T)
+
+
+def test_linear_4bit_equals_matmul_when_blocks_straddle_rows():
+    w = kernels.quantize_4bit(_randn((16, 96)), "nf4", 64, double_quant=False)
+    x = _randn((3, 96), seed=1)
+    torch.testing.assert_close(kernels.linear_4bit(x, w, torch.float32), x @ formats.dequantize_4bit(w).T)
+
+
+@pytest.mark.parametrize("batch", ((1,), (7,), (64,), (2, 3)), ids=str)
+@pytest.mark.parametrize("shape", ((24, 128), (7, 48), (13, 37)), ids=str)
+def test_linear_int8_equals_matmul_with_dequantized_weight_fp32(shape, batch):
+    q, absmax = kernels.quantize_int8_rows(_randn(shape))
+    x = _randn((*batch, shape[1]), seed=2)
+    out = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    assert out.dtype == torch.float32 and out.shape == (*batch, shape[0])
+    torch.testing.assert_close(out, x @ formats.dequantize_int8_rows(q, absmax).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", ((1,), (7,), (64,), (2, 3)), ids=str)
+@pytest.mark.parametrize("shape", ((24, 128), (7, 48), (13, 37)), ids=str)
+def test_linear_int8_close_to_matmul_with_dequantized_weight_bf16(shape, batch):
+    q, absmax = kernels.quantize_int8_rows(_randn(shape, torch.bfloat16))
+    x = _randn((*batch, shape[1]), torch.bfloat16, seed=2)
+    out = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    assert out.dtype == torch.bfloat16 and out.shape == (*batch, shape[0])
+    expected = x.float() @ formats.dequantize_int8_rows(q, absmax).T  # (*batch, out) float32
+    # bf16 outputs (8 significant bits) and bf16 accumulation: within 1% of the largest output
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-2 * expected.abs().max().item())
+
+
+def test_linear_int8_fallback_without_int8pack_mm(monkeypatch):
+    q, absmax = kernels.quantize_int8_rows(_randn((13, 37)))
+    x = _randn((7, 37), seed=2)
+    expected = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    monkeypatch.delattr(torch, "_weight_int8pack_mm")
+    torch.testing.assert_close(kernels.linear_int8(x, q, absmax, threshold=6.0), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_int8_rows_is_the_reference():
+    w = _randn((13, 37), torch.bfloat16)
+    for got, expected in zip(kernels.quantize_int8_rows(w), formats.quantize_int8_rows(w), strict=True):
+        assert torch.equal(got, expected)

@@ -1,0 +1,304 @@
+"""Quantized linear modules (`SlimLinear4bit`, `SlimLinear8bit`) and `replace_linear_modules`."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from llmslim.config import SlimConfig
+from llmslim.quant import formats
+from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantized_layers, replace_linear_modules
+
+# relative error ||y_q - y|| / ||y|| of a quantized layer on random normal weights and inputs
+REL_ERROR = {"nf4": 0.15, "fp4": 0.18, "int8": 0.02}
+
+
+def _linear(in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.normal_(linear.weight)
+    if bias:
+        nn.init.normal_(linear.bias)
+    return linear.to(dtype)
+
+
+def _quantized(linear: nn.Module, config: SlimConfig) -> SlimLinear:
+    """What loading does: an empty layer from the float one, its weight quantized in, its bias copied."""
+    cls = SlimLinear8bit if config.weights == "int8" else SlimLinear4bit
+    layer = cls.from_linear(linear, config)
+    layer.set_float_weight(linear.weight.data)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return layer
+
+
+def _rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+def _x(batch: tuple[int, ...], in_features: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn((*batch, in_features), generator=torch.Generator().manual_seed(1)).to(dtype)
+
+
+# --- construction on the meta device ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", (True, False))
+def test_4bit_from_meta_linear_has_the_stored_layout(double_quant):
+    linear = nn.Linear(96, 40, device="meta", dtype=torch.bfloat16)
+    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4", block_size=64, double_quant=double_quant))
+    expected = {"weight": ((1920, 1), torch.uint8), "bias": ((40,), torch.bfloat16)}  # 96 * 40 / 2 bytes, 60 blocks
+    if double_quant:
+        expected |= {"weight_absmax": ((60,), torch.uint8), "weight_nested_absmax": ((1,), torch.float32)}
+        expected |= {"weight_nested_offset": ((), torch.float32)}
+    else:
+        expected["weight_absmax"] = ((60,), torch.float32)
+    state = layer.state_dict()
+    assert {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == expected
+    assert all(v.is_meta for v in state.values())
+    assert (layer.in_features, layer.out_features, layer.fmt, layer.block_size) == (96, 40, "nf4", 64)
+    assert layer.compute_dtype == torch.bfloat16
+    assert not layer.weight.requires_grad
+
+
+def test_4bit_layout_of_an_odd_sized_layer():
+    layer = SlimLinear4bit.from_linear(nn.Linear(7, 3, bias=False, device="meta"), SlimConfig(weights="fp4", block_size=32))
+    state = layer.state_dict()
+    assert layer.bias is None and "bias" not in state
+    assert state["weight"].shape == (11, 1)  # ceil(21 / 2)
+    assert state["weight_absmax"].shape == (1,) and state["weight_nested_absmax"].shape == (1,)
+
+
+def test_int8_from_meta_linear_has_the_stored_layout():
+    layer = SlimLinear8bit.from_linear(nn.Linear(96, 40, device="meta"), SlimConfig(weights="int8", compute_dtype="bfloat16"))
+    state = layer.state_dict()
+    assert {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == {
+        "weight": ((40, 96), torch.int8),
+        "SCB": ((40,), torch.float32),
+        "bias": ((40,), torch.float32),
+    }
+    assert all(v.is_meta for v in state.values())
+    assert layer.compute_dtype == torch.bfloat16 and layer.threshold == 6.0
+
+
+def test_conv1d_from_meta_takes_in_and_out_from_its_transposed_weight():
+    conv = Conv1D(40, 96).to("meta")  # nf=out, nx=in: weight (96, 40)
+    layer = SlimLinear4bit.from_linear(conv, SlimConfig(weights="nf4"))
+    assert (layer.in_features, layer.out_features) == (96, 40)
+    assert layer.source_transposed
+
+
+# --- quantizing and forward ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", ((1,), (7,), (2, 3)), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("weights", ("nf4", "fp4", "int8"))
+def test_forward_is_close_to_the_float_layer(weights, dtype, batch):
+    linear = _linear(128, 48, dtype=dtype)
+    layer = _quantized(linear, SlimConfig(weights=weights))
+    x = _x(batch, 128, dtype)
+    out = layer(x)
+    assert out.dtype == dtype and out.shape == (*batch, 48)
+    assert _rel_error(out, linear(x)) < REL_ERROR[weights]
+
+
+@pytest.mark.parametrize("weights", ("nf4", "fp4", "int8"))
+def test_forward_equals_matmul_with_the_dequantized_weight_plus_bias(weights):
+    linear = _linear(128, 48)
+    layer = _quantized(linear, SlimConfig(weights=weights))
+    x = _x((5,), 128)
+    expected = x @ layer.dequantized_weight(torch.float32).T + linear.bias
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer.bias = None
+    torch.testing.assert_close(layer(x), expected - linear.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_features", (65, 96))
+def test_4bit_forward_equals_reference_when_in_features_is_not_a_multiple_of_the_block(in_features):
+    linear = _linear(in_features, 16)
+    layer = _quantized(linear, SlimConfig(weights="nf4", block_size=64))
+    x = _x((3,), in_features)
+    reference = formats.dequantize_4bit(layer.four_bit_weight())  # (16, in_features)
+    torch.testing.assert_close(layer(x), x @ reference.T + linear.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_4bit_dequantized_weight_matches_the_reference_and_the_float_weight():
+    linear = _linear(128, 48)
+    layer = _quantized(linear, SlimConfig(weights="nf4", double_quant=True))
+    w = layer.dequantized_weight()
+    assert w.dtype == torch.float32 and w.shape == (48, 128)
+    assert torch.equal(w, formats.dequantize_4bit(layer.four_bit_weight()))
+    assert torch.equal(layer.weight, formats.quantize_4bit(linear.weight.data, "nf4", 64, False).codes)
+    assert _rel_error(w, linear.weight) < 0.11
+
+
+def test_compute_dtype_from_config_and_output_in_input_dtype():
+    linear = _linear(64, 32, dtype=torch.bfloat16)
+    layer = _quantized(linear, SlimConfig(weights="nf4", compute_dtype="float32"))
+    assert layer.compute_dtype == torch.float32
+    x = _x((4,), 64, torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = x.float() @ layer.dequantized_weight().T + linear.bias.float()
+    torch.testing.assert_close(out, expected.bfloat16())
+
+
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_conv1d_source_is_transposed(weights):
+    torch.manual_seed(0)
+    conv = Conv1D(48, 128)  # weight (128, 48)
+    nn.init.normal_(conv.weight)
+    nn.init.normal_(conv.bias)
+    layer = _quantized(conv, SlimConfig(weights=weights))
+    assert layer.weight.shape == ((48 * 128 // 2, 1) if weights == "nf4" else (48, 128))
+    x = _x((2, 5), 128)
+    assert _rel_error(layer(x), conv(x)) < REL_ERROR[weights]
+    linear = nn.Linear(128, 48)
+    linear.weight.data, linear.bias.data = conv.weight.data.t().contiguous(), conv.bias.data
+    same_as_linear = _quantized(linear, SlimConfig(weights=weights))
+    assert torch.equal(layer(x), same_as_linear(x))
+
+
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_wrong_weight_shape_is_refused(weights):
+    layer = (SlimLinear8bit if weights == "int8" else SlimLinear4bit).from_linear(nn.Linear(6, 4), SlimConfig(weights=weights))
+    with pytest.raises(ValueError, match=r"a weight of shape \(6, 4\) does not fit a layer of shape \(4, 6\)"):
+        layer.set_float_weight(torch.zeros(6, 4))
+    conv_layer = SlimLinear4bit.from_linear(Conv1D(4, 6), SlimConfig(weights="nf4"))
+    with pytest.raises(ValueError, match=r"a weight of shape \(6, 4\) does not fit a layer of shape \(4, 6\)"):
+        conv_layer.set_float_weight(torch.zeros(4, 6))  # given (out, in) where Conv1D's (in, out) was expected
+
+
+def test_state_dict_loads_into_a_meta_layer():
+    config = SlimConfig(weights="fp4", block_size=32)
+    layer = _quantized(_linear(64, 24), config)
+    fresh = SlimLinear4bit.from_linear(nn.Linear(64, 24, device="meta"), config)
+    fresh.load_state_dict(layer.state_dict(), assign=True)
+    x = _x((3,), 64)
+    assert torch.equal(fresh(x), layer(x))
+
+
+def test_quantized_nbytes_and_repr():
+    layer = _quantized(_linear(128, 48), SlimConfig(weights="nf4"))
+    assert layer.quantized_nbytes() == 128 * 48 // 2 + 96 + 4 + 4  # codes, uint8 absmax, nested absmax, offset
+    assert "format=nf4" in repr(layer) and "in_features=128, out_features=48, bias=True" in repr(layer)
+    int8_layer = _quantized(_linear(128, 48), SlimConfig(weights="int8"))
+    assert int8_layer.quantized_nbytes() == 128 * 48 + 48 * 4
+
+
+# --- replace_linear_modules ------------------------------------------------------------------------------------------
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj = nn.Linear(8, 8)
+        self.k_proj = nn.Linear(8, 8, bias=False)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("up_proj", nn.Linear(8, 16))
+        self.mlp.add_module("down_proj", nn.Linear(16, 8))
+
+
+class _TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(64, 8)
+        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.norm = nn.LayerNorm(8)
+        self.lm_head = nn.Linear(8, 64, bias=False)
+
+
+ALL_LINEARS = [f"layers.{i}.{name}" for i in (0, 1) for name in ("q_proj", "k_proj", "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture
+def model() -> _TinyModel:
+    with torch.device("meta"):
+        return _TinyModel()
+
+
+def _slim_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in quantized_layers(model)]
+
+
+def test_default_replaces_every_linear_but_lm_head(model):
+    replaced = replace_linear_modules(model, SlimConfig(weights="nf4"))
+    assert replaced == ALL_LINEARS == _slim_names(model)
+    assert type(model.lm_head) is nn.Linear and type(model.embed) is nn.Embedding
+    up = model.layers[0].mlp.up_proj
+    assert isinstance(up, SlimLinear4bit) and (up.in_features, up.out_features) == (8, 16) and up.weight.is_meta
+
+
+def test_int8_format_gives_8bit_layers(model):
+    replace_linear_modules(model, SlimConfig(weights="int8"))
+    assert all(isinstance(layer, SlimLinear8bit) for _, layer in quantized_layers(model))
+
+
+@pytest.mark.parametrize(
+    "include, exclude, expected",
+    [
+        (["q_proj"], None, ["layers.0.q_proj", "layers.1.q_proj"]),
+        (["layers.1.*"], None, ALL_LINEARS[4:]),
+        (["mlp.*_proj"], None, ["layers.0.mlp.up_proj", "layers.0.mlp.down_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj"]),
+        # an explicit exclude replaces the default ["lm_head"]
+        (
+            None,
+            ["k_proj", "layers.0.mlp.*"],
+            ["layers.0.q_proj", "layers.1.q_proj", "layers.1.mlp.up_proj", "layers.1.mlp.down_proj", "lm_head"],
+        ),
+        (["*proj"], ["*.1.*"], ALL_LINEARS[:4]),
+        (["lm_head"], [], ["lm_head"]),
+        (["lm_head", "q_proj"], None, ["layers.0.q_proj", "layers.1.q_proj"]),  # exclude wins over include
+        (["proj"], None, []),  # a pattern matches whole names or dotted suffixes, not parts of a name
+    ],
+)
+def test_include_and_exclude_patterns(model, caplog, include, exclude, expected):
+    kwargs = {} if exclude is None else {"exclude": exclude}
+    with caplog.at_level(logging.WARNING, logger="llmslim.quant.modules"):
+        replaced = replace_linear_modules(model, SlimConfig(weights="fp4", include=include, **kwargs))
+    assert replaced == expected == _slim_names(model)
+    assert ("no linear layer matched" in caplog.text) == (not expected)
+
+
+def test_explicitly_included_embedding_is_skipped_and_logged(model, caplog):
+    with caplog.at_level(logging.INFO, logger="llmslim.quant.modules"):
+        replaced = replace_linear_modules(model, SlimConfig(weights="nf4", include=["embed", "norm", "q_proj"]))
+    assert replaced == ["layers.0.q_proj", "layers.1.q_proj"]
+    assert type(model.embed) is nn.Embedding and type(model.norm) is nn.LayerNorm
+    messages = [r.getMessage() for r in caplog.records if r.name == "llmslim.quant.modules"]
+    assert "not quantizing embed: Embedding layers are not quantized (only Linear and Conv1D)" in messages
+    assert "not quantizing norm: LayerNorm layers are not quantized (only Linear and Conv1D)" in messages
+
+
+def test_keep_names_stay_float_and_are_logged(model, caplog):
+    with caplog.at_level(logging.INFO, logger="llmslim.quant.modules"):
+        replaced = replace_linear_modules(model, SlimConfig(weights="nf4"), keep={"layers.0.q_proj", "layers.1.mlp.down_proj"})
+    assert replaced == [n for n in ALL_LINEARS if n not in ("layers.0.q_proj", "layers.1.mlp.down_proj")]
+    assert type(model.layers[0].q_proj) is nn.Linear and type(model.layers[1].mlp.down_proj) is nn.Linear
+    assert "not quantizing layers.0.q_proj: its weight is tied to another module" in caplog.text
+
+
+def test_no_format_replaces_nothing(model):
+    assert replace_linear_modules(model, SlimConfig(weights=None)) == []
+    assert _slim_names(model) == []
+
+
+def test_already_quantized_layers_are_not_replaced_again(model):
+    first = replace_linear_modules(model, SlimConfig(weights="nf4", include=["q_proj"]))
+    layer = model.layers[0].q_proj
+    second = replace_linear_modules(model, SlimConfig(weights="nf4"))
+    assert model.layers[0].q_proj is layer
+    assert sorted(first + second) == sorted(ALL_LINEARS)
+
+
+def test_conv1d_layers_are_replaced():
+    model = nn.Module()
+    with torch.device("meta"):
+        model.c_attn = Conv1D(24, 8)
+    assert replace_linear_modules(model, SlimConfig(weights="nf4")) == ["c_attn"]
+    assert (model.c_attn.in_features, model.c_attn.out_features) == (8, 24) and model.c_attn.source_transposed
