@@ -108,6 +108,8 @@ class SlimHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         check_loaded(model, getattr(model.config, "_name_or_path", "model"))
+        for _, layer in quantized_layers(model):
+            layer.own_memory()
         return model
 
     def get_quantize_ops(self):

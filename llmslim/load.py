@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from llmslim import hf, models
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.placement import DevicePlan, plan_devices
-from llmslim.quant.modules import SlimLinear
+from llmslim.quant.modules import SlimLinear, quantized_layers
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,8 @@ class _Loader:
             logger.info("ignored %d checkpoint tensors the model does not use: %s", len(self.unexpected), self.unexpected[:5])
         self.model.tie_weights()
         hf.check_loaded(self.model, str(self.source))
+        for _, layer in quantized_layers(self.model):
+            layer.own_memory()  # pread buffers are only 32-byte aligned
         missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta]
         if missing:
             raise ValueError(

@@ -157,6 +157,25 @@ def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -
     return torch.nn.functional.linear(x, dequantize_4bit(w, dtype))
 
 
+INT8PACK_ALIGNMENT = 64  # bytes; the kernel's AVX-512 loads fault on a weight mapped at another offset
+
+
+def int8pack_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU weight-only int8 kernel can take these operands.
+
+    It reads rows in chunks of 16 (other lengths crash or return inf), needs an aligned weight
+    (a tensor memory-mapped from a safetensors file may not be), and in float32 it is a GEMV:
+    for more than a few float32 rows the dense GEMM is much faster.
+    """
+    tokens = x.numel() // x.shape[-1]
+    return (
+        hasattr(torch, "_weight_int8pack_mm")
+        and x.shape[-1] % 16 == 0
+        and weight.data_ptr() % INT8PACK_ALIGNMENT == 0
+        and not (x.dtype == torch.float32 and tokens > 4)
+    )
+
+
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
@@ -171,10 +190,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
         state.CB, state.SCB, state.threshold = weight, row_absmax, threshold
         state.has_fp16_weights, state.is_training = False, False
         return bnb.matmul(x, weight, state=state)
-    tokens = x.numel() // x.shape[-1]
-    # PyTorch's int8pack kernel reads rows in chunks of 16 (other lengths crash or return inf), and
-    # in float32 it is a GEMV: for many float32 rows the dense GEMM wins
-    if not hasattr(torch, "_weight_int8pack_mm") or x.shape[-1] % 16 or (x.dtype == torch.float32 and tokens > 4):
+    if not int8pack_usable(x, weight):
         return torch.nn.functional.linear(x, formats.dequantize_int8_rows(weight, row_absmax, x.dtype))
     scales = row_absmax / 127.0  # (out,) float32
     rounded = scales.to(x.dtype)

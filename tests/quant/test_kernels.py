@@ -209,3 +209,17 @@ def test_quantize_int8_rows_is_the_reference():
     w = _randn((13, 37), torch.bfloat16)
     for got, expected in zip(kernels.quantize_int8_rows(w), formats.quantize_int8_rows(w), strict=True):
         assert torch.equal(got, expected)
+
+
+def test_linear_int8_with_a_misaligned_weight_does_not_use_the_aligned_kernel():
+    # transformers maps pre-quantized tensors from the safetensors file at arbitrary offsets; the
+    # int8pack kernel's aligned loads crashed on such a weight
+    q, absmax = formats.quantize_int8_rows(torch.randn(64, 32))
+    storage = torch.empty(q.numel() + 1, dtype=torch.int8)
+    misaligned = storage[1:].view(64, 32)
+    misaligned.copy_(q)
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    assert not kernels.int8pack_usable(x, misaligned)
+    expected = x.float() @ formats.dequantize_int8_rows(q, absmax).T
+    got = kernels.linear_int8(x, misaligned, absmax, 6.0).float()
+    assert (got - expected).abs().max() < 0.01 * expected.abs().max()
