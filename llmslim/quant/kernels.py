@@ -1,9 +1,9 @@
 """Fastest correct implementation per device of the operations defined in `formats.py`.
 
 - CUDA: bitsandbytes' kernels.
-- CPU: llmslim's C kernel for 4-bit quantization (bitsandbytes' CPU quantizer is pure torch and
-  runs at ~60 Mparam/s on 2 cores, which would dominate load time), bitsandbytes' CPU kernels for
-  8-bit blockwise (double quantization) and 4-bit dequantization.
+- CPU: llmslim's C kernels for 4-bit and int8 quantization (bitsandbytes' CPU 4-bit quantizer
+  is pure torch and runs at ~60 Mparam/s on 2 cores, which would dominate load time),
+  bitsandbytes' CPU kernels for 8-bit blockwise (double quantization) and 4-bit dequantization.
 - Anywhere else, or when a backend is missing: the reference math in `formats.py`.
 
 Every function here is tested against `formats.py`.
@@ -36,21 +36,32 @@ def bnb_functional():
     return bnb_f
 
 
-def _native_quantize_4bit(flat: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def _native_input(weight: torch.Tensor) -> tuple[ctypes.CDLL, torch.Tensor, int] | None:
+    """The C library and a contiguous CPU float32/bf16 view of `weight`, or None to fall back."""
     lib = native.load()
-    if lib is None or block_size > 4096:
+    if lib is None or weight.device.type != "cpu":
         return None
-    if flat.dtype == torch.float16:
+    flat = weight.detach().contiguous()
+    if flat.dtype not in (torch.float32, torch.bfloat16):
         flat = flat.float()
-    fn = {torch.float32: lib.llmslim_quantize_4bit_f32, torch.bfloat16: lib.llmslim_quantize_4bit_bf16}.get(flat.dtype)
-    if fn is None:
+    return lib, flat, int(flat.dtype == torch.bfloat16)
+
+
+def _native_quantize_4bit(weight: torch.Tensor, fmt: str, block_size: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    native_input = _native_input(weight)
+    if native_input is None or block_size > 4096:
         return None
+    lib, flat, is_bf16 = native_input
     n = flat.numel()
     bounds, order = formats.rounding_bounds_4bit(fmt)
     codes = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(-(-n // block_size), dtype=torch.float32)
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731 - local shorthand
-    rc = fn(ptr(flat), n, block_size, ptr(bounds), ptr(order), ptr(codes), ptr(absmax))
+    threads = torch.get_num_threads()
+    rc = lib.llmslim_quantize_4bit(_ptr(flat), is_bf16, n, block_size, _ptr(bounds), _ptr(order), _ptr(codes), _ptr(absmax), threads)
     if rc != 0:  # pragma: no cover - arguments are validated by SlimConfig
         raise RuntimeError(f"llmslim_quantize_4bit failed with code {rc} for block_size={block_size}")
     return codes, absmax
@@ -77,9 +88,7 @@ def quantize_4bit(weight: torch.Tensor, fmt: str, block_size: int, double_quant:
     if weight.device.type == "cuda" and bnb_f is not None:
         codes, state = bnb_f.quantize_4bit(weight, blocksize=block_size, compress_statistics=double_quant, quant_type=fmt)
         return four_bit_from_state(codes, state, shape)
-    packed = None
-    if weight.device.type == "cpu":
-        packed = _native_quantize_4bit(weight.detach().contiguous().reshape(-1), fmt, block_size)
+    packed = _native_quantize_4bit(weight, fmt, block_size)
     if packed is None:
         reference = formats.quantize_4bit(weight, fmt, block_size, double_quant=False)
         packed = reference.codes, reference.absmax
@@ -142,8 +151,21 @@ def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tenso
 
 
 def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise int8 weight quantization on the weight's device (torch ops run everywhere)."""
-    return formats.quantize_int8_rows(weight)
+    """Row-wise int8 weight quantization (same bits as `formats.quantize_int8_rows`).
+
+    CPU: one pass of the C kernel (the torch expression makes ~6 float32 passes and their
+    temporaries fragment the heap on large models). Elsewhere: the torch expression.
+    """
+    native_input = _native_input(weight)
+    if native_input is None or weight.dim() != 2:
+        return formats.quantize_int8_rows(weight)
+    lib, flat, is_bf16 = native_input
+    rows, cols = flat.shape
+    q = torch.empty((rows, cols), dtype=torch.int8)
+    absmax = torch.empty(rows, dtype=torch.float32)
+    if lib.llmslim_quantize_int8_rows(_ptr(flat), is_bf16, rows, cols, _ptr(q), _ptr(absmax), torch.get_num_threads()) != 0:
+        raise RuntimeError(f"llmslim_quantize_int8_rows failed for a weight of shape {(rows, cols)}")  # pragma: no cover
+    return q, absmax
 
 
 def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Build and load llmslim's small C kernels (compiled once per machine, cached, loaded with ctypes).
 
-The kernels are plain C with OpenMP and no Python or torch headers, so a build takes about a
+The kernels are plain C with pthreads and no Python or torch headers, so a build takes about a
 second with the system compiler. Without a compiler `load()` returns None and callers fall back
 to the reference math in `formats.py` (correct, slower).
 """
@@ -23,7 +23,7 @@ from llmslim.paths import cache_dir
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("quant4.c",)
-_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11")
+_FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c11")
 
 
 def _cpu_fingerprint() -> str:
@@ -71,8 +71,8 @@ def load() -> ctypes.CDLL | None:
             logger.warning("building llmslim's CPU kernels failed, using the pure-torch path: %s", detail)
             return None
     lib = ctypes.CDLL(str(target))
-    for name in ("llmslim_quantize_4bit_f32", "llmslim_quantize_4bit_bf16"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 4
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.llmslim_quantize_4bit.argtypes = [ptr, i32, i64, i64, ptr, ptr, ptr, ptr, i32]
+    lib.llmslim_quantize_int8_rows.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32]
+    lib.llmslim_quantize_4bit.restype = lib.llmslim_quantize_int8_rows.restype = i32
     return lib

@@ -223,3 +223,20 @@ def test_linear_int8_with_a_misaligned_weight_does_not_use_the_aligned_kernel():
     expected = x.float() @ formats.dequantize_int8_rows(q, absmax).T
     got = kernels.linear_int8(x, misaligned, absmax, 6.0).float()
     assert (got - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 5), (37, 129), (64, 256)], ids=str)
+def test_int8_rows_c_kernel_equals_reference(dtype, shape):
+    w = _randn(shape, dtype, seed=7)
+    w[0, :3] = 0
+    q, absmax = kernels.quantize_int8_rows(w)
+    ref_q, ref_absmax = formats.quantize_int8_rows(w)
+    assert torch.equal(q, ref_q) and torch.equal(absmax, ref_absmax)
+
+
+@needs_native
+def test_int8_rows_all_zero_row():
+    q, absmax = kernels.quantize_int8_rows(torch.zeros(3, 16))
+    assert torch.equal(q, torch.zeros(3, 16, dtype=torch.int8)) and torch.equal(absmax, torch.zeros(3))
