@@ -468,20 +468,14 @@ def mmap_notes(cases: dict[str, dict]) -> list[str]:
         mapped, in_mapped = entry.get("mapped_checkpoint_gib") or 0, entry.get("footprint_in_mapped_checkpoint_gib") or 0
         if mapped < 0.01:
             continue
-        rss = (
-            f"RSS after load: {entry['rss_anon_after_load_gib']:.2f} GiB anonymous, {entry['rss_file_after_load_gib']:.2f} GiB file-backed"
+        note = (
+            f"\n{entry['label']}: keeps {mapped:.2f} GiB of the checkpoint memory-mapped after loading, {in_mapped:.2f} GiB of its "
+            f"tensors being views of that mapping (RSS after load: {entry['rss_anon_after_load_gib']:.2f} GiB anonymous, "
+            f"{entry['rss_file_after_load_gib']:.2f} GiB file-backed; file-backed pages count in peak RSS)."
         )
-        if in_mapped >= 0.01:
-            what = (
-                f"{in_mapped:.2f} GiB of its tensors are views of the memory-mapped checkpoint, paged in from the file when "
-                "first used: its load time and peak RSS need not include reading and holding them"
-            )
-        else:
-            what = (
-                f"keeps {mapped:.2f} GiB of the checkpoint memory-mapped after loading although none of its tensors live there; "
-                "the pages it touched count in its peak RSS as file-backed (page cache) memory"
-            )
-        notes.append(f"\n{entry['label']}: {what} ({rss}).")
+        if in_mapped >= 0.5 * entry["footprint_gib"]:
+            note += " Its weights are paged in when first used, so its load time and peak RSS leave out reading and holding them."
+        notes.append(note)
     return notes
 
 
@@ -593,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--smollm2", type=Path, default=None, help="SmolLM2 folder (default: the embedded model via llmslim.models.resolve)"
     )
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where bench_load.json / .png go")
+    parser.add_argument("--from-json", type=Path, help="only re-render the table, PNG and README from this bench_load.json")
     parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "MODEL_DIR"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -612,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child_main(args.child[0], args.child[1], args.result)
+    if args.from_json:
+        return publish(json.loads(args.from_json.read_text()), args, write_json=False)
     report: dict = {"machine": machine_info(), "repeats": args.repeats, "cases": args.cases, "models": {}}
     for name in args.models:
         try:
@@ -623,8 +620,13 @@ def main(argv: list[str] | None = None) -> int:
         report["models"][name] = run_model(name, path, args.cases, args.repeats, args.timeout)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     report["parent_maxrss_gib"] = self_maxrss_kib() * KIB / GIB  # children's peak RSS is at least this; keep it small
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.results_dir / "bench_load.json", json.dumps(report, indent=2) + "\n")
+    return publish(report, args)
+
+
+def publish(report: dict, args: argparse.Namespace, write_json: bool = True) -> int:
+    """Write the JSON and PNG, print the markdown table and put it in the README."""
+    if write_json:
+        write_atomic(args.results_dir / "bench_load.json", json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     plot(report, args.results_dir / "bench_load.png")
     print(table)
