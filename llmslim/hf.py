@@ -128,10 +128,6 @@ class SlimHfQuantizer(HfQuantizer):
     def is_trainable(self) -> bool:
         return True
 
-    @property
-    def is_compileable(self) -> bool:
-        return True
-
 
 def register() -> None:
     """Make transformers aware of `quant_method="llmslim"` (idempotent)."""
