@@ -36,6 +36,7 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
+    offload_dir: str | Path | None = None,
     progress: bool = True,
 ) -> PreTrainedModel:
     """Load a causal LM, compressing it on the fly, with bounded memory.
@@ -46,6 +47,8 @@ def from_pretrained(
         dtype: dtype of the layers kept in float (default: the checkpoint's).
         device_map: `"cpu"`, `"cuda"`, `"auto"` or an accelerate device map (module -> device).
         max_memory: per-device budget for `device_map="auto"`, e.g. `{0: "6GiB", "cpu": "20GiB"}`.
+        offload_dir: folder for the (already quantized) weights of modules the device map sends to
+            `"disk"`; they are read back layer by layer during the forward pass.
         progress: show a tqdm bar over the tensors read.
 
     Returns:
@@ -60,7 +63,7 @@ def from_pretrained(
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     hf.prepare_skeleton(skeleton, config)
-    plan = plan_devices(skeleton, device_map, max_memory)
+    plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
 
     loader = _Loader(skeleton, dtype, plan, pre_quantized, path, progress)
     for file in files:
@@ -133,6 +136,7 @@ class _Loader:
         self.expected = dict(model.state_dict(keep_vars=True))
         self.prefix = model.base_model_prefix
         self.unexpected: list[str] = []
+        self.offloaded: set[str] = set()  # written to the offload folder, left on meta here
         self.bar = tqdm(total=len(self.expected), desc="llmslim: loading", unit="tensor", disable=None if progress else True)
 
     def load_file(self, file: Path) -> None:
@@ -160,7 +164,13 @@ class _Loader:
         device = self.plan.device_for(target.full_name)
         module = target.module
         if isinstance(module, SlimLinear) and not self.pre_quantized and target.name == "weight":
-            module.set_float_weight(tensor.to(device))
+            if device == "disk":
+                prefix = target.full_name.rpartition(".")[0]
+                for name, value in module.quantize(tensor).items():
+                    self.plan.offload(f"{prefix}.{name}", value)
+                    self.offloaded.add(f"{prefix}.{name}")
+            else:
+                module.set_float_weight(tensor.to(device))
             return
         expected = self.expected[target.full_name]
         if isinstance(module, SlimLinear) and self.pre_quantized and (tensor.dtype, tensor.shape) != (expected.dtype, expected.shape):
@@ -174,17 +184,22 @@ class _Loader:
             raise ValueError(
                 f"{file}: tensor {target.full_name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}"
             )
-        _assign(module, target.name, tensor.to(device), expected)
+        if device == "disk":
+            self.plan.offload(target.full_name, tensor)
+            self.offloaded.add(target.full_name)
+        else:
+            _assign(module, target.name, tensor.to(device), expected)
 
     def finish(self) -> None:
         self.bar.close()
         if self.unexpected:
             logger.info("ignored %d checkpoint tensors the model does not use: %s", len(self.unexpected), self.unexpected[:5])
         self.model.tie_weights()
-        hf.check_loaded(self.model, str(self.source))
+        missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta and n not in self.offloaded]
+        if not self.offloaded:
+            hf.check_loaded(self.model, str(self.source))
         for _, layer in quantized_layers(self.model):
             layer.own_memory()  # pread buffers are only 32-byte aligned
-        missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta]
         if missing:
             raise ValueError(
                 f"{self.source}: the checkpoint has no data for {missing[:5]} ({len(missing)} tensors): is it the right model?"

@@ -2,37 +2,56 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 
 @dataclass
 class DevicePlan:
-    """A device per module-name prefix (`""` is the whole model)."""
+    """A device per module-name prefix (`""` is the whole model); `"disk"` goes to `offload_dir`."""
 
     device_map: dict[str, str | int]
+    offload_dir: Path | None = None
+    offload_index: dict = field(default_factory=dict)
 
-    def device_for(self, tensor_name: str) -> torch.device:
+    def device_for(self, tensor_name: str) -> torch.device | str:
         best, best_len = self.device_map.get(""), -1
         for prefix, device in self.device_map.items():
             if prefix and (tensor_name == prefix or tensor_name.startswith(prefix + ".")) and len(prefix) > best_len:
                 best, best_len = device, len(prefix)
+        if best == "disk":
+            return "disk"
         return torch.device(f"cuda:{best}" if isinstance(best, int) else best)
 
     @property
     def devices(self) -> set:
         return set(self.device_map.values())
 
+    def offload(self, tensor_name: str, tensor: torch.Tensor) -> None:
+        """Write a (quantized or float) tensor to the offload folder instead of keeping it in memory."""
+        from accelerate.utils import offload_weight
+
+        self.offload_index = offload_weight(tensor.contiguous(), tensor_name, str(self.offload_dir), self.offload_index)
+
     def dispatch(self, model: torch.nn.Module) -> None:
-        """Add accelerate's hooks that move activations between devices, when there are several."""
-        if len(self.devices) > 1:
-            from accelerate import dispatch_model
+        """Add accelerate's hooks that move weights and activations between devices and the disk."""
+        if len(self.devices) == 1 and "disk" not in self.devices:
+            return
+        from accelerate import dispatch_model
+        from accelerate.utils import save_offload_index
 
-            dispatch_model(model, device_map=self.device_map)
+        if "disk" in self.devices:
+            save_offload_index(self.offload_index, str(self.offload_dir))
+        # our quantized state (absmax, SCB) lives in buffers: they are offloaded with the weights
+        dispatch_model(model, device_map=self.device_map, offload_dir=self.offload_dir, offload_buffers=True)
 
 
-def plan_devices(model: torch.nn.Module, device_map: str | dict | None, max_memory: dict | None) -> DevicePlan:
+def plan_devices(
+    model: torch.nn.Module, device_map: str | dict | None, max_memory: dict | None, offload_dir: str | os.PathLike | None = None
+) -> DevicePlan:
     """Resolve `device_map` for a meta skeleton whose quantized layers are already in place.
 
     Sizes come from the skeleton's own tensors, so a 4-bit layer counts as its codes and absmax.
@@ -51,10 +70,13 @@ def plan_devices(model: torch.nn.Module, device_map: str | dict | None, max_memo
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules or [])
     if not isinstance(device_map, dict):
         raise ValueError(f"device_map must be 'auto', a device name or a dict, got {device_map!r}")
-    if "disk" in device_map.values():
+    if "disk" not in device_map.values():
+        return DevicePlan(device_map)
+    if offload_dir is None:
         on_disk = [k for k, v in device_map.items() if v == "disk"][:3]
         raise ValueError(
-            f"the model does not fit in max_memory={max_memory}: modules {on_disk} would go to disk, which "
-            "llmslim.from_pretrained does not offload to yet; raise max_memory or choose a smaller format (nf4)"
+            f"the model does not fit in max_memory={max_memory}: modules {on_disk} go to disk, so pass "
+            "offload_dir= (a folder for their quantized weights), raise max_memory, or choose a smaller format (nf4)"
         )
-    return DevicePlan(device_map)
+    Path(offload_dir).mkdir(parents=True, exist_ok=True)
+    return DevicePlan(device_map, Path(offload_dir))

@@ -228,6 +228,23 @@ def test_auto_device_map_places_everything_on_cpu(tiny_llama):
     assert {t.device.type for t in model.state_dict().values()} == {"cpu"}
 
 
-def test_auto_device_map_that_needs_disk_is_refused(tiny_llama):
-    with pytest.raises(ValueError, match="does not fit in max_memory.*raise max_memory"):
+def test_auto_device_map_that_needs_disk_asks_for_an_offload_dir(tiny_llama):
+    with pytest.raises(ValueError, match="does not fit in max_memory.*go to disk, so pass offload_dir="):
         llmslim.from_pretrained(tiny_llama, SlimConfig(weights="nf4"), device_map="auto", max_memory={"cpu": 1000}, progress=False)
+
+
+@pytest.mark.parametrize("weights", ["int8", "nf4"])
+def test_what_does_not_fit_is_offloaded_to_disk_quantized(tiny_llama, tmp_path, weights, input_ids):
+    in_memory = llmslim.from_pretrained(tiny_llama, SlimConfig(weights=weights), progress=False)
+    offloaded = llmslim.from_pretrained(
+        tiny_llama,
+        SlimConfig(weights=weights),
+        device_map="auto",
+        max_memory={"cpu": 12_000},
+        offload_dir=tmp_path / "offload",
+        progress=False,
+    )
+    index = json.loads((tmp_path / "offload" / "index.json").read_text())
+    quantized_on_disk = [k for k, v in index.items() if v["dtype"] in ("uint8", "int8")]
+    assert quantized_on_disk, "the offloaded layers must be stored quantized"
+    assert torch.equal(_logits(offloaded, input_ids), _logits(in_memory, input_ids))
