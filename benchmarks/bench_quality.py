@@ -1,0 +1,149 @@
+"""Perplexity of SmolLM2-135M-Instruct on WikiText-2 per weight format, llmslim vs transformers+bitsandbytes.
+
+Convention of ../shared/data/README.md (first 20,000 tokens, 512-token windows). Writes
+benchmarks/results/bench_quality.json and .png and the table in benchmarks/README.md between the
+`bench_quality` markers. Bits per parameter count every code, scale and absmax of the quantized
+layers (the float embedding and norms are reported separately through the footprint).
+
+    python benchmarks/bench_quality.py [--tokens 20000] [--text PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+README = REPO / "benchmarks" / "README.md"
+DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CASES = ("bf16", "llmslim-int8", "llmslim-nf4", "llmslim-fp4", "bnb-int8", "bnb-nf4")
+
+
+def load_case(case: str, path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import llmslim
+
+    if case == "bf16":
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    if case.startswith("llmslim-"):
+        return llmslim.from_pretrained(path, llmslim.SlimConfig(weights=case.split("-")[1]), progress=False)
+    if case == "bnb-int8":
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.bfloat16)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+
+
+def quantized_bits_per_param(model) -> float | None:
+    """Bits per weight of the llmslim-quantized layers, scales and absmax included."""
+    from llmslim.quant.modules import quantized_layers
+
+    layers = [layer for _, layer in quantized_layers(model)]
+    if not layers:
+        return None
+    params = sum(layer.in_features * layer.out_features for layer in layers)
+    return 8 * sum(layer.quantized_nbytes() for layer in layers) / params
+
+
+def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from llmslim import models
+    from llmslim.evaluate import load_tokens, perplexity
+    from llmslim.stats import model_nbytes
+
+    path = models.resolve(None)
+    ids = load_tokens(AutoTokenizer.from_pretrained(path), text, tokens)
+    rows = {}
+    for case in cases:
+        model = load_case(case, path)
+        result = perplexity(model, ids, progress=False)
+        rows[case] = {
+            "perplexity": result.perplexity,
+            "bits_per_param_quantized_layers": quantized_bits_per_param(model),
+            "footprint_mib": model_nbytes(model) / 2**20,
+        }
+        print(f"{case:14s} perplexity {result.perplexity:.2f}", flush=True)
+        del model
+    base = rows.get("bf16", {}).get("perplexity")
+    for row in rows.values():
+        row["vs_bf16"] = row["perplexity"] / base if base else None
+    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tokens": tokens, "text": str(text), "cases": rows}
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"SmolLM2-135M-Instruct, WikiText-2 test, first {result['tokens']} tokens, 512-token windows; measured {result['date']}.",
+        "",
+        "| case | perplexity | × bf16 | bits/param (quantized layers) | footprint MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for case, row in result["cases"].items():
+        bits = row["bits_per_param_quantized_layers"]
+        ratio = row["vs_bf16"]
+        lines.append(
+            f"| {case} | {row['perplexity']:.2f} | {ratio:.3f} | {'' if bits is None else f'{bits:.2f}'} | {row['footprint_mib']:.1f} |"
+        )
+    lines += ["", "Bits/param of bitsandbytes' own layers are not counted here (its quant state is not in the module's tensors)."]
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def write_outputs(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    _atomic_write(RESULTS / "bench_quality.json", json.dumps(result, indent=2).encode())
+    cases = list(result["cases"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bars = ax.bar(cases, [result["cases"][c]["perplexity"] for c in cases], color="tab:blue")
+    ax.bar_label(bars, fmt="%.2f")
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"SmolLM2-135M-Instruct, WikiText-2 ({result['tokens']} tokens)")
+    fig.autofmt_xdate(rotation=20)
+    fig.tight_layout()
+    tmp = RESULTS / ".bench_quality.png.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, RESULTS / "bench_quality.png")
+    block = f"<!-- bench_quality:start -->\n{table(result)}\n<!-- bench_quality:end -->"
+    text = README.read_text() if README.exists() else "# Benchmarks\n"
+    if "<!-- bench_quality:start -->" in text:
+        text = re.sub(r"<!-- bench_quality:start -->.*<!-- bench_quality:end -->", lambda _: block, text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n## Perplexity per format (`benchmarks/bench_quality.py`)\n\n" + block + "\n"
+    _atomic_write(README, text.encode())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=20_000)
+    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    args = parser.parse_args()
+    if not args.text.exists():
+        raise SystemExit(f"{args.text} does not exist: pass --text with WikiText-2's wiki.test.raw")
+    result = measure(tuple(args.cases.split(",")), args.tokens, args.text)
+    write_outputs(result)
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
