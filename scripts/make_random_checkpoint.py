@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,30 +72,15 @@ def make_checkpoint(out: str | os.PathLike = DEFAULT_OUT, shape: str = "tinyllam
     out = Path(out).resolve()
     if is_checkpoint(out) and not overwrite:
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    from llmslim.save import atomic_directory
+
+    with atomic_directory(out, overwrite=True) as tmp:
         model = build_model(shape, seed)
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         del model
         for file in tmp.iterdir():
-            file.chmod(0o644)  # the folder and some shards come out private (mode 0600)
-        tmp.chmod(0o755)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            file.chmod(0o644)  # some shards come out private (mode 0600)
     return out
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder `src` to `dst`, replacing an existing `dst` (os.replace needs it absent or empty)."""
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}-old-{os.getpid()}")
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
