@@ -21,7 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from llmslim import hf, models
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.placement import DevicePlan, plan_devices
-from llmslim.quant.modules import SlimLinear, quantized_layers
+from llmslim.quant import kernels
+from llmslim.quant.modules import SlimLinear
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def from_pretrained(
     hf.prepare_skeleton(skeleton, config)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
 
-    loader = _Loader(skeleton, dtype, plan, pre_quantized, path, progress)
+    loader = _Loader(skeleton, plan, pre_quantized, path, progress)
     for file in files:
         loader.load_file(file)
     loader.finish()
@@ -127,9 +128,8 @@ class _Target:
 class _Loader:
     """Reads checkpoint tensors one at a time into a skeleton model."""
 
-    def __init__(self, model: PreTrainedModel, dtype: torch.dtype, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool):
+    def __init__(self, model: PreTrainedModel, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool):
         self.model = model
-        self.dtype = dtype
         self.plan = plan
         self.pre_quantized = pre_quantized
         self.source = source
@@ -179,7 +179,7 @@ class _Loader:
                 f"expects {expected.dtype} {tuple(expected.shape)}: the checkpoint's tensors do not match its quantization_config"
             )
         if tensor.is_floating_point() and not isinstance(module, SlimLinear):
-            tensor = tensor.to(self.dtype if expected.is_floating_point() else expected.dtype)
+            tensor = tensor.to(expected.dtype)  # the skeleton's dtype (honours modules kept in float32)
         if tensor.shape != expected.shape:
             raise ValueError(
                 f"{file}: tensor {target.full_name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}"
@@ -188,7 +188,8 @@ class _Loader:
             self.plan.offload(target.full_name, tensor)
             self.offloaded.add(target.full_name)
         else:
-            _assign(module, target.name, tensor.to(device), expected)
+            tensor = tensor.to(device)
+            _assign(module, target.name, kernels.aligned(tensor) if isinstance(module, SlimLinear) else tensor, expected)
 
     def finish(self) -> None:
         self.bar.close()
@@ -198,8 +199,6 @@ class _Loader:
         missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta and n not in self.offloaded]
         if not self.offloaded:
             hf.check_loaded(self.model, str(self.source))
-        for _, layer in quantized_layers(self.model):
-            layer.own_memory()  # pread buffers are only 32-byte aligned
         if missing:
             raise ValueError(
                 f"{self.source}: the checkpoint has no data for {missing[:5]} ({len(missing)} tensors): is it the right model?"

@@ -182,6 +182,18 @@ def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -
 INT8PACK_ALIGNMENT = 64  # bytes; the kernel's AVX-512 loads fault on a weight mapped at another offset
 
 
+def aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, or an aligned copy of it when it is a CPU tensor not on a 64-byte boundary.
+
+    transformers leaves pre-quantized tensors mapped from the safetensors file at arbitrary offsets
+    and safetensors' pread buffers are 32-byte aligned; the int8pack kernel needs 64 bytes, and
+    every load path must pick the same kernel for bit-identical logits.
+    """
+    if tensor.device.type == "cpu" and tensor.data_ptr() % INT8PACK_ALIGNMENT:
+        return tensor.clone()  # torch's CPU allocator aligns to 64 bytes
+    return tensor
+
+
 def int8pack_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether PyTorch's CPU weight-only int8 kernel can take these operands.
 

@@ -81,15 +81,11 @@ class SlimLinear(nn.Module):
             self._buffers[name] = value
 
     def own_memory(self) -> None:
-        """Copy tensors whose storage is not 64-byte aligned into aligned memory of our own.
-
-        transformers leaves pre-quantized tensors mapped from the safetensors file at arbitrary offsets,
-        and safetensors reads into 32-byte aligned buffers; CPU kernels with aligned vector loads need
-        64-byte alignment, and every load path must pick the same kernel for bit-identical logits.
-        """
+        """Give every tensor aligned storage of its own (see `kernels.aligned`)."""
         for name, tensor in list(self.state_dict().items()):
-            if tensor.device.type == "cpu" and tensor.data_ptr() % kernels.INT8PACK_ALIGNMENT:
-                self._set_tensor(name, tensor.clone())
+            copy = kernels.aligned(tensor)
+            if copy is not tensor:
+                self._set_tensor(name, copy)
 
     def quantized_nbytes(self) -> int:
         """Bytes of this layer's weight as stored: codes plus every scale and absmax (bias excluded)."""
