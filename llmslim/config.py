@@ -18,7 +18,7 @@ CONFIG_VERSION = 1
 
 # Weight formats, by name -> bits per weight (before scales). New formats slot in here and in
 # `quant/modules.py`'s FORMAT_MODULES.
-WEIGHT_FORMATS: dict[str | None, int] = {None: 16, "int8": 8, "nf4": 4, "fp4": 4}
+WEIGHT_FORMATS: dict[str | None, int] = {None: 16, "int8": 8, "nf4": 4, "fp4": 4, "int4": 4}
 COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -45,13 +45,18 @@ class SlimConfig(QuantizationConfigMixin):
 
     Args:
         weights: weight format of the selected linear layers: `None` (keep), `"int8"` (LLM.int8
-            row-wise absmax), `"nf4"` or `"fp4"` (blockwise 4-bit, bitsandbytes layout).
+            row-wise absmax), `"nf4"` or `"fp4"` (blockwise 4-bit, bitsandbytes layout), `"int4"`
+            (llmslim's groupwise asymmetric int4: float16 scale and zero per group of a row; the
+            fastest on CPU).
         compute_dtype: dtype of the matmuls (`"bfloat16"`, `"float16"`, `"float32"`); `None` uses
             the dtype the model is loaded in.
-        block_size: elements per absmax block for 4-bit formats.
+        block_size: elements per absmax block for NF4/FP4, per group for int4.
         double_quant: quantize the 4-bit absmax again to 8 bits (QLoRA); `None` means on for 4-bit.
         int8_threshold: LLM.int8 outlier threshold: activation columns with |x| above it are
-            computed in 16 bits on CUDA. 0 disables the decomposition.
+            computed in 16 bits, the rest in int8 (CUDA always; CPU for prompts, where int8 GEMM
+            pays). 0 disables the decomposition.
+        refine: int4 only: refine each group's scale and zero (HQQ zero-point optimisation, then a
+            least-squares refit) instead of plain min/max. Lower error, slower quantization.
         include: module-name patterns (fnmatch, matched against the full name or its suffix) of
             the layers to quantize; `None` selects every linear layer.
         exclude: patterns of layers never quantized; `lm_head` by default.
@@ -63,6 +68,7 @@ class SlimConfig(QuantizationConfigMixin):
     block_size: int = 64
     double_quant: bool | None = None
     int8_threshold: float = 6.0
+    refine: bool = False
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     version: int = CONFIG_VERSION
@@ -80,9 +86,13 @@ class SlimConfig(QuantizationConfigMixin):
             self.double_quant = self.is_4bit
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be True, False or None, got {self.double_quant!r}")
+        if self.double_quant and not self.is_4bit:
+            raise ValueError(f"double_quant applies to nf4/fp4 absmax blocks, not to weights={self.weights!r}: leave it None")
         if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             raise ValueError(f"int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got {self.int8_threshold!r}")
         self.int8_threshold = float(self.int8_threshold)
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"refine must be True or False, got {self.refine!r}")
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude) or []
         if self.version != CONFIG_VERSION:
@@ -92,6 +102,7 @@ class SlimConfig(QuantizationConfigMixin):
 
     @property
     def is_4bit(self) -> bool:
+        """NF4/FP4: the bitsandbytes 4-bit formats (absmax blocks, double quantization)."""
         return self.weights in ("nf4", "fp4")
 
     @property
@@ -113,6 +124,7 @@ class SlimConfig(QuantizationConfigMixin):
             "block_size": self.block_size,
             "double_quant": self.double_quant,
             "int8_threshold": self.int8_threshold,
+            "refine": self.refine,
             "include": self.include,
             "exclude": list(self.exclude),
         }

@@ -17,8 +17,10 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"weights": "int3"}, "weights must be one of [None, 'int8', 'nf4', 'fp4'], got 'int3'"),
-        ({"weights": "NF4"}, "weights must be one of [None, 'int8', 'nf4', 'fp4'], got 'NF4'"),
+        ({"weights": "int4", "double_quant": True}, "double_quant applies to nf4/fp4 absmax blocks, not to weights='int4': leave it None"),
+        ({"refine": "yes"}, "refine must be True or False, got 'yes'"),
+        ({"weights": "int3"}, "weights must be one of [None, 'int8', 'nf4', 'fp4', 'int4'], got 'int3'"),
+        ({"weights": "NF4"}, "weights must be one of [None, 'int8', 'nf4', 'fp4', 'int4'], got 'NF4'"),
         ({"block_size": 48}, f"block_size must be one of {list(BLOCK_SIZES)}, got 48"),
         ({"block_size": True}, f"block_size must be one of {list(BLOCK_SIZES)}, got True"),
         ({"block_size": 64.0}, f"block_size must be one of {list(BLOCK_SIZES)}, got 64.0"),
@@ -119,7 +121,7 @@ def test_json_round_trip(cfg):
 def test_repr_names_every_field():
     assert repr(SlimConfig(weights="int8")) == (
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
-        "int8_threshold=6.0, include=None, exclude=['lm_head'])"
+        "int8_threshold=6.0, refine=False, include=None, exclude=['lm_head'])"
     )
 
 

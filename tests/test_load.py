@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM
 
 import llmslim
 from llmslim import SlimConfig
-from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit
+from llmslim.quant.modules import FORMAT_MODULES, SlimLinear
 
-FORMATS = ("int8", "nf4", "fp4")
+FORMATS = ("int8", "nf4", "fp4", "int4")
 # Max |logit error| relative to max |logit| of the float model, per format (random tiny models).
-TOLERANCE = {"int8": 0.03, "nf4": 0.25, "fp4": 0.35}
+TOLERANCE = {"int8": 0.03, "nf4": 0.25, "fp4": 0.35, "int4": 0.25}
 
 
 def _logits(model, input_ids):
@@ -40,7 +40,7 @@ def test_both_doors_agree_and_stay_close_to_float(tiny_models, arch, weights, in
     ours = llmslim.from_pretrained(path, SlimConfig(weights=weights), progress=False)
     theirs = AutoModelForCausalLM.from_pretrained(path, quantization_config=SlimConfig(weights=weights))
 
-    expected_type = SlimLinear8bit if weights == "int8" else SlimLinear4bit
+    expected_type = FORMAT_MODULES[weights]
     layers = _slim_layers(ours)
     assert layers and set(layers.values()) == {expected_type}
     assert layers == _slim_layers(theirs)
@@ -174,7 +174,7 @@ def test_checkpoint_whose_tensors_do_not_match_its_config(tiny_llama, tmp_path):
     llmslim.save_pretrained(model, tmp_path / "q")
     config_file = tmp_path / "q" / "config.json"
     config = json.loads(config_file.read_text())
-    config["quantization_config"]["weights"] = "int8"  # the tensors are still nf4
+    config["quantization_config"].update(weights="int8", double_quant=False)  # the tensors are still nf4
     config_file.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="the checkpoint's tensors do not match its quantization_config"):
         llmslim.from_pretrained(tmp_path / "q", progress=False)

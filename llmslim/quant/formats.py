@@ -12,6 +12,14 @@ Layouts (all bitsandbytes-compatible):
 - Double quantization (QLoRA): the float32 absmax vector minus its mean (`offset`) is itself
   quantized blockwise (blocks of 256) to 8 bits with the signed dynamic map.
 - LLM.int8 weights: row-wise (vector-wise) absmax, `int8 = round(w * 127 / absmax_row)`.
+
+And llmslim's own:
+
+- int4 (groupwise asymmetric uniform): each row of the `(out, in)` weight is cut into groups of
+  `group_size` (the last one may be shorter); `w = (q - 8) * scale + zero` with `q` in 0..15 and
+  float16 `scale`, `zero` per group (`(out, ceil(in / group_size))` each). Codes are packed like
+  the 4-bit formats above (row-major, first element in the high nibble). `scale` and `zero` come
+  from the group's min and max, optionally refined by half-quadratic optimisation (HQQ).
 """
 
 from __future__ import annotations
@@ -229,3 +237,146 @@ def dequantize_int8_rows(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dty
 def quantized_nbytes(tensors: list[torch.Tensor | None]) -> int:
     """Bytes held by a list of tensors (None entries are skipped)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+INT4_OFFSET = 8  # codes 0..15 stand for q - 8 = -8..7
+_ROW_CHUNK = 1024  # rows per step when quantizing to int4 (bounds the float32 temporaries)
+
+
+@dataclass
+class Int4Weight:
+    """An int4 weight: packed codes, float16 scale and zero per group of each row."""
+
+    codes: torch.Tensor  # uint8 (ceil(out * in / 2), 1)
+    scale: torch.Tensor  # float16 (out, groups)
+    zero: torch.Tensor  # float16 (out, groups)
+    shape: tuple[int, int]
+    group_size: int
+
+    @property
+    def groups(self) -> int:
+        return -(-self.shape[1] // self.group_size)
+
+
+@cache
+def int4_lut() -> torch.Tensor:
+    """The value each int4 code stands for before scaling: q - 8 (float32)."""
+    return torch.arange(16, dtype=torch.float32) - INT4_OFFSET
+
+
+def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`(out, in)` -> float32 `(out, groups, group_size)`, a short last group padded by repeating its last value."""
+    w = weight.float()
+    pad = -w.shape[1] % group_size
+    if pad:
+        w = torch.cat([w, w[:, -1:].expand(-1, pad)], dim=1)
+    return w.view(w.shape[0], -1, group_size)
+
+
+def _codes_for(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """Nearest codes for grouped `w` given float32 scale and zero `(out, groups, 1)`."""
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return torch.clamp(torch.round((w - zero) * inv) + INT4_OFFSET, 0, 15)
+
+
+def _to_fp16(t: torch.Tensor) -> torch.Tensor:
+    return t.clamp(-65504.0, 65504.0).half()
+
+
+def hqq_zero(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, iters: int = 20) -> torch.Tensor:
+    """Refine the zero point of grouped `w` by half-quadratic optimisation (Badri & Shaji, HQQ, 2023).
+
+    Minimises an l_p (p = 0.7) norm of the reconstruction error over the float zero point
+    `zero_point` (in code units: `w ~ (q - zero_point) * scale`) by alternating a shrinkage step on
+    the error and a closed-form zero-point update, with `beta` growing each step. The l_p norm
+    lets a few outliers keep a large error so the bulk of the group is reconstructed better. Of the
+    iterates (the starting point included) the one with the smallest squared error is returned,
+    so the result is never worse than the start in that sense.
+    """
+    p, beta, kappa = 0.7, 10.0, 1.01
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+
+    def reconstruct(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = torch.clamp(torch.round(w * inv + z), 0, 15)
+        return q, (q - z) * scale
+
+    best = zero_point
+    q, wr = reconstruct(zero_point)
+    best_err = (w - wr).pow(2).sum(dim=-1, keepdim=True)
+    z = zero_point
+    for _ in range(iters):
+        d = w - wr
+        e = torch.sign(d) * torch.relu(d.abs() - d.abs().clamp(min=1e-12).pow(p - 1) / beta)  # shrink_lp
+        z = (q - (w - e) * inv).mean(dim=-1, keepdim=True)
+        beta *= kappa
+        q, wr = reconstruct(z)
+        err = (w - wr).pow(2).sum(dim=-1, keepdim=True)
+        better = err < best_err
+        best = torch.where(better, z, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
+def least_squares_refit(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rounds: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Alternate between the nearest codes and the least-squares scale and zero for those codes.
+
+    For fixed codes the best `(scale, zero)` in the squared-error sense is a per-group linear
+    regression of `w` on `q - 8`; each round re-picks codes for it. A group keeps whichever of its
+    candidates has the smallest squared error (the start included).
+    """
+
+    def sq_err(s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return (w - ((_codes_for(w, s, z) - INT4_OFFSET) * s + z)).pow(2).sum(dim=-1, keepdim=True)
+
+    best_s, best_z, best_err = scale, zero, sq_err(scale, zero)
+    s, z = scale, zero
+    for _ in range(rounds):
+        x = _codes_for(w, s, z) - INT4_OFFSET
+        x_mean, w_mean = x.mean(dim=-1, keepdim=True), w.mean(dim=-1, keepdim=True)
+        var = (x - x_mean).pow(2).mean(dim=-1, keepdim=True)
+        cov = ((x - x_mean) * (w - w_mean)).mean(dim=-1, keepdim=True)
+        fit = var > 0
+        s = torch.where(fit, cov / torch.where(fit, var, torch.ones_like(var)), s)
+        z = torch.where(fit, w_mean - s * x_mean, z)
+        err = sq_err(s, z)
+        better = err < best_err
+        best_s, best_z, best_err = torch.where(better, s, best_s), torch.where(better, z, best_z), torch.where(better, err, best_err)
+    return best_s, best_z
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 64, refine: bool = False) -> Int4Weight:
+    """Groupwise asymmetric int4 from each group's min and max; `refine` adds `hqq_zero`, then `least_squares_refit`."""
+    if weight.dim() != 2:
+        raise ValueError(f"int4 quantizes 2-D (out, in) weights, got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    groups = -(-in_features // group_size)
+    scales = torch.empty((out_features, groups), dtype=torch.float16, device=weight.device)
+    zeros = torch.empty((out_features, groups), dtype=torch.float16, device=weight.device)
+    q_rows = []
+    for start in range(0, out_features, _ROW_CHUNK):
+        w = _grouped(weight[start : start + _ROW_CHUNK], group_size)
+        lo, hi = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+        scale = (hi - lo) / 15.0
+        zero = lo + INT4_OFFSET * scale
+        if refine:
+            inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+            zero = (INT4_OFFSET - hqq_zero(w, scale, -lo * inv)) * scale
+            scale, zero = least_squares_refit(w, scale, zero)
+        scale16, zero16 = _to_fp16(scale), _to_fp16(zero)
+        q = _codes_for(w, scale16.float(), zero16.float())  # codes for the stored (float16) scale and zero
+        q_rows.append(q.flatten(1)[:, :in_features].to(torch.uint8))
+        scales[start : start + _ROW_CHUNK] = scale16.squeeze(-1)
+        zeros[start : start + _ROW_CHUNK] = zero16.squeeze(-1)
+    q = torch.cat(q_rows).reshape(-1)
+    if q.numel() % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    return Int4Weight(pack_nibbles(q), scales, zeros, (out_features, in_features), group_size)
+
+
+def dequantize_int4(w: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Reconstruct an int4 weight: `(q - 8) * scale + zero` in float32, then cast."""
+    out_features, in_features = w.shape
+    q = unpack_nibbles(w.codes, out_features * in_features).view(out_features, in_features).float()  # (out, in)
+    scale = w.scale.float().repeat_interleave(w.group_size, dim=1)[:, :in_features]
+    zero = w.zero.float().repeat_interleave(w.group_size, dim=1)[:, :in_features]
+    return ((q - INT4_OFFSET) * scale + zero).to(dtype)

@@ -4,6 +4,10 @@
 - CPU: llmslim's C kernels for 4-bit and int8 quantization (bitsandbytes' CPU 4-bit quantizer
   is pure torch and runs at ~60 Mparam/s on 2 cores, which would dominate load time),
   bitsandbytes' CPU kernels for 8-bit blockwise (double quantization) and 4-bit dequantization.
+- CPU matmuls: for a few tokens (decode), llmslim's torch operators (`csrc/ops_cpu.cpp`) that
+  read the packed 4-bit codes directly (AVX-512 BF16 / VNNI) and PyTorch's weight-only int8
+  kernel; for many tokens (prompts), one dequantization then the dense GEMM, and for int8 the
+  LLM.int8 decomposition on `torch._int_mm`.
 - Anywhere else, or when a backend is missing: the reference math in `formats.py`.
 
 Every function here is tested against `formats.py`.
@@ -168,15 +172,89 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, absmax
 
 
+DECODE_MAX_TOKENS = 8  # up to this many rows the packed-code kernels beat dequantize + GEMM
+
+
+def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
+    """Whether llmslim's CPU matmul operators can take `x` (rows of `in_features`) for decode."""
+    return x.device.type == "cpu" and in_features % 64 == 0 and x.numel() // in_features <= DECODE_MAX_TOKENS and native.load_ops()
+
+
+@lru_cache(maxsize=1)
+def _has_vnni_kernel() -> bool:
+    return bool(torch.ops.llmslim.simd_available().item())
+
+
+def _scale_args(w: formats.FourBitWeight) -> tuple:
+    nested = w.nested_absmax is not None
+    return (
+        w.absmax,
+        None,
+        w.nested_absmax if nested else None,
+        formats.dynamic_map() if nested else None,
+        float(w.nested_offset) if nested else 0.0,
+    )
+
+
 def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
-    """`x @ W.T` for a 4-bit weight (no bias); `x` is already in `dtype`."""
+    """`x @ W.T` for an NF4/FP4 weight (no bias); `x` is already in `dtype`."""
     bnb_f = bnb_functional()
     if x.device.type == "cuda" and bnb_f is not None:
         import bitsandbytes as bnb
 
         return bnb.matmul_4bit(x, w.codes.t(), quant_state=quant_state(w, dtype))
-    # CPU: dequantize once per call and use the dense GEMM (the next step is a fused kernel).
+    out_features, in_features = w.shape
+    if _ops_usable(x, in_features):
+        flat = x.reshape(-1, in_features)
+        out = torch.ops.llmslim.mm_4bit(flat, w.codes, formats.code_4bit(w.fmt), *_scale_args(w), out_features, w.block_size, in_features)
+        return out.view(*x.shape[:-1], out_features)
     return torch.nn.functional.linear(x, dequantize_4bit(w, dtype))
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int, refine: bool) -> formats.Int4Weight:
+    """llmslim int4 (`formats.quantize_int4`; its torch code is the implementation on every device)."""
+    return formats.quantize_int4(weight.detach(), group_size, refine)
+
+
+def dequantize_int4(w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize an int4 weight to `dtype` (llmslim's CPU operator, else the reference)."""
+    out_features, in_features = w.shape
+    if w.codes.device.type == "cpu" and native.load_ops():
+        return torch.ops.llmslim.dequantize_4bit(
+            w.codes,
+            formats.int4_lut(),
+            w.scale,
+            w.zero,
+            None,
+            None,
+            0.0,
+            out_features,
+            in_features,
+            w.group_size,
+            w.groups * w.group_size,
+            dtype,
+        )
+    return formats.dequantize_int4(w, dtype)
+
+
+def linear_int4(x: torch.Tensor, w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """`x @ W.T` for an int4 weight (no bias); `x` is already in `dtype`.
+
+    One token on a CPU with AVX-512 VNNI: activations quantized to int8 per 32 (as llama.cpp does)
+    times the unpacked codes, exact otherwise; a few tokens: the bf16 table kernel (exact products);
+    more: dequantize once, dense GEMM.
+    """
+    out_features, in_features = w.shape
+    if _ops_usable(x, in_features):
+        flat = x.reshape(-1, in_features)
+        if flat.shape[0] == 1 and _has_vnni_kernel():
+            out = torch.ops.llmslim.mm_int4_q8(flat, w.codes, w.scale, w.zero, out_features, w.group_size)
+        else:
+            out = torch.ops.llmslim.mm_4bit(
+                flat, w.codes, formats.int4_lut(), w.scale, w.zero, None, None, 0.0, out_features, w.group_size, w.groups * w.group_size
+            )
+        return out.view(*x.shape[:-1], out_features)
+    return torch.nn.functional.linear(x, dequantize_int4(w, dtype))
 
 
 INT8PACK_ALIGNMENT = 64  # bytes; the kernel's AVX-512 loads fault on a weight mapped at another offset

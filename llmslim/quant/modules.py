@@ -7,6 +7,8 @@ now) or by loading its state dict (already quantized). Its state dict is the on-
 - `SlimLinear4bit`: `weight` (uint8 packed codes, `(ceil(out*in/2), 1)`), `weight_absmax`,
   and with double quantization `weight_nested_absmax`, `weight_nested_offset`.
 - `SlimLinear8bit`: `weight` (int8 `(out, in)`), `SCB` (float32 row absmax, bitsandbytes' name).
+- `SlimLinearInt4`: `weight` (uint8 packed codes, `(ceil(out*in/2), 1)`), `weight_scale` and
+  `weight_zero` (float16 `(out, ceil(in / block_size))`).
 """
 
 from __future__ import annotations
@@ -164,7 +166,42 @@ class SlimLinear8bit(SlimLinear):
         return self._add_bias(out).to(x.dtype)
 
 
-FORMAT_MODULES: dict[str, type[SlimLinear]] = {"int8": SlimLinear8bit, "nf4": SlimLinear4bit, "fp4": SlimLinear4bit}
+class SlimLinearInt4(SlimLinear):
+    """Linear layer with llmslim's groupwise asymmetric int4 weights (see `formats.Int4Weight`)."""
+
+    fmt = "int4"
+
+    def _register_quantized(self, config: SlimConfig, device) -> None:
+        self.group_size = config.block_size
+        self.refine = config.refine
+        n = self.in_features * self.out_features
+        groups = -(-self.in_features // self.group_size)
+        self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
+        self.register_buffer("weight_scale", torch.empty((self.out_features, groups), dtype=torch.float16, device=device))
+        self.register_buffer("weight_zero", torch.empty((self.out_features, groups), dtype=torch.float16, device=device))
+
+    def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        w = kernels.quantize_int4(weight, self.group_size, self.refine)
+        return {"weight": w.codes, "weight_scale": w.scale, "weight_zero": w.zero}
+
+    def int4_weight(self) -> formats.Int4Weight:
+        """A view of this layer's tensors as the format's container (no copies)."""
+        return formats.Int4Weight(self.weight, self.weight_scale, self.weight_zero, (self.out_features, self.in_features), self.group_size)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return kernels.dequantize_int4(self.int4_weight(), dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = kernels.linear_int4(x.to(self.compute_dtype), self.int4_weight(), self.compute_dtype)
+        return self._add_bias(out).to(x.dtype)
+
+
+FORMAT_MODULES: dict[str, type[SlimLinear]] = {
+    "int8": SlimLinear8bit,
+    "nf4": SlimLinear4bit,
+    "fp4": SlimLinear4bit,
+    "int4": SlimLinearInt4,
+}
 
 
 def quantizable(module: nn.Module) -> bool:

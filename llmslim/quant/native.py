@@ -76,3 +76,55 @@ def load() -> ctypes.CDLL | None:
     lib.llmslim_quantize_int8_rows.argtypes = [ptr, i32, i64, i64, ptr, ptr, i32]
     lib.llmslim_quantize_4bit.restype = lib.llmslim_quantize_int8_rows.restype = i32
     return lib
+
+
+_OPS_SOURCES = ("ops_cpu.cpp",)
+_OPS_FLAGS = ("-O3", "-march=native", "-std=c++17")
+
+
+@lru_cache(maxsize=1)
+def load_ops() -> bool:
+    """Build (once per machine, cached) and load the torch operators in `csrc/ops_cpu.cpp`.
+
+    They register as `torch.ops.llmslim.*` and run on torch's intra-op thread pool. Returns False,
+    after a warning, when they cannot be built (no C++ compiler or ninja); callers then use the
+    slower pure-torch path.
+    """
+    if os.environ.get("LLMSLIM_NO_NATIVE") == "1":
+        return False
+    import torch
+
+    if hasattr(torch.ops, "llmslim") and hasattr(torch.ops.llmslim, "mm_4bit"):
+        return True
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: 4-bit matmuls on CPU dequantize the weight each call (slower)")
+        return False
+    try:
+        from torch.utils import cpp_extension
+
+        sources = [Path(__file__).parent / "csrc" / name for name in _OPS_SOURCES]
+        key = hashlib.sha256()
+        for src in sources:
+            key.update(src.read_bytes())
+        key.update(" ".join((compiler, *_OPS_FLAGS, torch.__version__, platform.machine(), _cpu_fingerprint())).encode())
+        name = f"llmslim_ops_{key.hexdigest()[:16]}"
+        build_dir = cache_dir() / "kernels" / name
+        build_dir.mkdir(parents=True, exist_ok=True)
+        library = build_dir / f"{name}.so"
+        if library.exists():
+            torch.ops.load_library(str(library))
+        else:
+            cpp_extension.load(
+                name=name,
+                sources=[str(s) for s in sources],
+                extra_cflags=list(_OPS_FLAGS),
+                build_directory=str(build_dir),
+                is_python_module=False,
+                verbose=False,
+            )
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as err:
+        detail = "\n".join(str(err).splitlines()[-20:])
+        logger.warning("building llmslim's CPU matmul kernels failed; 4-bit matmuls dequantize each call (slower): %s", detail)
+        return False
+    return True

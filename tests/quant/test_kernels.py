@@ -156,17 +156,90 @@ def test_dequantize_4bit_equals_reference_when_blocks_straddle_rows(shape, block
 # --- matmuls ----------------------------------------------------------------------------------------------------------
 
 
+def _assert_matmul_close(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rel: float) -> None:
+    """`out` equals `x @ weight.T` (computed in float32) within `rel` of the largest output."""
+    expected = x.float() @ weight.float().T
+    assert out.dtype == x.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=rel * expected.abs().max().item())
+
+
+# float32 inputs: the kernels keep ~16 more bits than bf16 (split into high and low bf16 parts);
+# bf16 inputs: a bf16 result (8 significant bits), and NF4 table values rounded to bf16.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
 @pytest.mark.parametrize("batch", ((1,), (7,), (64,), (2, 3)), ids=str)
-@pytest.mark.parametrize("in_features", (128, 65))
+@pytest.mark.parametrize("in_features", (128, 65, 576))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_linear_4bit_equals_matmul_with_dequantized_weight(dtype, in_features, batch):
-    w = kernels.quantize_4bit(_randn((24, in_features)), "nf4", 64, double_quant=True)
+def test_linear_4bit_close_to_matmul_with_dequantized_weight(dtype, in_features, batch):
+    w = kernels.quantize_4bit(_randn((37, in_features)), "nf4", 64, double_quant=True)
     x = _randn((*batch, in_features), dtype, seed=1)
     out = kernels.linear_4bit(x, w, dtype)
-    assert out.dtype == dtype and out.shape == (*batch, 24)
-    weight = formats.dequantize_4bit(w, dtype)  # (24, in_features)
-    assert torch.equal(out, torch.nn.functional.linear(x, weight))  # the same GEMM: only the weight could differ
-    torch.testing.assert_close(out, x @ weight.T)
+    _assert_matmul_close(out, x, formats.dequantize_4bit(w), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("fmt", ("nf4", "fp4"))
+@pytest.mark.parametrize("block_size, double_quant", ((32, False), (64, True), (128, True), (256, False)), ids=str)
+@pytest.mark.parametrize("tokens", (1, 3, 8))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_mm_4bit_operator_matches_reference(fmt, block_size, double_quant, tokens, dtype):
+    """The packed-code operator (decode path) for NF4/FP4, blocks that straddle rows included (576 % 256)."""
+    if not native.load_ops():
+        pytest.skip("llmslim's CPU operators could not be built here")
+    w = kernels.quantize_4bit(_randn((29, 576), seed=3), fmt, block_size, double_quant)
+    x = _randn((tokens, 576), dtype, seed=4)
+    out = torch.ops.llmslim.mm_4bit(x, w.codes, formats.code_4bit(fmt), *kernels._scale_args(w), 29, block_size, 576)
+    _assert_matmul_close(out, x, formats.dequantize_4bit(w), TOLERANCE[dtype])
+
+
+def test_linear_4bit_without_operators_uses_dequantize(monkeypatch):
+    monkeypatch.setattr(native, "load_ops", lambda: False)
+    w = kernels.quantize_4bit(_randn((24, 128)), "nf4", 64, double_quant=True)
+    x = _randn((1, 128), seed=1)
+    weight = formats.dequantize_4bit(w)
+    assert torch.equal(kernels.linear_4bit(x, w, torch.float32), torch.nn.functional.linear(x, weight))
+
+
+# --- int4 -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+@pytest.mark.parametrize("shape", ((7, 64), (37, 576), (5, 100), (3, 33)), ids=str)
+def test_int4_minmax_error_is_at_most_half_a_step(shape, group_size):
+    weight = _randn(shape, seed=5)
+    w = formats.quantize_int4(weight, group_size)
+    assert w.codes.dtype == torch.uint8 and w.codes.shape == ((shape[0] * shape[1] + 1) // 2, 1)
+    assert w.scale.dtype == w.zero.dtype == torch.float16 and w.scale.shape == (shape[0], -(-shape[1] // group_size))
+    step = w.scale.float().repeat_interleave(group_size, dim=1)[:, : shape[1]]
+    err = (formats.dequantize_int4(w) - weight).abs()
+    assert torch.all(err <= step * 0.5 + 2e-3 * weight.abs().max())  # half a step, plus float16 rounding of scale and zero
+
+
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+def test_int4_refine_lowers_reconstruction_error(group_size):
+    weight = torch.distributions.StudentT(3.0).sample((64, 512)) * 0.02  # heavy-tailed, like LLM weights
+    plain = (formats.dequantize_int4(formats.quantize_int4(weight, group_size)) - weight).pow(2).sum()
+    refined = (formats.dequantize_int4(formats.quantize_int4(weight, group_size, refine=True)) - weight).pow(2).sum()
+    assert refined < 0.97 * plain
+
+
+def test_int4_constant_group_is_exact():
+    weight = torch.full((2, 64), 0.25)
+    assert torch.equal(formats.dequantize_int4(formats.quantize_int4(weight, 32)), weight)
+
+
+@pytest.mark.parametrize("shape", ((37, 576), (8, 64), (5, 100), (3, 33)), ids=str)
+@pytest.mark.parametrize("group_size", (32, 64, 128))
+@pytest.mark.parametrize("batch", ((1,), (7,), (64,), (2, 3)), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_linear_int4_close_to_matmul_with_dequantized_weight(shape, group_size, batch, dtype):
+    w = kernels.quantize_int4(_randn(shape, seed=6), group_size, refine=False)
+    assert torch.equal(kernels.dequantize_int4(w, torch.float32), formats.dequantize_int4(w))
+    x = _randn((*batch, shape[1]), dtype, seed=7)
+    out = kernels.linear_int4(x, w, dtype)
+    # one token goes through int8 activations (per 32, absmax): about 1e-3 relative
+    rel = 1e-2 if batch == (1,) and shape[1] % 64 == 0 and dtype == torch.float32 else TOLERANCE[dtype]
+    _assert_matmul_close(out, x, formats.dequantize_int4(w), rel)
 
 
 def test_linear_4bit_equals_matmul_when_blocks_straddle_rows():

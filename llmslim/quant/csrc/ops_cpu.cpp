@@ -1,0 +1,489 @@
+// llmslim's CPU matmul kernels for 4-bit weights, registered as torch operators (torch.ops.llmslim.*)
+// so that they run on torch's own intra-op thread pool and torch.compile can trace through them.
+//
+// One weight layout serves NF4, FP4 (bitsandbytes' layout, read as stored) and llmslim's int4:
+//   codes:  the flattened (N, K) weight, two 4-bit codes per byte, element 2i in the high nibble;
+//   value:  w[n, k] = lut[code] * scale[g] (+ zero[g] for int4), g = (n * row_stride + k) / group,
+//           row_stride = K for bitsandbytes' flat blocks, ceil(K / group) * group for per-row groups;
+//   scale:  float32 absmax, or uint8 double-quantized absmax (nested_code[q] * nested_absmax[g / 256]
+//           + nested_offset, bitsandbytes' double quantization), or float16 (int4);
+//   zero:   float16 per group (int4) or absent.
+//
+// mm_4bit never materialises a dequantized weight: with AVX-512 BF16 it decodes 64 codes at a time
+// through a 16-entry bf16 table held in a register (vpermw) and multiplies with vdpbf16ps, which
+// forms exact products of bf16 values and accumulates in float32. Float32 activations are split
+// into a bf16 high and low part (and the table likewise), which keeps ~16 more bits of precision.
+// Without AVX-512 BF16, or when K is not a multiple of 64, a scalar loop computes the same sums.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define LLMSLIM_AVX512_BF16 1
+#endif
+
+namespace {
+
+constexpr int64_t kNestedBlock = 256;  // bitsandbytes' block size for double quantization
+
+struct Scales {
+  int mode;  // 0: float32, 1: uint8 double-quantized, 2: float16
+  const float* f32 = nullptr;
+  const uint8_t* u8 = nullptr;
+  const at::Half* f16 = nullptr;
+  const float* nested_absmax = nullptr;
+  const float* nested_code = nullptr;
+  float nested_offset = 0.f;
+  const at::Half* zeros = nullptr;
+
+  inline float scale(int64_t g) const {
+    switch (mode) {
+      case 0: return f32[g];
+      case 1: return nested_code[u8[g]] * nested_absmax[g / kNestedBlock] + nested_offset;
+      default: return static_cast<float>(f16[g]);
+    }
+  }
+  inline float zero(int64_t g) const { return zeros ? static_cast<float>(zeros[g]) : 0.f; }
+};
+
+Scales make_scales(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& nested_absmax,
+                   const c10::optional<at::Tensor>& nested_code, double nested_offset, int64_t n_groups) {
+  TORCH_CHECK(scales.is_contiguous() && scales.numel() >= n_groups, "llmslim: scales must be contiguous with ", n_groups, " entries, got ",
+              scales.numel());
+  Scales s;
+  if (scales.scalar_type() == at::kFloat) {
+    s.mode = 0;
+    s.f32 = scales.data_ptr<float>();
+  } else if (scales.scalar_type() == at::kByte) {
+    TORCH_CHECK(nested_absmax.has_value() && nested_code.has_value(), "llmslim: uint8 scales need nested_absmax and nested_code");
+    TORCH_CHECK(nested_absmax->scalar_type() == at::kFloat && nested_code->scalar_type() == at::kFloat && nested_code->numel() == 256,
+                "llmslim: nested_absmax and nested_code must be float32 (code: 256 entries)");
+    TORCH_CHECK(nested_absmax->numel() * kNestedBlock >= n_groups, "llmslim: too few nested_absmax entries");
+    s.mode = 1;
+    s.u8 = scales.data_ptr<uint8_t>();
+    s.nested_absmax = nested_absmax->data_ptr<float>();
+    s.nested_code = nested_code->data_ptr<float>();
+    s.nested_offset = static_cast<float>(nested_offset);
+  } else {
+    TORCH_CHECK(scales.scalar_type() == at::kHalf, "llmslim: scales must be float32, uint8 or float16, got ", scales.scalar_type());
+    s.mode = 2;
+    s.f16 = scales.data_ptr<at::Half>();
+  }
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->scalar_type() == at::kHalf && zeros->is_contiguous() && zeros->numel() >= n_groups,
+                "llmslim: zeros must be contiguous float16 with one entry per group");
+    s.zeros = zeros->data_ptr<at::Half>();
+  }
+  return s;
+}
+
+void check_common(const at::Tensor& codes, const at::Tensor& lut, int64_t n, int64_t k, int64_t group, int64_t row_stride) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kByte && codes.is_contiguous(), "llmslim: codes must be contiguous CPU uint8");
+  TORCH_CHECK(codes.numel() * 2 >= n * k, "llmslim: ", codes.numel(), " code bytes cannot hold a ", n, "x", k, " weight");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "llmslim: lut must hold 16 float32 values");
+  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0, "llmslim: group must be a power of two >= 32, got ", group);
+  TORCH_CHECK(row_stride >= k, "llmslim: row_stride must be >= K");
+}
+
+int64_t n_groups_for(int64_t n, int64_t k, int64_t group, int64_t row_stride) { return ((n - 1) * row_stride + k + group - 1) / group; }
+
+inline int code_at(const uint8_t* codes, int64_t e) {
+  uint8_t byte = codes[e >> 1];
+  return (e & 1) ? (byte & 0x0F) : (byte >> 4);
+}
+
+// ---- dequantize -------------------------------------------------------------------------------
+
+template <typename T>
+void dequantize_rows(const uint8_t* codes, const float* lut, const Scales& s, int64_t n, int64_t k, int64_t group, int64_t row_stride,
+                     T* out) {
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; row++) {
+      int64_t g_prev = -1;
+      float scale = 0.f, zero = 0.f;
+      for (int64_t col = 0; col < k; col++) {
+        int64_t g = (row * row_stride + col) / group;
+        if (g != g_prev) {
+          scale = s.scale(g);
+          zero = s.zero(g);
+          g_prev = g;
+        }
+        out[row * k + col] = static_cast<T>(lut[code_at(codes, row * k + col)] * scale + zero);
+      }
+    }
+  });
+}
+
+at::Tensor dequantize_4bit(const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                           const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code, double nested_offset,
+                           int64_t n, int64_t k, int64_t group, int64_t row_stride, at::ScalarType dtype) {
+  check_common(codes, lut, n, k, group, row_stride);
+  Scales s = make_scales(scales, zeros, nested_absmax, nested_code, nested_offset, n_groups_for(n, k, group, row_stride));
+  at::Tensor out = at::empty({n, k}, at::TensorOptions().dtype(dtype));
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* l = lut.data_ptr<float>();
+  switch (dtype) {
+    case at::kFloat: dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<float>()); break;
+    case at::kBFloat16: dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "llmslim: dequantize_4bit supports float32, bfloat16 and float16, got ", dtype);
+  }
+  return out;
+}
+
+// ---- matmul: out[m, n] = sum_k x[m, k] * w[n, k] ------------------------------------------------
+
+// Scalar path: any K, any machine.
+void mm_scalar(const float* x, int64_t m, const uint8_t* codes, const float* lut, const Scales& s, int64_t n, int64_t k, int64_t group,
+               int64_t row_stride, float* out) {
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(k);
+    for (int64_t row = begin; row < end; row++) {
+      int64_t g_prev = -1;
+      float scale = 0.f, zero = 0.f;
+      for (int64_t col = 0; col < k; col++) {
+        int64_t g = (row * row_stride + col) / group;
+        if (g != g_prev) {
+          scale = s.scale(g);
+          zero = s.zero(g);
+          g_prev = g;
+        }
+        w[col] = lut[code_at(codes, row * k + col)] * scale + zero;
+      }
+      for (int64_t i = 0; i < m; i++) {
+        double acc = 0.0;
+        for (int64_t col = 0; col < k; col++) acc += static_cast<double>(x[i * k + col]) * w[col];
+        out[i * n + row] = static_cast<float>(acc);
+      }
+    }
+  });
+}
+
+#ifdef LLMSLIM_AVX512_BF16
+
+inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // round to nearest even
+
+inline float bf16_value(uint16_t bits) {
+  uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float v;
+  std::memcpy(&v, &wide, 4);
+  return v;
+}
+
+// Read as 16-bit words, 2 bytes of codes hold elements 4j..4j+3 in nibbles (low to high) 4j+1, 4j,
+// 4j+3, 4j+2. vpermw looks up each word's low 5 bits in a 32-entry table (the 16 values twice),
+// so `word >> 4s` needs no mask. Each chunk of x is re-ordered to match: part s holds x[4j + kOff[s]].
+constexpr int kOff[4] = {1, 0, 3, 2};
+
+// x rows (float32) -> bf16 high and (for float32 input) low parts in the order the codes decode to.
+void prepare_x(const float* x, int64_t m, int64_t k, bool split, std::vector<uint16_t>& hi, std::vector<uint16_t>& lo) {
+  hi.resize(m * k);
+  if (split) lo.resize(m * k);
+  for (int64_t i = 0; i < m; i++) {
+    for (int64_t c = 0; c < k; c += 128) {
+      const int64_t len = std::min<int64_t>(128, k - c);  // 128, or a 64-element tail
+      const int64_t words = len / 4;
+      for (int s = 0; s < 4; s++) {
+        for (int64_t j = 0; j < words; j++) {
+          const float v = x[i * k + c + 4 * j + kOff[s]];
+          const int64_t dst = i * k + c + s * words + j;
+          hi[dst] = bf16_bits(v);
+          if (split) lo[dst] = bf16_bits(v - bf16_value(hi[dst]));
+        }
+      }
+    }
+  }
+}
+
+// dpbf16 lane i (of 16) sums elements 8i..8i+7 of a 128-element chunk starting at flat position
+// `pos` (a multiple of 64), so a chunk needs one scale per 32 elements, each spread over 4 lanes.
+// Group boundaries fall on multiples of 32, so fewer distinct scales are usually enough.
+inline __m512 chunk_scales(const Scales& s, int64_t pos, int shift, bool whole_chunk) {
+  if (whole_chunk) return _mm512_set1_ps(s.scale(pos >> shift));
+  if (shift >= 6) return _mm512_insertf32x8(_mm512_set1_ps(s.scale(pos >> shift)), _mm256_set1_ps(s.scale((pos + 64) >> shift)), 1);
+  const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  const __m128 four = _mm_set_ps(s.scale((pos + 96) >> shift), s.scale((pos + 64) >> shift), s.scale((pos + 32) >> shift), s.scale(pos >> shift));
+  return _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(four));
+}
+
+template <int TM, int NX, int NW>
+inline void mm_row_tile(const uint16_t* const* xs, int64_t k, const uint8_t* row_codes, const Scales& scales, int64_t row_pos, int shift,
+                        bool whole_chunk, const __m512i* tables, float* totals) {
+  __m512 acc[TM];
+  for (int t = 0; t < TM; t++) acc[t] = _mm512_setzero_ps();
+  const int64_t full = k / 128;
+  for (int64_t c = 0; c < full; c++) {
+    const __m512i words = _mm512_loadu_si512(row_codes + c * 64);
+    __m512bh w[NW][4];
+    for (int pw = 0; pw < NW; pw++) {
+      w[pw][0] = (__m512bh)_mm512_permutexvar_epi16(words, tables[pw]);
+      w[pw][1] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), tables[pw]);
+      w[pw][2] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 8), tables[pw]);
+      w[pw][3] = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 12), tables[pw]);
+    }
+    const __m512 scale = chunk_scales(scales, row_pos + c * 128, shift, whole_chunk);
+    for (int t = 0; t < TM; t++) {
+      // two independent chains: a chain of dependent dpbf16 would be bound by their latency
+      __m512 dot[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int px = 0; px < NX; px++) {
+        const uint16_t* xr = xs[px] + t * k + c * 128;
+        for (int pw = 0; pw < NW; pw++) {
+          if (px == 1 && pw == 1) continue;  // low x low: below float32 precision
+          for (int s = 0; s < 4; s++) dot[s & 1] = _mm512_dpbf16_ps(dot[s & 1], w[pw][s], (__m512bh)_mm512_loadu_si512(xr + s * 32));
+        }
+      }
+      acc[t] = _mm512_fmadd_ps(_mm512_add_ps(dot[0], dot[1]), scale, acc[t]);
+    }
+  }
+  __m256 tail[TM];
+  for (int t = 0; t < TM; t++) tail[t] = _mm256_setzero_ps();
+  if (k % 128) {  // a 64-element tail: the same with 256-bit vectors (16-entry table, 4-bit indices)
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row_codes + full * 64));
+    __m256bh w[NW][4];
+    for (int pw = 0; pw < NW; pw++) {
+      const __m256i table = _mm512_castsi512_si256(tables[pw]);
+      for (int s = 0; s < 4; s++) w[pw][s] = (__m256bh)_mm256_permutexvar_epi16(_mm256_srli_epi16(words, 4 * s), table);
+    }
+    const int64_t pos = row_pos + full * 128;
+    const __m256 scale = _mm256_insertf128_ps(_mm256_set1_ps(scales.scale(pos >> shift)), _mm_set1_ps(scales.scale((pos + 32) >> shift)), 1);
+    for (int t = 0; t < TM; t++) {
+      __m256 dot = _mm256_setzero_ps();
+      for (int px = 0; px < NX; px++) {
+        const uint16_t* xr = xs[px] + t * k + full * 128;
+        for (int pw = 0; pw < NW; pw++) {
+          if (px == 1 && pw == 1) continue;
+          for (int s = 0; s < 4; s++)
+            dot = _mm256_dpbf16_ps(dot, w[pw][s], (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + s * 16)));
+        }
+      }
+      tail[t] = _mm256_mul_ps(dot, scale);
+    }
+  }
+  for (int t = 0; t < TM; t++) totals[t] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t], _mm512_zextps256_ps512(tail[t])));
+}
+
+constexpr int kTileM = 4;
+
+// SIMD path: K % 64 == 0; output rows are split across torch's threads.
+template <int NX, int NW>
+void mm_avx512(const std::vector<uint16_t>* xs, int64_t m, const float* xsum, const uint8_t* codes, const float* lut, const Scales& s, int64_t n,
+               int64_t k, int64_t group, int64_t row_stride, float* out) {
+  alignas(64) uint16_t table_bits[2][32];
+  for (int i = 0; i < 32; i++) {
+    table_bits[0][i] = bf16_bits(lut[i & 15]);
+    table_bits[1][i] = bf16_bits(lut[i & 15] - bf16_value(table_bits[0][i]));
+  }
+  const __m512i tables[2] = {_mm512_load_si512(table_bits[0]), _mm512_load_si512(table_bits[1])};
+  const int64_t groups_per_row = (row_stride + group - 1) / group;
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group));
+
+  const bool whole_chunk = shift >= 7 && row_stride % 128 == 0;
+  at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; row++) {
+      const uint8_t* row_codes = codes + row * k / 2;
+      for (int64_t m0 = 0; m0 < m; m0 += kTileM) {
+        const uint16_t* xp[2] = {xs[0].data() + m0 * k, NX == 2 ? xs[1].data() + m0 * k : nullptr};
+        float totals[kTileM];
+        switch (std::min<int64_t>(kTileM, m - m0)) {
+          case 1: mm_row_tile<1, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
+          case 2: mm_row_tile<2, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
+          case 3: mm_row_tile<3, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
+          default: mm_row_tile<4, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
+        }
+        for (int t = 0; t < kTileM && m0 + t < m; t++) {
+          float total = totals[t];
+          if (s.zeros) {
+            const float* xs_row = xsum + (m0 + t) * groups_per_row;
+            for (int64_t g = 0; g < groups_per_row && g * group < k; g++) total += s.zero(row * groups_per_row + g) * xs_row[g];
+          }
+          out[(m0 + t) * n + row] = total;
+        }
+      }
+    }
+  });
+}
+
+// ---- int4 x int8 activations (VNNI) -----------------------------------------------------------
+//
+// For llmslim's int4 (w = (q - 8) * scale + zero), decode can skip the table entirely: the codes
+// are unsigned bytes once unpacked, and vpdpbusd multiplies 64 of them by int8 activations per
+// instruction. Activations are quantized per 32 elements (absmax / 127, as llama.cpp's Q8_0),
+// which adds a relative error of about 1e-3 to each output; everything else is exact.
+
+struct QuantizedX {
+  std::vector<int8_t> even, odd;  // per 128-chunk (or 64-tail): x[0], x[2], ... and x[1], x[3], ...
+  std::vector<float> lane_scale;  // per chunk, 16 lanes: the scale of the 32-block each lane covers
+  std::vector<int32_t> lane_bias; // per chunk, 16 lanes: -8 * sum of the 8 quantized x of that lane
+  std::vector<float> group_sum;   // per group of the weight: sum of x (float), for the zero term
+};
+
+void quantize_x(const float* x, int64_t k, int64_t group, int64_t groups_per_row, QuantizedX& q) {
+  const int64_t chunks = (k + 127) / 128;
+  q.even.assign(k / 2, 0);
+  q.odd.assign(k / 2, 0);
+  q.lane_scale.assign(chunks * 16, 0.f);
+  q.lane_bias.assign(chunks * 16, 0);
+  q.group_sum.assign(groups_per_row, 0.f);
+  for (int64_t col = 0; col < k; col++) q.group_sum[col / group] += x[col];
+  for (int64_t c = 0; c < chunks; c++) {
+    const int64_t base = c * 128, len = std::min<int64_t>(128, k - base);
+    for (int64_t b = 0; b < len / 32; b++) {
+      float amax = 0.f;
+      for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(x[base + b * 32 + j]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int lane = 0; lane < 4; lane++) {
+        int32_t sum = 0;
+        for (int j = 0; j < 8; j++) {
+          const int64_t e = b * 32 + lane * 8 + j;  // element within the chunk
+          const int v = static_cast<int>(std::nearbyint(x[base + e] * inv));
+          sum += v;
+          (e & 1 ? q.odd : q.even)[base / 2 + e / 2] = static_cast<int8_t>(v);
+        }
+        // for a 64-tail the 256-bit lanes cover 8 elements each as well: lanes 0-7 only
+        q.lane_scale[c * 16 + b * 4 + lane] = scale;
+        q.lane_bias[c * 16 + b * 4 + lane] = -8 * sum;
+      }
+    }
+  }
+}
+
+at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                      int64_t group) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_int4_q8 takes a 2-D CPU input, got ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(k % 64 == 0, "llmslim: mm_int4_q8 needs K % 64 == 0, got ", k);
+  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0, "llmslim: group must be a power of two >= 32, got ", group);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad int4 codes");
+  const int64_t groups_per_row = (k + group - 1) / group, row_stride = groups_per_row * group;
+  Scales s = make_scales(scales, zeros, c10::nullopt, c10::nullopt, 0.0, n * groups_per_row);
+  TORCH_CHECK(s.mode == 2 && s.zeros, "llmslim: int4 scales and zeros must be float16");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  float* po = out.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group));
+  const bool whole_chunk = shift >= 7;
+  const int64_t full = k / 128;
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  for (int64_t i = 0; i < m; i++) {
+    QuantizedX q;
+    quantize_x(xf.data_ptr<float>() + i * k, k, group, groups_per_row, q);
+    at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; row++) {
+        const uint8_t* rc = c + row * k / 2;
+        const int64_t row_pos = row * row_stride;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t ch = 0; ch < full; ch++) {
+          const __m512i v = _mm512_loadu_si512(rc + ch * 64);
+          const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+          const __m512i lo = _mm512_and_si512(v, low_nibbles);
+          __m512i dot = _mm512_loadu_si512(q.lane_bias.data() + ch * 16);
+          dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(q.even.data() + ch * 64));
+          dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(q.odd.data() + ch * 64));
+          const __m512 scale = _mm512_mul_ps(chunk_scales(s, row_pos + ch * 128, shift, whole_chunk), _mm512_loadu_ps(q.lane_scale.data() + ch * 16));
+          acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
+        }
+        float total = _mm512_reduce_add_ps(acc);
+        if (k % 128) {
+          const __m256i low4 = _mm256_set1_epi8(0x0F);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc + full * 64));
+          __m256i dot = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.lane_bias.data() + full * 16));
+          dot = _mm256_dpbusd_epi32(dot, _mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+                                    _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.even.data() + full * 64)));
+          dot = _mm256_dpbusd_epi32(dot, _mm256_and_si256(v, low4), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.odd.data() + full * 64)));
+          const int64_t pos = row_pos + full * 128;
+          const __m256 wscale = _mm256_insertf128_ps(_mm256_set1_ps(s.scale(pos >> shift)), _mm_set1_ps(s.scale((pos + 32) >> shift)), 1);
+          const __m256 prod = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), wscale), _mm256_loadu_ps(q.lane_scale.data() + full * 16));
+          __m128 r = _mm_add_ps(_mm256_castps256_ps128(prod), _mm256_extractf128_ps(prod, 1));
+          r = _mm_hadd_ps(r, r);
+          r = _mm_hadd_ps(r, r);
+          total += _mm_cvtss_f32(r);
+        }
+        for (int64_t g = 0; g < groups_per_row; g++) total += s.zero(row * groups_per_row + g) * q.group_sum[g];
+        po[i * n + row] = total;
+      }
+    });
+  }
+  return out.to(x.scalar_type());
+}
+
+#endif  // LLMSLIM_AVX512_BF16
+
+at::Tensor mm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
+                   const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& nested_absmax,
+                   const c10::optional<at::Tensor>& nested_code, double nested_offset, int64_t n, int64_t group, int64_t row_stride) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_4bit takes a 2-D CPU input, got ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1);
+  check_common(codes, lut, n, k, group, row_stride);
+  Scales s = make_scales(scales, zeros, nested_absmax, nested_code, nested_offset, n_groups_for(n, k, group, row_stride));
+  TORCH_CHECK(!zeros.has_value() || row_stride % group == 0, "llmslim: zeros need per-row groups (row_stride a multiple of group)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "llmslim: mm_4bit supports float32, bfloat16 and float16 inputs, got ", x.scalar_type());
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  const float* px = xf.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const float* l = lut.data_ptr<float>();
+  if (m == 0 || n == 0) return out.to(x.scalar_type());
+#ifdef LLMSLIM_AVX512_BF16
+  if (k % 64 == 0) {
+    const bool exact = x.scalar_type() == at::kFloat;  // bf16/fp16 inputs: one bf16 part (fp16 is rounded to bf16)
+    std::vector<uint16_t> xs[2];
+    prepare_x(px, m, k, exact, xs[0], xs[1]);
+    std::vector<float> xsum;
+    if (s.zeros) {
+      const int64_t gpr = (row_stride + group - 1) / group;
+      xsum.assign(m * gpr, 0.f);
+      for (int64_t i = 0; i < m; i++)
+        for (int64_t col = 0; col < k; col++) xsum[i * gpr + col / group] += px[i * k + col];
+    }
+    bool lut_exact = true;
+    for (int i = 0; i < 16; i++) lut_exact = lut_exact && static_cast<float>(c10::BFloat16(l[i])) == l[i];
+    if (exact && !lut_exact)
+      mm_avx512<2, 2>(xs, m, xsum.data(), c, l, s, n, k, group, row_stride, out.data_ptr<float>());
+    else if (exact)
+      mm_avx512<2, 1>(xs, m, xsum.data(), c, l, s, n, k, group, row_stride, out.data_ptr<float>());
+    else
+      mm_avx512<1, 1>(xs, m, xsum.data(), c, l, s, n, k, group, row_stride, out.data_ptr<float>());
+    return out.to(x.scalar_type());
+  }
+#endif
+  mm_scalar(px, m, c, l, s, n, k, group, row_stride, out.data_ptr<float>());
+  return out.to(x.scalar_type());
+}
+
+bool has_simd() {
+#ifdef LLMSLIM_AVX512_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
+at::Tensor simd_available() { return at::scalar_tensor(has_simd() ? 1 : 0, at::kInt); }
+
+}  // namespace
+
+TORCH_LIBRARY(llmslim, m) {
+  m.def(
+      "mm_4bit(Tensor x, Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
+      "float nested_offset, int n, int group, int row_stride) -> Tensor");
+  m.def(
+      "dequantize_4bit(Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
+      "float nested_offset, int n, int k, int group, int row_stride, ScalarType dtype) -> Tensor");
+  m.def("mm_int4_q8(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, int group) -> Tensor");
+  m.def("simd_available() -> Tensor");
+  m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
+#ifdef LLMSLIM_AVX512_BF16
+  m.impl("mm_int4_q8", c10::DispatchKey::CPU, mm_int4_q8);
+#endif
+  m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
+  m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
+}
