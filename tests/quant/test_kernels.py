@@ -313,3 +313,42 @@ def test_int8_rows_c_kernel_equals_reference(dtype, shape):
 def test_int8_rows_all_zero_row():
     q, absmax = kernels.quantize_int8_rows(torch.zeros(3, 16))
     assert torch.equal(q, torch.zeros(3, 16, dtype=torch.int8)) and torch.equal(absmax, torch.zeros(3))
+
+
+# --- LLM.int8 on CPU ----------------------------------------------------------------------------------------------------
+
+
+def _with_outlier_features(tokens: int, features: int, columns: tuple[int, ...], magnitude: float) -> torch.Tensor:
+    x = _randn((tokens, features), seed=8)
+    x[:, list(columns)] *= magnitude  # a few feature dimensions much larger, as in LLM activations
+    return x
+
+
+def test_llm_int8_decomposition_keeps_outliers_exact_enough():
+    q, absmax = kernels.quantize_int8_rows(_randn((96, 256), seed=9))
+    x = _with_outlier_features(64, 256, (3, 100, 201), magnitude=60.0)
+    exact = x @ formats.dequantize_int8_rows(q, absmax).T
+    decomposed = kernels.int8_decomposed_matmul(x, q, absmax, threshold=6.0)
+    all_int8 = kernels.int8_decomposed_matmul(x, q, absmax, threshold=0.0)  # outliers quantized too
+    err_decomposed = (decomposed - exact).norm() / exact.norm()
+    err_all_int8 = (all_int8 - exact).norm() / exact.norm()
+    assert err_decomposed < 0.01
+    assert err_all_int8 > 10 * err_decomposed
+
+
+def test_llm_int8_without_outliers_matches_vector_wise_quantization():
+    q, absmax = kernels.quantize_int8_rows(_randn((40, 64), seed=10))
+    x = _randn((20, 64), seed=11)
+    xq, x_absmax = formats.quantize_int8_rows(x)  # vector-wise: one absmax per token row
+    expected = (xq.float() @ q.float().T) * x_absmax.unsqueeze(1) * absmax / 127.0**2
+    torch.testing.assert_close(kernels.int8_decomposed_matmul(x, q, absmax, threshold=100.0), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", (9, 64))
+def test_linear_int8_prompt_path_is_the_decomposition(tokens):
+    q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
+    x = _with_outlier_features(tokens, 128, (5,), magnitude=30.0).to(torch.bfloat16)
+    out = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    expected = kernels.int8_decomposed_matmul(x, q, absmax, 6.0).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+    _assert_matmul_close(out, x, formats.dequantize_int8_rows(q, absmax), 2e-2)
