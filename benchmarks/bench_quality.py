@@ -22,7 +22,41 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "benchmarks" / "README.md"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-CASES = ("bf16", "llmslim-int8", "llmslim-nf4", "llmslim-fp4", "bnb-int8", "bnb-nf4")
+# llmslim-FORMAT[-gGROUP][-refine][-tTHRESHOLD]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True, int8_threshold=THRESHOLD)
+CASES = (
+    "bf16",
+    "llmslim-int8",
+    "llmslim-int8-t1.5",
+    "llmslim-nf4",
+    "llmslim-fp4",
+    "llmslim-int4-g32",
+    "llmslim-int4-g64",
+    "llmslim-int4-g64-refine",
+    "llmslim-int4-g128",
+    "llmslim-int4-g128-refine",
+    "bnb-int8",
+    "bnb-nf4",
+    "quanto-int8",
+    "quanto-int4",
+)
+
+
+def slim_config(case: str):
+    """The SlimConfig a `llmslim-...` case name stands for."""
+    import llmslim
+
+    weights, *options = case.removeprefix("llmslim-").split("-")
+    kwargs = {}
+    for option in options:
+        if option == "refine":
+            kwargs["refine"] = True
+        elif option.startswith("g"):
+            kwargs["block_size"] = int(option[1:])
+        elif option.startswith("t"):
+            kwargs["int8_threshold"] = float(option[1:])
+        else:
+            raise ValueError(f"unknown option {option!r} in case {case!r}")
+    return llmslim.SlimConfig(weights=weights, **kwargs)
 
 
 def load_case(case: str, path: Path):
@@ -34,7 +68,14 @@ def load_case(case: str, path: Path):
     if case == "bf16":
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     if case.startswith("llmslim-"):
-        return llmslim.from_pretrained(path, llmslim.SlimConfig(weights=case.split("-")[1]), progress=False)
+        return llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
+    if case.startswith("quanto-"):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        quantize(model, weights=qint8 if case == "quanto-int8" else qint4, exclude="lm_head")
+        freeze(model)
+        return model
     if case == "bnb-int8":
         return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.bfloat16)
     config = BitsAndBytesConfig(
@@ -55,6 +96,7 @@ def quantized_bits_per_param(model) -> float | None:
 
 
 def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
+    import torch
     from transformers import AutoTokenizer
 
     from llmslim import models
@@ -66,7 +108,8 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
     rows = {}
     for case in cases:
         model = load_case(case, path)
-        result = perplexity(model, ids, progress=False)
+        with torch.no_grad():  # optimum-quanto's tensors fail under inference_mode
+            result = perplexity(model, ids, progress=False)
         rows[case] = {
             "perplexity": result.perplexity,
             "bits_per_param_quantized_layers": quantized_bits_per_param(model),
@@ -93,7 +136,15 @@ def table(result: dict) -> str:
         lines.append(
             f"| {case} | {row['perplexity']:.2f} | {ratio:.3f} | {'' if bits is None else f'{bits:.2f}'} | {row['footprint_mib']:.1f} |"
         )
-    lines += ["", "Bits/param of bitsandbytes' own layers are not counted here (its quant state is not in the module's tensors)."]
+    lines += [
+        "",
+        "Bits/param of bitsandbytes' and optimum-quanto's layers are not counted here (their quant state is not in the module's tensors).",
+        "",
+        "Caveat: SmolLM2's weights reached us as GGUF Q4_1 (int4, group 32, min/max), so `int4-g32` reproduces them almost",
+        "exactly and says little about int4 itself; quote int4 at group 64 or 128. `-refine` is `SlimConfig(refine=True)`",
+        "(HQQ zero-point optimisation, then a least-squares refit of scale and zero); `int8-t1.5` is `int8_threshold=1.5`",
+        "(more activation columns kept in float by the CPU LLM.int8 prompt path).",
+    ]
     return "\n".join(lines)
 
 

@@ -184,7 +184,12 @@ def timed(fn: Callable, repeats: int) -> tuple[list[float], object]:
 
 
 def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Callable) -> dict:
-    """Greedy generation of `new_tokens` tokens: median seconds of the whole call (prompt included) and tok/s."""
+    """Greedy generation of `new_tokens` tokens; decode tok/s excludes the prompt.
+
+    Decode rate = (new_tokens - 1) / (median time of the full call - median time of a 1-token
+    call): the 1-token call is the prompt's forward (time to first token), as llama.cpp separates
+    prompt evaluation from generation.
+    """
     import torch
 
     mask = torch.ones_like(prompt)
@@ -196,10 +201,17 @@ def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Calla
 
     with no_autograd():
         generate(min(WARMUP_NEW_TOKENS, new_tokens))  # warm-up
+        first_times, _ = timed(lambda: generate(1), repeats)
         times, out = timed(lambda: generate(new_tokens), repeats)
     produced = out.shape[1] - prompt.shape[1]  # (1, prompt + new) -> new tokens
-    seconds = statistics.median(times)
-    return {"decode_s": seconds, "decode_s_runs": times, "new_tokens": produced, "decode_tok_s": produced / seconds}
+    seconds, first = statistics.median(times), statistics.median(first_times)
+    return {
+        "decode_s": seconds,
+        "decode_s_runs": times,
+        "first_token_s": first,
+        "new_tokens": produced,
+        "decode_tok_s": (produced - 1) / (seconds - first),
+    }
 
 
 def time_prefill(model, ids, repeats: int, no_autograd: Callable) -> dict:
@@ -330,9 +342,12 @@ def child_llamacpp(args: argparse.Namespace) -> dict:
         llm.eval(prefill)
 
     generate(min(WARMUP_NEW_TOKENS, args.new_tokens))
+    first_times, _ = timed(lambda: generate(1), args.repeats)
     times, produced = timed(lambda: generate(args.new_tokens), args.repeats)
-    decode_s = statistics.median(times)
-    result.update(decode_s=decode_s, decode_s_runs=times, new_tokens=produced, decode_tok_s=produced / decode_s)
+    decode_s, first = statistics.median(times), statistics.median(first_times)
+    result.update(
+        decode_s=decode_s, decode_s_runs=times, first_token_s=first, new_tokens=produced, decode_tok_s=(produced - 1) / (decode_s - first)
+    )
     forward()  # warm-up
     times, _ = timed(forward, args.repeats)
     prefill_s = statistics.median(times)
@@ -518,8 +533,9 @@ def markdown(report: dict) -> str:
         f"torch {versions['torch']}, transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}, "
         f"optimum-quanto {versions['optimum-quanto']}; {bandwidth}.",
         "",
-        f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy; tok/s = new tokens / time of "
-        f"the whole `generate` call (prompt included). Prefill: one forward of {s['prefill_tokens']} tokens. Median of "
+        f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy; decode tok/s = (new tokens - 1) / "
+        f"(time of the full `generate` call - time of a 1-token call), i.e. without the prompt's forward. "
+        f"Prefill: one forward of {s['prefill_tokens']} tokens. Median of "
         f"{s['repeats']} run(s) after a warm-up, each case in a fresh process. % roofline: decode tok/s over bandwidth / bytes of "
         "weights read per token (every tensor once, less the input embedding unless tied to the head).",
         "",

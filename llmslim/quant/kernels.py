@@ -172,7 +172,8 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, absmax
 
 
-DECODE_MAX_TOKENS = 8  # up to this many rows the packed-code kernels beat dequantize + GEMM
+DECODE_MAX_TOKENS = 32  # up to this many rows (tiles of 4) the packed 4-bit kernels beat dequantize + GEMM
+INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm beats the weight-only int8 kernel
 
 
 def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
@@ -314,7 +315,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
     CUDA: bitsandbytes' LLM.int8 matmul, with activation outlier columns (|x| > threshold) in 16
-    bits. CPU, up to `DECODE_MAX_TOKENS` tokens: PyTorch's weight-only int8 kernel (never
+    bits. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: PyTorch's weight-only int8 kernel (never
     materialises a float weight; float32-exact row scales). CPU, more tokens (prompts): the LLM.int8
     decomposition on `torch._int_mm` (VNNI), several times faster than a bf16 GEMM.
     """
@@ -326,7 +327,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
         state.has_fp16_weights, state.is_training = False, False
         return bnb.matmul(x, weight, state=state)
     tokens = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and tokens > DECODE_MAX_TOKENS and int_mm_usable(x, weight):
+    if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and int_mm_usable(x, weight):
         out = int8_decomposed_matmul(x.reshape(-1, x.shape[-1]), weight, row_absmax, threshold)
         return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
     if not int8pack_usable(x, weight):

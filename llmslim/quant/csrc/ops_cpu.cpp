@@ -106,16 +106,30 @@ void dequantize_rows(const uint8_t* codes, const float* lut, const Scales& s, in
                      T* out) {
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; row++) {
-      int64_t g_prev = -1;
-      float scale = 0.f, zero = 0.f;
-      for (int64_t col = 0; col < k; col++) {
-        int64_t g = (row * row_stride + col) / group;
-        if (g != g_prev) {
-          scale = s.scale(g);
-          zero = s.zero(g);
-          g_prev = g;
+      const int64_t first = row * k;  // flat index of the row's first element
+      T* dst = out + first;
+      for (int64_t col = 0; col < k;) {
+        // one group (or the part of it in this row) at a time: no division per element
+        const int64_t g = (row * row_stride + col) / group;
+        const int64_t stop = std::min<int64_t>(k, (g + 1) * group - row * row_stride);
+        const float scale = s.scale(g), zero = s.zero(g);
+        float table[16];
+        for (int i = 0; i < 16; i++) table[i] = lut[i] * scale + zero;
+        if ((first + col) & 1) {  // odd flat index: the low nibble of a byte
+          dst[col] = static_cast<T>(table[code_at(codes, first + col)]);
+          col++;
         }
-        out[row * k + col] = static_cast<T>(lut[code_at(codes, row * k + col)] * scale + zero);
+        const uint8_t* bytes = codes + (first + col) / 2;
+        const int64_t pairs = (stop - col) / 2;
+        for (int64_t i = 0; i < pairs; i++) {
+          dst[col + 2 * i] = static_cast<T>(table[bytes[i] >> 4]);
+          dst[col + 2 * i + 1] = static_cast<T>(table[bytes[i] & 0x0F]);
+        }
+        col += 2 * pairs;
+        if (col < stop) {
+          dst[col] = static_cast<T>(table[code_at(codes, first + col)]);
+          col++;
+        }
       }
     }
   });
