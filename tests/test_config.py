@@ -26,9 +26,9 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
         ({"block_size": 64.0}, f"block_size must be one of {list(BLOCK_SIZES)}, got 64.0"),
         ({"compute_dtype": "float64"}, "compute_dtype must be one of [None, 'float32', 'bfloat16', 'float16'], got 'float64'"),
         ({"compute_dtype": torch.int8}, "compute_dtype must be one of [None, 'float32', 'bfloat16', 'float16'], got 'int8'"),
-        ({"int8_threshold": -1}, "int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got -1"),
-        ({"int8_threshold": True}, "int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got True"),
-        ({"int8_threshold": "6"}, "int8_threshold must be a number >= 0 (6.0 is LLM.int8's default), got '6'"),
+        ({"int8_threshold": -1}, "int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got -1"),
+        ({"int8_threshold": True}, "int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got True"),
+        ({"int8_threshold": "6"}, "int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got '6'"),
         ({"double_quant": "yes"}, "double_quant must be True, False or None, got 'yes'"),
         ({"double_quant": 1}, "double_quant must be True, False or None, got 1"),
         ({"include": [""]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got ['']"),
@@ -50,7 +50,7 @@ def test_defaults(weights, double_quant):
     assert cfg.double_quant is double_quant
     assert cfg.is_4bit is (weights in ("nf4", "fp4"))
     assert cfg.exclude == ["lm_head"] and cfg.include is None
-    assert (cfg.block_size, cfg.int8_threshold, cfg.compute_dtype, cfg.version, cfg.quant_method) == (64, 6.0, None, 1, "llmslim")
+    assert (cfg.block_size, cfg.int8_threshold, cfg.compute_dtype, cfg.version, cfg.quant_method) == (64, 1.5, None, 1, "llmslim")
     assert cfg.torch_compute_dtype is None
 
 
@@ -121,7 +121,7 @@ def test_json_round_trip(cfg):
 def test_repr_names_every_field():
     assert repr(SlimConfig(weights="int8")) == (
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
-        "int8_threshold=6.0, refine=False, include=None, exclude=['lm_head'])"
+        "int8_threshold=1.5, refine=False, include=None, exclude=['lm_head'])"
     )
 
 

@@ -41,9 +41,11 @@ def test_bf16_reference_reproduces_the_published_value(bf16_ppl):
     assert bf16_ppl == pytest.approx(28.88, abs=0.01)
 
 
-def test_int8_within_one_percent_of_bf16(smollm2, tokens, bf16_ppl):
+def test_int8_within_0_3_percent_of_bf16(smollm2, tokens, bf16_ppl):
+    # scored in 512-token windows, so every layer runs the CPU LLM.int8 decomposition at the
+    # default threshold (measured +0.17%; 6.0 gives +1.6%)
     model = llmslim.from_pretrained(smollm2, SlimConfig(weights="int8"), progress=False)
-    assert perplexity(model, tokens, progress=False).perplexity < bf16_ppl * 1.01
+    assert perplexity(model, tokens, progress=False).perplexity < bf16_ppl * 1.003
 
 
 def test_nf4_agrees_with_transformers_bitsandbytes(smollm2, tokens):

@@ -292,8 +292,8 @@ def int8pack_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def int8_decomposed_matmul(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
     """LLM.int8 (Dettmers et al., 2022) on `torch._int_mm`: `x @ W.T` for a 2-D `x`, float32 result.
 
-    Activation columns holding any |x| > `threshold` (outlier features) are multiplied in float32
-    with the matching weight columns dequantized; the rest is quantized vector-wise (one absmax per
+    Activation columns holding any |x| > `threshold` (outlier features) are multiplied in x's
+    16-bit dtype with the matching weight columns dequantized; the rest is quantized vector-wise (one absmax per
     token row, int8) and multiplied with the int8 weight in an int32 GEMM, then rescaled by both
     absmaxes. `threshold` 0 quantizes every column.
     """
@@ -306,8 +306,10 @@ def int8_decomposed_matmul(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
     xq = torch.round(regular * (127.0 / x_absmax)).to(torch.int8)
     out = torch._int_mm(xq, weight.t()).float() * (x_absmax / 127.0) * (row_absmax / 127.0)  # (tokens, out)
     if outliers is not None and outliers.numel():
-        w_cols = weight.index_select(1, outliers).float() * (row_absmax / 127.0).unsqueeze(1)  # (out, n_outliers)
-        out += xf.index_select(1, outliers) @ w_cols.T
+        # the outlier product runs in x's 16-bit dtype (float32 for float32 x), as in the paper
+        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        w_cols = (weight.index_select(1, outliers).float() * (row_absmax / 127.0).unsqueeze(1)).to(dtype)  # (out, n_outliers)
+        out += (x.index_select(1, outliers).to(dtype) @ w_cols.T).float()
     return out
 
 

@@ -81,7 +81,7 @@ def test_int8_from_meta_linear_has_the_stored_layout():
         "bias": ((40,), torch.float32),
     }
     assert all(v.is_meta for v in state.values())
-    assert layer.compute_dtype == torch.bfloat16 and layer.threshold == 6.0
+    assert layer.compute_dtype == torch.bfloat16 and layer.threshold == 1.5
 
 
 def test_conv1d_from_meta_takes_in_and_out_from_its_transposed_weight():
