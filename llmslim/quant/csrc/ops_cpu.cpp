@@ -191,6 +191,48 @@ inline float bf16_value(uint16_t bits) {
   return v;
 }
 
+// One weight row's scales (and zeros) in float32, converted once per row: the inner loops then read
+// plain floats instead of decoding float16 or double-quantized absmax per chunk (at group 32-64 that
+// decoding cost more than the matmul itself).
+struct RowScales {
+  std::vector<float> scale_buf, zero_buf;
+  int64_t first = 0;  // the group of buf[0]
+
+  void load(const Scales& s, int64_t row_pos, int64_t k, int shift) {
+    first = row_pos >> shift;
+    const int64_t count = ((row_pos + k - 1) >> shift) - first + 1;
+    scale_buf.resize(count);
+    if (s.mode == 2) {
+      halves_to_floats(s.f16 + first, count, scale_buf.data());
+    } else {
+      for (int64_t i = 0; i < count; i++) scale_buf[i] = s.scale(first + i);
+    }
+    zero_buf.clear();
+    if (s.zeros) {
+      zero_buf.resize(count);
+      halves_to_floats(s.zeros + first, count, zero_buf.data());
+    }
+  }
+  inline float scale(int64_t g) const { return scale_buf[g - first]; }
+
+  // sum over the row's groups of zero[g] * group_sums[g - first] (the zero-point term of int4)
+  float zero_dot(const float* group_sums) const {
+    const int64_t count = static_cast<int64_t>(zero_buf.size());
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(zero_buf.data() + i), _mm512_loadu_ps(group_sums + i), acc);
+    float total = _mm512_reduce_add_ps(acc);
+    for (; i < count; i++) total += zero_buf[i] * group_sums[i];
+    return total;
+  }
+
+  static void halves_to_floats(const at::Half* src, int64_t count, float* dst) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+    for (; i < count; i++) dst[i] = static_cast<float>(src[i]);
+  }
+};
+
 // Read as 16-bit words, 2 bytes of codes hold elements 4j..4j+3 in nibbles (low to high) 4j+1, 4j,
 // 4j+3, 4j+2. vpermw looks up each word's low 5 bits in a 32-entry table (the 16 values twice),
 // so `word >> 4s` needs no mask. Each chunk of x is re-ordered to match: part s holds x[4j + kOff[s]].
@@ -219,7 +261,7 @@ void prepare_x(const float* x, int64_t m, int64_t k, bool split, std::vector<uin
 // dpbf16 lane i (of 16) sums elements 8i..8i+7 of a 128-element chunk starting at flat position
 // `pos` (a multiple of 64), so a chunk needs one scale per 32 elements, each spread over 4 lanes.
 // Group boundaries fall on multiples of 32, so fewer distinct scales are usually enough.
-inline __m512 chunk_scales(const Scales& s, int64_t pos, int shift, bool whole_chunk) {
+inline __m512 chunk_scales(const RowScales& s, int64_t pos, int shift, bool whole_chunk) {
   if (whole_chunk) return _mm512_set1_ps(s.scale(pos >> shift));
   if (shift >= 6) return _mm512_insertf32x8(_mm512_set1_ps(s.scale(pos >> shift)), _mm256_set1_ps(s.scale((pos + 64) >> shift)), 1);
   const __m512i spread = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
@@ -228,7 +270,7 @@ inline __m512 chunk_scales(const Scales& s, int64_t pos, int shift, bool whole_c
 }
 
 template <int TM, int NX, int NW>
-inline void mm_row_tile(const uint16_t* const* xs, int64_t k, const uint8_t* row_codes, const Scales& scales, int64_t row_pos, int shift,
+inline void mm_row_tile(const uint16_t* const* xs, int64_t k, const uint8_t* row_codes, const RowScales& scales, int64_t row_pos, int shift,
                         bool whole_chunk, const __m512i* tables, float* totals) {
   __m512 acc[TM];
   for (int t = 0; t < TM; t++) acc[t] = _mm512_setzero_ps();
@@ -300,23 +342,22 @@ void mm_avx512(const std::vector<uint16_t>* xs, int64_t m, const float* xsum, co
 
   const bool whole_chunk = shift >= 7 && row_stride % 128 == 0;
   at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+    RowScales rs;
     for (int64_t row = begin; row < end; row++) {
       const uint8_t* row_codes = codes + row * k / 2;
+      rs.load(s, row * row_stride, k, shift);
       for (int64_t m0 = 0; m0 < m; m0 += kTileM) {
         const uint16_t* xp[2] = {xs[0].data() + m0 * k, NX == 2 ? xs[1].data() + m0 * k : nullptr};
         float totals[kTileM];
         switch (std::min<int64_t>(kTileM, m - m0)) {
-          case 1: mm_row_tile<1, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
-          case 2: mm_row_tile<2, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
-          case 3: mm_row_tile<3, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
-          default: mm_row_tile<4, NX, NW>(xp, k, row_codes, s, row * row_stride, shift, whole_chunk, tables, totals); break;
+          case 1: mm_row_tile<1, NX, NW>(xp, k, row_codes, rs, row * row_stride, shift, whole_chunk, tables, totals); break;
+          case 2: mm_row_tile<2, NX, NW>(xp, k, row_codes, rs, row * row_stride, shift, whole_chunk, tables, totals); break;
+          case 3: mm_row_tile<3, NX, NW>(xp, k, row_codes, rs, row * row_stride, shift, whole_chunk, tables, totals); break;
+          default: mm_row_tile<4, NX, NW>(xp, k, row_codes, rs, row * row_stride, shift, whole_chunk, tables, totals); break;
         }
         for (int t = 0; t < kTileM && m0 + t < m; t++) {
           float total = totals[t];
-          if (s.zeros) {
-            const float* xs_row = xsum + (m0 + t) * groups_per_row;
-            for (int64_t g = 0; g < groups_per_row && g * group < k; g++) total += s.zero(row * groups_per_row + g) * xs_row[g];
-          }
+          if (s.zeros) total += rs.zero_dot(xsum + (m0 + t) * groups_per_row);
           out[(m0 + t) * n + row] = total;
         }
       }
@@ -390,9 +431,11 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
     QuantizedX q;
     quantize_x(xf.data_ptr<float>() + i * k, k, group, groups_per_row, q);
     at::parallel_for(0, n, 4, [&](int64_t begin, int64_t end) {
+      RowScales rs;
       for (int64_t row = begin; row < end; row++) {
         const uint8_t* rc = c + row * k / 2;
         const int64_t row_pos = row * row_stride;
+        rs.load(s, row_pos, k, shift);
         __m512 acc = _mm512_setzero_ps();
         for (int64_t ch = 0; ch < full; ch++) {
           const __m512i v = _mm512_loadu_si512(rc + ch * 64);
@@ -401,7 +444,7 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
           __m512i dot = _mm512_loadu_si512(q.lane_bias.data() + ch * 16);
           dot = _mm512_dpbusd_epi32(dot, hi, _mm512_loadu_si512(q.even.data() + ch * 64));
           dot = _mm512_dpbusd_epi32(dot, lo, _mm512_loadu_si512(q.odd.data() + ch * 64));
-          const __m512 scale = _mm512_mul_ps(chunk_scales(s, row_pos + ch * 128, shift, whole_chunk), _mm512_loadu_ps(q.lane_scale.data() + ch * 16));
+          const __m512 scale = _mm512_mul_ps(chunk_scales(rs, row_pos + ch * 128, shift, whole_chunk), _mm512_loadu_ps(q.lane_scale.data() + ch * 16));
           acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc);
         }
         float total = _mm512_reduce_add_ps(acc);
@@ -413,14 +456,14 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.even.data() + full * 64)));
           dot = _mm256_dpbusd_epi32(dot, _mm256_and_si256(v, low4), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.odd.data() + full * 64)));
           const int64_t pos = row_pos + full * 128;
-          const __m256 wscale = _mm256_insertf128_ps(_mm256_set1_ps(s.scale(pos >> shift)), _mm_set1_ps(s.scale((pos + 32) >> shift)), 1);
+          const __m256 wscale = _mm256_insertf128_ps(_mm256_set1_ps(rs.scale(pos >> shift)), _mm_set1_ps(rs.scale((pos + 32) >> shift)), 1);
           const __m256 prod = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), wscale), _mm256_loadu_ps(q.lane_scale.data() + full * 16));
           __m128 r = _mm_add_ps(_mm256_castps256_ps128(prod), _mm256_extractf128_ps(prod, 1));
           r = _mm_hadd_ps(r, r);
           r = _mm_hadd_ps(r, r);
           total += _mm_cvtss_f32(r);
         }
-        for (int64_t g = 0; g < groups_per_row; g++) total += s.zero(row * groups_per_row + g) * q.group_sum[g];
+        total += rs.zero_dot(q.group_sum.data());
         po[i * n + row] = total;
       }
     });
