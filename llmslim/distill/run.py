@@ -1,0 +1,241 @@
+"""`distill()`: a DistilBERT-style student from a (possibly quantized) teacher, on the shared trainer.
+
+Everything that can be checked from configs, data and the resume checkpoint is checked before a
+weight is loaded: layer map, vocabularies, loss weights, data length, output folder, resume
+configuration. Then: student copied from the float teacher, teacher loaded (quantized if asked)
+in inference mode, `Trainer.fit` with `DistillLoss`, student saved atomically with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from llmslim import models
+from llmslim.distill.config import DistillConfig
+from llmslim.distill.evaluate import make_eval_fn
+from llmslim.distill.losses import DistillLoss, LossWeights, Masking
+from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student
+from llmslim.save import atomic_directory
+from llmslim.train.checkpoint import check_resume
+from llmslim.train.config import TrainConfig
+from llmslim.train.data import load_splits, prepare_data
+from llmslim.train.loop import Trainer, make_accelerator, run_fingerprint
+
+logger = logging.getLogger(__name__)
+
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
+
+
+@dataclass
+class DistillPlan:
+    """What the configs decide before any weight is loaded."""
+
+    teacher_path: Path
+    teacher_config: object
+    objective: str  # "causal" or "masked"
+    has_head: bool
+    layer_map: list[int] | None  # None when starting from a given student
+    hidden_pairs: list[tuple[int, int]]
+
+    @property
+    def model_class(self):
+        if self.objective == "causal":
+            return AutoModelForCausalLM
+        return AutoModelForMaskedLM if self.has_head else AutoModel
+
+
+@dataclass
+class DistillResult:
+    """The end of a distillation run.
+
+    Args:
+        out: the saved student folder.
+        metrics: the final held-out metrics (`eval_perplexity`, and `eval_cosine` for encoders).
+        history: the training log records.
+        layer_map: teacher layer of each student layer (None for a given student).
+        teacher_params / student_params: parameter counts.
+        student: the trained student model (in `save_dtype`).
+        is_main: whether this is the main process (the one that saved and should print).
+    """
+
+    out: Path
+    metrics: dict[str, float]
+    history: list[dict]
+    layer_map: list[int] | None
+    teacher_params: int
+    student_params: int
+    student: torch.nn.Module
+    is_main: bool
+
+
+def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | None = None, progress: bool = True) -> DistillResult:
+    """Distill `config.teacher` into a smaller student and save it to `config.out`.
+
+    Args:
+        config: teacher, student and loss options.
+        train: the training loop's options.
+        resume: a checkpoint or run folder of an earlier run with the same options.
+        progress: tqdm bars on the main process.
+    """
+    plan = plan_distillation(config)
+    if config.out.exists() and not config.overwrite:
+        raise FileExistsError(f"{config.out} already exists: choose another --out or pass --overwrite")
+    tokenizer = load_tokenizer(plan)
+    data = prepare_data(
+        tokenizer,
+        load_splits(config.train, config.eval, config.eval_fraction, config.text_field),
+        config.block_size,
+        encoder=plan.objective == "masked",
+    )
+    accelerator = make_accelerator(train)
+    fingerprint = {**config.fingerprint(), "layer_map": plan.layer_map}
+    if resume is not None:
+        check_resume(resume, run_fingerprint(fingerprint, train, accelerator, data.train.shape[0]))
+    student, teacher = load_models(config, plan, accelerator.device)
+    masking = _masking(tokenizer, plan, config)
+    weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature)
+    trainer = Trainer(
+        student,
+        train,
+        data.train,
+        DistillLoss(teacher, weights, plan.hidden_pairs, masking),
+        eval_fn=make_eval_fn(plan.objective, plan.has_head, data, config.eval_tokens, teacher, masking),
+        fingerprint=fingerprint,
+        accelerator=accelerator,
+        progress=progress,
+    )
+    result = trainer.fit(resume)
+    student = trainer.unwrapped_model().to(getattr(torch, config.save_dtype))
+    if accelerator.is_main_process:
+        save_student(student, tokenizer, config.out, overwrite=config.overwrite)
+    accelerator.wait_for_everyone()
+    n_teacher = _n_params(teacher)
+    return DistillResult(
+        config.out, result.final_eval, result.history, plan.layer_map, n_teacher, _n_params(student), student, accelerator.is_main_process
+    )
+
+
+def plan_distillation(config: DistillConfig) -> DistillPlan:
+    """Teacher, objective, layer map and loss checks, from config files only."""
+    path = models.resolve(config.teacher)
+    teacher_config = AutoConfig.from_pretrained(path)
+    objective, has_head = detect_objective(teacher_config)
+    objective = objective if config.objective == "auto" else config.objective
+    _check_loss_choices(config, path, teacher_config, objective, has_head)
+    layer_map = _layer_map(config, teacher_config)
+    if config.student is not None:
+        check_compatible(teacher_config, AutoConfig.from_pretrained(models.resolve(config.student)), need_hidden=config.alpha_cos > 0)
+    return DistillPlan(path, teacher_config, objective, has_head, layer_map, _hidden_pairs(config, layer_map))
+
+
+def detect_objective(hf_config) -> tuple[str, bool]:
+    """("causal" | "masked", has an LM head) from the architectures a config names."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    archs = hf_config.architectures or []
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        return "causal", True
+    if any(a.endswith(MASKED_SUFFIXES) for a in archs):
+        return "masked", True
+    if hf_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False):
+        return "masked", False  # a bare encoder such as BertModel (sentence-transformers)
+    return "causal", True
+
+
+def load_tokenizer(plan: DistillPlan):
+    """The teacher's tokenizer; its ids must fit the teacher's vocabulary."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(plan.teacher_path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"no tokenizer could be loaded from the teacher folder {plan.teacher_path}: save one there ({err})") from err
+    vocab = plan.teacher_config.vocab_size
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"the tokenizer in {plan.teacher_path} has {len(tokenizer)} tokens, more than the teacher's vocab_size {vocab}: "
+            "use the tokenizer the teacher was trained with"
+        )
+    return tokenizer
+
+
+def load_models(config: DistillConfig, plan: DistillPlan, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(student in float32, teacher in inference mode on `device`)."""
+    dtype = config.teacher_dtype or "auto"
+    float_teacher = plan.model_class.from_pretrained(plan.teacher_path, dtype=dtype)
+    if config.student is not None:
+        student = plan.model_class.from_pretrained(models.resolve(config.student), dtype=torch.float32)
+    else:
+        student = init_student(float_teacher, plan.layer_map)
+    teacher = float_teacher if config.teacher_weights == "none" else _quantized_teacher(plan, config, device)
+    if teacher is not float_teacher:
+        del float_teacher
+    teacher.to(device).eval().requires_grad_(False)
+    return student, teacher
+
+
+def save_student(student: torch.nn.Module, tokenizer, out: Path, overwrite: bool) -> Path:
+    """Save a standard Hugging Face folder (config, safetensors, tokenizer), atomically."""
+    with atomic_directory(out, overwrite) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return out
+
+
+def _quantized_teacher(plan: DistillPlan, config: DistillConfig, device: torch.device) -> torch.nn.Module:
+    import llmslim
+
+    return llmslim.from_pretrained(
+        plan.teacher_path,
+        llmslim.SlimConfig(weights=config.teacher_weights),
+        dtype=config.teacher_dtype,
+        device_map=str(device),
+        progress=False,
+    )
+
+
+def _check_loss_choices(config: DistillConfig, path: Path, hf_config, objective: str, has_head: bool) -> None:
+    if not has_head and (config.alpha_kd > 0 or config.alpha_lm > 0):
+        raise ValueError(
+            f"teacher {path} ({hf_config.architectures}) has no language-modelling head, so there are no logits to distill: "
+            "pass --alpha-kd 0 --alpha-lm 0 to distill its hidden states (--alpha-cos)"
+        )
+    if config.teacher_weights != "none" and objective != "causal":
+        raise ValueError(
+            f"teacher_weights={config.teacher_weights!r} quantizes causal LMs only; the teacher {path} is an encoder: "
+            "use --teacher-weights none"
+        )
+
+
+def _layer_map(config: DistillConfig, hf_config) -> list[int] | None:
+    n_teacher = hf_config.num_hidden_layers
+    if config.student is not None:
+        return None
+    if config.student_layer_map is not None:
+        return check_layer_map(config.student_layer_map, n_teacher)
+    return distilbert_layer_map(n_teacher, config.student_layers or max(1, n_teacher // 2))
+
+
+def _hidden_pairs(config: DistillConfig, layer_map: list[int] | None) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `hidden_states` (0 is the embeddings) for the cosine loss."""
+    if config.cos_layers == "last":
+        return [(-1, -1)]
+    if layer_map is None:
+        raise ValueError("cos_layers='mapped' needs a layer map: use --cos-layers last with --student")
+    return [(j + 1, i + 1) for j, i in enumerate(layer_map)]
+
+
+def _masking(tokenizer, plan: DistillPlan, config: DistillConfig) -> Masking | None:
+    if plan.objective != "masked":
+        return None
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"masked-LM distillation needs a [MASK] token, and the tokenizer of {plan.teacher_path} has none")
+    return Masking(tokenizer.all_special_ids, tokenizer.mask_token_id, plan.teacher_config.vocab_size, config.mlm_probability)
+
+
+def _n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,44 @@
+"""The distill command: `add_parser` / `cmd_distill` as llmslim's CLI wires them, and scripts/distill.py's main."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+from train.tiny import write_causal, write_text
+
+from llmslim.distill.cli import add_parser, cmd_distill, main
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return write_causal(root / "teacher"), write_text(root)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="llmslim")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_distill_command_prints_eval_perplexity_and_json(inputs, tmp_path, capsys):
+    teacher, text = inputs
+    argv = ["distill", str(teacher), "--out", str(tmp_path / "s"), "--train", str(text), "--student-layer-map", "0,2"]
+    argv += ["--block-size", "16", "--steps", "2", "--batch-size", "2", "--eval-tokens", "48", "--no-progress", "--json", "--seed", "1"]
+    argv += ["--optimizer", "adamw", "--mixed-precision", "no"]
+    args = parse(argv)
+    assert args.func is cmd_distill and cmd_distill(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(lines[0])
+    assert summary["layer_map"] == [0, 2] and summary["run_dir"] == str(tmp_path / "s-run")
+    assert lines[-1] == f"eval perplexity: {summary['eval_perplexity']:.2f}"
+    assert (tmp_path / "s" / "model.safetensors").is_file() and (tmp_path / "s-run" / "log.jsonl").is_file()
+
+
+def test_script_reports_bad_input_with_exit_code_2(inputs, tmp_path, capsys):
+    teacher, text = inputs
+    code = main([str(teacher), "--out", str(tmp_path / "s"), "--train", str(text), "--student-layer-map", "0,9"])
+    assert code == 2 and "index 9 out of range: the teacher has layers 0..3" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
