@@ -26,7 +26,7 @@ DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.r
 CASES = (
     "bf16",
     "llmslim-int8",
-    "llmslim-int8-t1.5",
+    "llmslim-int8-t6",
     "llmslim-nf4",
     "llmslim-fp4",
     "llmslim-int4-g32",
@@ -34,6 +34,9 @@ CASES = (
     "llmslim-int4-g64-refine",
     "llmslim-int4-g128",
     "llmslim-int4-g128-refine",
+    "llmslim-int4-g64-b5",
+    "llmslim-int4-g64-refine-b5",
+    "llmslim-int4-g128-refine-b4.6",
     "bnb-int8",
     "bnb-nf4",
     "quanto-int8",
@@ -52,6 +55,8 @@ def slim_config(case: str):
             kwargs["refine"] = True
         elif option.startswith("g"):
             kwargs["block_size"] = int(option[1:])
+        elif option.startswith("b"):
+            kwargs["bits_per_param"] = float(option[1:])
         elif option.startswith("t"):
             kwargs["int8_threshold"] = float(option[1:])
         else:

@@ -59,6 +59,13 @@ class SlimConfig(QuantizationConfigMixin):
             (SmolLM2-135M: +0.17% at 1.5, +1.6% at 6.0; ~17% of columns become outliers).
         refine: int4 only: refine each group's scale and zero (HQQ zero-point optimisation, then a
             least-squares refit) instead of plain min/max. Lower error, slower quantization.
+        bits_per_param: int4 only: a budget in bits per parameter (every scale and zero counted)
+            for a mixed int4/int8 model: the layers whose int4 reconstruction error is largest
+            are kept in int8 while the quantized layers' average stays within the budget. Chosen
+            from the weights alone (no data) when the model is loaded, then recorded in
+            `int8_layers`. `None`: every selected layer in int4.
+        int8_layers: int4 only: full names of the layers stored in int8 instead (normally filled in
+            from `bits_per_param`, and saved with the model so that it reloads identically).
         include: module-name patterns (fnmatch, matched against the full name or its suffix) of
             the layers to quantize; `None` selects every linear layer.
         exclude: patterns of layers never quantized; `lm_head` by default.
@@ -71,6 +78,8 @@ class SlimConfig(QuantizationConfigMixin):
     double_quant: bool | None = None
     int8_threshold: float = 1.5
     refine: bool = False
+    bits_per_param: float | None = None
+    int8_layers: list[str] | None = None
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     version: int = CONFIG_VERSION
@@ -97,12 +106,42 @@ class SlimConfig(QuantizationConfigMixin):
         self.int8_threshold = float(self.int8_threshold)
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine must be True or False, got {self.refine!r}")
+        self._check_mixed()
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude) or []
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this llmslim's config schema), got {self.version!r}")
         if self.quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+
+    def _check_mixed(self) -> None:
+        if self.bits_per_param is not None:
+            if isinstance(self.bits_per_param, bool) or not isinstance(self.bits_per_param, (int, float)):
+                raise ValueError(f"bits_per_param must be a number of bits such as 5.0, got {self.bits_per_param!r}")
+            if self.weights != "int4":
+                raise ValueError(f"bits_per_param mixes int4 and int8 layers: use weights='int4', got weights={self.weights!r}")
+            if not 4.0 < self.bits_per_param <= 9.0:
+                raise ValueError(f"bits_per_param must be above 4 (int4) and at most 9 (all int8), got {self.bits_per_param!r}")
+            self.bits_per_param = float(self.bits_per_param)
+        if self.int8_layers is not None:
+            if self.weights != "int4":
+                raise ValueError(f"int8_layers applies to weights='int4' (mixed int4/int8), got weights={self.weights!r}")
+            if not isinstance(self.int8_layers, (list, tuple)) or not all(isinstance(n, str) and n for n in self.int8_layers):
+                raise ValueError(
+                    f"int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got {self.int8_layers!r}"
+                )
+            self.int8_layers = sorted(self.int8_layers)
+
+    @property
+    def needs_mixed_choice(self) -> bool:
+        """A bits budget whose int8 layers have not been chosen yet (they are, at load time)."""
+        return self.bits_per_param is not None and self.int8_layers is None
+
+    def format_for(self, module_name: str) -> str | None:
+        """The weight format of the layer called `module_name` (int8 for mixed-mode's chosen layers)."""
+        if self.int8_layers and module_name in self.int8_layers:
+            return "int8"
+        return self.weights
 
     @property
     def is_4bit(self) -> bool:
@@ -129,6 +168,8 @@ class SlimConfig(QuantizationConfigMixin):
             "double_quant": self.double_quant,
             "int8_threshold": self.int8_threshold,
             "refine": self.refine,
+            "bits_per_param": self.bits_per_param,
+            "int8_layers": self.int8_layers,
             "include": self.include,
             "exclude": list(self.exclude),
         }

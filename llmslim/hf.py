@@ -103,6 +103,12 @@ class SlimHfQuantizer(HfQuantizer):
         return isinstance(module, SlimLinear) and tensor_name == "weight"
 
     def _process_model_before_weight_loading(self, model, **kwargs):
+        if self.quantization_config.needs_mixed_choice:
+            raise ValueError(
+                "SlimConfig(bits_per_param=...) chooses its int8 layers from the weights before the layers are built, which "
+                "transformers' from_pretrained cannot do: load with llmslim.from_pretrained(path, config), or save that "
+                "model once (its config then lists int8_layers) and load the saved folder here"
+            )
         self.quantized_modules = prepare_skeleton(model, self.quantization_config)
         return model
 

@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from llmslim import hf, models
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.placement import DevicePlan, plan_devices
-from llmslim.quant import kernels
-from llmslim.quant.modules import SlimLinear
+from llmslim.quant import kernels, mixed
+from llmslim.quant.modules import SlimLinear, quantization_targets
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ def from_pretrained(
     device_map: str | dict | None = None,
     max_memory: dict | None = None,
     offload_dir: str | Path | None = None,
+    offload: str | None = None,
+    offload_budget: int | str | None = None,
+    force: bool = False,
     progress: bool = True,
 ) -> PreTrainedModel:
     """Load a causal LM, compressing it on the fly, with bounded memory.
@@ -50,6 +53,14 @@ def from_pretrained(
         max_memory: per-device budget for `device_map="auto"`, e.g. `{0: "6GiB", "cpu": "20GiB"}`.
         offload_dir: folder for the (already quantized) weights of modules the device map sends to
             `"disk"`; they are read back layer by layer during the forward pass.
+        offload: `"cpu"` or `"disk"`: decoder blocks beyond `offload_budget` stay quantized in CPU
+            RAM or on disk (mapped in place from a quantized llmslim checkpoint, else written once to
+            `offload_dir`) and are streamed to the compute device (`device_map`) block by block,
+            the next one prefetched (`llmslim.offload`).
+        offload_budget: bytes (or a size such as `"6GiB"`) of weights allowed on the compute
+            device with `offload`; default: most of its free memory.
+        force: load even when the planned peak exceeds the memory the load may use (preflight,
+            `llmslim.plan.preflight`), which otherwise raises `PreflightError` with the numbers.
         progress: show a tqdm bar over the tensors read.
 
     Returns:
@@ -63,8 +74,17 @@ def from_pretrained(
 
     with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    if config.needs_mixed_choice:
+        config = _choose_int8_layers(skeleton, config, files)
     hf.prepare_skeleton(skeleton, config)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
+    if offload is not None:
+        from llmslim.offload.placement import offload_plan
+
+        plan = offload_plan(skeleton, plan, offload, offload_budget, offload_dir, files, pre_quantized)
+    from llmslim.plan.preflight import check_fits
+
+    check_fits(skeleton, plan, files, max_memory, force, path)
 
     loader = _Loader(skeleton, plan, pre_quantized, path, progress)
     for file in files:
@@ -92,6 +112,22 @@ def _effective_config(path: Path, hf_config, config: SlimConfig | None) -> tuple
             "load it without a config, or quantize the float model instead"
         )
     return saved_config, True
+
+
+def _choose_int8_layers(skeleton: PreTrainedModel, config: SlimConfig, files: list[Path]) -> SlimConfig:
+    """Mixed int4/int8: measure each layer's int4 error from the checkpoint (one extra read, one
+    weight at a time), then pick the int8 layers for the budget."""
+    targets = {f"{name}.weight": module for name, module in quantization_targets(skeleton, config, hf.tied_module_names(skeleton))}
+    prefix = skeleton.base_model_prefix
+
+    def weights():
+        for file in files:
+            for key, read in _checked(file, _iter_tensors(file)):
+                name = next((n for n in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")) if n in targets), None)
+                if name is not None:
+                    yield name.removesuffix(".weight"), mixed.oriented(targets[name], read())
+
+    return mixed.choose_int8_layers(weights(), config)
 
 
 def _float_dtype(dtype: torch.dtype | str | None, hf_config) -> torch.dtype:
@@ -140,18 +176,13 @@ class _Loader:
         self.bar = tqdm(total=len(self.expected), desc="llmslim: loading", unit="tensor", disable=None if progress else True)
 
     def load_file(self, file: Path) -> None:
-        try:
-            for key, read in _iter_tensors(file):
-                self.bar.update()
-                target = self._target(key)
-                if target is None:
-                    self.unexpected.append(key)
-                    continue
-                self._load_tensor(target, read(), file)
-        except _CorruptFile as err:
-            raise ValueError(
-                f"{file}: not a readable checkpoint shard ({err.__cause__}); it may be truncated or corrupt: re-download or re-save it"
-            ) from err
+        for key, read in _checked(file, _iter_tensors(file)):
+            self.bar.update()
+            target = self._target(key)
+            if target is None:
+                self.unexpected.append(key)
+                continue
+            self._load_tensor(target, read(), file)
 
     def _target(self, key: str) -> _Target | None:
         for name in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
@@ -227,6 +258,27 @@ def _iter_tensors(file: Path):
         raise _CorruptFile() from err
     for key, value in state.items():
         yield key, lambda v=value: v
+
+
+def _checked(file: Path, items):
+    """`items` (from `_iter_tensors(file)`), turning a corrupt shard into a ValueError that says so."""
+
+    def corrupt(err: _CorruptFile) -> ValueError:
+        return ValueError(
+            f"{file}: not a readable checkpoint shard ({err.__cause__}); it may be truncated or corrupt: re-download or re-save it"
+        )
+
+    def checked_read(read):
+        try:
+            return read()
+        except _CorruptFile as err:
+            raise corrupt(err) from err
+
+    try:
+        for key, read in items:
+            yield key, lambda read=read: checked_read(read)
+    except _CorruptFile as err:
+        raise corrupt(err) from err
 
 
 def _guard(read, errors):

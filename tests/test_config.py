@@ -34,6 +34,14 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
         ({"include": [""]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got ['']"),
         ({"include": [3]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got [3]"),
         ({"exclude": {"lm_head"}}, "exclude must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got {'lm_head'}"),
+        ({"bits_per_param": 5.0}, "bits_per_param mixes int4 and int8 layers: use weights='int4', got weights='nf4'"),
+        ({"weights": "int4", "bits_per_param": 4.0}, "bits_per_param must be above 4 (int4) and at most 9 (all int8), got 4.0"),
+        ({"weights": "int4", "bits_per_param": "5"}, "bits_per_param must be a number of bits such as 5.0, got '5'"),
+        ({"weights": "int8", "int8_layers": ["a"]}, "int8_layers applies to weights='int4' (mixed int4/int8), got weights='int8'"),
+        (
+            {"weights": "int4", "int8_layers": "a"},
+            "int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got 'a'",
+        ),
         ({"version": 2}, "version must be 1 (this llmslim's config schema), got 2"),
         ({"quant_method": "bitsandbytes"}, "quant_method must be 'llmslim', got 'bitsandbytes'"),
     ],
@@ -107,6 +115,7 @@ def test_selects(include, exclude, name, selected):
         SlimConfig(weights="int8", int8_threshold=0.0, compute_dtype="float16"),
         SlimConfig(weights="fp4", block_size=4096, double_quant=False, include=["q_proj", "layers.*.mlp.*"], exclude=[]),
         SlimConfig(weights=None),
+        SlimConfig(weights="int4", bits_per_param=5.0, int8_layers=["model.layers.1.mlp.down_proj"]),
     ],
     ids=repr,
 )
@@ -121,7 +130,7 @@ def test_json_round_trip(cfg):
 def test_repr_names_every_field():
     assert repr(SlimConfig(weights="int8")) == (
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
-        "int8_threshold=1.5, refine=False, include=None, exclude=['lm_head'])"
+        "int8_threshold=1.5, refine=False, bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'])"
     )
 
 

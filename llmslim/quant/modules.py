@@ -221,20 +221,26 @@ def replace_linear_modules(model: nn.Module, config: SlimConfig, keep: set[str] 
     """
     if config.weights is None:
         return []
-    cls = FORMAT_MODULES[config.weights]
     replaced = []
-    for name, module in list(_selected_modules(model, config)):
-        if not quantizable(module):
-            logger.info("not quantizing %s: %s layers are not quantized (only Linear and Conv1D)", name, type(module).__name__)
-            continue
-        if name in keep:
-            logger.info("not quantizing %s: its weight is tied to another module", name)
-            continue
-        model.set_submodule(name, cls.from_linear(module, config))
+    for name, module in quantization_targets(model, config, keep):
+        model.set_submodule(name, FORMAT_MODULES[config.format_for(name)].from_linear(module, config))
         replaced.append(name)
     if not replaced:
         logger.warning("no linear layer matched include=%s exclude=%s: nothing was quantized", config.include, config.exclude)
     return replaced
+
+
+def quantization_targets(model: nn.Module, config: SlimConfig, keep: set[str] = frozenset()) -> list[tuple[str, nn.Module]]:
+    """The (name, module) pairs `config` quantizes: selected Linear/Conv1D layers not in `keep`."""
+    targets = []
+    for name, module in list(_selected_modules(model, config)):
+        if not quantizable(module):
+            logger.info("not quantizing %s: %s layers are not quantized (only Linear and Conv1D)", name, type(module).__name__)
+        elif name in keep:
+            logger.info("not quantizing %s: its weight is tied to another module", name)
+        else:
+            targets.append((name, module))
+    return targets
 
 
 def _selected_modules(model: nn.Module, config: SlimConfig) -> Iterator[tuple[str, nn.Module]]:

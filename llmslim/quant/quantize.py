@@ -6,7 +6,8 @@ import torch
 
 from llmslim import hf
 from llmslim.config import SlimConfig
-from llmslim.quant.modules import FORMAT_MODULES, quantizable
+from llmslim.quant.mixed import choose_int8_layers, oriented
+from llmslim.quant.modules import FORMAT_MODULES, quantization_targets
 
 
 @torch.no_grad()
@@ -21,13 +22,12 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
     """
     if config.weights is None:
         return []
-    keep = hf.tied_module_names(model)
-    cls = FORMAT_MODULES[config.weights]
+    selected = quantization_targets(model, config, keep=hf.tied_module_names(model))
+    if config.needs_mixed_choice:
+        config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
     replaced = []
-    for name, module in list(model.named_modules()):
-        if not name or name in keep or not quantizable(module) or not config.selects(name):
-            continue
-        layer = cls.from_linear(module, config)
+    for name, module in selected:
+        layer = FORMAT_MODULES[config.format_for(name)].from_linear(module, config)
         layer.set_float_weight(module.weight.data)
         if module.bias is not None:
             layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)

@@ -1,0 +1,99 @@
+"""Mixed int4/int8 under a bits-per-parameter budget: the choice, its bytes, and both load paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import llmslim
+from llmslim import SlimConfig
+from llmslim.quant import mixed
+from llmslim.quant.modules import SlimLinear8bit, SlimLinearInt4
+from llmslim.stats import model_nbytes
+
+
+def _cost(name: str, error: float, out_features: int = 16, in_features: int = 64) -> mixed.LayerCost:
+    return mixed.LayerCost(
+        name,
+        out_features * in_features,
+        error,
+        mixed.int4_bytes(out_features, in_features, 64),
+        mixed.int8_bytes(out_features, in_features),
+    )
+
+
+def test_bytes_count_every_scale_and_zero():
+    layer = SlimLinearInt4.from_linear(torch.nn.Linear(100, 24, bias=False), SlimConfig(weights="int4", block_size=32))
+    assert mixed.int4_bytes(24, 100, 32) == sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    int8 = SlimLinear8bit.from_linear(torch.nn.Linear(100, 24, bias=False), SlimConfig(weights="int8"))
+    assert mixed.int8_bytes(24, 100) == sum(t.numel() * t.element_size() for t in int8.state_dict().values())
+
+
+def test_choice_takes_the_worst_layers_that_fit():
+    costs = [_cost("a", 0.10), _cost("b", 0.30), _cost("c", 0.20)]
+    per_layer = costs[0].int8_bytes - costs[0].int4_bytes
+    base = sum(c.int4_bytes for c in costs)
+    bits = 8 * (base + 2 * per_layer) / sum(c.numel for c in costs)  # room for exactly two upgrades
+    assert mixed.choose(costs, bits) == ["b", "c"]
+    assert mixed.choose(costs, bits - 0.01) == ["b"]
+
+
+def test_choice_weighs_error_against_extra_bytes():
+    # same relative error, but the big layer costs 4x the bytes to upgrade: the small one first
+    costs = [_cost("big", 0.2, out_features=64), _cost("small", 0.2, out_features=16)]
+    small_extra = costs[1].int8_bytes - costs[1].int4_bytes
+    bits = 8 * (sum(c.int4_bytes for c in costs) + small_extra) / sum(c.numel for c in costs)
+    assert mixed.choose(costs, bits) == ["small"]
+
+
+def test_budget_below_int4_is_refused_with_the_minimum():
+    with pytest.raises(ValueError, match=r"bits_per_param=4.1 is below what int4 alone takes here \(4\.500 bits"):
+        mixed.choose([_cost("a", 0.1)], 4.1)
+
+
+def test_outlier_layer_is_the_one_kept_in_int8():
+    torch.manual_seed(0)
+    smooth = torch.randn(32, 128)
+    spiky = torch.randn(32, 128)
+    spiky[::4, ::16] *= 40  # a few huge weights stretch every affected int4 group
+    config = SlimConfig(weights="int4", bits_per_param=6.5)  # room for one of the two in int8
+    chosen = mixed.choose_int8_layers([("smooth", smooth), ("spiky", spiky)], config)
+    assert chosen.int8_layers == ["spiky"]
+
+
+def _bits(model) -> float:
+    layers = [m for m in model.modules() if isinstance(m, (SlimLinearInt4, SlimLinear8bit))]
+    nbytes = sum(t.numel() * t.element_size() for m in layers for t in m.state_dict().values())
+    return 8 * nbytes / sum(m.in_features * m.out_features for m in layers)
+
+
+def test_from_pretrained_stays_within_budget_and_reloads_identically(tiny_llama, input_ids, tmp_path):
+    config = SlimConfig(weights="int4", block_size=32, bits_per_param=6.0)
+    model = llmslim.from_pretrained(tiny_llama, config, progress=False)
+    int8 = [n for n, m in model.named_modules() if isinstance(m, SlimLinear8bit)]
+    assert int8 and _bits(model) <= 6.0
+    assert sorted(int8) == model.config.quantization_config.int8_layers
+    assert any(isinstance(m, SlimLinearInt4) for m in model.modules())
+    llmslim.save_pretrained(model, tmp_path / "mixed")
+    again = llmslim.from_pretrained(tmp_path / "mixed", progress=False)
+    assert model_nbytes(again) == model_nbytes(model)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+    # stock transformers loads the saved mixed model too (its config lists the int8 layers)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "mixed")
+    with torch.no_grad():
+        torch.testing.assert_close(hf(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+def test_quantize_in_place_chooses_the_same_layers(tiny_llama):
+    config = SlimConfig(weights="int4", block_size=32, bits_per_param=6.0)
+    loaded = llmslim.from_pretrained(tiny_llama, config, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    llmslim.quantize_(model, config)
+    assert model.config.quantization_config.int8_layers == loaded.config.quantization_config.int8_layers
+
+
+def test_transformers_door_explains_it_cannot_choose(tiny_llama):
+    with pytest.raises(ValueError, match=r"load with llmslim.from_pretrained\(path, config\)"):
+        AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=SlimConfig(weights="int4", bits_per_param=6.0))
