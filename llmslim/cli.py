@@ -56,10 +56,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("env", help="versions, devices and active kernel backends")
 
+    from llmslim.distill.cli import add_parser as add_distill_parser
+
+    add_distill_parser(sub)
+
+    _add_serve_parser(sub)
+
     d = sub.add_parser("demo", help="the main job on the default model: memory, perplexity, an answer")
     d.add_argument("--weights", choices=WEIGHT_CHOICES[1:], default="nf4")
     d.add_argument("--tokens", type=int, default=4096, help="tokens of WikiText-2 for the perplexity (default 4096)")
     return parser
+
+
+def _cmd_distill(args) -> int:
+    from llmslim.distill.cli import cmd_distill
+
+    return cmd_distill(args)
+
+
+# --- serve (issue 4) ------------------------------------------------------------------------
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (default: embedded model, nf4, http://127.0.0.1:8000)")
+    s.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    _add_model_options(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-key or --insecure)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (default: $LLMSLIM_API_KEY, else none)")
+    s.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
+    s.add_argument("--model-name", default=None, help="model id clients send (default: smollm2-135m-instruct or the folder name)")
+    s.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per step (default 16)")
+    s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
+    s.add_argument("--max-tokens", type=int, default=1024, help="server cap on new tokens per request (default 1024)")
+    s.add_argument("--max-context", type=int, default=None, help="tokens per sequence, prompt included (default: the model's)")
+
+
+def cmd_serve(args) -> int:
+    import os
+
+    from llmslim.serve.engine import EngineConfig
+    from llmslim.serve.server import API_KEY_ENV, check_bind, model_id, serve
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_bind(args.host, api_key, args.insecure)  # before the model loads: fail fast
+    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens, context_length=args.max_context)
+    model, tokenizer, path = _load(args.model, args)
+    name = args.model_name or model_id(args.model, path)
+    logging.getLogger("llmslim.serve").setLevel(logging.INFO)  # one line per request, even without -v
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    key_note = " (API key required)" if api_key else ""
+    print(f"serving {name} ({args.weights or 'as saved'}) at http://{host}:{args.port}/v1{key_note}", flush=True)
+    serve(model, tokenizer, name, args.host, args.port, api_key, config)
+    return 0
+
+
+# --- end serve --------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,7 +202,15 @@ def cmd_demo(args) -> int:
     return 0
 
 
-_COMMANDS = {"quantize": cmd_quantize, "eval": cmd_eval, "generate": cmd_generate, "env": cmd_env, "demo": cmd_demo}
+_COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "generate": cmd_generate,
+    "env": cmd_env,
+    "demo": cmd_demo,
+    "serve": cmd_serve,
+    "distill": _cmd_distill,
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,27 @@
+"""`llmslim serve`: an OpenAI-compatible HTTP server with continuous batching.
+
+    engine.py      one thread owns the model; iteration-level batching over a bounded queue
+    kvcache.py     a KV cache per sequence and per-sequence attention (batching without padding)
+    sampling.py    greedy / temperature / top-p, a seeded generator per request
+    textstream.py  token ids -> streamed text deltas, stop strings
+    protocol.py    OpenAI request models, response / chunk / error bodies
+    metrics.py     Prometheus text format
+    app.py         FastAPI routes, SSE, API key, one log line per request
+    server.py      bind safety, uvicorn
+
+Importing this package imports fastapi only through `app` (loaded on use), never from `import llmslim`.
+"""
+
+from __future__ import annotations
+
+from llmslim.serve.engine import Engine, EngineConfig
+from llmslim.serve.sampling import SamplingParams
+
+__all__ = ["Engine", "EngineConfig", "SamplingParams", "create_app"]
+
+
+def create_app(*args, **kwargs):
+    """The FastAPI app over an `Engine`; see `llmslim.serve.app.create_app`."""
+    from llmslim.serve.app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)

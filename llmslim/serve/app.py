@@ -1,0 +1,299 @@
+"""The FastAPI application: OpenAI-compatible routes over an `Engine`, plus /health and /metrics.
+
+GET  /health                 liveness (no key needed)
+GET  /metrics                Prometheus text format
+GET  /v1/models              the one served model
+POST /v1/completions         text prompt -> text (stream: server-sent events)
+POST /v1/chat/completions    messages -> chat template -> text (stream: server-sent events)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llmslim import __version__
+from llmslim.serve.engine import ContextLengthError, Engine, QueueFullError, RequestHandle
+from llmslim.serve.metrics import CONTENT_TYPE, Metrics
+from llmslim.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, error_body
+
+logger = logging.getLogger(__name__)
+
+_DISCONNECT_POLL_S = 0.25
+_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+
+
+@dataclass
+class ServerState:
+    """What the routes share."""
+
+    engine: Engine
+    model_id: str
+    api_key: str | None
+    metrics: Metrics
+    created: int
+
+
+def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> FastAPI:
+    """An OpenAI-compatible app serving `engine` under the name `model_id`.
+
+    Args:
+        engine: the generation engine; started when the app starts, stopped when it shuts down.
+        model_id: the model name clients must send (`model` field); any other name gets 404.
+        api_key: when set, every /v1 route and /metrics need `Authorization: Bearer <api_key>` (else 401).
+
+    Returns:
+        The FastAPI app, to run with uvicorn.
+    """
+    metrics = Metrics(engine)
+    state = ServerState(engine, model_id, api_key or None, metrics, int(time.time()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="llmslim", version=__version__, lifespan=lifespan)
+    app.state.llmslim = state
+    app.add_middleware(RequestLog, metrics=metrics)
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    auth = [Depends(_authorize)]
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = state.engine.running
+        body = {"status": "ok" if alive else "engine stopped", "model": state.model_id}
+        body |= {"active": state.engine.active_count, "queued": state.engine.queue_depth}
+        return JSONResponse(body, status_code=200 if alive else 503)
+
+    @app.get("/metrics", dependencies=auth)
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def get_model(model_id: str) -> dict:
+        _check_model(state, model_id)
+        return _model_card(state)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        _check_model(state, body.model)
+        prompt = body.prompt_text_or_ids()
+        ids = prompt if isinstance(prompt, list) else state.engine.tokenizer(prompt).input_ids
+        return await _generate(request, state, body, ids, body.max_tokens, "completion")
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        _check_model(state, body.model)
+        ids = _chat_prompt_ids(state.engine.tokenizer, body)
+        return await _generate(request, state, body, ids, body.requested_max_tokens, "chat")
+
+
+def _model_card(state: ServerState) -> dict:
+    return {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "llmslim"}
+
+
+async def _authorize(request: Request) -> None:
+    key = request.app.state.llmslim.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>` with the server's key", code="invalid_api_key")
+
+
+def _check_model(state: ServerState, model: str) -> None:
+    if model != state.model_id:
+        raise APIError(
+            404, f"the model {model!r} does not exist: this server serves {state.model_id!r}", param="model", code="model_not_found"
+        )
+
+
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions with a plain prompt", param="messages")
+    messages = [m.for_template() for m in body.messages]
+    try:
+        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except Exception as err:  # the template itself raises on conversations it does not accept
+        raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
+    return list(encoded["input_ids"])
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+async def _generate(request: Request, state: ServerState, body, prompt_ids: list[int], max_tokens: int | None, kind: str):
+    """Submit to the engine and answer as one JSON body or as server-sent events."""
+    params = body.sampling(max_tokens or state.engine.config.max_tokens)
+    request_id = request.state.request_id
+    try:
+        handle = state.engine.submit(prompt_ids, params, request_id)
+    except ContextLengthError as err:
+        raise APIError(400, str(err), param="messages" if kind == "chat" else "prompt", code="context_length_exceeded") from err
+    except ValueError as err:
+        raise APIError(400, str(err), param="prompt") from err
+    except QueueFullError as err:
+        raise APIError(429, str(err), type="rate_limit_error", code="queue_full") from err
+    request.state.prompt_tokens = len(prompt_ids)
+    formatter = Formatter(kind, request_id, state.model_id)
+    if body.stream:
+        stream = _sse(request, handle, formatter, body.include_usage)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return JSONResponse(await _collect(request, handle, formatter))
+
+
+async def _collect(request: Request, handle: RequestHandle, formatter: Formatter) -> dict:
+    """The whole generation as one response body; a client that disconnects cancels it."""
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
+    parts, last = [], None
+    try:
+        async for event in handle.events():
+            parts.append(event.text)
+            last = event
+    finally:
+        watcher.cancel()
+        if not handle.finished:
+            handle.cancel()
+    _record(request, last)
+    if last.finish_reason in ("error", "cancelled"):
+        raise APIError(500, f"generation failed: {last.error or last.finish_reason}", type="server_error")
+    return formatter.response("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+
+
+async def _sse(request: Request, handle: RequestHandle, formatter: Formatter, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per text delta, a last chunk with the finish reason, then `[DONE]`."""
+    try:
+        if formatter.kind == "chat":
+            yield _data(formatter.chunk("", role=True))
+        async for event in handle.events():
+            if event.finish_reason in ("error", "cancelled"):
+                _record(request, event)
+                yield _data(error_body(f"generation failed: {event.error or event.finish_reason}", "server_error"))
+                break
+            if event.text:
+                yield _data(formatter.chunk(event.text))
+            if event.finish_reason is not None:
+                _record(request, event)
+                yield _data(formatter.chunk(None if formatter.kind == "chat" else "", event.finish_reason))
+                if include_usage:
+                    yield _data(formatter.usage_chunk(event.prompt_tokens, event.completion_tokens))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not handle.finished:  # the client went away (or the server is stopping): free the slot
+            handle.cancel()
+            request.state.finish_reason = "disconnected"
+
+
+def _data(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _record(request: Request, event) -> None:
+    """Put the usage of a finished generation where the request log reads it."""
+    if event is not None:
+        request.state.completion_tokens = event.completion_tokens
+        request.state.finish_reason = event.finish_reason
+
+
+async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:
+    while not handle.finished:
+        if await request.is_disconnected():
+            handle.cancel()
+            return
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+# ----------------------------------------------------------------------------- errors and the request log
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_body(err), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {err.detail}"
+        return JSONResponse(error_body(message, kind), status_code=err.status_code, headers=getattr(err, "headers", None))
+
+
+def _validation_body(err: RequestValidationError) -> dict:
+    first = err.errors()[0]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", first.get("msg"))
+        return error_body(f"the request body is not valid JSON: {detail}", "invalid_request_error")
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    return error_body(f"{param or 'body'}: {first.get('msg')} (got {first.get('input')!r})", "invalid_request_error", param)
+
+
+class RequestLog:
+    """ASGI middleware: one log line and one metrics record per HTTP request, when its last byte is sent.
+
+    Args:
+        app: the wrapped ASGI app.
+        metrics: where requests, tokens and latency are counted.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+        request_id = uuid.uuid4().hex[:24]
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._log(scope, state, status[0], time.perf_counter() - start)
+
+    def _log(self, scope, state: dict, status: int, latency: float) -> None:
+        path = scope["path"]
+        endpoint = path if path in _ENDPOINTS else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        prompt, completion = state.get("prompt_tokens", 0), state.get("completion_tokens", 0)
+        self.metrics.record(endpoint, status, latency, prompt, completion)
+        level = logging.DEBUG if endpoint in ("/health", "/metrics") and status == 200 else logging.INFO  # probes stay quiet
+        logger.log(
+            level,
+            "%s %s %s %d prompt_tokens=%d completion_tokens=%d latency=%.3fs finish=%s",
+            state["request_id"], scope["method"], path, status, prompt, completion, latency, state.get("finish_reason", "-"),
+        )  # fmt: skip

@@ -1,0 +1,105 @@
+"""A KV cache per sequence, and the attention that lets sequences of different lengths share a forward pass.
+
+Continuous batching runs one decode step for every active sequence together. The linear layers see
+a `(batch, 1, hidden)` input and read their weights once for the whole batch, which is where the
+throughput comes from. Attention cannot be batched that simply: each sequence has its own length.
+Instead of left-padding into one rectangular cache (which shifts positions, needs a mask, and makes
+a sequence's numbers depend on who it shares the batch with), every sequence keeps its own cache
+and attention runs row by row over exactly that sequence's keys. A sequence therefore computes the
+same floats whether it decodes alone or in a batch of sixteen, which is what makes concurrent greedy
+output equal sequential greedy output token for token.
+
+Only public transformers interfaces are used: a model calls `cache.update(key, value, layer_idx)`
+and then the attention function registered under `config._attn_implementation` (the
+`AttentionInterface` registry). `BatchKV.update` hands that function a list of per-sequence tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+ROW_ATTENTION = "llmslim_rows"
+_MIN_CAPACITY = 64
+
+
+class SequenceKV:
+    """Keys and values of one sequence for every layer, in buffers that grow by doubling.
+
+    Args:
+        num_layers: number of attention layers of the model.
+    """
+
+    def __init__(self, num_layers: int):
+        self._keys: list[torch.Tensor | None] = [None] * num_layers
+        self._values: list[torch.Tensor | None] = [None] * num_layers
+        self._lengths = [0] * num_layers
+
+    @property
+    def length(self) -> int:
+        """Tokens held (the position the next token will take)."""
+        return self._lengths[-1]
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add `key`/`value` of shape (1, kv_heads, new, head_dim) to `layer`; return all keys and values so far."""
+        start, new = self._lengths[layer], key.shape[2]
+        self._reserve(layer, key, value, start + new)
+        self._keys[layer][:, :, start : start + new] = key
+        self._values[layer][:, :, start : start + new] = value
+        self._lengths[layer] = start + new
+        return self._keys[layer][:, :, : start + new], self._values[layer][:, :, : start + new]
+
+    def _reserve(self, layer: int, key: torch.Tensor, value: torch.Tensor, needed: int) -> None:
+        old_k, old_v, used = self._keys[layer], self._values[layer], self._lengths[layer]
+        if old_k is not None and old_k.shape[2] >= needed:
+            return
+        capacity = max(_MIN_CAPACITY, 2 * needed)  # doubling keeps appends amortised O(1)
+        new_k = key.new_empty(1, key.shape[1], capacity, key.shape[3])  # (1, kv_heads, capacity, head_dim)
+        new_v = value.new_empty(1, value.shape[1], capacity, value.shape[3])
+        if old_k is not None:
+            new_k[:, :, :used] = old_k[:, :, :used]
+            new_v[:, :, :used] = old_v[:, :, :used]
+        self._keys[layer], self._values[layer] = new_k, new_v
+
+
+class BatchKV:
+    """The cache object handed to the model for one forward pass: row `b` of the batch is `sequences[b]`."""
+
+    def __init__(self, sequences: list[SequenceKV]):
+        self.sequences = sequences
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the new keys/values of each row; return per-row lists for `row_attention`."""
+        keys, values = [], []
+        for row, sequence in enumerate(self.sequences):
+            key, value = sequence.append(layer_idx, key_states[row : row + 1], value_states[row : row + 1])
+            keys.append(key)
+            values.append(value)
+        return keys, values
+
+
+def row_attention(module, query: torch.Tensor, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
+    """Scaled dot-product attention of each query row over its own sequence's keys (causal within a prompt)."""
+    if isinstance(key, torch.Tensor):
+        raise TypeError(f"{ROW_ATTENTION} attention needs llmslim.serve.kvcache.BatchKV as the cache, got a plain tensor")
+    outputs = [
+        sdpa_attention_forward(module, query[row : row + 1], k, v, None, **kwargs)[0]  # (1, q_len, heads, head_dim)
+        for row, (k, v) in enumerate(zip(key, value, strict=True))
+    ]
+    return torch.cat(outputs), None  # (batch, q_len, heads, head_dim)
+
+
+def use_row_attention(model: PreTrainedModel) -> str:
+    """Switch `model` to per-sequence attention; return the keyword its forward takes the cache under."""
+    AttentionInterface.register(ROW_ATTENTION, row_attention)
+    model.set_attn_implementation(ROW_ATTENTION)
+    if model.config._attn_implementation != ROW_ATTENTION:
+        raise ValueError(
+            f"{type(model).__name__} does not support pluggable attention (AttentionInterface), which serving needs; "
+            "serve a model whose transformers implementation does (Llama, Mistral, Qwen2, ...)"
+        )
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x

@@ -1,0 +1,76 @@
+"""Running the app: bind-address safety, the served model's name, uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from pathlib import Path
+
+from llmslim import models
+from llmslim.serve.engine import Engine, EngineConfig
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "LLMSLIM_API_KEY"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None, insecure: bool = False) -> None:
+    """Refuse to expose an unauthenticated server beyond this machine.
+
+    Raises:
+        ValueError: `host` is not a loopback address, no API key is set and `insecure` is False.
+    """
+    if is_loopback(host) or api_key or insecure:
+        return
+    raise ValueError(
+        f"refusing to bind {host!r} without an API key: anyone who can reach it could use the model. "
+        f"Pass --api-key KEY (or set {API_KEY_ENV}), bind 127.0.0.1, or pass --insecure if this network is trusted"
+    )
+
+
+def model_id(model_arg: str | None, path: Path) -> str:
+    """The name clients use for the model: the default model's name, else the folder or GGUF file name."""
+    if model_arg in (None, "default"):
+        return models.DEFAULT_NAME
+    return Path(model_arg).expanduser().resolve().stem if str(model_arg).endswith(".gguf") else path.resolve().name
+
+
+def serve(
+    model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, config: EngineConfig | None = None
+) -> None:
+    """Serve `model` over HTTP until interrupted (Ctrl-C).
+
+    Args:
+        model: a loaded causal LM.
+        tokenizer: its tokenizer (with a chat template for /v1/chat/completions).
+        name: the model id clients send.
+        host: address to bind; see `check_bind`.
+        port: TCP port.
+        api_key: when set, requests need `Authorization: Bearer <api_key>`.
+        config: engine limits.
+    """
+    import uvicorn
+
+    from llmslim.serve.app import create_app
+
+    app = create_app(Engine(model, tokenizer, config), name, api_key)
+    # our middleware logs one line per request, so uvicorn's access log and logging setup stay off
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for tests and benchmarks)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,91 @@
+"""Fixtures for the server tests: a tiny random Llama with the real SmolLM2 tokenizer, served over real HTTP."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+import llmslim
+from llmslim import models
+from llmslim.serve import Engine, EngineConfig, create_app
+from llmslim.serve.server import free_port
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+
+@dataclass
+class Server:
+    """A running server: its base URL, the engine behind it, and the uvicorn instance."""
+
+    url: str
+    engine: Engine
+    uvicorn: uvicorn.Server
+    thread: threading.Thread
+
+    def client(self, api_key: str = "test-key", **kwargs) -> openai.OpenAI:
+        """The official client, without retries (a 429 must reach the test)."""
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+        self.thread.join(30)
+
+
+def _start_server(model, tokenizer, model_id: str, api_key: str | None, config: EngineConfig) -> Server:
+    """Run the app with uvicorn in a thread on a free loopback port; return once it accepts connections."""
+    engine = Engine(model, tokenizer, config)
+    port = free_port()
+    app = create_app(engine, model_id, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the test server on port {port} did not start")
+        time.sleep(0.02)
+    return Server(f"http://127.0.0.1:{port}", engine, server, thread)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64) saved with the embedded model's real tokenizer and chat template."""
+    folder = tmp_path_factory.mktemp("tiny-chat")
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=0.2,  # spread-out logits: a random model that still says varied things
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_chat_model):
+    """The tiny model quantized to nf4 through llmslim, and its tokenizer."""
+    model = llmslim.from_pretrained(tiny_chat_model, llmslim.SlimConfig(weights="nf4"), progress=False)
+    return model, AutoTokenizer.from_pretrained(tiny_chat_model)
+
+
+@pytest.fixture(scope="session")
+def start_server():
+    """`start_server(model, tokenizer, model_id, api_key, engine_config) -> Server`; the caller stops it."""
+    return _start_server
