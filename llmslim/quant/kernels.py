@@ -178,11 +178,23 @@ INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm be
 
 def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
     """Whether llmslim's CPU matmul operators can take `x` (rows of `in_features`) for decode."""
-    return x.device.type == "cpu" and in_features % 64 == 0 and x.numel() // in_features <= DECODE_MAX_TOKENS and native.load_ops()
+    return x.device.type == "cpu" and in_features % 64 == 0 and x.numel() // in_features <= DECODE_MAX_TOKENS and _ops_loaded()
+
+
+# torch.compile treats these as constants (evaluated once while tracing) instead of tracing into
+# the build and file checks behind them
+@torch.compiler.assume_constant_result
+def _ops_loaded() -> bool:
+    return native.load_ops()
+
+
+@torch.compiler.assume_constant_result
+def _has_vnni_kernel() -> bool:
+    return _vnni_kernel()
 
 
 @lru_cache(maxsize=1)
-def _has_vnni_kernel() -> bool:
+def _vnni_kernel() -> bool:
     return bool(torch.ops.llmslim.simd_available().item())
 
 
@@ -199,8 +211,7 @@ def _scale_args(w: formats.FourBitWeight) -> tuple:
 
 def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
     """`x @ W.T` for an NF4/FP4 weight (no bias); `x` is already in `dtype`."""
-    bnb_f = bnb_functional()
-    if x.device.type == "cuda" and bnb_f is not None:
+    if x.device.type == "cuda" and bnb_functional() is not None:
         import bitsandbytes as bnb
 
         return bnb.matmul_4bit(x, w.codes.t(), quant_state=quant_state(w, dtype))
@@ -220,7 +231,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int, refine: bool) -> format
 def dequantize_int4(w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize an int4 weight to `dtype` (llmslim's CPU operator, else the reference)."""
     out_features, in_features = w.shape
-    if w.codes.device.type == "cpu" and native.load_ops():
+    if w.codes.device.type == "cpu" and _ops_loaded():
         return torch.ops.llmslim.dequantize_4bit(
             w.codes,
             formats.int4_lut(),

@@ -127,4 +127,24 @@ def load_ops() -> bool:
         detail = "\n".join(str(err).splitlines()[-20:])
         logger.warning("building llmslim's CPU matmul kernels failed; 4-bit matmuls dequantize each call (slower): %s", detail)
         return False
+    _register_fakes()
     return True
+
+
+def _register_fakes() -> None:
+    """Shape functions of the operators, so that torch.compile (FakeTensor tracing) goes through them."""
+    import torch
+
+    def mm_fake(x, codes, *args):
+        n = args[-3] if len(args) >= 8 else args[-2]  # mm_4bit: (..., n, group, row_stride); mm_int4_q8: (..., n, group)
+        return x.new_empty((x.shape[0], n))
+
+    def dequantize_fake(codes, lut, scales, zeros, nested_absmax, nested_code, nested_offset, n, k, group, row_stride, dtype):
+        return codes.new_empty((n, k), dtype=dtype)
+
+    for name, fake in (("mm_4bit", mm_fake), ("mm_int4_q8", mm_fake), ("dequantize_4bit", dequantize_fake)):
+        if hasattr(torch.ops.llmslim, name):
+            try:
+                torch.library.register_fake(f"llmslim::{name}")(fake)
+            except RuntimeError:  # already registered in this process
+                pass

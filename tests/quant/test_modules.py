@@ -302,3 +302,18 @@ def test_conv1d_layers_are_replaced():
         model.c_attn = Conv1D(24, 8)
     assert replace_linear_modules(model, SlimConfig(weights="nf4")) == ["c_attn"]
     assert (model.c_attn.in_features, model.c_attn.out_features) == (8, 24) and model.c_attn.source_transposed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights, fullgraph", [("int4", True), ("nf4", False), ("int8", False)])
+def test_torch_compile_goes_through_the_cpu_operators(weights, fullgraph):
+    # the operators have fake (shape) implementations, so tracing neither fails nor falls back
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 48).to(torch.bfloat16)
+    layer = FORMAT_MODULES[weights].from_linear(linear, SlimConfig(weights=weights))
+    layer.set_float_weight(linear.weight.data)
+    layer.bias = linear.bias
+    compiled = torch.compile(layer, fullgraph=fullgraph)
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
