@@ -96,8 +96,37 @@ class SlimLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format={self.fmt}"
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        # the weight is frozen; an input that needs a gradient (LoRA, a trained layer below) goes
+        # through a Function whose backward dequantizes the weight then, keeping nothing alive
+        out = _FrozenWeightMatmul.apply(xc, self) if torch.is_grad_enabled() and xc.requires_grad else self._matmul(xc)
+        return self._add_bias(out).to(x.dtype)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T` with `x` in the compute dtype, no bias."""
+        raise NotImplementedError
+
     def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+class _FrozenWeightMatmul(torch.autograd.Function):
+    """`x @ W.T` for a quantized layer, differentiable in `x` only (the weight is frozen).
+
+    The forward runs the layer's fast kernel; the backward computes `grad @ W` with the weight
+    dequantized at that moment, so no float copy of the weight lives between the two passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: SlimLinear) -> torch.Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer._matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
 
 
 class SlimLinear4bit(SlimLinear):
@@ -139,9 +168,8 @@ class SlimLinear4bit(SlimLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return kernels.dequantize_4bit(self.four_bit_weight(), dtype or self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.linear_4bit(x.to(self.compute_dtype), self.four_bit_weight(), self.compute_dtype)
-        return self._add_bias(out).to(x.dtype)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_4bit(x, self.four_bit_weight(), self.compute_dtype)
 
 
 class SlimLinear8bit(SlimLinear):
@@ -161,9 +189,8 @@ class SlimLinear8bit(SlimLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return formats.dequantize_int8_rows(self.weight, self.SCB, dtype or self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.linear_int8(x.to(self.compute_dtype), self.weight, self.SCB, self.threshold)
-        return self._add_bias(out).to(x.dtype)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int8(x, self.weight, self.SCB, self.threshold)
 
 
 class SlimLinearInt4(SlimLinear):
@@ -191,9 +218,8 @@ class SlimLinearInt4(SlimLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return kernels.dequantize_int4(self.int4_weight(), dtype or self.compute_dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = kernels.linear_int4(x.to(self.compute_dtype), self.int4_weight(), self.compute_dtype)
-        return self._add_bias(out).to(x.dtype)
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear_int4(x, self.int4_weight(), self.compute_dtype)
 
 
 FORMAT_MODULES: dict[str, type[SlimLinear]] = {

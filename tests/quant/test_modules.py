@@ -317,3 +317,17 @@ def test_torch_compile_goes_through_the_cpu_operators(weights, fullgraph):
     x = torch.randn(3, 128, dtype=torch.bfloat16)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("weights", ["int8", "nf4", "fp4", "int4"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # the packed / one-token kernels and the dense path
+def test_input_gradient_is_that_of_the_dequantized_weight(weights, tokens):
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 24).to(torch.bfloat16)
+    layer = FORMAT_MODULES[weights].from_linear(linear, SlimConfig(weights=weights))
+    layer.set_float_weight(linear.weight.data)
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn(tokens, 24, dtype=torch.bfloat16)
+    layer(x).backward(grad_out)
+    assert x.grad is not None and not any(p.requires_grad for p in layer.parameters())
+    torch.testing.assert_close(x.grad, grad_out @ layer.dequantized_weight(torch.bfloat16))
