@@ -10,7 +10,7 @@ from llmslim.config import SlimConfig
 from llmslim.hf import register as _register
 
 __version__ = "0.1.0"
-__all__ = ["SlimConfig", "from_pretrained", "quantize_", "save_pretrained", "__version__"]
+__all__ = ["SlimConfig", "enable_checkpointing", "from_pretrained", "quantize_", "save_pretrained", "__version__"]
 
 _register()
 
@@ -34,3 +34,11 @@ def quantize_(*args, **kwargs):
     from llmslim.quant.quantize import quantize_ as _quantize_
 
     return _quantize_(*args, **kwargs)
+
+
+def enable_checkpointing(*args, **kwargs):
+    """Activation checkpointing of a model's blocks (sqrt(n), all, k segments; CPU offload); see
+    `llmslim.memory.checkpointing.enable_checkpointing`."""
+    from llmslim.memory.checkpointing import enable_checkpointing as _enable_checkpointing
+
+    return _enable_checkpointing(*args, **kwargs)

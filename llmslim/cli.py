@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_distill_parser(sub)
 
+    from llmslim.finetune.cli import add_merge_parser
+    from llmslim.finetune.cli import add_parser as add_finetune_parser
+
+    add_finetune_parser(sub)
+    add_merge_parser(sub)
+
     _add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the default model: memory, perplexity, an answer")
@@ -72,6 +78,18 @@ def _cmd_distill(args) -> int:
     from llmslim.distill.cli import cmd_distill
 
     return cmd_distill(args)
+
+
+def _cmd_finetune(args) -> int:
+    from llmslim.finetune.cli import cmd_finetune
+
+    return cmd_finetune(args)
+
+
+def _cmd_merge(args) -> int:
+    from llmslim.finetune.cli import cmd_merge
+
+    return cmd_merge(args)
 
 
 # --- serve (issue 4) ------------------------------------------------------------------------
@@ -210,6 +228,8 @@ _COMMANDS = {
     "demo": cmd_demo,
     "serve": cmd_serve,
     "distill": _cmd_distill,
+    "finetune": _cmd_finetune,
+    "merge": _cmd_merge,
 }
 
 

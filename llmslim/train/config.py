@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-OPTIMIZERS = ("auto", "adamw", "adamw8bit", "paged_adamw8bit")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit", "paged_adamw8bit", "adafactor")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
-CHECKPOINTING = ("none", "all")
+CHECKPOINTING = ("none", "all", "sqrt")  # or a number of segments k >= 1
 # Fields that change the arithmetic of a run: a checkpoint resumes only under the same values.
 _MATH_FIELDS = (
     "steps",
@@ -38,10 +38,13 @@ class TrainConfig:
         min_lr_ratio: final learning rate as a fraction of `lr`.
         max_grad_norm: gradient clipping norm; None disables clipping.
         optimizer: `"auto"` (bitsandbytes 8-bit AdamW on CUDA, torch AdamW elsewhere), `"adamw"`,
-            `"adamw8bit"` or `"paged_adamw8bit"`.
+            `"adamw8bit"`, `"paged_adamw8bit"` or `"adafactor"` (torch's Adafactor: factored second
+            moments, no first moment; the memory-lean choice on CPU).
         mixed_precision: `"auto"` (bf16 on CUDA when supported, fp16 on other CUDA, none on CPU),
             `"no"`, `"bf16"` or `"fp16"`.
-        checkpointing: activation checkpointing: `"none"` or `"all"` (every block).
+        checkpointing: activation checkpointing (`llmslim.enable_checkpointing`): `"none"`, `"all"`
+            (every block), `"sqrt"` (~sqrt(n) segments) or a number of segments k.
+        offload: keep the tensors saved for the backward pass outside checkpointed segments in CPU memory.
         eval_every: evaluate every N steps (and always at the end); 0 evaluates only at the end.
         save_every: write a resumable checkpoint every N steps; 0 never does.
         keep_checkpoints: how many of the newest checkpoints to keep.
@@ -60,7 +63,8 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     optimizer: str = "auto"
     mixed_precision: str = "auto"
-    checkpointing: str = "none"
+    checkpointing: str | int = "none"
+    offload: bool = False
     eval_every: int = 0
     save_every: int = 0
     keep_checkpoints: int = 2
@@ -85,7 +89,11 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check_choice("checkpointing", self.checkpointing, CHECKPOINTING)
+        from llmslim.memory.checkpointing import check_policy
+
+        self.checkpointing = check_policy(self.checkpointing)
+        if not isinstance(self.offload, bool):
+            raise ValueError(f"offload must be True or False, got {self.offload!r}")
         if self.run_dir is not None:
             self.run_dir = Path(self.run_dir)
         elif self.save_every:

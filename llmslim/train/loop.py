@@ -259,18 +259,13 @@ def _prepare_model(model: torch.nn.Module, config: TrainConfig, device: torch.de
     """Move `model` to `device` and switch on activation checkpointing if asked."""
     if next(model.parameters()).device != device:
         model.to(device)
-    if config.checkpointing == "all":
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(model).__name__} does not support activation checkpointing: use checkpointing='none'")
-        _enable_checkpointing(model)
+    if config.checkpointing != "none" or config.offload:
+        _enable_checkpointing(model, config)
     return model
 
 
-def _enable_checkpointing(model: torch.nn.Module) -> None:
-    """transformers' per-block checkpointing (named `activation_checkpointing_enable` from 5.x on)."""
-    kwargs = {"use_reentrant": False}  # the non-reentrant form works with frozen inputs and DDP
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+def _enable_checkpointing(model: torch.nn.Module, config: TrainConfig) -> None:
+    """llmslim's block checkpointing (per block, sqrt(n) or k segments; optional CPU offload)."""
+    from llmslim.memory.checkpointing import enable_checkpointing
+
+    enable_checkpointing(model, config.checkpointing, config.offload)

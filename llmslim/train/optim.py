@@ -33,6 +33,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, device: torch.de
     groups = parameter_groups(model, config.weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, lr=config.lr)
     import bitsandbytes as bnb  # optional at import time of llmslim; needed only here
 
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[name]

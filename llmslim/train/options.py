@@ -36,7 +36,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm; 0 disables (default 1.0)")
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="auto", help="auto: bitsandbytes 8-bit AdamW on CUDA, AdamW on CPU")
     g.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="auto", help="auto: bf16/fp16 on CUDA, none on CPU")
-    g.add_argument("--checkpointing", choices=CHECKPOINTING, default="none", help="activation checkpointing (default none)")
+    g.add_argument(
+        "--checkpointing",
+        type=checkpointing_policy,
+        default="none",
+        metavar="{" + ",".join(CHECKPOINTING) + ",K}",
+        help="activation checkpointing: none, all (every block), sqrt (~sqrt(n) segments) or K segments (default none)",
+    )
+    g.add_argument("--offload", action="store_true", help="keep saved activations outside checkpointed segments in CPU memory")
     g.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (0: only at the end)")
     g.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps (0: never)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default 2)")
@@ -45,6 +52,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-dir", default=None, help="folder for checkpoints/ and log.jsonl (default: OUT-run next to --out)")
     g.add_argument("--resume", default=None, help="checkpoint folder, or run folder (its newest checkpoint), to continue from")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def checkpointing_policy(text: str) -> str | int:
+    """argparse type of --checkpointing: a policy name or a number of segments."""
+    from llmslim.memory.checkpointing import check_policy
+
+    try:
+        return check_policy(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def train_config_from_args(args: argparse.Namespace, run_dir: Path | None) -> TrainConfig:
@@ -61,6 +78,7 @@ def train_config_from_args(args: argparse.Namespace, run_dir: Path | None) -> Tr
         optimizer=args.optimizer,
         mixed_precision=args.mixed_precision,
         checkpointing=args.checkpointing,
+        offload=args.offload,
         eval_every=args.eval_every,
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,

@@ -31,8 +31,8 @@ def test_default_warmup_is_five_percent():
     [
         ({"steps": 0}, "steps must be a positive integer, got 0"),
         ({"lr": -1.0}, "lr must be > 0, got -1.0"),
-        ({"optimizer": "sgd"}, r"optimizer must be one of \['auto', 'adamw', 'adamw8bit', 'paged_adamw8bit'\], got 'sgd'"),
-        ({"checkpointing": "sqrt"}, "checkpointing must be one of"),
+        ({"optimizer": "sgd"}, r"optimizer must be one of \['auto', 'adamw', 'adamw8bit', 'paged_adamw8bit', 'adafactor'\], got 'sgd'"),
+        ({"checkpointing": "half"}, "checkpointing must be one of"),
         ({"save_every": 5}, "save_every=5 needs a run_dir"),
         ({"min_lr_ratio": 2.0}, r"min_lr_ratio must be in \[0, 1\], got 2.0"),
     ],
