@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_finetune_parser(sub)
     add_merge_parser(sub)
 
+    from llmslim.plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
     _add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the default model: memory, perplexity, an answer")
@@ -84,6 +88,12 @@ def _cmd_finetune(args) -> int:
     from llmslim.finetune.cli import cmd_finetune
 
     return cmd_finetune(args)
+
+
+def _cmd_plan(args) -> int:
+    from llmslim.plan.cli import cmd_plan
+
+    return cmd_plan(args)
 
 
 def _cmd_merge(args) -> int:
@@ -230,6 +240,7 @@ _COMMANDS = {
     "distill": _cmd_distill,
     "finetune": _cmd_finetune,
     "merge": _cmd_merge,
+    "plan": _cmd_plan,
 }
 
 

@@ -1,0 +1,160 @@
+"""Memory besides the weights: KV cache, peak activations of a forward pass, and what training adds.
+
+Formulas count the tensors alive at the worst moment of a transformers forward pass with SDPA
+attention (no T x T score matrix is materialized):
+
+- KV cache: per layer, per sequence and per cached token, keys and values of the KV heads:
+  `layers * batch * tokens * 2 * kv_heads * head_dim * bytes`.
+- Inference activations (no autograd): the residual stream and the widest moment of a block, the
+  MLP (normed input, gate, up and activation for gated MLPs; fc1 output and activation otherwise)
+  or attention (normed input, q, k, v, output), plus the logits of the last position.
+- Prompt workspace: 4-bit layers dequantize their weight once for a prompt's dense GEMM.
+- Training (QLoRA): LoRA factors on every quantized layer, their gradients and optimizer states,
+  and the activations autograd keeps, under the cheapest checkpointing policy (none, per block,
+  or ~sqrt(n) segments, after Chen et al. 2016).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from llmslim.plan.shapes import ModelShape
+from llmslim.plan.weights import WeightBytes
+
+FP32 = 4
+OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # per trainable parameter: two fp32 moments, two 8-bit ones, none
+
+
+def cached_tokens(shape: ModelShape, context: int) -> int:
+    """Tokens each layer's cache holds for a context: all of them, or the sliding window."""
+    return min(context, shape.sliding_window) if shape.sliding_window else context
+
+
+def kv_cache_bytes(shape: ModelShape, context: int, batch: int, dtype_bytes: int) -> int:
+    """Bytes of keys and values for `batch` sequences of `context` tokens."""
+    return shape.n_layers * batch * cached_tokens(shape, context) * shape.kv_width * dtype_bytes
+
+
+def _mlp_width(shape: ModelShape) -> int:
+    """Widths alive at once inside the MLP: gate, up and act(gate) when gated; fc1 output and its activation otherwise."""
+    gated = shape.model_type in ("llama", "mistral", "qwen2", "mixtral")
+    width = 3 * shape.intermediate if gated else 2 * shape.intermediate
+    if shape.experts:  # tokens routed to their experts: each token passes through `experts_per_token` of them
+        width *= max(shape.experts_per_token, 1)
+    return width
+
+
+def _attention_width(shape: ModelShape) -> int:
+    """q, k, v and the attention output, per token."""
+    return shape.n_heads * shape.head_dim * 2 + shape.kv_width
+
+
+def activation_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int) -> int:
+    """Peak bytes of activations while a forward pass (no autograd) runs `batch` x `tokens` tokens."""
+    # the embedding output (transformers keeps `inputs_embeds` alive for the whole forward), the
+    # residual stream and the normed input of the current sub-layer
+    residual = 3 * shape.hidden
+    widest = residual + max(_mlp_width(shape), _attention_width(shape))
+    logits = batch * shape.vocab * (dtype_bytes + FP32)  # last position only (generate), cast to float32 for sampling
+    return batch * tokens * widest * dtype_bytes + logits
+
+
+FOUR_BIT_PACKED_MAX_TOKENS = 32  # quant.kernels.DECODE_MAX_TOKENS: up to this many rows 4-bit layers never build a float weight
+INT8_PACKED_MAX_TOKENS = 8  # quant.kernels.INT8_DECODE_MAX_TOKENS: beyond it, LLM.int8 on torch._int_mm
+
+
+def prompt_workspace_bytes(w: WeightBytes, dtype_bytes: int, weights: str | None, tokens: int) -> int:
+    """Temporaries of the largest quantized layer on a prompt of `tokens` rows (batch included).
+
+    4-bit: dequantize once, dense GEMM (a float weight in the compute dtype). int8 (LLM.int8 on
+    CPU): the int8 weight transposed for `torch._int_mm` and its outlier columns dequantized in
+    float32 (data-dependent: counted as if every column were one); per token, the input in
+    float32 and int8 and the float32 output.
+    """
+    if weights in ("nf4", "fp4", "int4") and tokens > FOUR_BIT_PACKED_MAX_TOKENS:
+        return w.largest_linear * dtype_bytes
+    if weights == "int8" and tokens > INT8_PACKED_MAX_TOKENS:
+        return w.largest_linear * (1 + FP32) + tokens * (w.max_in * (FP32 + 1) + w.max_out * FP32)
+    return 0
+
+
+@dataclass
+class TrainingMemory:
+    """Bytes training adds to the frozen (quantized) weights.
+
+    Args:
+        lora_params: trainable parameters (LoRA A and B of every quantized layer).
+        lora_bytes / grad_bytes / optimizer_bytes: their float32 values, gradients and optimizer states.
+        activation_bytes: activations kept for the backward pass under `policy`, logits and loss included.
+        policy: the checkpointing policy with the smallest activation memory ("none", "all" or "sqrt").
+        policies: activation bytes of each policy.
+    """
+
+    lora_params: int
+    lora_bytes: int
+    grad_bytes: int
+    optimizer_bytes: int
+    activation_bytes: int
+    policy: str
+    policies: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return self.lora_bytes + self.grad_bytes + self.optimizer_bytes + self.activation_bytes
+
+
+def block_saved_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int) -> int:
+    """Activations autograd keeps for one block's backward pass (SDPA attention, LoRA inputs shared).
+
+    Norm inputs and outputs (two norms, float32 upcast inside), q/k/v, attention output, the MLP's
+    input, its intermediate tensors (gate, up, act(gate), their product when gated), per token.
+    """
+    gated = shape.model_type in ("llama", "mistral", "qwen2", "mixtral")
+    mlp = (4 if gated else 2) * shape.intermediate * max(shape.experts_per_token, 1)
+    per_token = dtype_bytes * (4 * shape.hidden + _attention_width(shape) + mlp) + FP32 * 2 * shape.hidden
+    return batch * tokens * per_token
+
+
+def checkpointing_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: int) -> dict[str, int]:
+    """Activation bytes per checkpointing policy: none keeps every block; all keeps n boundaries and
+    recomputes one block; sqrt keeps ~sqrt(n) boundaries and recomputes one segment of n / sqrt(n) blocks."""
+    n = shape.n_layers
+    block = block_saved_bytes(shape, tokens, batch, dtype_bytes)
+    boundary = batch * tokens * shape.hidden * dtype_bytes
+    segments = _sqrt_segments(n)
+    return {
+        "none": n * block,
+        "all": n * boundary + block,
+        "sqrt": segments * boundary + math.ceil(n / segments) * block,
+    }
+
+
+def _sqrt_segments(n_blocks: int) -> int:
+    try:  # the checkpointing module's own rule, so the plan matches what `enable_checkpointing` does
+        from llmslim.memory.checkpointing import n_segments
+
+        return n_segments("sqrt", n_blocks)
+    except ImportError:  # pragma: no cover - memory/ is optional for the planner
+        return max(1, round(math.sqrt(n_blocks)))
+
+
+def training_memory(
+    shape: ModelShape, lora_linears: list[tuple[int, int]], tokens: int, batch: int, dtype_bytes: int, rank: int, optimizer: str
+) -> TrainingMemory:
+    """What QLoRA training of `shape` adds, with rank-`rank` adapters on the (in, out) layers `lora_linears`."""
+    if optimizer not in OPTIMIZER_BYTES:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZER_BYTES)}, got {optimizer!r}")
+    params = sum(rank * (fan_in + fan_out) for fan_in, fan_out in lora_linears)
+    policies = checkpointing_bytes(shape, tokens, batch, dtype_bytes)
+    policy = min(policies, key=policies.get)
+    logits = batch * tokens * shape.vocab * (dtype_bytes + 2 * FP32)  # logits, float32 copy, log-softmax for the loss
+    return TrainingMemory(
+        lora_params=params,
+        lora_bytes=params * FP32,
+        grad_bytes=params * FP32,
+        optimizer_bytes=params * OPTIMIZER_BYTES[optimizer],
+        activation_bytes=policies[policy] + logits,
+        policy=policy,
+        policies=policies,
+    )
