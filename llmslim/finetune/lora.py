@@ -2,9 +2,9 @@
 
 peft wraps only layer types it knows; `LoraConfig._register_custom_module({SlimLinear: SlimLoraLinear})`
 (peft's documented way for custom layers) makes it wrap `SlimLinear4bit`, `SlimLinear8bit` and
-`SlimLinearInt4` with `SlimLoraLinear`, a peft `lora.Linear` whose frozen base product
-differentiates through the dequantized weight (QLoRA's backward: grad_x = grad_y @ W), keeps no
-dequantized weight alive between forward and backward, and whose `merge` dequantizes, adds
+`SlimLinearInt4` with `SlimLoraLinear`, a peft `lora.Linear` around the frozen base (whose own
+backward is QLoRA's: grad_x = grad_y @ W, dequantized then, nothing kept between the passes),
+and whose `merge` dequantizes, adds
 B @ A * scaling and quantizes again in the layer's own format.
 """
 
@@ -27,28 +27,6 @@ logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class _FrozenQuantLinear(torch.autograd.Function):
-    """`base(x)` with the gradient of x taken through the dequantized weight, dequantized again in backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: SlimLinear) -> torch.Tensor:
-        ctx.base = base
-        with torch.no_grad():
-            return base(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weight = ctx.base.dequantized_weight(grad.dtype)  # (out, in)
-        return grad @ weight, None  # (..., in)
-
-
-def quantized_linear(base: SlimLinear, x: torch.Tensor) -> torch.Tensor:
-    """`base(x)`, differentiable in x (through the dequantized weight) when x needs a gradient."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _FrozenQuantLinear.apply(x, base)
-    return base(x)
 
 
 class SlimLoraLinear(PeftLoraLinear):
@@ -74,7 +52,7 @@ class SlimLoraLinear(PeftLoraLinear):
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
         base = self.get_base_layer()
-        result = quantized_linear(base, x)
+        result = base(x)  # differentiable in x: llmslim layers dequantize in backward
         if self.disable_adapters or self.merged:
             return result
         for name in self.active_adapters:

@@ -85,19 +85,15 @@ def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path |
 
 
 def base_slim_config(config: FinetuneConfig):
-    """The SlimConfig of the base: the LoRA targets quantized, everything else kept as it is."""
+    """The SlimConfig of the base: every linear layer but the head quantized (QLoRA)."""
     from llmslim.config import SlimConfig
 
     weights = None if config.weights == "none" else config.weights
-    return SlimConfig(weights=weights, block_size=config.block_size_quant, include=config.targets, exclude=list(config.exclude))
+    return SlimConfig(weights=weights, block_size=config.block_size_quant)
 
 
 def load_base(path: Path, config: FinetuneConfig, device: torch.device) -> torch.nn.Module:
-    """The frozen base on `device`; its LoRA target layers quantized per `config.weights`.
-
-    Only the adapted layers are quantized: their adapter computes the input gradient through
-    the dequantized weight, which the quantized kernels alone do not provide for every shape.
-    """
+    """The frozen base on `device`, its linear layers quantized per `config.weights`."""
     import llmslim
 
     dtype = config.dtype or "auto"
