@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
+    from llmslim.compress.cli import add_parser as add_compress_parser
+
+    add_compress_parser(sub)
+
     _add_serve_parser(sub)
 
     d = sub.add_parser("demo", help="the main job on the default model: memory, perplexity, an answer")
@@ -88,6 +92,12 @@ def _cmd_finetune(args) -> int:
     from llmslim.finetune.cli import cmd_finetune
 
     return cmd_finetune(args)
+
+
+def _cmd_compress(args) -> int:
+    from llmslim.compress.cli import cmd_compress
+
+    return cmd_compress(args)
 
 
 def _cmd_plan(args) -> int:
@@ -241,6 +251,7 @@ _COMMANDS = {
     "finetune": _cmd_finetune,
     "merge": _cmd_merge,
     "plan": _cmd_plan,
+    "compress": _cmd_compress,
 }
 
 

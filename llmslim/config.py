@@ -22,6 +22,7 @@ WEIGHT_FORMATS: dict[str | None, int] = {None: 16, "int8": 8, "nf4": 4, "fp4": 4
 COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_EXCLUDE = ("lm_head",)
+CHECKPOINTING = ("none", "all", "sqrt")  # or a number of segments k >= 1 (llmslim.memory.checkpointing)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
@@ -69,6 +70,25 @@ class SlimConfig(QuantizationConfigMixin):
         include: module-name patterns (fnmatch, matched against the full name or its suffix) of
             the layers to quantize; `None` selects every linear layer.
         exclude: patterns of layers never quantized; `lm_head` by default.
+        embedding_rank: factorize the input embedding (V x H) into a V x E table and an E x H
+            projection of rank E (ALBERT); E must be below min(V, H). A tied output head computes
+            its logits through the same factors (`llmslim.compress`).
+        embedding_energy: choose the smallest rank keeping this share (0..1) of the table's
+            (frequency-weighted) energy instead of giving `embedding_rank`; the chosen rank is
+            recorded in `embedding_rank` once the model is loaded.
+        embedding_corpus: a UTF-8 text file whose token frequencies weight the SVD (frequent
+            tokens reconstructed best); `None` for plain truncated SVD.
+        embedding_weights: format of the V x E table (`"int8"`, `"nf4"`, `"fp4"`, `"int4"`), or
+            `None` to keep it in float.
+        untie_embeddings: with a tied head, keep the head's full V x H weight (only the input
+            embedding is factorized): larger, much better perplexity before healing.
+        share_layers: cross-layer sharing of the decoder blocks: `"all"` (ALBERT), an integer k
+            (consecutive groups of k), or explicit groups such as `[[0, 1], [2, 3, 4]]`.
+        share_init: what a shared group starts from: `"mean"` of its blocks, or the index of a
+            member within the group (0 is the first).
+        share_norms: also share the norm layers (by default each layer keeps its own norms).
+        checkpointing: activation checkpointing set on the loaded model (`llmslim.enable_checkpointing`):
+            `"none"`, `"all"` (every block), `"sqrt"` (~sqrt(n) segments) or a number of segments k.
         version: version of this config's schema.
     """
 
@@ -82,6 +102,15 @@ class SlimConfig(QuantizationConfigMixin):
     int8_layers: list[str] | None = None
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    embedding_rank: int | None = None
+    embedding_energy: float | None = None
+    embedding_corpus: str | None = None
+    embedding_weights: str | None = None
+    untie_embeddings: bool = False
+    share_layers: int | str | list[list[int]] | None = None
+    share_init: str | int = "mean"
+    share_norms: bool = False
+    checkpointing: str | int = "none"
     version: int = CONFIG_VERSION
     quant_method: str = QUANT_METHOD
 
@@ -109,6 +138,12 @@ class SlimConfig(QuantizationConfigMixin):
         self._check_mixed()
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude) or []
+        self._check_embedding()
+        self._check_sharing()
+        if isinstance(self.checkpointing, bool) or not (
+            self.checkpointing in CHECKPOINTING or (isinstance(self.checkpointing, int) and self.checkpointing >= 1)
+        ):
+            raise ValueError(f"checkpointing must be one of {list(CHECKPOINTING)} or a number of segments >= 1, got {self.checkpointing!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this llmslim's config schema), got {self.version!r}")
         if self.quant_method != QUANT_METHOD:
@@ -131,6 +166,66 @@ class SlimConfig(QuantizationConfigMixin):
                     f"int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got {self.int8_layers!r}"
                 )
             self.int8_layers = sorted(self.int8_layers)
+
+    def _check_embedding(self) -> None:
+        if self.embedding_rank is not None and (
+            isinstance(self.embedding_rank, bool) or not isinstance(self.embedding_rank, int) or self.embedding_rank < 1
+        ):
+            raise ValueError(
+                f"embedding_rank must be a positive integer such as 256 (below min(vocab, hidden)), got {self.embedding_rank!r}"
+            )
+        if self.embedding_energy is not None:
+            if (
+                isinstance(self.embedding_energy, bool)
+                or not isinstance(self.embedding_energy, (int, float))
+                or not 0 < self.embedding_energy < 1
+            ):
+                raise ValueError(f"embedding_energy must be a share in (0, 1) such as 0.9, got {self.embedding_energy!r}")
+            if self.embedding_rank is not None:
+                raise ValueError(f"give embedding_rank ({self.embedding_rank!r}) or embedding_energy ({self.embedding_energy!r}), not both")
+            self.embedding_energy = float(self.embedding_energy)
+        if self.embedding_corpus is not None:
+            self.embedding_corpus = str(self.embedding_corpus)
+        _check_choice("embedding_weights", self.embedding_weights, tuple(WEIGHT_FORMATS))
+        if not isinstance(self.untie_embeddings, bool):
+            raise ValueError(f"untie_embeddings must be True or False, got {self.untie_embeddings!r}")
+        asked = [n for n in ("embedding_corpus", "embedding_weights") if getattr(self, n) is not None] + (
+            ["untie_embeddings"] if self.untie_embeddings else []
+        )
+        if asked and not self.factorizes_embedding:
+            raise ValueError(f"{asked[0]} applies to a factorized embedding: also set embedding_rank (e.g. 256) or embedding_energy")
+
+    def _check_sharing(self) -> None:
+        spec = self.share_layers
+        if isinstance(spec, tuple):
+            spec = self.share_layers = [list(g) for g in spec]
+        ok = spec is None or spec == "all" or (isinstance(spec, int) and not isinstance(spec, bool) and spec >= 2)
+        ok = ok or (
+            isinstance(spec, list)
+            and bool(spec)
+            and all(isinstance(g, (list, tuple)) and g and all(isinstance(i, int) and not isinstance(i, bool) for i in g) for g in spec)
+        )
+        if not ok:
+            raise ValueError(
+                f"share_layers must be 'all', a group size k >= 2, or groups of layer indices such as [[0, 1], [2, 3]], got {spec!r}"
+            )
+        if isinstance(spec, list):
+            self.share_layers = [list(g) for g in spec]
+        init = self.share_init
+        if not (init == "mean" or (isinstance(init, int) and not isinstance(init, bool) and init >= 0)):
+            raise ValueError(f"share_init must be 'mean' or the index of a group member (0 is the first), got {init!r}")
+        if not isinstance(self.share_norms, bool):
+            raise ValueError(f"share_norms must be True or False, got {self.share_norms!r}")
+
+    @property
+    def factorizes_embedding(self) -> bool:
+        """The input embedding is factorized (rank given or chosen from an energy budget)."""
+        return self.embedding_rank is not None or self.embedding_energy is not None
+
+    @property
+    def compresses(self) -> bool:
+        """Embedding factorization or layer sharing is asked for (`llmslim.compress`)."""
+        return self.factorizes_embedding or self.share_layers is not None
 
     @property
     def needs_mixed_choice(self) -> bool:
@@ -172,6 +267,15 @@ class SlimConfig(QuantizationConfigMixin):
             "int8_layers": self.int8_layers,
             "include": self.include,
             "exclude": list(self.exclude),
+            "embedding_rank": self.embedding_rank,
+            "embedding_energy": self.embedding_energy,
+            "embedding_corpus": self.embedding_corpus,
+            "embedding_weights": self.embedding_weights,
+            "untie_embeddings": self.untie_embeddings,
+            "share_layers": self.share_layers,
+            "share_init": self.share_init,
+            "share_norms": self.share_norms,
+            "checkpointing": self.checkpointing,
         }
 
     def __repr__(self) -> str:

@@ -7,11 +7,13 @@ loading, and a checkpoint whose `config.json` says `quant_method: "llmslim"` loa
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import torch
 import transformers
 from packaging import version
+from transformers import PreTrainedModel
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
@@ -45,6 +47,72 @@ def check_loaded(model: torch.nn.Module, source: str) -> None:
             f"{source}: the checkpoint does not match its llmslim quantization config: no data for {shown}. "
             "Re-create it with `llmslim quantize` or load the float model with a SlimConfig."
         )
+
+
+FACTORIZED_HEAD_KEY = "llmslim_factorized_head"  # config.json: the head computes its logits through the embedding's factors
+
+
+def untie_embeddings(model: torch.nn.Module, factorized_head: bool) -> None:
+    """Stop transformers from tying the output head to the input embedding (after llmslim replaced either).
+
+    Args:
+        model: the model.
+        factorized_head: the head is now tied through the embedding's factors (recorded in the
+            config, so that a saved model is rebuilt the same way).
+    """
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
+    setattr(model.config, FACTORIZED_HEAD_KEY, factorized_head)
+    embedding = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), None)
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for target, source in list(tied.items()):
+        if embedding is not None and embedding in (target.rpartition(".")[0], source.rpartition(".")[0]):
+            tied.pop(target)
+
+
+def head_tied_to_embedding(model: torch.nn.Module) -> bool:
+    """Whether the output head shares the input embedding's weight (already, or once transformers ties it)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        return False
+    if head.weight is embedding.weight:
+        return True
+    names = {id(m): n for n, m in model.named_modules()}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    return tied.get(f"{names.get(id(head))}.weight") == f"{names.get(id(embedding))}.weight"
+
+
+def has_factorized_head(model: torch.nn.Module) -> bool:
+    """Whether the model's config records a head computed through a factorized embedding."""
+    return bool(getattr(model.config, FACTORIZED_HEAD_KEY, False))
+
+
+def declare_shared(model: torch.nn.Module, pairs: dict[str, str]) -> None:
+    """Declare tensors shared by llmslim's layer sharing, {member name: source name}.
+
+    transformers then saves each shared tensor once, under the source name (its save path drops
+    the names listed in a module's `_tied_weights_keys`), and does not report the members'
+    tensors as missing when loading.
+    """
+    # Loading, transformers must neither report the members' tensors as missing nor tie them itself (its tying
+    # resizes a bias to the weight's first dimension, wrong for Conv1D and packed quantized weights): the modules are
+    # shared by llmslim (`llmslim.compress.load.share_loaded_`).
+    ignored = list(getattr(model, "_keys_to_ignore_on_load_missing", None) or [])
+    model._keys_to_ignore_on_load_missing = list(dict.fromkeys(ignored + [f"^{re.escape(name)}$" for name in pairs]))
+    by_module: dict[str, dict[str, str]] = {}
+    for target, source in pairs.items():
+        owner, leaf = _split_block(target)
+        by_module.setdefault(owner, {})[leaf] = source
+    for owner, keys in by_module.items():
+        block = model.get_submodule(owner)
+        block._tied_weights_keys = {**(getattr(block, "_tied_weights_keys", None) or {}), **keys}
+
+
+def _split_block(name: str) -> tuple[str, str]:
+    """The block and the rest of a tensor name: "model.layers.3.mlp.up_proj.weight" -> ("model.layers.3", "mlp.up_proj.weight")."""
+    parts = name.split(".")
+    index = next(i for i, p in enumerate(parts) if p.isdigit())
+    return ".".join(parts[: index + 1]), ".".join(parts[index + 1 :])
 
 
 def mark_quantized(model: torch.nn.Module, config: SlimConfig) -> None:
@@ -110,12 +178,19 @@ class SlimHfQuantizer(HfQuantizer):
                 "model once (its config then lists int8_layers) and load the saved folder here"
             )
         self.quantized_modules = prepare_skeleton(model, self.quantization_config)
+        if self.pre_quantized and self.quantization_config.compresses:
+            from llmslim.compress.load import prepare_compression  # compress/ sits above this module
+
+            prepare_compression(model, self.quantization_config, pre_quantized=True, tie_now=False)
+            _skip_init_of_shared_members(model)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         check_loaded(model, getattr(model.config, "_name_or_path", "model"))
         for _, layer in quantized_layers(model):
             layer.own_memory()
+        if self.quantization_config.compresses:
+            self.quantization_config = _compress_loaded(model, self.quantization_config, self.pre_quantized)
         return model
 
     def get_quantize_ops(self):
@@ -133,6 +208,28 @@ class SlimHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def _skip_init_of_shared_members(model: torch.nn.Module) -> None:
+    """Blocks whose tensors are saved under their group's first block: transformers must not initialise their "missing"
+    tensors (random init of packed codes fails); `share_loaded_` points them at the loaded ones afterwards."""
+    for _, block in model.named_modules():
+        if getattr(block, "_tied_weights_keys", None) and not isinstance(block, PreTrainedModel):
+            for module in block.modules():
+                module._is_hf_initialized = True
+
+
+def _compress_loaded(model, config: SlimConfig, pre_quantized: bool) -> SlimConfig:
+    """After transformers loaded the weights: share a saved compressed model's blocks, or compress a float one."""
+    if pre_quantized:
+        from llmslim.compress.load import share_loaded_  # compress/ sits above this module
+
+        if config.share_layers is not None:
+            share_loaded_(model, config)
+        return config
+    from llmslim.compress.apply import compress_
+
+    return compress_(model, config)
 
 
 def register() -> None:

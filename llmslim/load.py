@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from llmslim import hf, models
+from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.placement import DevicePlan, plan_devices
 from llmslim.quant import kernels, mixed
@@ -77,6 +78,7 @@ def from_pretrained(
     if config.needs_mixed_choice:
         config = _choose_int8_layers(skeleton, config, files)
     hf.prepare_skeleton(skeleton, config)
+    router = prepare_compression(skeleton, config, path, pre_quantized)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
     if offload is not None:
         from llmslim.offload.placement import offload_plan
@@ -86,10 +88,11 @@ def from_pretrained(
 
     check_fits(skeleton, plan, files, max_memory, force, path)
 
-    loader = _Loader(skeleton, plan, pre_quantized, path, progress)
+    loader = _Loader(skeleton, plan, pre_quantized, path, progress, router)
     for file in files:
         loader.load_file(file)
     loader.finish()
+    config = router.finish(config) if router is not None else config
     return _finish_model(skeleton, config, plan, path)
 
 
@@ -164,8 +167,9 @@ class _Target:
 class _Loader:
     """Reads checkpoint tensors one at a time into a skeleton model."""
 
-    def __init__(self, model: PreTrainedModel, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool):
+    def __init__(self, model: PreTrainedModel, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool, router=None):
         self.model = model
+        self.router = router  # llmslim.compress: takes the tensors it factorizes or shares
         self.plan = plan
         self.pre_quantized = pre_quantized
         self.source = source
@@ -178,6 +182,8 @@ class _Loader:
     def load_file(self, file: Path) -> None:
         for key, read in _checked(file, _iter_tensors(file)):
             self.bar.update()
+            if self.router is not None and self.router.take(key, read, self.plan.device_for):
+                continue
             target = self._target(key)
             if target is None:
                 self.unexpected.append(key)
@@ -303,4 +309,8 @@ def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, 
     hf.mark_quantized(model, config)
     model.config.name_or_path = str(source)
     plan.dispatch(model)
+    if config.checkpointing != "none":
+        from llmslim.memory.checkpointing import enable_checkpointing
+
+        enable_checkpointing(model, config.checkpointing)
     return model.eval()

@@ -42,6 +42,8 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
             {"weights": "int4", "int8_layers": "a"},
             "int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got 'a'",
         ),
+        ({"checkpointing": "half"}, "checkpointing must be one of ['none', 'all', 'sqrt'] or a number of segments >= 1, got 'half'"),
+        ({"checkpointing": 0}, "checkpointing must be one of ['none', 'all', 'sqrt'] or a number of segments >= 1, got 0"),
         ({"version": 2}, "version must be 1 (this llmslim's config schema), got 2"),
         ({"quant_method": "bitsandbytes"}, "quant_method must be 'llmslim', got 'bitsandbytes'"),
     ],
@@ -130,7 +132,9 @@ def test_json_round_trip(cfg):
 def test_repr_names_every_field():
     assert repr(SlimConfig(weights="int8")) == (
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
-        "int8_threshold=1.5, refine=False, bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'])"
+        "int8_threshold=1.5, refine=False, bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'], "
+        "embedding_rank=None, embedding_energy=None, embedding_corpus=None, embedding_weights=None, untie_embeddings=False, "
+        "share_layers=None, share_init='mean', share_norms=False, checkpointing='none')"
     )
 
 

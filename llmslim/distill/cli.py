@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--student-layers", type=int, default=None, help="student depth, layers spread DistilBERT-style (default: half)")
     s.add_argument("--student-layer-map", default=None, help="teacher layer of each student layer, e.g. 0,2,4,7,9,11")
     s.add_argument("--student", default=None, help="start from this model folder instead of copying teacher layers")
+    s.add_argument("--student-embedding-rank", type=int, default=None, help="factorize the student's embedding at rank E (ALBERT)")
+    s.add_argument("--student-share-layers", default=None, help="share the student's blocks: all, a group size k, or groups 0-1,2-3")
     s.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the saved student")
     t = p.add_argument_group("teacher and loss")
     t.add_argument("--teacher-weights", choices=TEACHER_WEIGHTS, default="none", help="quantize the teacher through llmslim (default none)")
@@ -49,6 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Run the distillation the parsed flags describe; print `eval perplexity: N` (and JSON with --json)."""
+    from llmslim.compress.cli import parse_share_layers
     from llmslim.distill.config import DistillConfig
     from llmslim.distill.run import distill
     from llmslim.distill.student import parse_layer_map
@@ -61,6 +64,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
         student_layers=args.student_layers,
         student_layer_map=None if args.student_layer_map is None else parse_layer_map(args.student_layer_map),
         student=args.student,
+        student_embedding_rank=args.student_embedding_rank,
+        student_share_layers=parse_share_layers(args.student_share_layers),
         save_dtype=args.save_dtype,
         teacher_weights=args.teacher_weights,
         teacher_dtype=args.teacher_dtype,

@@ -22,6 +22,8 @@ class DistillConfig:
             (12 -> 6 takes [0, 2, 4, 7, 9, 11]); None with no map means half the teacher's.
         student_layer_map: explicit teacher layer index for each student layer.
         student: start from this model folder instead of copying teacher layers.
+        student_embedding_rank: factorize the student's embedding at this rank (`llmslim.compress`).
+        student_share_layers: share the student's blocks: `"all"`, a group size k, or explicit groups.
         save_dtype: dtype of the saved student (`"float32"`, the dtype it trains in, `"bfloat16"`, `"float16"`).
         teacher_weights: `"none"` (float) or `"int8"` / `"nf4"` / `"fp4"` through llmslim (causal LMs).
         teacher_dtype: dtype of the float teacher (default: the checkpoint's).
@@ -44,6 +46,8 @@ class DistillConfig:
     student_layers: int | None = None
     student_layer_map: list[int] | None = None
     student: str | Path | None = None
+    student_embedding_rank: int | None = None
+    student_share_layers: int | str | list[list[int]] | None = None
     save_dtype: str = "float32"
     teacher_weights: str = "none"
     teacher_dtype: str | None = None
@@ -82,6 +86,16 @@ class DistillConfig:
         if self.eval_tokens < 2:
             raise ValueError(f"eval_tokens must be at least 2, got {self.eval_tokens!r}")
         self._check_student_choice()
+        if self.student_embedding_rank is not None or self.student_share_layers is not None:
+            self.student_compression()  # validates both values
+
+    def student_compression(self):
+        """The SlimConfig compressing the student (`None` when neither option is given)."""
+        if self.student_embedding_rank is None and self.student_share_layers is None:
+            return None
+        from llmslim.config import SlimConfig
+
+        return SlimConfig(weights=None, embedding_rank=self.student_embedding_rank, share_layers=self.student_share_layers)
 
     def _check_student_choice(self) -> None:
         given = [n for n in ("student_layers", "student_layer_map", "student") if getattr(self, n) is not None]

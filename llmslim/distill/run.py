@@ -171,6 +171,11 @@ def load_models(config: DistillConfig, plan: DistillPlan, device: torch.device) 
         student = plan.model_class.from_pretrained(models.resolve(config.student), dtype=torch.float32)
     else:
         student = init_student(float_teacher, plan.layer_map)
+    compression = config.student_compression()
+    if compression is not None:
+        from llmslim.compress import compress_
+
+        compress_(student, compression)
     teacher = float_teacher if config.teacher_weights == "none" else _quantized_teacher(plan, config, device)
     if teacher is not float_teacher:
         del float_teacher

@@ -168,3 +168,11 @@ def test_offload_keeps_boundaries_off_the_gpu():
         enable_checkpointing(model, "all", offload=offload)
         _, peaks[offload] = peak_memory(step, "cuda")
     assert peaks[True] < peaks[False]
+
+
+def test_slim_config_field_enables_checkpointing_at_load(tiny_llama):
+    import llmslim
+    from llmslim.memory.checkpointing import checkpointing_plan
+
+    model = llmslim.from_pretrained(tiny_llama, llmslim.SlimConfig(weights="nf4", checkpointing="sqrt"), progress=False)
+    assert checkpointing_plan(model) is not None and model.config.quantization_config.checkpointing == "sqrt"

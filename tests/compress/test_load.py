@@ -1,0 +1,115 @@
+"""Compression at load time through both doors, combined with quantization; save and reload; healing."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from safetensors import safe_open
+from train.tiny import write_causal, write_text
+from transformers import AutoModelForCausalLM
+
+import llmslim
+from llmslim import SlimConfig
+from llmslim.compress.cli import add_parser, parse_share_layers
+
+IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 0, 4]])
+CONFIGS = {
+    "factorized": SlimConfig(weights=None, embedding_rank=8),
+    "shared": SlimConfig(weights=None, share_layers=2, share_init=1),
+    "energy+untie+int8-table": SlimConfig(weights=None, embedding_energy=0.8, untie_embeddings=True, embedding_weights="int8"),
+    "nf4+factorized+shared": SlimConfig(weights="nf4", embedding_rank=8, share_layers="all"),
+}
+
+
+@pytest.fixture(scope="module")
+def tied_path(tmp_path_factory):
+    return write_causal(tmp_path_factory.mktemp("tied") / "llama")
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_both_doors_and_save_reload(tied_path, tmp_path, name):
+    config = CONFIGS[name]
+    ours = llmslim.from_pretrained(tied_path, config, progress=False)
+    theirs = AutoModelForCausalLM.from_pretrained(tied_path, quantization_config=config)
+    if config.weights is None:  # with quantization, transformers' door averages already-quantized blocks
+        torch.testing.assert_close(logits(ours), logits(theirs))
+    recorded = ours.config.quantization_config
+    assert recorded.embedding_rank is not None or not config.factorizes_embedding
+    llmslim.save_pretrained(ours, tmp_path / "saved")
+    for reloaded in (llmslim.from_pretrained(tmp_path / "saved", progress=False), AutoModelForCausalLM.from_pretrained(tmp_path / "saved")):
+        torch.testing.assert_close(logits(reloaded), logits(ours), atol=0, rtol=0)
+
+
+def test_shared_tensors_are_stored_once(tied_path, tmp_path):
+    model = llmslim.from_pretrained(tied_path, SlimConfig(weights="int8", share_layers=2), progress=False)
+    llmslim.save_pretrained(model, tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.mlp.up_proj.weight" in keys and "model.layers.0.mlp.up_proj.SCB" in keys
+    assert not any(k.startswith("model.layers.1.mlp") or k.startswith("model.layers.3.self_attn") for k in keys)
+    assert "model.layers.1.input_layernorm.weight" in keys  # per-layer norms are kept
+    reloaded = llmslim.from_pretrained(tmp_path / "saved", progress=False)
+    assert reloaded.model.layers[0].mlp.up_proj is reloaded.model.layers[1].mlp.up_proj
+
+
+def test_load_time_mean_equals_in_memory(tied_path):
+    from llmslim.compress import compress_
+
+    loaded = llmslim.from_pretrained(tied_path, SlimConfig(weights=None, share_layers=2, embedding_rank=8), progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tied_path, dtype=torch.float32)
+    compress_(model, SlimConfig(weights=None, share_layers=2, embedding_rank=8))
+    torch.testing.assert_close(logits(loaded), logits(model.eval()), atol=1e-5, rtol=1e-5)
+
+
+def test_compress_cli_heals_and_saves(tied_path, tmp_path, capsys):
+    text = write_text(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(
+        ["compress", str(tied_path), "--embedding-rank", "8", "--share-layers", "2", "--heal-steps", "12", "--train", str(text)]
+        + ["--out", str(tmp_path / "out"), "--block-size", "16", "--eval-tokens", "64", "--batch-size", "4", "--lr", "3e-3"]
+        + ["--optimizer", "adamw", "--mixed-precision", "no", "--no-progress", "--weights", "int8", "--embedding-corpus", str(text)]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    before, after = (float(x) for x in out.split("eval perplexity: ")[1].replace(" before healing,", "").split()[:2])
+    assert after < before
+    a, b = llmslim.from_pretrained(tmp_path / "out", progress=False), AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(a), logits(b), atol=0, rtol=0)
+    assert a.config.quantization_config.weights == "int8"
+
+
+def test_parse_share_layers():
+    assert parse_share_layers("all") == "all" and parse_share_layers("3") == 3
+    assert parse_share_layers("0-1,4:6") == [[0, 1], [4, 6]]
+    with pytest.raises(ValueError, match=r"--share-layers must be 'all', a group size"):
+        parse_share_layers("a-b")
+
+
+def test_distill_into_a_compressed_student(tied_path, tmp_path):
+    from train.tiny import train_config
+
+    from llmslim.distill import DistillConfig, distill
+
+    text = write_text(tmp_path)
+    config = DistillConfig(
+        out=tmp_path / "student",
+        teacher=tied_path,
+        student_layers=4,
+        student_embedding_rank=8,
+        student_share_layers=2,
+        train=text,
+        block_size=16,
+        eval_tokens=64,
+    )
+    result = distill(config, train_config(steps=2, batch_size=4), progress=False)
+    reloaded = llmslim.from_pretrained(result.out, progress=False)
+    assert reloaded.model.layers[0].mlp.up_proj is reloaded.model.layers[1].mlp.up_proj
+    torch.testing.assert_close(logits(reloaded), logits(result.student.eval()), atol=1e-5, rtol=1e-5)
