@@ -328,10 +328,8 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
     CUDA: bitsandbytes' LLM.int8 matmul, with activation outlier columns (|x| > threshold) in 16
-    bits. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: for 16-bit inputs llmslim's VNNI operator
-    (activations in int8 per 32, as llama.cpp's Q8_0; ~1e-3 relative error, below bf16's own
-    rounding), else PyTorch's weight-only int8 kernel (float32-exact row scales); neither
-    materialises a float weight. CPU, more tokens (prompts): the LLM.int8
+    bits. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: PyTorch's weight-only int8 kernel (never
+    materialises a float weight; float32-exact row scales). CPU, more tokens (prompts): the LLM.int8
     decomposition on `torch._int_mm` (VNNI), several times faster than a bf16 GEMM.
     """
     if x.device.type == "cuda" and bnb_functional() is not None:
@@ -345,9 +343,6 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and int_mm_usable(x, weight):
         out = int8_decomposed_matmul(x.reshape(-1, x.shape[-1]), weight, row_absmax, threshold)
         return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-    if x.device.type == "cpu" and x.dtype != torch.float32 and x.shape[-1] % 64 == 0 and _ops_loaded() and _has_vnni_kernel():
-        out = torch.ops.llmslim.mm_int8_q8(x.reshape(-1, x.shape[-1]), weight, row_absmax)
-        return out.view(*x.shape[:-1], weight.shape[0])
     if not int8pack_usable(x, weight):
         return torch.nn.functional.linear(x, formats.dequantize_int8_rows(weight, row_absmax, x.dtype))
     scales = row_absmax / 127.0  # (out,) float32

@@ -142,11 +142,7 @@ def _register_fakes() -> None:
     def dequantize_fake(codes, lut, scales, zeros, nested_absmax, nested_code, nested_offset, n, k, group, row_stride, dtype):
         return codes.new_empty((n, k), dtype=dtype)
 
-    def int8_fake(x, weight, row_absmax):
-        return x.new_empty((x.shape[0], weight.shape[0]))
-
-    fakes = (("mm_4bit", mm_fake), ("mm_int4_q8", mm_fake), ("mm_int8_q8", int8_fake), ("dequantize_4bit", dequantize_fake))
-    for name, fake in fakes:
+    for name, fake in (("mm_4bit", mm_fake), ("mm_int4_q8", mm_fake), ("dequantize_4bit", dequantize_fake)):
         if hasattr(torch.ops.llmslim, name):
             try:
                 torch.library.register_fake(f"llmslim::{name}")(fake)

@@ -270,25 +270,6 @@ def test_linear_int8_close_to_matmul_with_dequantized_weight_bf16(shape, batch):
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=1e-2 * expected.abs().max().item())
 
 
-def _q8_reference(x: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """x quantized to int8 per 32 elements (absmax / 127), times the int8 rows, rescaled: float64."""
-    blocks = x.double().view(x.shape[0], -1, 32)  # (m, k / 32, 32)
-    scale = blocks.abs().amax(dim=-1, keepdim=True) / 127  # (m, k / 32, 1)
-    xq = torch.round(blocks / torch.where(scale > 0, scale, 1)) * scale  # (m, k / 32, 32)
-    return xq.view(x.shape[0], -1) @ (q.double() * (absmax.double() / 127).unsqueeze(1)).T
-
-
-@pytest.mark.skipif(not native.load_ops() or not kernels._vnni_kernel(), reason="needs AVX-512 VNNI and the operators")
-@pytest.mark.parametrize("m", (1, 3, 4, 6, 8))
-@pytest.mark.parametrize("shape", ((24, 128), (7, 64), (130, 192)), ids=str)
-def test_mm_int8_q8_is_q8_activations_times_int8_rows(shape, m):
-    q, absmax = kernels.quantize_int8_rows(_randn(shape))
-    x = _randn((m, shape[1]), seed=3)
-    x[0, :32] = 0.0  # an all-zero block
-    out = torch.ops.llmslim.mm_int8_q8(x, q, absmax)
-    torch.testing.assert_close(out.double(), _q8_reference(x, q, absmax), rtol=1e-5, atol=1e-4)
-
-
 def test_linear_int8_fallback_without_int8pack_mm(monkeypatch):
     q, absmax = kernels.quantize_int8_rows(_randn((13, 37)))
     x = _randn((7, 37), seed=2)

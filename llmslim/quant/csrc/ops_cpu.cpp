@@ -471,93 +471,6 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return out.to(x.scalar_type());
 }
 
-// ---- int8 rows x int8 activations (VNNI) ------------------------------------------------------
-//
-// Weight-only int8 decode (LLM.int8's row-wise absmax weights): activations are quantized per 32
-// elements (absmax / 127), then vpdpbusd multiplies |x| (unsigned) by the weight with x's sign
-// applied (a masked negation), 64 products per instruction; per-32 activation scales and the row's
-// absmax / 127 are applied in float32. Weights are in [-127, 127], so the negation never overflows.
-
-struct QuantizedRows {
-  std::vector<uint8_t> abs;         // |round(x / scale)| per element
-  std::vector<uint64_t> negative;   // per 64 elements: bit j set when element j is negative
-  std::vector<float> lane_scale;    // per 64 elements, 16 lanes: the scale of the 32-block a lane covers
-};
-
-void quantize_rows_q8(const float* x, int64_t m, int64_t k, QuantizedRows& q) {
-  const int64_t chunks = k / 64;
-  q.abs.assign(m * k, 0);
-  q.negative.assign(m * chunks, 0);
-  q.lane_scale.assign(m * chunks * 16, 0.f);
-  for (int64_t i = 0; i < m; i++) {
-    for (int64_t b = 0; b < k / 32; b++) {
-      const float* xb = x + i * k + b * 32;
-      float amax = 0.f;
-      for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(xb[j]));
-      const float inv = amax > 0.f ? 127.f / amax : 0.f;
-      const int64_t chunk = i * chunks + b / 2;
-      for (int j = 0; j < 32; j++) {
-        const int v = static_cast<int>(std::nearbyint(xb[j] * inv));
-        q.abs[i * k + b * 32 + j] = static_cast<uint8_t>(std::abs(v));
-        if (v < 0) q.negative[chunk] |= uint64_t{1} << ((b % 2) * 32 + j);
-      }
-      for (int lane = 0; lane < 8; lane++) q.lane_scale[chunk * 16 + (b % 2) * 8 + lane] = amax / 127.f;
-    }
-  }
-}
-
-template <int TM>
-inline void int8_row_tile(const int8_t* w_row, const QuantizedRows& q, int64_t m0, int64_t k, float* totals) {
-  const int64_t chunks = k / 64;
-  __m512 acc[TM];
-  for (int t = 0; t < TM; t++) acc[t] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t c = 0; c < chunks; c++) {
-    const __m512i w = _mm512_loadu_si512(w_row + c * 64);
-    for (int t = 0; t < TM; t++) {
-      const int64_t row = m0 + t;
-      const __m512i signed_w = _mm512_mask_sub_epi8(w, q.negative[row * chunks + c], zero, w);
-      const __m512i dot = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512(q.abs.data() + row * k + c * 64), signed_w);
-      acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(q.lane_scale.data() + (row * chunks + c) * 16), acc[t]);
-    }
-  }
-  for (int t = 0; t < TM; t++) totals[t] = _mm512_reduce_add_ps(acc[t]);
-}
-
-at::Tensor mm_int8_q8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_absmax) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_int8_q8 takes a 2-D CPU input, got ", x.sizes());
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  TORCH_CHECK(k % 64 == 0, "llmslim: mm_int8_q8 needs K % 64 == 0, got ", k);
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.is_contiguous() && weight.dim() == 2 && weight.size(1) == k,
-              "llmslim: weight must be a contiguous (N, K) int8 tensor");
-  TORCH_CHECK(row_absmax.scalar_type() == at::kFloat && row_absmax.is_contiguous() && row_absmax.numel() == n,
-              "llmslim: row_absmax must be float32 with one entry per row");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  QuantizedRows q;
-  quantize_rows_q8(xf.data_ptr<float>(), m, k, q);
-  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
-  float* po = out.data_ptr<float>();
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const float* absmax = row_absmax.data_ptr<float>();
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; row++) {
-      const int8_t* w_row = w + row * k;
-      const float row_scale = absmax[row] / 127.f;
-      for (int64_t m0 = 0; m0 < m; m0 += kTileM) {
-        float totals[kTileM];
-        switch (std::min<int64_t>(kTileM, m - m0)) {
-          case 1: int8_row_tile<1>(w_row, q, m0, k, totals); break;
-          case 2: int8_row_tile<2>(w_row, q, m0, k, totals); break;
-          case 3: int8_row_tile<3>(w_row, q, m0, k, totals); break;
-          default: int8_row_tile<4>(w_row, q, m0, k, totals); break;
-        }
-        for (int t = 0; t < kTileM && m0 + t < m; t++) po[(m0 + t) * n + row] = totals[t] * row_scale;
-      }
-    }
-  });
-  return out.to(x.scalar_type());
-}
-
 #endif  // LLMSLIM_AVX512_BF16
 
 at::Tensor mm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
@@ -623,12 +536,10 @@ TORCH_LIBRARY(llmslim, m) {
       "dequantize_4bit(Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
       "float nested_offset, int n, int k, int group, int row_stride, ScalarType dtype) -> Tensor");
   m.def("mm_int4_q8(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, int group) -> Tensor");
-  m.def("mm_int8_q8(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("mm_int4_q8", c10::DispatchKey::CPU, mm_int4_q8);
-  m.impl("mm_int8_q8", c10::DispatchKey::CPU, mm_int8_q8);
 #endif
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
