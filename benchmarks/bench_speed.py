@@ -90,12 +90,12 @@ def load_bf16(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 
 
-def load_llmslim(path: Path, weights: str):
+def load_llmslim(path: Path, weights: str, **options):
     import torch
 
     import llmslim
 
-    return llmslim.from_pretrained(path, llmslim.SlimConfig(weights=weights), dtype=torch.bfloat16, progress=False)
+    return llmslim.from_pretrained(path, llmslim.SlimConfig(weights=weights, **options), dtype=torch.bfloat16, progress=False)
 
 
 def load_bnb(path: Path, bits: int):
@@ -125,6 +125,7 @@ CASES: dict[str, Case] = {
     "llmslim-int8": Case("llmslim int8", ("llmslim",), partial(load_llmslim, weights="int8")),
     "llmslim-nf4": Case("llmslim nf4", ("llmslim",), partial(load_llmslim, weights="nf4")),
     "llmslim-int4": Case("llmslim int4", ("llmslim",), partial(load_llmslim, weights="int4")),
+    "llmslim-int8-t6": Case("llmslim int8, int8_threshold 6", ("llmslim",), partial(load_llmslim, weights="int8", int8_threshold=6.0)),
     "bnb-int8": Case("transformers+bnb int8", ("bitsandbytes",), partial(load_bnb, bits=8)),
     "bnb-nf4": Case("transformers+bnb nf4", ("bitsandbytes",), partial(load_bnb, bits=4)),
     "quanto-int8": Case("optimum-quanto int8", ("optimum.quanto",), partial(load_quanto, bits=8), inference_mode=False),
