@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=8, help="r 8 on every linear layer: 1.75%% of the parameters")
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--checkpointing", default="all")
-    p.add_argument("--optimizer", default="adafactor", choices=("adamw", "adafactor", "paged_adamw8bit", "adamw8bit"))
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor", "paged_adamw8bit", "adamw8bit"))
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-every", type=int, default=0, help="curve points (default: steps / 5)")
     p.add_argument("--measure-block", type=int, default=256, help="tokens per block of the memory measurement (batch 1)")

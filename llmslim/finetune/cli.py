@@ -79,10 +79,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _default_optimizer() -> str:
-    """Paged 8-bit AdamW (bitsandbytes) on CUDA; Adafactor (factored moments, the lean choice) on CPU."""
+    """Paged 8-bit AdamW (bitsandbytes) on CUDA; AdamW on CPU.
+
+    Not Adafactor: it scales each update by the parameter's RMS, so LoRA's zero-initialised B barely
+    moves (measured: SmolLM2 eval perplexity 55.78 -> 55.78 after 60 steps). LoRA's states are small.
+    """
     import torch
 
-    return "paged_adamw8bit" if torch.cuda.is_available() else "adafactor"
+    return "paged_adamw8bit" if torch.cuda.is_available() else "adamw"
 
 
 def _report(result, args: argparse.Namespace, run_dir: Path, optimizer: str) -> None:
