@@ -177,8 +177,9 @@ def encoder_folder(args: argparse.Namespace) -> Path | None:
         files = importlib.metadata.distribution(ENCODER_WHEEL).files or []
     except importlib.metadata.PackageNotFoundError:
         return None
-    configs = [f.locate() for f in files if f.name == "config.json"]
-    return Path(configs[0]).parent if configs else None
+    # the wheel also holds sentence-transformers' 1_Pooling/config.json: take the model's own
+    configs = [Path(f.locate()) for f in files if f.name == "config.json" and "model_type" in Path(f.locate()).read_text()]
+    return configs[0].parent if configs else None
 
 
 def encoder_case(args: argparse.Namespace, work: Path) -> dict:
@@ -260,7 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         causal = causal_cases(args, Path(tmp))
-        encoder = encoder_case(args, Path(tmp))
+        try:
+            encoder = encoder_case(args, Path(tmp))
+        except Exception as err:  # the causal results are kept whatever happens to the encoder case
+            encoder = {"error": f"{type(err).__name__}: {err}"}
     report = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
