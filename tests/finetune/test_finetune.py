@@ -124,6 +124,6 @@ def test_script(tmp_path, base, text, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "eval perplexity before:" in out
     summary = json.loads(out.splitlines()[0])
-    assert summary["optimizer"] == "adafactor" and summary["trainable_params"] > 0
+    assert summary["optimizer"] == "adamw" and summary["trainable_params"] > 0
     assert main([str(base), "--out", str(tmp_path / "a"), "--train", str(text), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
