@@ -538,6 +538,18 @@ def plot(report: dict, path: Path) -> None:
     write_atomic(path, buffer.getvalue())
 
 
+def put_marked_block(path: Path, start: str, end: str, table: str, section: str) -> None:
+    """Put `table` between the `start` / `end` markers of `path`, or append `section` and the markers."""
+    block = f"{start}\n{table}\n{end}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = f"{head}{block}{rest.split(end, 1)[1]}"
+    else:
+        text = f"{text.rstrip()}\n\n{section}\n\n{block}\n"
+    write_atomic(path, text)
+
+
 def update_readme(table: str, path: Path = README) -> None:
     """Put `table` between the bench_load markers of `path` (created with a short intro if missing)."""
     block = f"{MARK_START}\n{table}\n{MARK_END}"

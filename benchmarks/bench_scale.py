@@ -404,14 +404,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def update_readme(table: str, path: Path = bl.README) -> None:
-    block = f"{MARK_START}\n{table}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = f"{head}{block}{rest.split(MARK_END, 1)[1]}"
-    else:
-        text = f"{text.rstrip()}\n\n## Scale (`benchmarks/bench_scale.py`)\n\n{block}\n"
-    bl.write_atomic(path, text)
+    bl.put_marked_block(path, MARK_START, MARK_END, table, "## Scale (`benchmarks/bench_scale.py`)")
 
 
 # ----------------------------------------------------------------------------- CLI

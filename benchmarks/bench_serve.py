@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_load's helpers, also when imported from elsewhere
-from bench_load import REPO, RESULTS_DIR, fmt, machine_info, write_atomic  # noqa: E402
+from bench_load import REPO, RESULTS_DIR, fmt, machine_info, put_marked_block, write_atomic  # noqa: E402
 
 README = REPO / "benchmarks" / "README.md"
 MARK_START, MARK_END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
@@ -238,20 +238,13 @@ def plot(report: dict, path: Path) -> None:
 
 def update_readme(table: str, path: Path = README) -> None:
     """Put `table` between the bench_serve markers of `path`, appending a section with them if missing."""
-    block = f"{MARK_START}\n{table}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = f"{head}{block}{rest.split(MARK_END, 1)[1]}"
-    else:
-        intro = (
-            "## Serving throughput (`benchmarks/bench_serve.py`)\n\n"
-            "`llmslim serve` in a child process, driven by the official `openai` client: aggregate output tokens/s and "
-            "latency for concurrent streaming clients, against one request at a time in the same run. "
-            "Results: `benchmarks/results/bench_serve.json` and `.png`."
-        )
-        text = f"{text.rstrip()}\n\n{intro}\n\n{block}\n"
-    write_atomic(path, text)
+    intro = (
+        "## Serving throughput (`benchmarks/bench_serve.py`)\n\n"
+        "`llmslim serve` in a child process, driven by the official `openai` client: aggregate output tokens/s and "
+        "latency for concurrent streaming clients, against one request at a time in the same run. "
+        "Results: `benchmarks/results/bench_serve.json` and `.png`."
+    )
+    put_marked_block(path, MARK_START, MARK_END, table, intro)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -53,6 +53,7 @@ from bench_load import (  # noqa: E402
     parse_list,
     prepare_smollm2,
     prepare_tinyllama,
+    put_marked_block,
     self_maxrss_kib,
     wait_child,
     warm_page_cache,
@@ -634,20 +635,13 @@ def plot(report: dict, path: Path) -> None:
 
 def update_readme(table: str, path: Path = README) -> None:
     """Put `table` between the bench_speed markers of `path`, appending a section with them if missing."""
-    block = f"{MARK_START}\n{table}\n{MARK_END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        text = f"{head}{block}{rest.split(MARK_END, 1)[1]}"
-    else:
-        intro = (
-            "## Inference speed per format (`benchmarks/bench_speed.py`)\n\n"
-            "CPU decode and prefill tokens/s of llmslim's formats against transformers bf16, transformers + bitsandbytes, "
-            "optimum-quanto and llama.cpp, each case in a fresh process, with the decode roofline from the measured memory "
-            "bandwidth. Results: `benchmarks/results/bench_speed.json` and `.png`."
-        )
-        text = f"{text.rstrip()}\n\n{intro}\n\n{block}\n"
-    write_atomic(path, text)
+    intro = (
+        "## Inference speed per format (`benchmarks/bench_speed.py`)\n\n"
+        "CPU decode and prefill tokens/s of llmslim's formats against transformers bf16, transformers + bitsandbytes, "
+        "optimum-quanto and llama.cpp, each case in a fresh process, with the decode roofline from the measured memory "
+        "bandwidth. Results: `benchmarks/results/bench_speed.json` and `.png`."
+    )
+    put_marked_block(path, MARK_START, MARK_END, table, intro)
 
 
 # ----------------------------------------------------------------------------- CLI
