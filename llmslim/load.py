@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from llmslim import hf, models
 from llmslim.compress.load import prepare_compression
@@ -44,7 +44,7 @@ def from_pretrained(
     force: bool = False,
     progress: bool = True,
 ) -> PreTrainedModel:
-    """Load a causal LM, compressing it on the fly, with bounded memory.
+    """Load a causal LM (or a masked LM or bare encoder such as BERT), compressing it on the fly, with bounded memory.
 
     Args:
         model: a local Hugging Face folder, a `.gguf` file, or None for the embedded default model.
@@ -74,7 +74,7 @@ def from_pretrained(
     files = checkpoint_files(path)
 
     with init_empty_weights(include_buffers=False):
-        skeleton = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        skeleton = hf.auto_class(hf_config).from_config(hf_config, dtype=dtype)
     if config.needs_mixed_choice:
         config = _choose_int8_layers(skeleton, config, files)
     hf.prepare_skeleton(skeleton, config)

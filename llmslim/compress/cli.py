@@ -59,6 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--alpha-lm", type=float, default=2.0, help="language-modelling loss weight (default 2.0)")
     h.add_argument("--alpha-cos", type=float, default=1.0, help="hidden-state cosine loss weight (default 1.0)")
     h.add_argument("--temperature", type=float, default=2.0, help="soft-target temperature (default 2.0)")
+    h.add_argument("--heal-quantized", action="store_true", help="heal with the layers already in --weights' format")
     h.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the saved model")
     add_data_arguments(p)
     add_train_arguments(p)
@@ -105,6 +106,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         eval_tokens=args.eval_tokens,
         save_dtype=args.save_dtype,
+        heal_quantized=args.heal_quantized,
         overwrite=args.overwrite,
     )
     run_dir = Path(args.run_dir) if args.run_dir else None

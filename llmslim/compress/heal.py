@@ -1,7 +1,9 @@
 """`compress_model()`: compress a pretrained model, heal it by distillation from the original, save it.
 
 The student is the original model in float32, compressed in memory (`compress_`); the teacher is
-the original model (quantized if asked). The distillation trainer (`llmslim.distill.losses`,
+the original model (quantized if asked, causal LMs only). A causal LM heals on DistilBERT's triple
+loss; an encoder (a bare BertModel such as all-MiniLM-L6-v2) on the cosine of its last hidden
+states alone, scored by the cosine of mean-pooled embeddings. The distillation trainer (`llmslim.distill.losses`,
 `llmslim.train`) then trains only the compressed parts (the embedding factors and the shared
 blocks' weights) unless `train_all`. The healed student is optionally quantized and saved in
 llmslim's layout, so both doors reload it.
@@ -15,9 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-from llmslim import models
+from llmslim import hf, models
 from llmslim.compress.apply import compress_, table_config
 from llmslim.compress.embedding import FactorizedEmbedding
 from llmslim.config import SlimConfig
@@ -37,9 +39,11 @@ class HealConfig:
         train: training text (file, .jsonl or dataset folder) for healing.
         train_all: train every parameter, not only the compressed parts.
         teacher_weights: `"none"` (float teacher) or a format to quantize the teacher with.
-        alpha_kd / alpha_lm / alpha_cos / temperature: distillation loss weights.
+        alpha_kd / alpha_lm / alpha_cos / temperature: distillation loss weights (an encoder uses alpha_cos alone).
         block_size / eval_tokens: tokens per training block, held-out tokens per evaluation.
         save_dtype: dtype of the saved float tensors.
+        heal_quantized: quantize the student's layers to `compression.weights` before healing
+            (not after), so that the trained parts also absorb the quantization error.
         overwrite: replace `out`.
     """
 
@@ -57,6 +61,7 @@ class HealConfig:
     block_size: int = 256
     eval_tokens: int = 20_000
     save_dtype: str = "float32"
+    heal_quantized: bool = False
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -69,6 +74,8 @@ class HealConfig:
             raise ValueError(f"heal_steps must be an integer >= 0, got {self.heal_steps!r}")
         if self.heal_steps and not self.train:
             raise ValueError(f"heal_steps={self.heal_steps} needs training text: pass train (--train FILE)")
+        if self.heal_quantized and self.compression.weights is None:
+            raise ValueError("heal_quantized needs a format to heal in: set compression.weights (--weights nf4)")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"save_dtype must be one of ['float32', 'bfloat16', 'float16'], got {self.save_dtype!r}")
 
@@ -92,8 +99,17 @@ def compress_model(config: HealConfig, train: TrainConfig | None = None, *, prog
         raise FileExistsError(f"{config.out} already exists: choose another --out or pass --overwrite")
     path = models.resolve(config.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    compressed = compress_(student, dataclasses.replace(config.compression, weights=None, embedding_weights=None), tokenizer=tokenizer)
+    hf_config = AutoConfig.from_pretrained(path)
+    if config.teacher_weights != "none" and hf.detect_objective(hf_config)[0] != "causal":
+        raise ValueError(
+            f"teacher_weights={config.teacher_weights!r} quantizes causal LMs only, and {path} is an encoder: use --teacher-weights none"
+        )
+    student = hf.auto_class(hf_config).from_pretrained(path, dtype=torch.float32)
+    compressed = compress_(
+        student, dataclasses.replace(config.compression, weights=None, embedding_weights=None, double_quant=None), tokenizer=tokenizer
+    )
+    if config.heal_quantized:
+        _quantize(student, dataclasses.replace(config.compression, embedding_rank=compressed.embedding_rank, embedding_energy=None))
     n_trainable = mark_trainable_(student, config.train_all)
     before, after, history = {}, {}, []
     if config.heal_steps:
@@ -129,11 +145,16 @@ def _heal(student, path: Path, tokenizer, config: HealConfig, train: TrainConfig
     from llmslim.train.data import load_splits, prepare_data
     from llmslim.train.loop import Trainer, make_accelerator
 
-    data = prepare_data(tokenizer, load_splits(config.train, None, 0.1, "text"), config.block_size)
+    causal = hf.detect_objective(student.config)[0] == "causal"
+    data = prepare_data(tokenizer, load_splits(config.train, None, 0.1, "text"), config.block_size, encoder=not causal)
     accelerator = make_accelerator(train)
     teacher = _teacher(path, config.teacher_weights, accelerator.device)
-    eval_fn = make_eval_fn("causal", True, data, config.eval_tokens, teacher, None)
-    weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature)
+    if causal:
+        eval_fn = make_eval_fn("causal", True, data, config.eval_tokens, teacher, None)
+        weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature)
+    else:  # an encoder heals on its hidden states alone and is scored by pooled-embedding cosine
+        eval_fn = make_eval_fn("masked", False, data, config.eval_tokens, teacher, None)
+        weights = LossWeights(0.0, 0.0, config.alpha_cos or 1.0, config.temperature)
     trainer = Trainer(
         student,
         train,
@@ -153,7 +174,7 @@ def _heal(student, path: Path, tokenizer, config: HealConfig, train: TrainConfig
 
 def _teacher(path: Path, weights: str, device: torch.device) -> nn.Module:
     if weights == "none":
-        teacher = AutoModelForCausalLM.from_pretrained(path)
+        teacher = hf.auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
     else:
         import llmslim
 
@@ -163,20 +184,39 @@ def _teacher(path: Path, weights: str, device: torch.device) -> nn.Module:
 
 def _finalize(student: nn.Module, config: SlimConfig, save_dtype: str) -> nn.Module:
     """Cast, quantize if `config.weights` (shared blocks stay shared), record `config` on the model."""
-    from llmslim import hf
-    from llmslim.compress.load import share_loaded_
-
-    student = student.to(getattr(torch, save_dtype)).eval().requires_grad_(False)
+    student = _cast_float_(student, getattr(torch, save_dtype), config.torch_compute_dtype).eval().requires_grad_(False)
     if config.embedding_weights is not None:
         student.get_input_embeddings().quantize_table_(table_config(config))
     if config.weights is not None:
-        from llmslim.quant.quantize import quantize_
-
-        quantize_(student, config)
-        if config.share_layers is not None:
-            share_loaded_(student, config)  # quantize_ replaced each shared module under its first name only
+        _quantize(student, config)  # a no-op for layers quantized before healing
     hf.mark_quantized(student, config)
     return student
+
+
+def _cast_float_(model: nn.Module, dtype: torch.dtype, compute_dtype: torch.dtype | None) -> nn.Module:
+    """Cast the float parameters and buffers to `dtype`, leaving quantized layers' state (absmax, scales) as their format stores it."""
+    from llmslim.quant.modules import SlimLinear
+
+    layers = [m for m in model.modules() if isinstance(m, SlimLinear)]
+    quantized = {id(t) for m in layers for t in [*m.parameters(), *m.buffers()]}
+    for layer in layers:
+        layer.compute_dtype = compute_dtype or dtype  # as when loaded in `dtype`
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is not None and tensor.is_floating_point() and id(tensor) not in quantized:
+                    tensor.data = tensor.data.to(dtype)
+    return model
+
+
+def _quantize(student: nn.Module, config: SlimConfig) -> None:
+    """Quantize the student's linear layers to `config.weights`; shared blocks stay shared."""
+    from llmslim.compress.load import share_loaded_
+    from llmslim.quant.quantize import quantize_
+
+    quantize_(student, config)
+    if config.share_layers is not None:
+        share_loaded_(student, config)  # quantize_ replaced each shared module under its first name only
 
 
 def _save(model: nn.Module, tokenizer, out: Path, overwrite: bool) -> None:

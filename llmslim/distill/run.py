@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from llmslim import models
 from llmslim.distill.config import DistillConfig
 from llmslim.distill.evaluate import make_eval_fn
 from llmslim.distill.losses import DistillLoss, LossWeights, Masking
 from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student
+from llmslim.hf import auto_class, detect_objective
 from llmslim.save import atomic_directory
 from llmslim.train.checkpoint import check_resume
 from llmslim.train.config import TrainConfig
@@ -27,9 +28,6 @@ from llmslim.train.data import load_splits, prepare_data
 from llmslim.train.loop import Trainer, make_accelerator, run_fingerprint
 
 logger = logging.getLogger(__name__)
-
-CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
-MASKED_SUFFIXES = ("ForMaskedLM", "ForPreTraining")
 
 
 @dataclass
@@ -45,9 +43,7 @@ class DistillPlan:
 
     @property
     def model_class(self):
-        if self.objective == "causal":
-            return AutoModelForCausalLM
-        return AutoModelForMaskedLM if self.has_head else AutoModel
+        return auto_class(self.teacher_config)
 
 
 @dataclass
@@ -132,20 +128,6 @@ def plan_distillation(config: DistillConfig) -> DistillPlan:
     if config.student is not None:
         check_compatible(teacher_config, AutoConfig.from_pretrained(models.resolve(config.student)), need_hidden=config.alpha_cos > 0)
     return DistillPlan(path, teacher_config, objective, has_head, layer_map, _hidden_pairs(config, layer_map))
-
-
-def detect_objective(hf_config) -> tuple[str, bool]:
-    """("causal" | "masked", has an LM head) from the architectures a config names."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    archs = hf_config.architectures or []
-    if any(a.endswith(CAUSAL_SUFFIXES) for a in archs):
-        return "causal", True
-    if any(a.endswith(MASKED_SUFFIXES) for a in archs):
-        return "masked", True
-    if hf_config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(hf_config, "is_decoder", False):
-        return "masked", False  # a bare encoder such as BertModel (sentence-transformers)
-    return "causal", True
 
 
 def load_tokenizer(plan: DistillPlan):

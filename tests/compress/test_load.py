@@ -113,3 +113,72 @@ def test_distill_into_a_compressed_student(tied_path, tmp_path):
     reloaded = llmslim.from_pretrained(result.out, progress=False)
     assert reloaded.model.layers[0].mlp.up_proj is reloaded.model.layers[1].mlp.up_proj
     torch.testing.assert_close(logits(reloaded), logits(result.student.eval()), atol=1e-5, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def bert_path(tmp_path_factory):
+    from train.tiny import write_bert
+
+    return write_bert(tmp_path_factory.mktemp("bert") / "bert", head=False)
+
+
+def hidden(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS + 5).last_hidden_state
+
+
+def test_encoder_compresses_at_load_and_reloads(bert_path, tmp_path):
+    from transformers import AutoModel
+
+    from llmslim.compress import FactorizedEmbedding, compress_
+
+    config = SlimConfig(weights="int8", embedding_rank=8)
+    loaded = llmslim.from_pretrained(bert_path, config, progress=False)
+    assert type(loaded).__name__ == "BertModel" and isinstance(loaded.get_input_embeddings(), FactorizedEmbedding)
+    in_memory = AutoModel.from_pretrained(bert_path, dtype=torch.float32)
+    compress_(in_memory, SlimConfig(weights=None, embedding_rank=8))
+    float_loaded = llmslim.from_pretrained(bert_path, SlimConfig(weights=None, embedding_rank=8), progress=False)
+    torch.testing.assert_close(hidden(float_loaded), hidden(in_memory.eval()), atol=1e-5, rtol=1e-5)
+    llmslim.save_pretrained(loaded, tmp_path / "saved")
+    torch.testing.assert_close(hidden(llmslim.from_pretrained(tmp_path / "saved", progress=False)), hidden(loaded), atol=0, rtol=0)
+
+
+def test_encoder_heals_on_hidden_state_cosine(bert_path, tmp_path):
+    from train.tiny import train_config
+
+    from llmslim.compress.heal import HealConfig, compress_model
+
+    text = write_text(tmp_path)
+    config = HealConfig(
+        out=tmp_path / "out",
+        model=bert_path,
+        compression=SlimConfig(weights=None, embedding_rank=4),
+        heal_steps=15,
+        train=text,
+        block_size=16,
+        eval_tokens=64,
+    )
+    result = compress_model(config, train_config(batch_size=4, lr=1e-2), progress=False)
+    assert result.metrics_after["eval_cosine"] > result.metrics_before["eval_cosine"]
+    assert {"cos"} <= set(result.history[0]) and "kd" not in result.history[0]
+    with pytest.raises(ValueError, match="quantizes causal LMs only"):
+        compress_model(HealConfig(out=tmp_path / "o2", model=bert_path, compression=config.compression, teacher_weights="nf4"))
+
+
+def test_heal_quantized_trains_through_the_quantized_layers(tied_path, tmp_path):
+    from train.tiny import train_config
+
+    from llmslim.compress.heal import HealConfig, compress_model
+    from llmslim.quant.modules import SlimLinear
+
+    text = write_text(tmp_path)
+    compression = SlimConfig(weights="nf4", embedding_rank=8, untie_embeddings=True)
+    config = HealConfig(out=tmp_path / "out", model=tied_path, compression=compression, heal_steps=12, train=text, block_size=16)
+    config.eval_tokens, config.save_dtype, config.heal_quantized = 64, "bfloat16", True  # bf16: absmax must stay float32
+    result = compress_model(config, train_config(batch_size=4, lr=3e-3), progress=False)
+    assert result.metrics_after["eval_perplexity"] < result.metrics_before["eval_perplexity"]
+    assert isinstance(result.model.model.layers[0].mlp.up_proj, SlimLinear)
+    reloaded = llmslim.from_pretrained(tmp_path / "out", progress=False)
+    torch.testing.assert_close(logits(reloaded), logits(result.model), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="heal_quantized needs a format"):
+        HealConfig(out=tmp_path / "o2", compression=SlimConfig(weights=None, embedding_rank=8), heal_quantized=True)
