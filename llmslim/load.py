@@ -21,6 +21,7 @@ from transformers import AutoConfig, PreTrainedModel
 from llmslim import hf, models
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
+from llmslim.memory.trim import release_free_memory
 from llmslim.placement import DevicePlan, plan_devices
 from llmslim.quant import kernels, mixed
 from llmslim.quant.modules import SlimLinear, quantization_targets
@@ -189,6 +190,7 @@ class _Loader:
                 self.unexpected.append(key)
                 continue
             self._load_tensor(target, read(), file)
+            release_free_memory()  # the read and its temporaries are freed: keep the heap from holding them
 
     def _target(self, key: str) -> _Target | None:
         for name in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):

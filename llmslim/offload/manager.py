@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmslim.memory.trim import release_free_memory
+
 logger = logging.getLogger(__name__)
 
 
@@ -137,6 +139,8 @@ class OffloadManager:
         if i in self._installed:
             self._installed.discard(i)
             self._count(-self.block_bytes[i])
+            if self.device.type == "cpu":
+                release_free_memory()  # the freed copies would otherwise stay in the heap, resident
 
     def _next(self, i: int) -> int:
         position = self.order.index(i)
