@@ -205,7 +205,10 @@ def _config_dtype(shape: ModelShape) -> str:
 
 
 def _notes(shape: ModelShape, workload: Workload) -> list[str]:
-    notes = ["factorized embeddings: not available in this llmslim (no compress/ module yet), so no row for them"]
+    notes = [
+        f"nf4+dq+emb/4: the input embedding factorized at rank hidden/4 = {max(1, shape.hidden // 4)} (ALBERT; tied heads through the "
+        "factors); a pretrained model needs healing after it (`llmslim compress --heal-steps`), see benchmarks/bench_compress.py"
+    ]
     if shape.max_context and workload.context > shape.max_context:
         notes.append(f"context {workload.context} is longer than the model's {shape.max_context} positions")
     return notes
@@ -213,7 +216,7 @@ def _notes(shape: ModelShape, workload: Workload) -> list[str]:
 
 def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workload, dtype: str) -> FormatPlan:
     """Bytes, placement and tokens/s bound of `shape` in format `fmt`."""
-    config = format_config(fmt)
+    config = format_config(fmt, shape)
     float_dtype = "bfloat16" if config is None else dtype
     size = dtype_bytes(float_dtype)
     weights = weight_bytes(shape, config, float_dtype)
@@ -421,11 +424,11 @@ def _recommend(formats: dict[str, FormatPlan]) -> str | None:
         p = formats.get(fmt)
         if p and p.placement.fits and not ({"cpu", "disk"} & set(p.placement.block_devices) - {p.placement.outer_device}):
             return fmt
-    fitting = [p for p in formats.values() if p.placement.fits]
+    fitting = [p for p in formats.values() if p.placement.fits and p.format in QUALITY_ORDER]  # factorized: needs healing first
     return max(fitting, key=lambda p: ("disk" not in p.placement.block_devices, p.tokens_per_s or 0)).format if fitting else None
 
 
 def tensor_table(shape: ModelShape, fmt: str, dtype: str) -> dict[str, int]:
     """Bytes of every tensor of `shape` in format `fmt` (`--tensors`)."""
-    config = format_config(fmt)
+    config = format_config(fmt, shape)
     return {name: nbytes for name, _, nbytes in iter_tensor_bytes(shape, config, "bfloat16" if config is None else dtype)}

@@ -26,6 +26,8 @@ PLAN_FORMATS: dict[str, dict | None] = {
     "nf4": {"weights": "nf4", "double_quant": False},
     "nf4+dq": {"weights": "nf4", "double_quant": True},
     "int4": {"weights": "int4"},
+    # nf4+dq with ALBERT's factorized input embedding at rank hidden/4 (a tied head through the factors)
+    "nf4+dq+emb/4": {"weights": "nf4", "double_quant": True, "embedding_divisor": 4},
 }
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
 
@@ -38,12 +40,24 @@ def dtype_bytes(dtype: str) -> int:
     return DTYPE_BYTES[name]
 
 
-def format_config(name: str) -> SlimConfig | None:
-    """The `SlimConfig` of a plan format name (None for bf16)."""
+def format_config(name: str, shape: ModelShape | None = None) -> SlimConfig | None:
+    """The `SlimConfig` of a plan format name (None for bf16); a factorized format needs the model's `shape`."""
     if name not in PLAN_FORMATS:
         raise ValueError(f"format must be one of {list(PLAN_FORMATS)}, got {name!r}")
-    fields = PLAN_FORMATS[name]
-    return None if fields is None else SlimConfig(**fields)
+    if PLAN_FORMATS[name] is None:
+        return None
+    fields = dict(PLAN_FORMATS[name])
+    divisor = fields.pop("embedding_divisor", None)
+    if divisor is not None:
+        if shape is None:
+            raise ValueError(f"format {name!r} sets the embedding rank from the model's width: pass its shape")
+        fields["embedding_rank"] = max(1, shape.hidden // divisor)
+    return SlimConfig(**fields)
+
+
+def factorizes(shape: ModelShape, config: SlimConfig | None) -> bool:
+    """Whether `config` factorizes `shape`'s input embedding (a plain V x H table)."""
+    return config is not None and config.embedding_rank is not None and _word_embedding(shape) is not None
 
 
 @dataclass
@@ -105,8 +119,20 @@ def iter_tensor_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) 
         for name, nbytes in linear_tensors(lin, config, dtype):
             role = "kept" if name == "bias" or not selected else ("codes" if name == "weight" else "scales")
             yield f"{lin.name}.{name}", role, nbytes
+    embedding = _word_embedding(shape) if config is not None and config.embedding_rank is not None else None
     for t in shape.tensors:
+        if t is embedding:  # FactorizedEmbedding: table (V x E) and projection (E x H), in the float dtype
+            prefix, rank = t.name.removesuffix(".weight"), config.embedding_rank
+            yield f"{prefix}.table.weight", "kept", shape.vocab * rank * dtype_bytes(dtype)
+            yield f"{prefix}.proj", "kept", rank * shape.hidden * dtype_bytes(dtype)
+            continue
         yield t.name, "kept" if t.dtype is None else "buffers", t.numel * dtype_bytes(t.dtype or dtype)
+
+
+def _word_embedding(shape: ModelShape):
+    """The input word embedding's `TensorSpec` (a float V x H table outside the blocks), or None."""
+    tables = [t for t in shape.outer_tensors if t.dtype is None and t.numel == shape.vocab * shape.hidden > 0]
+    return tables[0] if tables else None
 
 
 def weight_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) -> WeightBytes:
@@ -124,7 +150,7 @@ def weight_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) -> We
     out.largest_linear = max((lin.in_features * lin.out_features for lin in selected), default=0)
     out.max_in = max((lin.in_features for lin in selected), default=0)
     out.max_out = max((lin.out_features for lin in selected), default=0)
-    out.input_embedding = _input_embedding_bytes(shape, dtype)
+    out.input_embedding = 0 if factorizes(shape, config) else _input_embedding_bytes(shape, dtype)  # factors: read whole
     return out
 
 

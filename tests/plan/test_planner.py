@@ -22,7 +22,7 @@ CPU_ONLY = Hardware(gpus=[], cpu=24 * GiB, disk=10**12)
 
 
 def _load(path, fmt):
-    config = format_config(fmt)
+    config = format_config(fmt, model_shape(json.loads((path / "config.json").read_text())))
     if config is None:
         return llmslim.from_pretrained(path, llmslim.SlimConfig(weights=None), dtype=torch.bfloat16, progress=False)
     return llmslim.from_pretrained(path, config, progress=False)
@@ -152,3 +152,14 @@ def test_bad_input_names_the_value():
     with pytest.raises(ValueError, match="optimizer must be one of"):
         Workload(optimizer="adam9")
     assert parse_gpus(["2x24GiB", "80GB"]) == [24 * GiB, 24 * GiB, 80 * 10**9]
+
+
+def test_factorized_embedding_row_saves_the_embedding_factors_difference():
+    plan = plan_model("bloom-176b", CPU_ONLY)
+    v, h = plan.shape.vocab, plan.shape.hidden
+    rank = h // 4
+    saved = plan.formats["nf4+dq"].weights.total - plan.formats["nf4+dq+emb/4"].weights.total
+    assert saved == (v * h - v * rank - rank * h) * 2  # bf16 table, tied head through the factors
+    assert format_config("nf4+dq+emb/4", plan.shape).embedding_rank == rank
+    with pytest.raises(ValueError, match="pass its shape"):
+        format_config("nf4+dq+emb/4")

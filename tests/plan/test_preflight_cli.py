@@ -52,7 +52,7 @@ def test_plan_prints_a_table_for_a_bundled_model(capsys):
 def test_plan_json_for_a_local_folder(tiny_llama, capsys):
     assert _run(["plan", str(tiny_llama), "--cpu", "8GiB", "--disk", "10GB", "--json", "--tensors", "nf4"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["model"] == tiny_llama.name and set(report["formats"]) == {"bf16", "int8", "nf4", "nf4+dq", "int4"}
+    assert report["model"] == tiny_llama.name and set(report["formats"]) == {"bf16", "int8", "nf4", "nf4+dq", "int4", "nf4+dq+emb/4"}
     nf4 = report["formats"]["nf4"]
     assert {"weight_bytes", "kv_cache_bytes", "activation_bytes", "total_bytes", "verdict", "tokens_per_s", "device_map"} <= set(nf4)
     assert sum(report["tensors"]["nf4"].values()) == nf4["weight_bytes"]
