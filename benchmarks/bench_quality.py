@@ -147,8 +147,8 @@ def table(result: dict) -> str:
         "",
         "Caveat: SmolLM2's weights reached us as GGUF Q4_1 (int4, group 32, min/max), so `int4-g32` reproduces them almost",
         "exactly and says little about int4 itself; quote int4 at group 64 or 128. `-refine` is `SlimConfig(refine=True)`",
-        "(HQQ zero-point optimisation, then a least-squares refit of scale and zero); `int8-t1.5` is `int8_threshold=1.5`",
-        "(more activation columns kept in float by the CPU LLM.int8 prompt path).",
+        "(HQQ zero-point optimisation, then a least-squares refit of scale and zero); `int8-t6` is `int8_threshold=6`",
+        "(the default, 1.5, keeps more activation columns in float in the CPU LLM.int8 prompt path).",
     ]
     return "\n".join(lines)
 
