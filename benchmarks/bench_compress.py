@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import re
 import sys
@@ -211,13 +210,10 @@ def smollm2(args: argparse.Namespace) -> dict:
 
 
 def encoder_folder() -> Path | None:
-    try:
-        files = importlib.metadata.distribution(ENCODER_WHEEL).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    # the wheel also holds sentence-transformers' 1_Pooling/config.json: take the model's own
-    configs = [Path(f.locate()) for f in files if f.name == "config.json" and "model_type" in Path(f.locate()).read_text()]
-    return configs[0].parent if configs else None
+    """all-MiniLM-L6-v2's folder inside its installed wheel (bench_distill finds it the same way)."""
+    from bench_distill import encoder_folder as wheel_folder
+
+    return wheel_folder(argparse.Namespace(encoder=None))
 
 
 @torch.no_grad()
@@ -377,6 +373,16 @@ def best_healed(runs: list[tuple[str, dict]], minutes: float, metric: str) -> tu
     return min(within, key=lambda run: sign * run[1][metric])
 
 
+def table_rows(results: dict, quality) -> list[str]:
+    """One row per setting, smallest first: MiB, bytes vs the original, `quality(r)` columns, heal minutes."""
+    base = results["original"]["nbytes"]
+    rows = []
+    for name, r in sorted(results.items(), key=lambda kv: kv[1]["nbytes"]):
+        heal = f"{r['heal_minutes']:.1f}" if "heal_minutes" in r else ""
+        rows.append(f"| {name} | {r['nbytes'] / 2**20:.1f} | {r['nbytes'] / base:.3f} | {quality(r)} | {heal} |")
+    return rows
+
+
 def markdown(report: dict) -> str:
     lm, enc = report["smollm2"], report["encoder"]
     base = lm["results"]["original"]
@@ -388,14 +394,8 @@ def markdown(report: dict) -> str:
         "| setting | MiB | vs original | perplexity | vs original | heal min |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for name, r in sorted(lm["results"].items(), key=lambda kv: kv[1]["nbytes"]):
-        heal = f"{r['heal_minutes']:.1f}" if "heal_minutes" in r else ""
-        lines.append(
-            f"| {name} | {r['nbytes'] / 2**20:.1f} | {r['nbytes'] / base['nbytes']:.3f} | {r['perplexity']:.2f} | "
-            f"{r['perplexity'] / base['perplexity']:.3f} | {heal} |"
-        )
+    lines += table_rows(lm["results"], lambda r: f"{r['perplexity']:.2f} | {r['perplexity'] / base['perplexity']:.3f}")
     if "results" in enc:
-        base = enc["results"]["original"]
         lines += [
             "",
             f"all-MiniLM-L6-v2, {enc['sentences']} held-out WikiText-2 sentences: mean cosine of mean-pooled embeddings to the "
@@ -404,12 +404,7 @@ def markdown(report: dict) -> str:
             "| setting | MiB | vs original | cosine | NN agreement | heal min |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for name, r in sorted(enc["results"].items(), key=lambda kv: kv[1]["nbytes"]):
-            heal = f"{r['heal_minutes']:.1f}" if "heal_minutes" in r else ""
-            lines.append(
-                f"| {name} | {r['nbytes'] / 2**20:.1f} | {r['nbytes'] / base['nbytes']:.3f} | {r['cosine']:.4f} | "
-                f"{r['nn_agreement']:.3f} | {heal} |"
-            )
+        lines += table_rows(enc["results"], lambda r: f"{r['cosine']:.4f} | {r['nn_agreement']:.3f}")
     else:
         lines += ["", f"all-MiniLM-L6-v2: {enc.get('skipped') or enc.get('error')}"]
     lines += ["", "Targets:", ""]
