@@ -140,7 +140,9 @@ class OffloadManager:
             self._installed.discard(i)
             self._count(-self.block_bytes[i])
             if self.device.type == "cpu":
-                release_free_memory()  # the freed copies would otherwise stay in the heap, resident
+                # the freed copies would otherwise stay in the heap, resident. It costs decode time (fresh pages
+                # per block: 1.1B, 8 tokens, 2.3 s vs 1.5 s); reusing two preallocated block buffers would not.
+                release_free_memory()
 
     def _next(self, i: int) -> int:
         position = self.order.index(i)
