@@ -91,12 +91,13 @@ def load_bf16(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
 
 
-def load_llmslim(path: Path, weights: str, **options):
+def load_llmslim(path: Path, weights: str, device_map: str | None = None, **options):
     import torch
 
     import llmslim
 
-    return llmslim.from_pretrained(path, llmslim.SlimConfig(weights=weights, **options), dtype=torch.bfloat16, progress=False)
+    config = llmslim.SlimConfig(weights=weights, **options)
+    return llmslim.from_pretrained(path, config, dtype=torch.bfloat16, device_map=device_map, progress=False)
 
 
 def load_bnb(path: Path, bits: int):

@@ -57,6 +57,21 @@ def input_ids() -> torch.Tensor:
     return torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """Tests not marked `gpu` run on the CPU even where a GPU is visible.
+
+    llmslim and transformers put a model on the GPU by default when there is one; the CPU tests
+    feed CPU tensors and check CPU kernels, so on a GPU machine they hide it (also from the child
+    processes some of them start). The `gpu` tests check the CUDA paths and the GPU default.
+    """
+    if "gpu" in request.keywords or not torch.cuda.is_available():
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -1,0 +1,310 @@
+"""GPU benchmark: load time, GPU memory and decode/prefill speed per weight format on CUDA.
+
+llmslim's int8 / nf4 / int4 against transformers bf16 and transformers+bitsandbytes int8 / nf4 on the
+random TinyLlama-1.1B shape, each case in a fresh child process (this script with `--child CASE
+MODEL_DIR`). Per case the child
+
+- loads the model with `device_map="cuda"`: wall seconds, `torch.cuda.max_memory_allocated` over
+  the load, and the model's footprint counted from its tensors (scales and absmax included);
+- times decode and prefill exactly as bench_speed.py does (batch 1, greedy, `generate`; decode
+  tok/s without the prompt's forward), synchronising the GPU before each clock read;
+- records the GPU peak over decode and prefill, and the greedy tokens of the prefill forward, which
+  the parent compares with bf16's (top-1 agreement: a cheap check that the format computes the
+  right thing on this device).
+
+A first child measures the GPU's read bandwidth (a bf16 sum over 4 GiB) for the decode roofline.
+
+    python benchmarks/bench_gpu.py                         # on a machine with a CUDA GPU
+    python benchmarks/bench_gpu.py --from-json /path/from/the/gpu/bench_gpu.json   # render it here
+
+Writes bench_gpu.json and .png under --results-dir, prints a markdown table and puts it in
+benchmarks/README.md between `<!-- bench_gpu:start -->` and `<!-- bench_gpu:end -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_load import GIB, KIB, fmt, machine_info, prepare_tinyllama, put_marked_block, wait_child, write_atomic  # noqa: E402
+from bench_speed import DEFAULT_TINYLLAMA, load_llmslim, random_ids, ratio, time_decode, timed, weight_bytes_per_token  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+README = REPO / "benchmarks" / "README.md"
+MARK_START, MARK_END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
+BANDWIDTH = "bandwidth"
+GB = 1e9
+
+
+def load_bf16(path: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
+
+
+def load_bnb(path: Path, bits: int):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 8:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+        )
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map="cuda")
+
+
+CASES = {
+    "bf16": ("transformers bf16", load_bf16),
+    "llmslim-int8": ("llmslim int8", partial(load_llmslim, weights="int8", device_map="cuda")),
+    "llmslim-nf4": ("llmslim nf4", partial(load_llmslim, weights="nf4", device_map="cuda")),
+    "llmslim-int4": ("llmslim int4", partial(load_llmslim, weights="int4", device_map="cuda")),
+    "llmslim-int8-t6": ("llmslim int8, int8_threshold 6", partial(load_llmslim, weights="int8", int8_threshold=6.0, device_map="cuda")),
+    "bnb-int8": ("transformers+bnb int8", partial(load_bnb, bits=8)),
+    "bnb-nf4": ("transformers+bnb nf4", partial(load_bnb, bits=4)),
+}
+BASE_CASE = "bf16"
+PEERS = {"llmslim-int8-t6": "bnb-int8", "llmslim-nf4": "bnb-nf4"}  # the same format and settings in transformers+bitsandbytes
+
+
+# ----------------------------------------------------------------------------- child side
+
+
+def child_bandwidth(repeats: int) -> dict:
+    """GPU read bandwidth: a bf16 sum over 4 GiB (median of `repeats` after a warm-up)."""
+    import torch
+
+    data = torch.ones(2 * GIB, dtype=torch.bfloat16, device="cuda")
+
+    def read():
+        data.sum(dtype=torch.float32)
+        torch.cuda.synchronize()
+
+    read()
+    times, _ = timed(read, max(repeats, 5))
+    return {"read_gb_s": data.numel() * 2 / statistics.median(times) / GB, "device_name": torch.cuda.get_device_name()}
+
+
+def child_case(case: str, model_dir: Path, args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = CASES[case][1](model_dir)
+    torch.cuda.synchronize()
+    result: dict = {"load_s": time.perf_counter() - start, "load_peak_gib": torch.cuda.max_memory_allocated() / GIB}
+    model.eval()
+    result.update(weight_bytes_per_token(model))
+    result["devices"] = sorted({t.device.type for t in model.state_dict().values()})
+    prompt, prefill = random_ids(model.config.vocab_size, args.prompt_tokens, args.prefill_tokens)
+    prompt, prefill = prompt.cuda(), prefill.cuda()
+    torch.cuda.reset_peak_memory_stats()
+    # generate reads each new token back to the host (its stopping check), so its clock needs no extra sync
+    result.update(time_decode(model, prompt, args.new_tokens, args.repeats, torch.inference_mode))
+
+    def forward():
+        logits = model(prefill).logits  # (1, tokens, vocab)
+        torch.cuda.synchronize()
+        return logits
+
+    with torch.inference_mode():
+        forward()  # warm-up
+        times, logits = timed(forward, args.repeats)
+    seconds = statistics.median(times)
+    result.update(prefill_s=seconds, prefill_s_runs=times, prefill_tokens=prefill.shape[1], prefill_tok_s=prefill.shape[1] / seconds)
+    result["run_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+    result["prefill_top1"] = logits[0].argmax(-1).tolist()  # (tokens,)
+    return result
+
+
+def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
+    try:
+        result = child_bandwidth(args.repeats) if case == BANDWIDTH else child_case(case, Path(model_dir), args)
+    except Exception as err:
+        result = {"error": f"{type(err).__name__}: {err}".strip(), "traceback": traceback.format_exc()}
+    write_atomic(Path(args.result), json.dumps(result))
+    return 1 if "error" in result else 0
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def run_child(case: str, model_dir: Path | str, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
+        result_file, log_file = Path(tmp) / "result.json", Path(tmp) / "log.txt"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, str(model_dir), "--result", str(result_file)]
+        cmd += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
+        cmd += ["--prompt-tokens", str(args.prompt_tokens), "--prefill-tokens", str(args.prefill_tokens)]
+        with open(log_file, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+        status, usage, timed_out = wait_child(proc, args.timeout)
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        result.update(peak_rss_gib=usage.ru_maxrss * KIB / GIB, exit_code=os.waitstatus_to_exitcode(status))
+        if timed_out:
+            result["error"] = f"timed out after {args.timeout:g} s (killed)"
+        elif "error" not in result and result["exit_code"] != 0:
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
+            result["error"] = f"child exited with {result['exit_code']}: " + " | ".join(tail)
+        return result
+
+
+def add_derived(cases: dict[str, dict], read_gb_s: float | None) -> None:
+    """Ratios against bf16, the decode roofline, and top-1 agreement of the prefill with bf16's."""
+    base = cases.get(BASE_CASE, {})
+    for entry in cases.values():
+        entry["decode_vs_bf16"] = ratio(entry.get("decode_tok_s"), base.get("decode_tok_s"))
+        entry["prefill_vs_bf16"] = ratio(entry.get("prefill_tok_s"), base.get("prefill_tok_s"))
+        entry["footprint_vs_bf16"] = ratio(entry.get("model_bytes"), base.get("model_bytes"))
+        weight_bytes = entry.get("weight_bytes_per_token")
+        roofline = None if read_gb_s is None or not weight_bytes else read_gb_s * GB / weight_bytes
+        entry["roofline_fraction"] = ratio(entry.get("decode_tok_s"), roofline)
+    for case, entry in cases.items():
+        entry["top1_vs_bf16"] = agreement(entry.get("prefill_top1"), base.get("prefill_top1"))
+        entry["top1_vs_peer"] = agreement(entry.get("prefill_top1"), cases.get(PEERS.get(case), {}).get("prefill_top1"))
+
+
+def agreement(mine: list[int] | None, reference: list[int] | None) -> float | None:
+    """Share of positions where two greedy token lists agree (None when either is missing)."""
+    return sum(a == b for a, b in zip(mine, reference, strict=True)) / len(reference) if mine and reference else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        return child_main(args.child[0], args.child[1], args)
+    if args.from_json:  # e.g. the JSON a GPU machine wrote: derive again, then write it here with the table and PNG
+        report = json.loads(args.from_json.read_text())
+        add_derived(report["cases"], report["bandwidth"].get("read_gb_s"))
+        return publish(report, args)
+    settings = {k: getattr(args, k) for k in ("repeats", "new_tokens", "prompt_tokens", "prefill_tokens")}
+    report: dict = {"machine": machine_info(), "settings": settings, "model": "TinyLlama-1.1B shape, random bf16 weights"}
+    report["bandwidth"] = run_child(BANDWIDTH, "-", args)
+    print(f"[bandwidth] {report['bandwidth']}", file=sys.stderr, flush=True)
+    path = prepare_tinyllama(args.tinyllama.resolve(), args.timeout)
+    cases: dict[str, dict] = {}
+    for case in args.cases:
+        cases[case] = {"label": CASES[case][0], **run_child(case, path, args)}
+        shown = {k: v for k, v in cases[case].items() if k not in ("prefill_top1", "traceback", "decode_s_runs", "prefill_s_runs")}
+        print(f"[{case}] {shown}", file=sys.stderr, flush=True)
+    add_derived(cases, report["bandwidth"].get("read_gb_s"))
+    report["cases"] = cases
+    return publish(report, args)
+
+
+def markdown(report: dict) -> str:
+    info, s, bw = report["machine"], report["settings"], report["bandwidth"]
+    v = info["versions"]
+    lines = [
+        f"Measured {info['date']} on {bw.get('device_name', 'a CUDA GPU')} ({info['nproc']} CPU cores); torch {v['torch']}, "
+        f"transformers {v['transformers']}, bitsandbytes {v['bitsandbytes']}; GPU read bandwidth "
+        f"{fmt(bw.get('read_gb_s'), '.0f')} GB/s (bf16 sum over 4 GiB). {report['model']}.",
+        "",
+        f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy, without the prompt's forward; "
+        f"prefill: one forward of {s['prefill_tokens']} tokens; median of {s['repeats']} after a warm-up, each case in a fresh "
+        "process. Load peak: `torch.cuda.max_memory_allocated` over `from_pretrained`; run peak: over decode and prefill. "
+        f"Footprint: the model's tensors. Top-1: share of the {s['prefill_tokens']} prefill positions whose greedy token equals bf16's, "
+        "or that of transformers+bitsandbytes in the same format (llmslim nf4 vs bnb nf4). The weights are random, so the logits "
+        "are nearly flat and any 4-bit rounding moves the top-1 token: bf16 agreement is low for both libraries' 4-bit formats; "
+        "the same-format column is the correctness check.",
+        "",
+        "| case | load s | footprint GiB | load peak GiB | run peak GiB | decode tok/s | × bf16 | % roofline "
+        "| prefill tok/s | × bf16 | top-1 vs bf16 | top-1 vs bnb |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in report["cases"].values():
+        if "error" in entry:
+            lines.append(f"| {entry['label']} | error: {entry['error'][:120]} | | | | | | | | | | |")
+            continue
+        lines.append(
+            f"| {entry['label']} | {entry['load_s']:.1f} | {entry['model_bytes'] / GIB:.3f} | {entry['load_peak_gib']:.2f} | "
+            f"{entry['run_peak_gib']:.2f} | {entry['decode_tok_s']:.1f} | {fmt(entry['decode_vs_bf16'])} | "
+            f"{fmt(entry['roofline_fraction'] and 100 * entry['roofline_fraction'], '.1f', '%')} | {entry['prefill_tok_s']:.0f} | "
+            f"{fmt(entry['prefill_vs_bf16'])} | {fmt(entry['top1_vs_bf16'], '.3f')} | {fmt(entry['top1_vs_peer'], '.3f')} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    good = {k: e for k, e in report["cases"].items() if "error" not in e}
+    labels = [e["label"] for e in good.values()]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (
+        ("decode tok/s", [e["decode_tok_s"] for e in good.values()]),
+        ("prefill tok/s (512 tokens)", [e["prefill_tok_s"] for e in good.values()]),
+        ("GPU GiB: footprint / load peak", None),
+    )
+    for ax, (title, values) in zip(axes, panels, strict=True):
+        if values is None:
+            y = range(len(labels))
+            ax.barh([i + 0.2 for i in y], [e["model_bytes"] / GIB for e in good.values()], height=0.4, label="footprint")
+            ax.barh([i - 0.2 for i in y], [e["load_peak_gib"] for e in good.values()], height=0.4, label="load peak")
+            ax.legend()
+        else:
+            ax.barh(labels, values)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_title(title)
+    fig.suptitle(f"{report['model']} on {report['bandwidth'].get('device_name', 'GPU')}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
+        fig.savefig(tmp.name, dpi=110)
+    os.replace(tmp.name, path)
+    plt.close(fig)
+
+
+def publish(report: dict, args: argparse.Namespace, write_json: bool = True) -> int:
+    if write_json:
+        write_atomic(args.results_dir / "bench_gpu.json", json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    print(table)
+    try:
+        plot(report, args.results_dir / "bench_gpu.png")
+    except ImportError as err:  # matplotlib is optional where the GPU runs; re-render with --from-json
+        print(f"no plot: {err}", file=sys.stderr)
+    if not args.no_readme:
+        section = "## GPU load, memory and speed (`benchmarks/bench_gpu.py`)"
+        put_marked_block(README, MARK_START, MARK_END, table, section)
+    return 0 if all("error" not in e for e in report["cases"].values()) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=f"comma list of {','.join(CASES)}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median taken (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--prefill-tokens", type=int, default=512)
+    parser.add_argument("--timeout", type=float, default=600, help="seconds before a child is killed (default 600)")
+    parser.add_argument("--tinyllama", type=Path, default=DEFAULT_TINYLLAMA, help="random 1.1B checkpoint folder (created if missing)")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--from-json", type=Path, help="no measuring: re-derive and render this bench_gpu.json into --results-dir")
+    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "MODEL_DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}: choose from {','.join(CASES)}")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
