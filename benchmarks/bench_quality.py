@@ -141,6 +141,14 @@ def table(result: dict) -> str:
         lines.append(
             f"| {case} | {row['perplexity']:.2f} | {ratio:.3f} | {'' if bits is None else f'{bits:.2f}'} | {row['footprint_mib']:.1f} |"
         )
+    if "remeasured_cases" in result:  # a later partial run merged in (`--cases`), with the bf16 of its own run
+        again = result["remeasured_cases"]
+        lines += [
+            "",
+            f"Re-measured {again['date']}: {', '.join(again['cases'])} (bf16 in that run: {again['bf16_same_run']:.2f}). "
+            "NF4/FP4 layers now compute through bitsandbytes' CPU kernel, which reads a bfloat16 copy of the absmax "
+            "(counted in the footprint).",
+        ]
     lines += [
         "",
         "Bits/param of bitsandbytes' and optimum-quanto's layers are not counted here (their quant state is not in the module's tensors).",

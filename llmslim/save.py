@@ -99,8 +99,9 @@ def bnb_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _bnb_layer_tensors(layer: SlimLinear) -> dict[str, torch.Tensor]:
     tensors = {} if layer.bias is None else {"bias": layer.bias.data}
     if isinstance(layer, SlimLinear4bit):
-        qs = kernels.quant_state(layer.four_bit_weight(), layer.compute_dtype)
-        tensors["weight"] = layer.weight.data
+        stored = layer.four_bit_weight()  # the stored layout, also while the layer runs in the CPU one
+        qs = kernels.quant_state(stored, layer.compute_dtype)
+        tensors["weight"] = stored.codes
         # code tables are shared between layers in memory; safetensors wants each tensor once
         tensors.update({f"weight.{k}": v.clone() if "quant_map" in k else v for k, v in qs.as_dict(packed=True).items()})
     elif isinstance(layer, SlimLinear8bit):

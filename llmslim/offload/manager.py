@@ -67,6 +67,8 @@ class OffloadManager:
         self.order = sorted(offloaded)
         # tensors the store does not hold (buffers that are not in a checkpoint) simply stay where they are
         self.slots = {i: [s for s in block_slots(blocks[i], prefixes[i]) if s.name in store] for i in self.order}
+        for slot in (s for slots in self.slots.values() for s in slots):
+            slot.module.streamed = True  # its tensors are swapped every call: layers keep the stored layout (no CPU repacking)
         self.block_bytes = {i: sum(_nbytes(store.get(s.name)) for s in self.slots[i]) for i in self.order}
         self.resident_bytes = 0
         self.peak_resident_bytes = 0

@@ -64,14 +64,20 @@ FOUR_BIT_PACKED_MAX_TOKENS = 32  # quant.kernels.DECODE_MAX_TOKENS: up to this m
 INT8_PACKED_MAX_TOKENS = 8  # quant.kernels.INT8_DECODE_MAX_TOKENS: beyond it, LLM.int8 on torch._int_mm
 
 
-def prompt_workspace_bytes(w: WeightBytes, dtype_bytes: int, weights: str | None, tokens: int) -> int:
+def prompt_workspace_bytes(
+    w: WeightBytes, dtype_bytes: int, weights: str | None, tokens: int, block_size: int = 64, cpu: bool = False
+) -> int:
     """Temporaries of the largest quantized layer on a prompt of `tokens` rows (batch included).
 
-    4-bit: dequantize once, dense GEMM (a float weight in the compute dtype). int8 (LLM.int8 on
-    CPU): the int8 weight transposed for `torch._int_mm` and its outlier columns dequantized in
-    float32 (data-dependent: counted as if every column were one); per token, the input in
-    float32 and int8 and the float32 output.
+    NF4/FP4 inference on a CPU (`cpu`): the layers run in bitsandbytes' CPU layout
+    (`quant.kernels.pack_4bit_for_cpu`), which keeps a bfloat16 absmax per block beside the stored
+    one and builds no float weight for prompts. Other 4-bit: dequantize once, dense GEMM (a float
+    weight in the compute dtype). int8 (LLM.int8 on CPU): the int8 weight transposed for
+    `torch._int_mm` and its outlier columns dequantized in float32 (data-dependent: counted as if
+    every column were one); per token, the input in float32 and int8 and the float32 output.
     """
+    if weights in ("nf4", "fp4") and cpu:
+        return 2 * w.codes // block_size * 2  # two codes per byte, a bf16 absmax per block
     if weights in ("nf4", "fp4", "int4") and tokens > FOUR_BIT_PACKED_MAX_TOKENS:
         return w.largest_linear * dtype_bytes
     if weights == "int8" and tokens > INT8_PACKED_MAX_TOKENS:

@@ -223,7 +223,9 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     kv = 0 if workload.train else kv_cache_bytes(shape, workload.context, workload.batch, size)  # training runs without a cache
     training = _training(shape, config, workload, size) if workload.train else None
     acts = 0 if training else activation_bytes(shape, workload.context, workload.batch, size)  # a whole prompt: the widest forward
-    workspace = prompt_workspace_bytes(weights, size, config and config.weights, workload.context * workload.batch)
+    tokens = workload.context * workload.batch
+    block_size = config.block_size if config else 64
+    workspace = prompt_workspace_bytes(weights, size, config and config.weights, tokens, block_size, cpu=not hardware.gpus)
     fixed = acts + (training.total if training else workspace)
     kv_block = kv // max(shape.n_layers, 1)
     placement = place(weights, kv_block, fixed, hardware, allow_offload=not workload.train)

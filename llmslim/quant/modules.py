@@ -48,6 +48,7 @@ class SlimLinear(nn.Module):
             in_features, out_features = linear.in_features, linear.out_features
         module = cls(in_features, out_features, linear.bias is not None, config, linear.weight.dtype, linear.weight.device)
         module.source_transposed = isinstance(linear, Conv1D)
+        module.train(linear.training)  # in-place quantization keeps an eval model in eval mode (its CPU layout depends on it)
         return module
 
     def _register_quantized(self, config: SlimConfig, device) -> None:
@@ -154,9 +155,11 @@ class SlimLinear4bit(SlimLinear):
         return tensors
 
     def four_bit_weight(self) -> formats.FourBitWeight:
-        """A view of this layer's tensors as the format's container (no copies)."""
+        """This layer's weight in the format's container: views of its tensors, except the codes
+        while they are in the CPU layout (then a row-major copy)."""
+        codes = kernels.unpack_4bit_from_cpu(self.weight, self.shape) if self.cpu_layout else self.weight
         return formats.FourBitWeight(
-            codes=self.weight,
+            codes=codes,
             absmax=self.weight_absmax,
             nested_absmax=self._buffers.get("weight_nested_absmax"),
             nested_offset=self._buffers.get("weight_nested_offset"),
@@ -169,7 +172,63 @@ class SlimLinear4bit(SlimLinear):
         return kernels.dequantize_4bit(self.four_bit_weight(), dtype or self.compute_dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cpu_layout and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training:  # CPU inference, steady state
+            return kernels.linear_4bit_packed(x, self.weight, self.weight_absmax_cpu, self.shape, self.fmt, self.block_size)
+        want, stale = self._want_cpu_layout(x), "weight_absmax_cpu" in self._buffers and not self.cpu_layout
+        if (want != self.cpu_layout or stale) and not torch.compiler.is_compiling():
+            self._set_cpu_layout(want)
+        if self.cpu_layout:  # any number of tokens: the kernel tiles prompts too (0.8x of dequantize + GEMM at 512)
+            return kernels.linear_4bit_packed(x, self.weight, self.weight_absmax_cpu, self.shape, self.fmt, self.block_size)
         return kernels.linear_4bit(x, self.four_bit_weight(), self.compute_dtype)
+
+    # ---- the CPU layout (see kernels.pack_4bit_for_cpu) ----------------------------------------
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def cpu_layout(self) -> bool:
+        """Whether `weight` holds its codes in bitsandbytes' CPU layout.
+
+        Set by `_set_cpu_layout`, which remembers the parameter it packed: a weight put in its place
+        since (by a loader, accelerate's hooks or the offload manager) is in the stored layout.
+        """
+        return self._buffers.get("weight_absmax_cpu") is not None and getattr(self, "_packed_weight", None) is self.weight
+
+    def _want_cpu_layout(self, x: torch.Tensor) -> bool:
+        """Inference in bfloat16 on a CPU with the kernel, on a weight that stays in this module."""
+        return (
+            x.device.type == "cpu"
+            and x.dtype == torch.bfloat16
+            and not self.training
+            and not getattr(self, "streamed", False)  # the offload manager swaps its tensors every call
+            and not hasattr(self, "_hf_hook")  # accelerate's offload hooks do too
+            and self.weight.device.type == "cpu"
+            and kernels.cpu_packable(self.shape, self.block_size)
+        )
+
+    @torch.no_grad()
+    def _set_cpu_layout(self, packed: bool) -> None:
+        if packed:
+            codes, absmax = kernels.pack_4bit_for_cpu(self.four_bit_weight())
+            self.weight = nn.Parameter(codes, requires_grad=False)
+            self.register_buffer("weight_absmax_cpu", absmax, persistent=False)  # bf16 (K / block, N), counted as memory
+        else:
+            if self.cpu_layout:
+                self.weight = nn.Parameter(self.four_bit_weight().codes, requires_grad=False)
+            self._buffers.pop("weight_absmax_cpu", None)
+        self.__dict__["_packed_weight"] = self.weight if packed else None  # a plain reference, not a registered parameter
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.cpu_layout:  # saved, exported and compared in the stored (bitsandbytes) layout
+            destination[prefix + "weight"] = self.four_bit_weight().codes
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.cpu_layout:
+            self._set_cpu_layout(False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SlimLinear8bit(SlimLinear):

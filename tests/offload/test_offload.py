@@ -13,6 +13,7 @@ import llmslim
 from llmslim.memory.blocks import find_blocks
 from llmslim.offload import CpuStore, DiskStore, offload_, offload_manager, split_blocks
 from llmslim.offload.placement import module_nbytes
+from llmslim.quant import kernels
 
 N_LAYERS = 4
 
@@ -60,9 +61,16 @@ def _mapped_rss(path: Path) -> int:
     return total
 
 
+@pytest.fixture
+def same_kernels(monkeypatch):
+    """Resident NF4 layers switch to bitsandbytes' CPU kernel, streamed ones keep llmslim's (their
+    tensors change every call): bit-for-bit comparisons of the offload mechanics use llmslim's everywhere."""
+    monkeypatch.setattr(kernels, "cpu_packable", lambda *args: False)
+
+
 @pytest.mark.parametrize("weights", ["nf4", "int8"])
 @pytest.mark.parametrize("mode", ["cpu", "disk"])
-def test_offloaded_logits_equal_in_memory(deep_llama, tmp_path, input_ids, weights, mode):
+def test_offloaded_logits_equal_in_memory(deep_llama, tmp_path, input_ids, weights, mode, same_kernels):
     config = llmslim.SlimConfig(weights=weights)
     in_memory = llmslim.from_pretrained(deep_llama, config, progress=False)
     budget = _budget_for(in_memory, resident_blocks=1)
@@ -76,6 +84,17 @@ def test_offloaded_logits_equal_in_memory(deep_llama, tmp_path, input_ids, weigh
     assert manager.loads == 3
     generated = offloaded.generate(input_ids[:1], max_new_tokens=4, do_sample=False)
     assert torch.equal(generated, in_memory.generate(input_ids[:1], max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.skipif(not kernels.bnb_cpu_4bit_kernel(), reason="bitsandbytes' CPU 4-bit kernel needs AVX-512 BF16")
+def test_resident_layers_use_the_cpu_kernel_and_streamed_ones_do_not(deep_llama, tmp_path, input_ids):
+    config = llmslim.SlimConfig(weights="nf4")
+    in_memory = llmslim.from_pretrained(deep_llama, config, progress=False)
+    budget = _budget_for(in_memory, resident_blocks=1)
+    offloaded = llmslim.from_pretrained(deep_llama, config, progress=False, offload="cpu", offload_budget=budget)
+    torch.testing.assert_close(_logits(offloaded, input_ids), _logits(in_memory, input_ids), rtol=0.02, atol=0.02)
+    mlp = [block.mlp.down_proj for block in offloaded.model.layers]  # (64, 128): a shape the CPU layout takes
+    assert mlp[0].cpu_layout and not any(layer.cpu_layout for layer in mlp[1:])
 
 
 def test_resident_bytes_stay_within_budget(deep_llama, tmp_path, input_ids):
@@ -93,7 +112,7 @@ def test_resident_bytes_stay_within_budget(deep_llama, tmp_path, input_ids):
     assert _mapped_rss(Path(tmp_path) / "llmslim-offload.bin") == 0, "used pages of the offload file must be released"
 
 
-def test_disk_offload_maps_a_quantized_checkpoint_in_place(deep_llama, tmp_path, input_ids):
+def test_disk_offload_maps_a_quantized_checkpoint_in_place(deep_llama, tmp_path, input_ids, same_kernels):
     saved = tmp_path / "nf4"
     in_memory = llmslim.from_pretrained(deep_llama, llmslim.SlimConfig(weights="nf4"), progress=False)
     llmslim.save_pretrained(in_memory, saved)

@@ -32,6 +32,7 @@ def _measured_total(model, batch: int, context: int) -> tuple[int, int]:
     """(bytes of the model's tensors + peak bytes a prompt's forward allocates, KV cache bytes)."""
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        model(ids[:, :4])  # warm-up: NF4/FP4 layers move to the CPU layout on their first call (a one-time swap of their codes)
         out, peak = peak_memory(lambda: model(ids, use_cache=True, logits_to_keep=1))
     kv = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values))
     return model_nbytes(model) + peak, kv

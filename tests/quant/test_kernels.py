@@ -352,3 +352,39 @@ def test_linear_int8_prompt_path_is_the_decomposition(tokens):
     expected = kernels.int8_decomposed_matmul(x, q, absmax, 6.0).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     _assert_matmul_close(out, x, formats.dequantize_int8_rows(q, absmax), 2e-2)
+
+
+# --- bitsandbytes' CPU layout for NF4/FP4 (kernels.pack_4bit_for_cpu) --------------------------
+
+needs_bnb_cpu_kernel = pytest.mark.skipif(not kernels.bnb_cpu_4bit_kernel(), reason="bitsandbytes' CPU 4-bit kernel needs AVX-512 BF16")
+
+
+@pytest.mark.parametrize("double_quant", (False, True), ids=("plain", "double_quant"))
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+@pytest.mark.parametrize("shape, block_size", [((32, 64), 64), ((96, 320), 64), ((64, 256), 128), ((160, 96), 32)], ids=str)
+def test_cpu_layout_equals_bitsandbytes_conversion_and_inverts(shape, block_size, fmt, double_quant):
+
+    w = formats.quantize_4bit(torch.randn(shape, generator=torch.Generator().manual_seed(3)), fmt, block_size, double_quant)
+    packed, absmax = kernels.pack_4bit_for_cpu(w)
+    ref_codes, ref_state = bnb_f._convert_weight_packed_for_cpu(w.codes.clone(), kernels.quant_state(w, torch.bfloat16))
+    assert torch.equal(packed.reshape(-1), ref_codes.reshape(-1))
+    assert torch.equal(absmax, ref_state.absmax)
+    assert torch.equal(kernels.unpack_4bit_from_cpu(packed, shape), w.codes)
+
+
+@needs_bnb_cpu_kernel
+@pytest.mark.parametrize("batch", ((1,), (7,), (64,), (2, 3)), ids=str)
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+@pytest.mark.parametrize("shape", [(32, 64), (96, 320), (224, 1088)], ids=str)
+def test_packed_linear_equals_reference_with_bf16_absmax(shape, fmt, batch):
+    # the kernel's only difference from the reference math: the absmax it reads is bfloat16
+    g = torch.Generator().manual_seed(5)
+    w = formats.quantize_4bit(torch.randn(shape, generator=g), fmt, 64, double_quant=True)
+    x = torch.randn(*batch, shape[1], generator=g).to(torch.bfloat16)
+    packed, absmax = kernels.pack_4bit_for_cpu(w)
+    got = kernels.linear_4bit_packed(x, packed, absmax, shape, fmt, 64)
+    codes = formats.unpack_nibbles(w.codes, shape[0] * shape[1]).view(shape[0], -1, 64)
+    dense = formats.code_4bit(fmt)[codes] * absmax.float().t().unsqueeze(-1)  # (N, K / 64, 64)
+    expected = x.float() @ dense.reshape(shape).t()
+    assert got.shape == (*batch, shape[0]) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02 * expected.abs().max().item())

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
-from llmslim.quant import formats
+from llmslim.quant import formats, kernels
 from llmslim.quant.modules import FORMAT_MODULES, SlimLinear, SlimLinear4bit, SlimLinear8bit, quantized_layers, replace_linear_modules
 
 # relative error ||y_q - y|| / ||y|| of a quantized layer on random normal weights and inputs
@@ -331,3 +331,53 @@ def test_input_gradient_is_that_of_the_dequantized_weight(weights, tokens):
     layer(x).backward(grad_out)
     assert x.grad is not None and not any(p.requires_grad for p in layer.parameters())
     torch.testing.assert_close(x.grad, grad_out @ layer.dequantized_weight(torch.bfloat16))
+
+
+# --- NF4/FP4 layers in bitsandbytes' CPU layout ---------------------------------------------------
+
+
+@pytest.mark.skipif(not kernels.bnb_cpu_4bit_kernel(), reason="bitsandbytes' CPU 4-bit kernel needs AVX-512 BF16")
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+def test_4bit_layer_switches_to_the_cpu_layout_for_inference_only(fmt, tmp_path):
+    linear = _linear(320, 96, dtype=torch.bfloat16)
+    layer = _quantized(linear, SlimConfig(weights=fmt)).eval()
+    stored = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(5, 320, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = nn.functional.linear(x.float(), layer.dequantized_weight(torch.float32), linear.bias.float())
+        got = layer(x)
+    assert layer.cpu_layout and layer.weight_absmax_cpu.dtype == torch.bfloat16
+    assert _rel_error(got, expected) < 0.01
+    # saved, compared and dequantized in the stored layout while packed
+    assert stored.keys() == layer.state_dict().keys()
+    assert all(torch.equal(stored[k], v) for k, v in layer.state_dict().items())
+    assert torch.equal(layer.four_bit_weight().codes, stored["weight"])
+    # loading a state dict into a packed layer puts it back in the stored layout first
+    layer.load_state_dict(stored)
+    assert not layer.cpu_layout and "weight_absmax_cpu" not in layer._buffers
+    # training goes back to the stored layout; a weight swapped in from outside is read as stored
+    with torch.no_grad():
+        layer(x)
+    layer.train()
+    with torch.no_grad():
+        assert _rel_error(layer(x), expected) < 0.01
+    assert not layer.cpu_layout and torch.equal(layer.weight, stored["weight"])
+    layer.eval()
+    with torch.no_grad():
+        layer(x)
+    layer.weight = nn.Parameter(stored["weight"].clone(), requires_grad=False)  # what the offload manager does
+    assert not layer.cpu_layout
+    with torch.no_grad():
+        assert _rel_error(layer(x), expected) < 0.01
+
+
+def test_4bit_layer_keeps_the_stored_layout_where_the_kernel_does_not_apply():
+    linear = _linear(64, 48, dtype=torch.bfloat16)  # 48 rows: not a multiple of 32
+    layer = _quantized(linear, SlimConfig(weights="nf4")).eval()
+    with torch.no_grad():
+        layer(torch.randn(2, 64, dtype=torch.bfloat16))
+    assert not layer.cpu_layout
+    fp32 = _quantized(_linear(64, 64), SlimConfig(weights="nf4")).eval()  # float32 compute: the kernel is bf16 only
+    with torch.no_grad():
+        fp32(torch.randn(2, 64))
+    assert not fp32.cpu_layout
