@@ -20,7 +20,7 @@ def environment_report() -> dict[str, str]:
     import torch
 
     from llmslim import models
-    from llmslim.quant import native
+    from llmslim.quant import kernels, native
 
     report = {"python": platform.python_version(), "platform": platform.platform()}
     report.update({name: _version(name) for name in PACKAGES})
@@ -30,7 +30,11 @@ def environment_report() -> dict[str, str]:
     report["cuda"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "not available"
     lib = native.load()
     report["4-bit quantize (cpu)"] = f"llmslim C kernel ({lib._name})" if lib is not None else "pure torch (no C compiler)"
-    report["4-bit matmul (cpu)"] = "bitsandbytes dequantize + torch GEMM"
+    ops = native.load_ops()
+    table = "llmslim operators (AVX-512 BF16) for <= 32 tokens, else dequantize + torch GEMM" if ops else "dequantize + torch GEMM"
+    cpu_kernel = "bitsandbytes CPU kernel (AVX-512 BF16, 32-row layout) in bf16; else " + table
+    report["nf4/fp4 matmul (cpu)"] = cpu_kernel if kernels.bnb_cpu_4bit_kernel() else table
+    report["int4 matmul (cpu)"] = table.replace("AVX-512 BF16", "AVX-512 VNNI/BF16")
     report["int8 matmul (cpu)"] = "torch._weight_int8pack_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequantize + torch GEMM"
     report["4-bit / int8 (cuda)"] = "bitsandbytes CUDA kernels" if cuda else "n/a (no GPU)"
     try:

@@ -36,7 +36,8 @@ def text_file(tmp_path):
 def test_env_lists_versions_and_backends(capsys):
     assert main(["env"]) == 0
     out = capsys.readouterr().out
-    for label in ("torch", "transformers", "bitsandbytes", "4-bit quantize (cpu)", "int8 matmul (cpu)", "default model"):
+    labels = ("torch", "transformers", "bitsandbytes", "4-bit quantize (cpu)", "nf4/fp4 matmul (cpu)", "int8 matmul (cpu)", "default model")
+    for label in labels:
         assert label in out
 
 

@@ -60,8 +60,15 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: in
     return batch * tokens * widest * dtype_bytes + logits
 
 
+PACKED_GEMV_MAX_TOKENS = 64  # quant.kernels.PACKED_GEMV_MAX_TOKENS: NF4/FP4 in the CPU layout run bitsandbytes' kernel up to here
 FOUR_BIT_PACKED_MAX_TOKENS = 32  # quant.kernels.DECODE_MAX_TOKENS: up to this many rows 4-bit layers never build a float weight
 INT8_PACKED_MAX_TOKENS = 8  # quant.kernels.INT8_DECODE_MAX_TOKENS: beyond it, LLM.int8 on torch._int_mm
+
+
+def cpu_layout_bytes(w: WeightBytes, weights: str | None, block_size: int) -> int:
+    """The bfloat16 absmax copy NF4/FP4 layers keep while they run in bitsandbytes' CPU layout
+    (CPU inference; `quant.kernels.pack_4bit_for_cpu`): 2 bytes per block of every quantized weight."""
+    return 2 * w.codes // block_size * 2 if weights in ("nf4", "fp4") else 0  # two codes per byte
 
 
 def prompt_workspace_bytes(
@@ -70,14 +77,15 @@ def prompt_workspace_bytes(
     """Temporaries of the largest quantized layer on a prompt of `tokens` rows (batch included).
 
     NF4/FP4 inference on a CPU (`cpu`): the layers run in bitsandbytes' CPU layout
-    (`quant.kernels.pack_4bit_for_cpu`), which keeps a bfloat16 absmax per block beside the stored
-    one and builds no float weight for prompts. Other 4-bit: dequantize once, dense GEMM (a float
-    weight in the compute dtype). int8 (LLM.int8 on CPU): the int8 weight transposed for
-    `torch._int_mm` and its outlier columns dequantized in float32 (data-dependent: counted as if
-    every column were one); per token, the input in float32 and int8 and the float32 output.
+    (`quant.kernels.pack_4bit_for_cpu`; its bf16 absmax copy is `cpu_layout_bytes`); a prompt of
+    more than `PACKED_GEMV_MAX_TOKENS` rows dequantizes the layer to bfloat16 for a dense GEMM.
+    Other 4-bit: dequantize once, dense GEMM (a float weight in the compute dtype).
+    int8 (LLM.int8 on CPU): the int8 weight transposed for `torch._int_mm` and its outlier columns
+    dequantized in float32 (data-dependent: counted as if every column were one); per token, the
+    input in float32 and int8 and the float32 output.
     """
     if weights in ("nf4", "fp4") and cpu:
-        return 2 * w.codes // block_size * 2  # two codes per byte, a bf16 absmax per block
+        return w.largest_linear * 2 if tokens > PACKED_GEMV_MAX_TOKENS else 0
     if weights in ("nf4", "fp4", "int4") and tokens > FOUR_BIT_PACKED_MAX_TOKENS:
         return w.largest_linear * dtype_bytes
     if weights == "int8" and tokens > INT8_PACKED_MAX_TOKENS:

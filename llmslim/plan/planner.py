@@ -12,7 +12,7 @@ from wherever each lives.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from llmslim.plan.hardware import CPU_RESERVE, GPU_RESERVE, GiB, Hardware
@@ -21,6 +21,7 @@ from llmslim.plan.memory import (
     OPTIMIZER_BYTES,
     TrainingMemory,
     activation_bytes,
+    cpu_layout_bytes,
     kv_cache_bytes,
     prompt_workspace_bytes,
     training_memory,
@@ -223,12 +224,16 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     kv = 0 if workload.train else kv_cache_bytes(shape, workload.context, workload.batch, size)  # training runs without a cache
     training = _training(shape, config, workload, size) if workload.train else None
     acts = 0 if training else activation_bytes(shape, workload.context, workload.batch, size)  # a whole prompt: the widest forward
-    tokens = workload.context * workload.batch
-    block_size = config.block_size if config else 64
-    workspace = prompt_workspace_bytes(weights, size, config and config.weights, tokens, block_size, cpu=not hardware.gpus)
+    cpu_inference = not hardware.gpus and not workload.train
+    workspace = prompt_workspace_bytes(weights, size, config and config.weights, workload.context * workload.batch, cpu=cpu_inference)
     fixed = acts + (training.total if training else workspace)
     kv_block = kv // max(shape.n_layers, 1)
-    placement = place(weights, kv_block, fixed, hardware, allow_offload=not workload.train)
+    # resident NF4/FP4 blocks on a CPU also hold their CPU layout's absmax copy: spread it over the blocks
+    copy = cpu_layout_bytes(weights, config and config.weights, config.block_size if config else 64) if cpu_inference else 0
+    in_blocks = sum(weights.per_block) or 1
+    placed = replace(weights, per_block=[b + copy * b // in_blocks for b in weights.per_block]) if copy else weights
+    workspace += copy
+    placement = place(placed, kv_block, fixed, hardware, allow_offload=not workload.train)
     return FormatPlan(
         format=fmt,
         slim_config=None if config is None else config.to_dict(),

@@ -215,8 +215,15 @@ def unpack_4bit_from_cpu(packed: torch.Tensor, shape: tuple[int, int]) -> torch.
     return stored.view(-1, 1)
 
 
+PACKED_GEMV_MAX_TOKENS = 64  # beyond this many rows, llmslim's dequantization + a dense GEMM beats the kernel's tiles
+
+
 def linear_4bit_packed(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], fmt: str, block_size: int):
-    """`x @ W.T` (bfloat16 `x`) for a weight in the CPU layout, through bitsandbytes' kernel."""
+    """`x @ W.T` (bfloat16 `x`) for a weight in the CPU layout: bitsandbytes' kernel for a few
+    tokens; for a prompt, one bfloat16 dequantization (`csrc/ops_cpu.cpp`) then the dense GEMM."""
+    if x.numel() // shape[1] > PACKED_GEMV_MAX_TOKENS and _ops_loaded():
+        dense = torch.ops.llmslim.dequantize_4bit_cpu_layout(packed, absmax, _code_4bit(fmt), shape[0], shape[1], block_size)
+        return torch.nn.functional.linear(x, dense)
     return torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), absmax, _code_4bit(fmt), block_size)
 
 

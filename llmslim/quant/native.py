@@ -142,7 +142,11 @@ def _register_fakes() -> None:
     def dequantize_fake(codes, lut, scales, zeros, nested_absmax, nested_code, nested_offset, n, k, group, row_stride, dtype):
         return codes.new_empty((n, k), dtype=dtype)
 
-    for name, fake in (("mm_4bit", mm_fake), ("mm_int4_q8", mm_fake), ("dequantize_4bit", dequantize_fake)):
+    def cpu_layout_fake(packed, absmax, lut, n, k, block):
+        return packed.new_empty((n, k), dtype=torch.bfloat16)
+
+    fakes = {"mm_4bit": mm_fake, "mm_int4_q8": mm_fake, "dequantize_4bit": dequantize_fake, "dequantize_4bit_cpu_layout": cpu_layout_fake}
+    for name, fake in fakes.items():
         if hasattr(torch.ops.llmslim, name):
             try:
                 torch.library.register_fake(f"llmslim::{name}")(fake)

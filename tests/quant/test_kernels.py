@@ -388,3 +388,29 @@ def test_packed_linear_equals_reference_with_bf16_absmax(shape, fmt, batch):
     expected = x.float() @ dense.reshape(shape).t()
     assert got.shape == (*batch, shape[0]) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+
+
+@needs_bnb_cpu_kernel
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+@pytest.mark.parametrize("shape, block_size", [((32, 64), 64), ((96, 320), 64), ((64, 256), 128), ((160, 96), 32)], ids=str)
+def test_dequantize_from_the_cpu_layout_equals_reference_with_bf16_absmax(shape, block_size, fmt):
+    if not native.load_ops():
+        pytest.skip("llmslim's CPU operators could not be built")
+    w = formats.quantize_4bit(torch.randn(shape, generator=torch.Generator().manual_seed(7)), fmt, block_size, double_quant=True)
+    packed, absmax = kernels.pack_4bit_for_cpu(w)
+    got = torch.ops.llmslim.dequantize_4bit_cpu_layout(packed, absmax, formats.code_4bit(fmt), shape[0], shape[1], block_size)
+    codes = formats.unpack_nibbles(w.codes, shape[0] * shape[1]).view(shape[0], -1, block_size)
+    expected = (formats.code_4bit(fmt)[codes] * absmax.float().t().unsqueeze(-1)).reshape(shape).to(torch.bfloat16)
+    assert torch.equal(got, expected)
+
+
+@needs_bnb_cpu_kernel
+def test_packed_linear_of_a_prompt_equals_the_kernel_on_few_tokens():
+    # above PACKED_GEMV_MAX_TOKENS rows the layer dequantizes (llmslim's operator) and runs a GEMM
+    g = torch.Generator().manual_seed(9)
+    w = formats.quantize_4bit(torch.randn(96, 320, generator=g), "nf4", 64, double_quant=True)
+    packed, absmax = kernels.pack_4bit_for_cpu(w)
+    x = torch.randn(kernels.PACKED_GEMV_MAX_TOKENS + 7, 320, generator=g).to(torch.bfloat16)
+    prompt = kernels.linear_4bit_packed(x, packed, absmax, (96, 320), "nf4", 64)
+    rows = torch.cat([kernels.linear_4bit_packed(chunk, packed, absmax, (96, 320), "nf4", 64) for chunk in x.split(8)])
+    torch.testing.assert_close(prompt.float(), rows.float(), rtol=0.02, atol=0.02 * rows.abs().max().item())

@@ -152,6 +152,50 @@ at::Tensor dequantize_4bit(const at::Tensor& codes, const at::Tensor& lut, const
   return out;
 }
 
+// ---- dequantize from bitsandbytes' CPU layout (for prompts; decode runs bitsandbytes' kernel) -----
+//
+// packed: (n / 32, k / 2, 32) bytes: byte i of step j holds column 2j + i % 2 of rows i / 2 (low
+// nibble) and 16 + i / 2 (high nibble) of its 32-row tile; absmax: bfloat16 (k / block, n).
+// Each output row is written in order; its codes are read at a 32-byte stride from the tile's
+// k * 16 bytes, which stay in cache while the tile's 32 rows are written.
+
+at::Tensor dequantize_4bit_cpu_layout(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n, int64_t k,
+                                      int64_t block) {
+  TORCH_CHECK(n % 32 == 0 && k % 2 == 0 && block > 0 && k % block == 0 && block % 2 == 0,
+              "llmslim: the CPU layout needs N % 32 == 0 and K a multiple of an even block, got N=", n, " K=", k, " block=", block);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n * k, "llmslim: bad packed codes");
+  TORCH_CHECK(absmax.scalar_type() == at::kBFloat16 && absmax.is_contiguous() && absmax.numel() == (k / block) * n,
+              "llmslim: the CPU layout's absmax must be bfloat16 (K / block, N)");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "llmslim: lut must hold 16 float32 values");
+  at::Tensor out = at::empty({n, k}, at::TensorOptions().dtype(at::kBFloat16));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const at::BFloat16* am = absmax.data_ptr<at::BFloat16>();
+  const float* l = lut.data_ptr<float>();
+  at::BFloat16* o = out.data_ptr<at::BFloat16>();
+  const int64_t steps = k / 2, groups = k / block, pairs = block / 2;
+  at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; tile++) {
+      for (int r = 0; r < 32; r++) {
+        const int64_t row = tile * 32 + r;
+        const int shift = r < 16 ? 0 : 4;
+        const uint8_t* src = p + tile * steps * 32 + 2 * (r & 15);
+        at::BFloat16* dst = o + row * k;
+        for (int64_t g = 0; g < groups; g++) {
+          const float scale = static_cast<float>(am[g * n + row]);
+          uint16_t table[16];  // the 16 values of this block, already rounded to bfloat16: the loop only copies
+          for (int i = 0; i < 16; i++) table[i] = c10::BFloat16(l[i] * scale).x;
+          uint16_t* out16 = reinterpret_cast<uint16_t*>(dst);
+          for (int64_t j = g * pairs; j < (g + 1) * pairs; j++) {
+            out16[2 * j] = table[(src[j * 32] >> shift) & 0x0F];
+            out16[2 * j + 1] = table[(src[j * 32 + 1] >> shift) & 0x0F];
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // ---- matmul: out[m, n] = sum_k x[m, k] * w[n, k] ------------------------------------------------
 
 // Scalar path: any K, any machine.
@@ -536,11 +580,13 @@ TORCH_LIBRARY(llmslim, m) {
       "dequantize_4bit(Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
       "float nested_offset, int n, int k, int group, int row_stride, ScalarType dtype) -> Tensor");
   m.def("mm_int4_q8(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, int group) -> Tensor");
+  m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("mm_int4_q8", c10::DispatchKey::CPU, mm_int4_q8);
 #endif
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
+  m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
 }
