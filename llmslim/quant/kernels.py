@@ -32,9 +32,16 @@ logger = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = 1 << 22  # fp16 input is converted to float32 in chunks of this many elements
 
 
+def _not_the_kernels_hub_notice(record: logging.LogRecord) -> bool:
+    # bitsandbytes 0.50 looks for an optional CPU GEMM in the `kernels` package (it downloads from a
+    # model hub) and warns that it is missing; its own CPU kernel, which llmslim uses, needs none
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
 @lru_cache(maxsize=1)
 def bnb_functional():
     """`bitsandbytes.functional`, imported on first use (None when bitsandbytes is missing)."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_the_kernels_hub_notice)
     try:
         import bitsandbytes.functional as bnb_f
     except ImportError:  # pragma: no cover - bitsandbytes is a hard dependency
