@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_load import GIB, KIB, fmt, machine_info, prepare_tinyllama, put_marked_block, wait_child, write_atomic  # noqa: E402
+import bench_speed  # noqa: E402
+from bench_load import GIB, fmt, machine_info, prepare_tinyllama, put_marked_block, write_atomic  # noqa: E402
 from bench_speed import DEFAULT_TINYLLAMA, load_llmslim, random_ids, ratio, time_decode, timed, weight_bytes_per_token  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -143,22 +143,7 @@ def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
 
 
 def run_child(case: str, model_dir: Path | str, args: argparse.Namespace) -> dict:
-    with tempfile.TemporaryDirectory(prefix="bench_gpu-") as tmp:
-        result_file, log_file = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, str(model_dir), "--result", str(result_file)]
-        cmd += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
-        cmd += ["--prompt-tokens", str(args.prompt_tokens), "--prefill-tokens", str(args.prefill_tokens)]
-        with open(log_file, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        status, usage, timed_out = wait_child(proc, args.timeout)
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        result.update(peak_rss_gib=usage.ru_maxrss * KIB / GIB, exit_code=os.waitstatus_to_exitcode(status))
-        if timed_out:
-            result["error"] = f"timed out after {args.timeout:g} s (killed)"
-        elif "error" not in result and result["exit_code"] != 0:
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
-            result["error"] = f"child exited with {result['exit_code']}: " + " | ".join(tail)
-        return result
+    return bench_speed.run_child(case, model_dir, args, script=Path(__file__))
 
 
 def add_derived(cases: dict[str, dict], read_gb_s: float | None) -> None:

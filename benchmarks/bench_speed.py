@@ -404,11 +404,11 @@ def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- parent side
 
 
-def run_child(case: str, model_dir: Path | str, args: argparse.Namespace) -> dict:
-    """`case` in a fresh process: its measurements plus its peak RSS from `os.wait4`."""
-    with tempfile.TemporaryDirectory(prefix="bench_speed-") as tmp:
+def run_child(case: str, model_dir: Path | str, args: argparse.Namespace, script: Path = Path(__file__)) -> dict:
+    """`case` in a fresh process of `script` (this one, or bench_gpu.py): its measurements plus its peak RSS from `os.wait4`."""
+    with tempfile.TemporaryDirectory(prefix=f"{script.stem}-") as tmp:
         result_file, log_file = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", case, str(model_dir), "--result", str(result_file)]
+        cmd = [sys.executable, str(script.resolve()), "--child", case, str(model_dir), "--result", str(result_file)]
         cmd += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
         cmd += ["--prompt-tokens", str(args.prompt_tokens), "--prefill-tokens", str(args.prefill_tokens)]
         with open(log_file, "wb") as log:

@@ -6,7 +6,8 @@
   bitsandbytes' CPU kernels for 8-bit blockwise (double quantization) and 4-bit dequantization.
 - CPU matmuls: NF4/FP4 layers computing in bfloat16 on a CPU with AVX-512 BF16: bitsandbytes'
   CPU kernel on its own 32-row interleaved layout, into which the layer repacks its codes at its
-  first inference call (any number of tokens). Otherwise, for a few tokens (decode), llmslim's
+  first inference call (prompts of more than 64 tokens: that layout dequantized, then the dense
+  GEMM). Otherwise, for a few tokens (decode), llmslim's
   torch operators (`csrc/ops_cpu.cpp`) that read the stored 4-bit codes directly (AVX-512 BF16 /
   VNNI) and PyTorch's weight-only int8 kernel; for many tokens (prompts), one dequantization then
   the dense GEMM, and for int8 the LLM.int8 decomposition on `torch._int_mm`.
@@ -168,7 +169,7 @@ def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tenso
 # bitsandbytes 0.50 ships a CPU kernel (`torch.ops.bitsandbytes.gemv_4bit`, any number of rows) that
 # reads the codes of 32 output rows interleaved, so one sequential stream feeds 32 accumulators, with
 # the absmax in bfloat16, transposed to (K / block, N). A one-token matmul of a 5632x2048 layer
-# streams at ~16 GB/s here against ~5 GB/s for llmslim's table kernel and ~15 GB/s for a bf16 GEMV.
+# streams at ~14-16 GB/s here against ~5 GB/s for llmslim's table kernel and ~15 GB/s for a bf16 GEMV.
 # `SlimLinear4bit` repacks its codes into that layout at its first CPU inference call and repacks
 # them back for saving (bitsandbytes' `Linear4bit` does the same); these functions convert.
 

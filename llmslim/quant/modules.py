@@ -172,12 +172,12 @@ class SlimLinear4bit(SlimLinear):
         return kernels.dequantize_4bit(self.four_bit_weight(), dtype or self.compute_dtype)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cpu_layout and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training:  # CPU inference, steady state
-            return kernels.linear_4bit_packed(x, self.weight, self.weight_absmax_cpu, self.shape, self.fmt, self.block_size)
-        want, stale = self._want_cpu_layout(x), "weight_absmax_cpu" in self._buffers and not self.cpu_layout
-        if (want != self.cpu_layout or stale) and not torch.compiler.is_compiling():
-            self._set_cpu_layout(want)
-        if self.cpu_layout:  # any number of tokens: the kernel tiles prompts too (0.8x of dequantize + GEMM at 512)
+        steady = self.cpu_layout and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training  # CPU inference
+        if not steady and not torch.compiler.is_compiling():
+            want, stale = self._want_cpu_layout(x), "weight_absmax_cpu" in self._buffers and not self.cpu_layout
+            if want != self.cpu_layout or stale:
+                self._set_cpu_layout(want)
+        if self.cpu_layout:
             return kernels.linear_4bit_packed(x, self.weight, self.weight_absmax_cpu, self.shape, self.fmt, self.block_size)
         return kernels.linear_4bit(x, self.four_bit_weight(), self.compute_dtype)
 
