@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_speed  # noqa: E402
 from bench_load import GIB, fmt, machine_info, prepare_tinyllama, put_marked_block, write_atomic  # noqa: E402
-from bench_speed import DEFAULT_TINYLLAMA, load_llmslim, random_ids, ratio, time_decode, timed, weight_bytes_per_token  # noqa: E402
+from bench_speed import DEFAULT_TINYLLAMA, load_bf16, load_bnb, load_llmslim, random_ids, ratio, time_decode, timed, weight_bytes_per_token  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -47,34 +47,14 @@ BANDWIDTH = "bandwidth"
 GB = 1e9
 
 
-def load_bf16(path: Path):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda")
-
-
-def load_bnb(path: Path, bits: int):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if bits == 8:
-        config = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
-        )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map="cuda")
-
-
 CASES = {
-    "bf16": ("transformers bf16", load_bf16),
+    "bf16": ("transformers bf16", partial(load_bf16, device_map="cuda")),
     "llmslim-int8": ("llmslim int8", partial(load_llmslim, weights="int8", device_map="cuda")),
     "llmslim-nf4": ("llmslim nf4", partial(load_llmslim, weights="nf4", device_map="cuda")),
     "llmslim-int4": ("llmslim int4", partial(load_llmslim, weights="int4", device_map="cuda")),
     "llmslim-int8-t6": ("llmslim int8, int8_threshold 6", partial(load_llmslim, weights="int8", int8_threshold=6.0, device_map="cuda")),
-    "bnb-int8": ("transformers+bnb int8", partial(load_bnb, bits=8)),
-    "bnb-nf4": ("transformers+bnb nf4", partial(load_bnb, bits=4)),
+    "bnb-int8": ("transformers+bnb int8", partial(load_bnb, bits=8, device_map="cuda")),
+    "bnb-nf4": ("transformers+bnb nf4", partial(load_bnb, bits=4, device_map="cuda")),
 }
 BASE_CASE = "bf16"
 PEERS = {"llmslim-int8-t6": "bnb-int8", "llmslim-nf4": "bnb-nf4"}  # the same format and settings in transformers+bitsandbytes

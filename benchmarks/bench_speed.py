@@ -84,11 +84,11 @@ class Case:
 # ----------------------------------------------------------------------------- case builders (child side)
 
 
-def load_bf16(path: Path):
+def load_bf16(path: Path, device_map: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map)
 
 
 def load_llmslim(path: Path, weights: str, device_map: str | None = None, **options):
@@ -100,7 +100,7 @@ def load_llmslim(path: Path, weights: str, device_map: str | None = None, **opti
     return llmslim.from_pretrained(path, config, dtype=torch.bfloat16, device_map=device_map, progress=False)
 
 
-def load_bnb(path: Path, bits: int):
+def load_bnb(path: Path, bits: int, device_map: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -110,7 +110,7 @@ def load_bnb(path: Path, bits: int):
         config = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
         )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map=device_map)
 
 
 def load_quanto(path: Path, bits: int):
