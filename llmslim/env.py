@@ -32,10 +32,15 @@ def environment_report() -> dict[str, str]:
     report["4-bit quantize (cpu)"] = f"llmslim C kernel ({lib._name})" if lib is not None else "pure torch (no C compiler)"
     ops = native.load_ops()
     table = "llmslim operators (AVX-512 BF16) for <= 32 tokens, else dequantize + torch GEMM" if ops else "dequantize + torch GEMM"
-    cpu_kernel = "bitsandbytes CPU kernel (AVX-512 BF16, 32-row layout) in bf16; else " + table
-    report["nf4/fp4 matmul (cpu)"] = cpu_kernel if kernels.bnb_cpu_4bit_kernel() else table
+    if kernels.decode_kernels():
+        cpu_kernel = "llmslim gemv_4bit_cpu_layout (AVX-512 BF16, 32-row layout) in bf16; else " + table
+    else:
+        cpu_kernel = "bitsandbytes CPU kernel (AVX-512 BF16, 32-row layout) in bf16; else " + table
+    report["nf4/fp4 matmul (cpu)"] = cpu_kernel if kernels.cpu_packable((32, 64), 64) else table
     report["int4 matmul (cpu)"] = table.replace("AVX-512 BF16", "AVX-512 VNNI/BF16")
-    report["int8 matmul (cpu)"] = "torch._weight_int8pack_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequantize + torch GEMM"
+    int8pack = "torch._weight_int8pack_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequantize + torch GEMM"
+    decode8 = "llmslim gemv_int8_rows (AVX-512 VNNI) in bf16, else " if kernels.decode_kernels() else ""
+    report["int8 matmul (cpu)"] = f"{decode8}{int8pack}; prompts: LLM.int8 on torch._int_mm"
     report["4-bit / int8 (cuda)"] = "bitsandbytes CUDA kernels" if cuda else "n/a (no GPU)"
     try:
         report["default model"] = str(models.default_gguf())

@@ -4,13 +4,14 @@
 - CPU: llmslim's C kernels for 4-bit and int8 quantization (bitsandbytes' CPU 4-bit quantizer
   is pure torch and runs at ~60 Mparam/s on 2 cores, which would dominate load time),
   bitsandbytes' CPU kernels for 8-bit blockwise (double quantization) and 4-bit dequantization.
-- CPU matmuls: NF4/FP4 layers computing in bfloat16 on a CPU with AVX-512 BF16: bitsandbytes'
-  CPU kernel on its own 32-row interleaved layout, into which the layer repacks its codes at its
-  first inference call (prompts of more than 64 tokens: that layout dequantized, then the dense
-  GEMM). Otherwise, for a few tokens (decode), llmslim's
-  torch operators (`csrc/ops_cpu.cpp`) that read the stored 4-bit codes directly (AVX-512 BF16 /
-  VNNI) and PyTorch's weight-only int8 kernel; for many tokens (prompts), one dequantization then
-  the dense GEMM, and for int8 the LLM.int8 decomposition on `torch._int_mm`.
+- CPU matmuls in bfloat16 for a few tokens (decode), on a CPU with AVX-512 BF16/VNNI: llmslim's
+  torch operators (`csrc/ops_cpu.cpp`). NF4/FP4 run on bitsandbytes' 32-row interleaved CPU
+  layout, into which the layer repacks its codes at its first inference call (`gemv_4bit_cpu_layout`;
+  bitsandbytes' own kernel on that layout where llmslim's operators could not be built); int8 on
+  the stored row-major weight with 16-bit activations (`gemv_int8_rows`); int4 on the stored codes.
+  Prompts: one dequantization then the dense GEMM, and for int8 the LLM.int8 decomposition on
+  `torch._int_mm`. float32 inputs: the table kernels with split activations, and PyTorch's
+  weight-only int8 kernel.
 - Anywhere else, or when a backend is missing: the reference math in `formats.py`.
 
 Every function here is tested against `formats.py`.
@@ -164,14 +165,15 @@ def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tenso
     return bnb_f.dequantize_4bit(w.codes, quant_state(flat, dtype)).view(w.shape)
 
 
-# ---- NF4/FP4 on CPU through bitsandbytes' AVX-512 BF16 kernel -----------------------------------
+# ---- NF4/FP4 on CPU in bitsandbytes' CPU layout -------------------------------------------------
 #
-# bitsandbytes 0.50 ships a CPU kernel (`torch.ops.bitsandbytes.gemv_4bit`, any number of rows) that
-# reads the codes of 32 output rows interleaved, so one sequential stream feeds 32 accumulators, with
-# the absmax in bfloat16, transposed to (K / block, N). A one-token matmul of a 5632x2048 layer
-# streams at ~14-16 GB/s here against ~5 GB/s for llmslim's table kernel and ~15 GB/s for a bf16 GEMV.
-# `SlimLinear4bit` repacks its codes into that layout at its first CPU inference call and repacks
-# them back for saving (bitsandbytes' `Linear4bit` does the same); these functions convert.
+# bitsandbytes 0.50 reads the codes of 32 output rows interleaved (`torch.ops.bitsandbytes.gemv_4bit`),
+# so one sequential stream feeds 32 accumulators, with the absmax in bfloat16, transposed to
+# (K / block, N). llmslim's `gemv_4bit_cpu_layout` reads the same layout with fewer instructions per
+# byte: over the 1.1B shape's 154 decode matmuls it streams ~15-17 GB/s against bitsandbytes'
+# ~13 GB/s (benchmarks/README.md). `SlimLinear4bit` repacks its codes into that layout at its
+# first CPU inference call and repacks them back for saving (bitsandbytes' `Linear4bit` does the
+# same); these functions convert.
 
 CPU_PACK_ROWS = 32  # output rows whose codes the CPU layout interleaves
 
@@ -187,9 +189,11 @@ def bnb_cpu_4bit_kernel() -> bool:
 
 
 def cpu_packable(shape: tuple[int, int], block_size: int) -> bool:
-    """Whether a (N, K) 4-bit weight fits the CPU layout: N a multiple of 32, blocks inside rows."""
+    """Whether a (N, K) 4-bit weight fits the CPU layout (N a multiple of 32, blocks inside rows)
+    and a kernel for it runs here."""
     n, k = shape
-    return n % CPU_PACK_ROWS == 0 and k % block_size == 0 and 32 <= block_size <= 4096 and bnb_cpu_4bit_kernel()
+    fits = n % CPU_PACK_ROWS == 0 and k % block_size == 0 and 32 <= block_size <= 4096
+    return fits and (decode_kernels() or bnb_cpu_4bit_kernel())
 
 
 _REPACK_ROWS = 256  # rows converted at a time: the temporaries stay ~3 bytes x 256 x K
@@ -227,11 +231,16 @@ PACKED_GEMV_MAX_TOKENS = 64  # beyond this many rows, llmslim's dequantization +
 
 
 def linear_4bit_packed(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], fmt: str, block_size: int):
-    """`x @ W.T` (bfloat16 `x`) for a weight in the CPU layout: bitsandbytes' kernel for a few
-    tokens; for a prompt, one bfloat16 dequantization (`csrc/ops_cpu.cpp`) then the dense GEMM."""
-    if x.numel() // shape[1] > PACKED_GEMV_MAX_TOKENS and _ops_loaded():
-        dense = torch.ops.llmslim.dequantize_4bit_cpu_layout(packed, absmax, _code_4bit(fmt), shape[0], shape[1], block_size)
+    """`x @ W.T` (bfloat16 `x`) for a weight in the CPU layout: for a few tokens llmslim's kernel
+    (bitsandbytes' where it could not be built); for a prompt, one bfloat16 dequantization
+    (`csrc/ops_cpu.cpp`) then the dense GEMM."""
+    n, k = shape
+    if x.numel() // k > PACKED_GEMV_MAX_TOKENS and _ops_loaded():
+        dense = torch.ops.llmslim.dequantize_4bit_cpu_layout(packed, absmax, _code_4bit(fmt), n, k, block_size)
         return torch.nn.functional.linear(x, dense)
+    if decode_kernels():
+        out = torch.ops.llmslim.gemv_4bit_cpu_layout(x.reshape(-1, k), packed, absmax, _code_4bit(fmt), n, k, block_size)
+        return out.view(*x.shape[:-1], n)
     return torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), absmax, _code_4bit(fmt), block_size)
 
 
@@ -282,6 +291,12 @@ def _has_vnni_kernel() -> bool:
 @lru_cache(maxsize=1)
 def _vnni_kernel() -> bool:
     return bool(torch.ops.llmslim.simd_available().item())
+
+
+@torch.compiler.assume_constant_result
+def decode_kernels() -> bool:
+    """Whether llmslim's AVX-512 BF16/VNNI decode operators (`gemv_4bit_cpu_layout`, `gemv_int8_rows`) run here."""
+    return _ops_loaded() and _vnni_kernel()
 
 
 def _scale_args(w: formats.FourBitWeight) -> tuple:
@@ -414,8 +429,9 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
     CUDA: bitsandbytes' LLM.int8 matmul, with activation outlier columns (|x| > threshold) in 16
-    bits. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: PyTorch's weight-only int8 kernel (never
-    materialises a float weight; float32-exact row scales). CPU, more tokens (prompts): the LLM.int8
+    bits. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: llmslim's `gemv_int8_rows` for bfloat16 `x`
+    (exact int8 products with 16-bit activations), else PyTorch's weight-only int8 kernel; neither
+    materialises a float weight. CPU, more tokens (prompts): the LLM.int8
     decomposition on `torch._int_mm` (VNNI), several times faster than a bf16 GEMM.
     """
     if x.device.type == "cuda" and bnb_functional() is not None:
@@ -429,6 +445,9 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and int_mm_usable(x, weight):
         out = int8_decomposed_matmul(x.reshape(-1, x.shape[-1]), weight, row_absmax, threshold)
         return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+    if int8_decode_usable(x, weight, row_absmax):
+        out = torch.ops.llmslim.gemv_int8_rows(x.reshape(-1, x.shape[-1]), weight, row_absmax)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if not int8pack_usable(x, weight):
         return torch.nn.functional.linear(x, formats.dequantize_int8_rows(weight, row_absmax, x.dtype))
     scales = row_absmax / 127.0  # (out,) float32
@@ -440,6 +459,18 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
         # so undo that rounding with a float32 per-column correction
         out = (out.float() * (scales / rounded.float())).to(x.dtype)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def int8_decode_usable(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> bool:
+    """Whether llmslim's `gemv_int8_rows` takes these operands (bfloat16 CPU input, K % 32 == 0)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.bfloat16
+        and x.shape[-1] % 32 == 0
+        and weight.is_contiguous()
+        and row_absmax.dtype == torch.float32
+        and decode_kernels()
+    )
 
 
 def int_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -79,7 +79,7 @@ def load() -> ctypes.CDLL | None:
 
 
 _OPS_SOURCES = ("ops_cpu.cpp",)
-_OPS_FLAGS = ("-O3", "-march=native", "-std=c++17")
+_OPS_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp")  # -fopenmp: at::parallel_for is serial without it
 
 
 @lru_cache(maxsize=1)
@@ -119,6 +119,7 @@ def load_ops() -> bool:
                 name=name,
                 sources=[str(s) for s in sources],
                 extra_cflags=list(_OPS_FLAGS),
+                extra_ldflags=["-fopenmp"],  # resolves to the libgomp.so.1 torch has already loaded
                 build_directory=str(build_dir),
                 is_python_module=False,
                 verbose=False,
@@ -145,7 +146,20 @@ def _register_fakes() -> None:
     def cpu_layout_fake(packed, absmax, lut, n, k, block):
         return packed.new_empty((n, k), dtype=torch.bfloat16)
 
-    fakes = {"mm_4bit": mm_fake, "mm_int4_q8": mm_fake, "dequantize_4bit": dequantize_fake, "dequantize_4bit_cpu_layout": cpu_layout_fake}
+    def gemv_4bit_fake(x, packed, absmax, lut, n, k, block):
+        return x.new_empty((x.shape[0], n))
+
+    def gemv_int8_fake(x, weight, row_absmax):
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    fakes = {
+        "mm_4bit": mm_fake,
+        "mm_int4_q8": mm_fake,
+        "dequantize_4bit": dequantize_fake,
+        "dequantize_4bit_cpu_layout": cpu_layout_fake,
+        "gemv_4bit_cpu_layout": gemv_4bit_fake,
+        "gemv_int8_rows": gemv_int8_fake,
+    }
     for name, fake in fakes.items():
         if hasattr(torch.ops.llmslim, name):
             try:

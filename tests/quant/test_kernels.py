@@ -414,3 +414,85 @@ def test_packed_linear_of_a_prompt_equals_the_kernel_on_few_tokens():
     prompt = kernels.linear_4bit_packed(x, packed, absmax, (96, 320), "nf4", 64)
     rows = torch.cat([kernels.linear_4bit_packed(chunk, packed, absmax, (96, 320), "nf4", 64) for chunk in x.split(8)])
     torch.testing.assert_close(prompt.float(), rows.float(), rtol=0.02, atol=0.02 * rows.abs().max().item())
+
+
+# ---- llmslim's decode operators (AVX-512 BF16/VNNI) --------------------------------------------
+
+needs_decode_kernels = pytest.mark.skipif(
+    not kernels.decode_kernels(), reason="llmslim's decode operators need AVX-512 BF16/VNNI and a C++ compiler"
+)
+
+
+@needs_decode_kernels
+@pytest.mark.parametrize("batch", ((1,), (2,), (3,), (7,), (2, 4)), ids=str)  # decode sizes (<= INT8_DECODE_MAX_TOKENS)
+@pytest.mark.parametrize("shape", ((5, 32), (37, 96), (64, 320), (130, 1024)), ids=str)
+def test_gemv_int8_rows_equals_matmul_with_dequantized_weight(shape, batch):
+    # exact int8 products with the bf16 inputs held in 16 bits (absolute error <= 2^-16 of each
+    # 128-column block's largest |x| per element); then the bf16 output is rounded
+    q, absmax = kernels.quantize_int8_rows(_randn(shape))
+    x = _randn((*batch, shape[1]), torch.bfloat16, seed=2)
+    assert kernels.int8_decode_usable(x, q, absmax)
+    got = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    assert got.dtype == torch.bfloat16 and got.shape == (*batch, shape[0])
+    w = formats.dequantize_int8_rows(q, absmax).double()
+    expected = x.double() @ w.T
+    bound = 2**-16 * x.double().abs().amax(dim=-1, keepdim=True) @ w.abs().sum(dim=1, keepdim=True).T  # activation rounding
+    error = (got.double() - expected).abs()
+    assert (error <= 2**-8 * expected.abs() + bound + 1e-12).all()  # one bf16 rounding step, plus that
+
+
+@needs_decode_kernels
+def test_gemv_int8_rows_keeps_small_activations_next_to_an_outlier():
+    # activations are held in 16 bits per block of 128 columns: a 1000x outlier feature costs the
+    # other columns of its block precision, not the output its accuracy
+    q, absmax = kernels.quantize_int8_rows(_randn((64, 512)))
+    x = _randn((1, 512), seed=3)
+    x[0, 5] = 1000.0
+    x = x.to(torch.bfloat16)
+    got = torch.ops.llmslim.gemv_int8_rows(x, q, absmax).float()
+    w = formats.dequantize_int8_rows(q, absmax).double()
+    expected = x.double() @ w.T
+    without_outlier = x.double().clone()
+    without_outlier[0, 5] = 0.0
+    # the error is far below the size of the non-outlier part of each output
+    assert (got.double() - expected).abs().max() < 0.01 * (without_outlier @ w.T).abs().max() + 2**-8 * expected.abs().max()
+
+
+@needs_decode_kernels
+def test_gemv_int8_rows_rejects_bad_operands():
+    q, absmax = kernels.quantize_int8_rows(_randn((8, 64)))
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.llmslim.gemv_int8_rows(_randn((1, 64)), q, absmax)
+    with pytest.raises(RuntimeError, match="K % 32"):
+        torch.ops.llmslim.gemv_int8_rows(_randn((1, 48), torch.bfloat16), kernels.quantize_int8_rows(_randn((8, 48)))[0], absmax)
+
+
+@needs_decode_kernels
+@needs_bnb_cpu_kernel
+@pytest.mark.parametrize("tokens", (1, 2, 3, 4, 5, 9))
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+@pytest.mark.parametrize(
+    "shape, block_size", [((32, 64), 64), ((96, 320), 64), ((64, 256), 128), ((160, 96), 32), ((64, 1024), 1024)], ids=str
+)
+def test_gemv_4bit_cpu_layout_equals_bitsandbytes_kernel(shape, block_size, fmt, tokens):
+    # the same layout, the same bf16 table values and float32 sums: both round to the same bf16
+    # outputs but for ties of the summation order
+    w = formats.quantize_4bit(_randn(shape, seed=4), fmt, block_size, double_quant=False)
+    packed, absmax = kernels.pack_4bit_for_cpu(w)
+    x = _randn((tokens, shape[1]), torch.bfloat16, seed=5)
+    code = formats.code_4bit(fmt)
+    got = torch.ops.llmslim.gemv_4bit_cpu_layout(x, packed, absmax, code, shape[0], shape[1], block_size)
+    theirs = torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), absmax, code, block_size)
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, shape[0])
+    torch.testing.assert_close(got.float(), theirs.float(), rtol=2**-7, atol=1e-6)
+
+
+@needs_decode_kernels
+def test_gemv_4bit_cpu_layout_rejects_bad_operands():
+    w = formats.quantize_4bit(_randn((32, 64)), "nf4", 64, double_quant=False)
+    packed, absmax = kernels.pack_4bit_for_cpu(w)
+    code = formats.code_4bit("nf4")
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        torch.ops.llmslim.gemv_4bit_cpu_layout(_randn((1, 64)), packed, absmax, code, 32, 64, 64)
+    with pytest.raises(RuntimeError, match="N % 32"):
+        torch.ops.llmslim.gemv_4bit_cpu_layout(_randn((1, 128), torch.bfloat16), packed, absmax, code, 16, 128, 64)

@@ -14,6 +14,11 @@
 // forms exact products of bf16 values and accumulates in float32. Float32 activations are split
 // into a bf16 high and low part (and the table likewise), which keeps ~16 more bits of precision.
 // Without AVX-512 BF16, or when K is not a multiple of 64, a scalar loop computes the same sums.
+//
+// Decode (a few tokens, bf16): gemv_4bit_cpu_layout (NF4/FP4 in bitsandbytes' 32-row CPU layout)
+// and gemv_int8_rows (row-wise int8) below. Every kernel splits its rows over torch's OpenMP
+// threads with at::parallel_for, which is serial unless this file is compiled with -fopenmp
+// (native.py passes it).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -515,6 +520,212 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return out.to(x.scalar_type());
 }
 
+// ---- decode kernels that stream at the memory's speed -------------------------------------------
+//
+// Decode reads every weight once per token, so these kernels spend as few vector instructions per
+// byte as they can (on this project's 2-core machine a core retires about one 512-bit instruction
+// per 1.5 cycles, so instruction count, not the memory, bounded the earlier kernels), keep every
+// multiply-add chain independent (a chain of dependent vdpbf16ps is bound by their latency), and
+// prefetch ahead of the stream. 4-bit: 32 bytes of codes become 32 bf16 words with one
+// zero-extension (vpmovzxbw) and one table lookup (vpermw reads an index's low 5 bits, so a
+// 16-entry table stored twice needs no mask); products are exact (bf16 x bf16, float32 sums).
+
+// NF4/FP4 in bitsandbytes' CPU layout (see dequantize_4bit_cpu_layout): step j of a 32-row tile is
+// 32 bytes, byte 2r + c holding column 2j + c of row r (low nibble) and of row 16 + r (high
+// nibble). Zero-extended, word 2r + c is that byte, so dword lane r holds (w[r, 2j], w[r, 2j + 1])
+// and one vdpbf16ps with the broadcast pair (x[2j], x[2j + 1]) adds both products to row r's lane.
+constexpr int kPrefetch4bit = 2048;  // bytes ahead in the tile stream (1.1B decode sweep: 512-4096 tried)
+template <int TM>
+inline void gemv_tile_4bit(const uint32_t* const* xs, const uint8_t* tile, const at::BFloat16* absmax, int64_t n, int64_t steps,
+                           int64_t block_steps, __m512i table, float* const* out) {
+  __m512 acc_lo[TM], acc_hi[TM];
+  for (int t = 0; t < TM; t++) acc_lo[t] = acc_hi[t] = _mm512_setzero_ps();
+  for (int64_t s0 = 0, g = 0; s0 < steps; s0 += block_steps, g++) {
+    __m512 lo[TM][2], hi[TM][2];  // this block's sums, two chains each
+    for (int t = 0; t < TM; t++) lo[t][0] = lo[t][1] = hi[t][0] = hi[t][1] = _mm512_setzero_ps();
+    for (int64_t j = s0; j < s0 + block_steps; j += 2) {
+      const uint8_t* p = tile + j * 32;
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch4bit, _MM_HINT_T0);
+      const __m512i w0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      const __m512i w1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+      const __m512bh lo0 = (__m512bh)_mm512_permutexvar_epi16(w0, table), hi0 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w0, 4), table);
+      const __m512bh lo1 = (__m512bh)_mm512_permutexvar_epi16(w1, table), hi1 = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w1, 4), table);
+      for (int t = 0; t < TM; t++) {
+        const __m512bh x0 = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs[t][j])), x1 = (__m512bh)_mm512_set1_epi32(static_cast<int>(xs[t][j + 1]));
+        lo[t][0] = _mm512_dpbf16_ps(lo[t][0], lo0, x0);
+        hi[t][0] = _mm512_dpbf16_ps(hi[t][0], hi0, x0);
+        lo[t][1] = _mm512_dpbf16_ps(lo[t][1], lo1, x1);
+        hi[t][1] = _mm512_dpbf16_ps(hi[t][1], hi1, x1);
+      }
+    }
+    // the block's absmax of rows 0-15 and 16-31, bf16 -> float32
+    const __m512i am = _mm512_loadu_si512(absmax + g * n);
+    const __m512 scale_lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(am)), 16));
+    const __m512 scale_hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(am, 1)), 16));
+    for (int t = 0; t < TM; t++) {
+      acc_lo[t] = _mm512_fmadd_ps(_mm512_add_ps(lo[t][0], lo[t][1]), scale_lo, acc_lo[t]);
+      acc_hi[t] = _mm512_fmadd_ps(_mm512_add_ps(hi[t][0], hi[t][1]), scale_hi, acc_hi[t]);
+    }
+  }
+  for (int t = 0; t < TM; t++) {
+    _mm512_storeu_ps(out[t], acc_lo[t]);
+    _mm512_storeu_ps(out[t] + 16, acc_hi[t]);
+  }
+}
+
+at::Tensor gemv_4bit_cpu_layout(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n,
+                                int64_t k, int64_t block) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kBFloat16,
+              "llmslim: gemv_4bit_cpu_layout takes a 2-D bfloat16 CPU input of ", k, " columns, got ", x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(n % 32 == 0 && block % 4 == 0 && k % block == 0, "llmslim: the CPU layout needs N % 32 == 0 and K a multiple of the block (a multiple of 4), got N=",
+              n, " K=", k, " block=", block);
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n * k, "llmslim: bad packed codes");
+  TORCH_CHECK(absmax.scalar_type() == at::kBFloat16 && absmax.is_contiguous() && absmax.numel() == (k / block) * n,
+              "llmslim: the CPU layout's absmax must be bfloat16 (K / block, N)");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "llmslim: lut must hold 16 float32 values");
+  const int64_t m = x.size(0);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  alignas(64) uint16_t table_bits[32];
+  for (int i = 0; i < 32; i++) table_bits[i] = c10::BFloat16(lut.data_ptr<float>()[i & 15]).x;
+  const __m512i table = _mm512_load_si512(table_bits);
+  const uint32_t* px = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
+  const uint8_t* codes = packed.data_ptr<uint8_t>();
+  const at::BFloat16* am = absmax.data_ptr<at::BFloat16>();
+  float* po = out.data_ptr<float>();
+  const int64_t steps = k / 2, block_steps = block / 2;
+  at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; tile++) {
+      const uint8_t* tc = codes + tile * steps * 32;
+      for (int64_t m0 = 0; m0 < m; m0 += 4) {  // up to 4 tokens share each decoded step
+        const uint32_t* xs[4];
+        float* os[4];
+        const int tm = static_cast<int>(std::min<int64_t>(4, m - m0));
+        for (int t = 0; t < tm; t++) {
+          xs[t] = px + (m0 + t) * steps;
+          os[t] = po + (m0 + t) * n + tile * 32;
+        }
+        switch (tm) {
+          case 1: gemv_tile_4bit<1>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+          case 2: gemv_tile_4bit<2>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+          case 3: gemv_tile_4bit<3>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+          default: gemv_tile_4bit<4>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+        }
+      }
+    }
+  });
+  return out.to(at::kBFloat16);
+}
+
+// Row-wise int8 (row-major (N, K), scale absmax / 127 per row). The weight needs no table: one
+// sign extension (vpmovsxbw) makes 32 int16 values, and vpdpwssd multiplies them with int16
+// activations, 32 exact products per instruction summed in int32, so the loop is two instructions
+// per 32 bytes and runs at the memory's speed. The activations are quantized per block of 128
+// columns to int16 (scale absmax / 32767): a relative error of at most 1.5e-5 of the block's
+// largest |x| per element, far below the bf16 rounding they already carry. Int32 sums stay exact:
+// a lane adds at most 8 products of |x| <= 32767 and |w| <= 128 per block.
+constexpr int64_t kInt8XBlock = 128;
+constexpr int kPrefetchInt8 = 512;  // bytes ahead in each row (1.1B decode sweep: 128-2048 tried, 512 best)
+
+struct QuantizedX16 {
+  std::vector<int16_t> q;     // (m, k)
+  std::vector<float> scale;   // (m, blocks)
+  int64_t blocks = 0;
+};
+
+void quantize_x16(const at::BFloat16* x, int64_t m, int64_t k, QuantizedX16& out) {
+  out.blocks = (k + kInt8XBlock - 1) / kInt8XBlock;
+  out.q.resize(m * k);
+  out.scale.resize(m * out.blocks);
+  for (int64_t i = 0; i < m; i++) {
+    for (int64_t b = 0; b < out.blocks; b++) {
+      const int64_t c0 = b * kInt8XBlock, c1 = std::min(k, c0 + kInt8XBlock);
+      float amax = 0.f;
+      for (int64_t c = c0; c < c1; c++) amax = std::max(amax, std::fabs(static_cast<float>(x[i * k + c])));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      out.scale[i * out.blocks + b] = amax / 32767.f;
+      for (int64_t c = c0; c < c1; c++) out.q[i * k + c] = static_cast<int16_t>(std::nearbyint(static_cast<float>(x[i * k + c]) * inv));
+    }
+  }
+}
+
+template <int TM, int R>
+inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale, const int8_t* rows, int64_t k, float* totals) {
+  __m512 acc[TM][R];
+  for (int t = 0; t < TM; t++)
+    for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
+  for (int64_t c0 = 0, b = 0; c0 < k; c0 += kInt8XBlock, b++) {
+    const int64_t c1 = std::min(k, c0 + kInt8XBlock);
+    __m512i dot[TM][R][2];  // two chains per row: vpdpwssd's latency is several cycles
+    for (int t = 0; t < TM; t++)
+      for (int r = 0; r < R; r++) dot[t][r][0] = dot[t][r][1] = _mm512_setzero_si512();
+    for (int64_t c = c0; c < c1; c += 32) {
+      const int h = static_cast<int>((c >> 5) & 1);
+      __m512i w[R];
+      for (int r = 0; r < R; r++) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows + r * k + c) + kPrefetchInt8, _MM_HINT_T0);
+        w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * k + c)));
+      }
+      for (int t = 0; t < TM; t++) {
+        const __m512i xv = _mm512_loadu_si512(xq[t] + c);
+        for (int r = 0; r < R; r++) dot[t][r][h] = _mm512_dpwssd_epi32(dot[t][r][h], w[r], xv);
+      }
+    }
+    for (int t = 0; t < TM; t++) {
+      const __m512 sx = _mm512_set1_ps(xscale[t][b]);
+      for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[t][r][0], dot[t][r][1])), sx, acc[t][r]);
+    }
+  }
+  for (int t = 0; t < TM; t++)
+    for (int r = 0; r < R; r++) totals[t * R + r] = _mm512_reduce_add_ps(acc[t][r]);
+}
+
+at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_absmax) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16, "llmslim: gemv_int8_rows takes a 2-D bfloat16 CPU input, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
+              "llmslim: gemv_int8_rows needs a contiguous int8 (N, K) weight with K = ", x.size(1), ", got ", weight.sizes());
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(k % 32 == 0, "llmslim: gemv_int8_rows needs K % 32 == 0, got ", k);
+  TORCH_CHECK(row_absmax.scalar_type() == at::kFloat && row_absmax.is_contiguous() && row_absmax.numel() == n,
+              "llmslim: row_absmax must be float32 with one entry per row");
+  const at::Tensor xc = x.contiguous();
+  QuantizedX16 xq;
+  quantize_x16(xc.data_ptr<at::BFloat16>(), m, k, xq);
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* am = row_absmax.data_ptr<float>();
+  float* po = out.data_ptr<float>();
+  constexpr int R = 4;
+  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; group++) {
+      const int64_t row0 = group * R;
+      const int rows = static_cast<int>(std::min<int64_t>(R, n - row0));
+      for (int64_t m0 = 0; m0 < m; m0 += 2) {  // two tokens share each loaded row chunk
+        const int tm = static_cast<int>(std::min<int64_t>(2, m - m0));
+        const int16_t* xs[2] = {xq.q.data() + m0 * k, xq.q.data() + (m0 + tm - 1) * k};
+        const float* ss[2] = {xq.scale.data() + m0 * xq.blocks, xq.scale.data() + (m0 + tm - 1) * xq.blocks};
+        float totals[2 * R];
+        for (int r0 = 0; r0 < rows;) {  // 4 rows at a time; the last rows of N % 4 one by one
+          const int8_t* wr = w + (row0 + r0) * k;
+          const int step = rows - r0 >= R ? R : 1;
+          if (step == R) {
+            if (tm == 2) gemv_rows_int8<2, R>(xs, ss, wr, k, totals);
+            else gemv_rows_int8<1, R>(xs, ss, wr, k, totals);
+          } else {
+            if (tm == 2) gemv_rows_int8<2, 1>(xs, ss, wr, k, totals);
+            else gemv_rows_int8<1, 1>(xs, ss, wr, k, totals);
+          }
+          for (int t = 0; t < tm; t++)
+            for (int r = 0; r < step; r++) po[(m0 + t) * n + row0 + r0 + r] = totals[t * step + r] * (am[row0 + r0 + r] / 127.f);
+          r0 += step;
+        }
+      }
+    }
+  });
+  return out.to(at::kBFloat16);
+}
+
 #endif  // LLMSLIM_AVX512_BF16
 
 at::Tensor mm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
@@ -581,10 +792,14 @@ TORCH_LIBRARY(llmslim, m) {
       "float nested_offset, int n, int k, int group, int row_stride, ScalarType dtype) -> Tensor");
   m.def("mm_int4_q8(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, int group) -> Tensor");
   m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
+  m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
+  m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("mm_int4_q8", c10::DispatchKey::CPU, mm_int4_q8);
+  m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
+  m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
 #endif
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
