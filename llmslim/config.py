@@ -65,8 +65,10 @@ class SlimConfig(QuantizationConfigMixin):
             are kept in int8 while the quantized layers' average stays within the budget. Chosen
             from the weights alone (no data) when the model is loaded, then recorded in
             `int8_layers`. `None`: every selected layer in int4.
-        int8_layers: int4 only: full names of the layers stored in int8 instead (normally filled in
-            from `bits_per_param`, and saved with the model so that it reloads identically).
+        int8_layers: 4-bit formats (int4, nf4, fp4): full names of the layers stored in int8
+            instead, saved with the model so that it reloads identically. Filled in from
+            `bits_per_param` for int4; or by hand, e.g. `exclude=[], int8_layers=["lm_head"]` for
+            an int8 output head (its GEMV then reads half the bytes of bf16 at every decoded token).
         include: module-name patterns (fnmatch, matched against the full name or its suffix) of
             the layers to quantize; `None` selects every linear layer.
         exclude: patterns of layers never quantized; `lm_head` by default.
@@ -159,8 +161,10 @@ class SlimConfig(QuantizationConfigMixin):
                 raise ValueError(f"bits_per_param must be above 4 (int4) and at most 9 (all int8), got {self.bits_per_param!r}")
             self.bits_per_param = float(self.bits_per_param)
         if self.int8_layers is not None:
-            if self.weights != "int4":
-                raise ValueError(f"int8_layers applies to weights='int4' (mixed int4/int8), got weights={self.weights!r}")
+            if self.weights not in ("int4", "nf4", "fp4"):
+                raise ValueError(
+                    f"int8_layers keeps some layers of a 4-bit model in int8 (weights int4, nf4 or fp4), got weights={self.weights!r}"
+                )
             if not isinstance(self.int8_layers, (list, tuple)) or not all(isinstance(n, str) and n for n in self.int8_layers):
                 raise ValueError(
                     f"int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got {self.int8_layers!r}"

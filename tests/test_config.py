@@ -37,7 +37,10 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
         ({"bits_per_param": 5.0}, "bits_per_param mixes int4 and int8 layers: use weights='int4', got weights='nf4'"),
         ({"weights": "int4", "bits_per_param": 4.0}, "bits_per_param must be above 4 (int4) and at most 9 (all int8), got 4.0"),
         ({"weights": "int4", "bits_per_param": "5"}, "bits_per_param must be a number of bits such as 5.0, got '5'"),
-        ({"weights": "int8", "int8_layers": ["a"]}, "int8_layers applies to weights='int4' (mixed int4/int8), got weights='int8'"),
+        (
+            {"weights": "int8", "int8_layers": ["a"]},
+            "int8_layers keeps some layers of a 4-bit model in int8 (weights int4, nf4 or fp4), got weights='int8'",
+        ),
         (
             {"weights": "int4", "int8_layers": "a"},
             "int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got 'a'",

@@ -97,3 +97,16 @@ def test_quantize_in_place_chooses_the_same_layers(tiny_llama):
 def test_transformers_door_explains_it_cannot_choose(tiny_llama):
     with pytest.raises(ValueError, match=r"load with llmslim.from_pretrained\(path, config\)"):
         AutoModelForCausalLM.from_pretrained(tiny_llama, quantization_config=SlimConfig(weights="int4", bits_per_param=6.0))
+
+
+def test_nf4_model_with_an_int8_head_reloads_identically(tiny_llama, input_ids, tmp_path):
+    # int8_layers also names layers of an NF4 model kept in int8, such as the output head
+    config = SlimConfig(weights="nf4", exclude=[], int8_layers=["lm_head"])
+    model = llmslim.from_pretrained(tiny_llama, config, progress=False)
+    assert isinstance(model.lm_head, SlimLinear8bit)
+    assert not any(isinstance(m, SlimLinear8bit) for n, m in model.named_modules() if n != "lm_head")
+    llmslim.save_pretrained(model, tmp_path / "head8")
+    again = llmslim.from_pretrained(tmp_path / "head8", progress=False)
+    assert isinstance(again.lm_head, SlimLinear8bit)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)

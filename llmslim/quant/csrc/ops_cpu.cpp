@@ -537,7 +537,7 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
 constexpr int kPrefetch4bit = 2048;  // bytes ahead in the tile stream (1.1B decode sweep: 512-4096 tried)
 template <int TM>
 inline void gemv_tile_4bit(const uint32_t* const* xs, const uint8_t* tile, const at::BFloat16* absmax, int64_t n, int64_t steps,
-                           int64_t block_steps, __m512i table, float* const* out) {
+                           int64_t block_steps, __m512i table, at::BFloat16* const* out) {
   __m512 acc_lo[TM], acc_hi[TM];
   for (int t = 0; t < TM; t++) acc_lo[t] = acc_hi[t] = _mm512_setzero_ps();
   for (int64_t s0 = 0, g = 0; s0 < steps; s0 += block_steps, g++) {
@@ -567,9 +567,9 @@ inline void gemv_tile_4bit(const uint32_t* const* xs, const uint8_t* tile, const
       acc_hi[t] = _mm512_fmadd_ps(_mm512_add_ps(hi[t][0], hi[t][1]), scale_hi, acc_hi[t]);
     }
   }
-  for (int t = 0; t < TM; t++) {
-    _mm512_storeu_ps(out[t], acc_lo[t]);
-    _mm512_storeu_ps(out[t] + 16, acc_hi[t]);
+  for (int t = 0; t < TM; t++) {  // rounded to bf16 to nearest even, as Tensor.to(bfloat16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[t]), (__m256i)_mm512_cvtneps_pbh(acc_lo[t]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[t] + 16), (__m256i)_mm512_cvtneps_pbh(acc_hi[t]));
   }
 }
 
@@ -585,21 +585,21 @@ at::Tensor gemv_4bit_cpu_layout(const at::Tensor& x, const at::Tensor& packed, c
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "llmslim: lut must hold 16 float32 values");
   const int64_t m = x.size(0);
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kBFloat16));
   alignas(64) uint16_t table_bits[32];
   for (int i = 0; i < 32; i++) table_bits[i] = c10::BFloat16(lut.data_ptr<float>()[i & 15]).x;
   const __m512i table = _mm512_load_si512(table_bits);
   const uint32_t* px = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
   const uint8_t* codes = packed.data_ptr<uint8_t>();
   const at::BFloat16* am = absmax.data_ptr<at::BFloat16>();
-  float* po = out.data_ptr<float>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
   const int64_t steps = k / 2, block_steps = block / 2;
   at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; tile++) {
       const uint8_t* tc = codes + tile * steps * 32;
       for (int64_t m0 = 0; m0 < m; m0 += 4) {  // up to 4 tokens share each decoded step
         const uint32_t* xs[4];
-        float* os[4];
+        at::BFloat16* os[4];
         const int tm = static_cast<int>(std::min<int64_t>(4, m - m0));
         for (int t = 0; t < tm; t++) {
           xs[t] = px + (m0 + t) * steps;
@@ -614,7 +614,7 @@ at::Tensor gemv_4bit_cpu_layout(const at::Tensor& x, const at::Tensor& packed, c
       }
     }
   });
-  return out.to(at::kBFloat16);
+  return out;
 }
 
 // Row-wise int8 (row-major (N, K), scale absmax / 127 per row). The weight needs no table: one
@@ -692,10 +692,10 @@ at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const a
   const at::Tensor xc = x.contiguous();
   QuantizedX16 xq;
   quantize_x16(xc.data_ptr<at::BFloat16>(), m, k, xq);
-  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kBFloat16));
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* am = row_absmax.data_ptr<float>();
-  float* po = out.data_ptr<float>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();  // rounded to nearest even, as Tensor.to(bfloat16)
   constexpr int R = 4;
   at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
     for (int64_t group = begin; group < end; group++) {
@@ -723,7 +723,7 @@ at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const a
       }
     }
   });
-  return out.to(at::kBFloat16);
+  return out;
 }
 
 #endif  // LLMSLIM_AVX512_BF16
