@@ -6,6 +6,7 @@ benchmarks/results/bench_quality.json and .png and the table in benchmarks/READM
 layers (the float embedding and norms are reported separately through the footprint).
 
     python benchmarks/bench_quality.py [--tokens 20000] [--text PATH]
+    python benchmarks/bench_quality.py --cases llmslim-nf4-head8 --merge   # add cases to the last results
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "benchmarks" / "README.md"
 DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-# llmslim-FORMAT[-gGROUP][-refine][-tTHRESHOLD]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True, int8_threshold=THRESHOLD)
+# llmslim-FORMAT[-gGROUP][-refine][-tTHRESHOLD][-bBITS][-head8]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
+# int8_threshold=THRESHOLD, bits_per_param=BITS; head8: exclude=[], int8_layers=["lm_head"], an int8 copy of the tied head)
 CASES = (
     "bf16",
     "llmslim-int8",
     "llmslim-int8-t6",
     "llmslim-nf4",
+    "llmslim-nf4-head8",
     "llmslim-fp4",
     "llmslim-int4-g32",
     "llmslim-int4-g64",
@@ -53,12 +56,14 @@ def slim_config(case: str):
     for option in options:
         if option == "refine":
             kwargs["refine"] = True
-        elif option.startswith("g"):
+        elif option.startswith("g") and option[1:].isdigit():
             kwargs["block_size"] = int(option[1:])
         elif option.startswith("b"):
             kwargs["bits_per_param"] = float(option[1:])
         elif option.startswith("t"):
             kwargs["int8_threshold"] = float(option[1:])
+        elif option == "head8":
+            kwargs.update(exclude=[], int8_layers=["lm_head"])
         else:
             raise ValueError(f"unknown option {option!r} in case {case!r}")
     return llmslim.SlimConfig(weights=weights, **kwargs)
@@ -141,14 +146,8 @@ def table(result: dict) -> str:
         lines.append(
             f"| {case} | {row['perplexity']:.2f} | {ratio:.3f} | {'' if bits is None else f'{bits:.2f}'} | {row['footprint_mib']:.1f} |"
         )
-    if "remeasured_cases" in result:  # a later partial run merged in (`--cases`), with the bf16 of its own run
-        again = result["remeasured_cases"]
-        lines += [
-            "",
-            f"Re-measured {again['date']}: {', '.join(again['cases'])} (bf16 in that run: {again['bf16_same_run']:.2f}). "
-            "NF4/FP4 layers now compute through bitsandbytes' CPU kernel, which reads a bfloat16 copy of the absmax "
-            "(counted in the footprint).",
-        ]
+    for again in result.get("remeasured", []):  # later partial runs merged in (`--merge`), each with its own bf16
+        lines += ["", f"Measured {again['date']}: {', '.join(again['cases'])} (bf16 in that run: {again['bf16_same_run']:.2f}). {again['note']}"]
     lines += [
         "",
         "Bits/param of bitsandbytes' and optimum-quanto's layers are not counted here (their quant state is not in the module's tensors).",
@@ -201,12 +200,37 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--merge", action="store_true", help="measure --cases (and bf16) and merge them into the saved results")
     args = parser.parse_args()
     if not args.text.exists():
         raise SystemExit(f"{args.text} does not exist: pass --text with WikiText-2's wiki.test.raw")
-    result = measure(tuple(args.cases.split(",")), args.tokens, args.text)
+    cases = tuple(args.cases.split(","))
+    if args.merge:
+        result = merged(cases, args)
+    else:
+        result = measure(cases, args.tokens, args.text)
     write_outputs(result)
     print(table(result))
+
+
+MERGE_NOTES = {
+    "llmslim-nf4-head8": "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint).",
+}
+
+
+def merged(cases: tuple[str, ...], args: argparse.Namespace) -> dict:
+    """Measure `cases` with bf16 in the same run and merge them into the existing bench_quality.json."""
+    previous = json.loads((RESULTS / "bench_quality.json").read_text())
+    if previous["tokens"] != args.tokens:
+        raise SystemExit(f"--merge needs the same --tokens as the saved results ({previous['tokens']}), got {args.tokens}")
+    run = measure(tuple(dict.fromkeys(("bf16", *cases))), args.tokens, args.text)
+    base = previous["cases"]["bf16"]["perplexity"]
+    for case in cases:
+        previous["cases"][case] = {**run["cases"][case], "vs_bf16": run["cases"][case]["perplexity"] / base}
+    notes = " ".join(MERGE_NOTES.get(case, "") for case in cases).strip()
+    entry = {"date": run["date"], "cases": list(cases), "bf16_same_run": run["cases"]["bf16"]["perplexity"], "note": notes}
+    previous.setdefault("remeasured", []).append(entry)
+    return previous
 
 
 if __name__ == "__main__":

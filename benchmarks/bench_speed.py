@@ -126,6 +126,9 @@ CASES: dict[str, Case] = {
     "bf16": Case("transformers bf16", ("transformers",), load_bf16),
     "llmslim-int8": Case("llmslim int8", ("llmslim",), partial(load_llmslim, weights="int8")),
     "llmslim-nf4": Case("llmslim nf4", ("llmslim",), partial(load_llmslim, weights="nf4")),
+    "llmslim-nf4-head8": Case(
+        "llmslim nf4, lm_head int8", ("llmslim",), partial(load_llmslim, weights="nf4", exclude=[], int8_layers=["lm_head"])
+    ),
     "llmslim-int4": Case("llmslim int4", ("llmslim",), partial(load_llmslim, weights="int4")),
     "llmslim-int8-t6": Case("llmslim int8, int8_threshold 6", ("llmslim",), partial(load_llmslim, weights="int8", int8_threshold=6.0)),
     "bnb-int8": Case("transformers+bnb int8", ("bitsandbytes",), partial(load_bnb, bits=8)),
@@ -139,7 +142,7 @@ MODELS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct (embedded model, bf16)",
 }
 BASE_CASE = "bf16"
-LLMSLIM_4BIT = ("llmslim-nf4", "llmslim-int4")
+LLMSLIM_4BIT = ("llmslim-nf4", "llmslim-nf4-head8", "llmslim-int4")  # head8: the output head in int8 (llama.cpp keeps it at 6-8 bits)
 BEST_4BIT = "best llmslim 4-bit"
 
 

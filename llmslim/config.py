@@ -137,9 +137,9 @@ class SlimConfig(QuantizationConfigMixin):
         self.int8_threshold = float(self.int8_threshold)
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine must be True or False, got {self.refine!r}")
-        self._check_mixed()
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude) or []
+        self._check_mixed()
         self._check_embedding()
         self._check_sharing()
         if isinstance(self.checkpointing, bool) or not (
@@ -170,6 +170,12 @@ class SlimConfig(QuantizationConfigMixin):
                     f"int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got {self.int8_layers!r}"
                 )
             self.int8_layers = sorted(self.int8_layers)
+            unselected = [name for name in self.int8_layers if not self.selects(name)]
+            if unselected:
+                raise ValueError(
+                    f"int8_layers names {unselected}, which include/exclude leave in float (exclude={self.exclude}): "
+                    "take them out of exclude, e.g. exclude=[] for an int8 lm_head"
+                )
 
     def _check_embedding(self) -> None:
         if self.embedding_rank is not None and (

@@ -98,6 +98,28 @@ def untie_embeddings(model: torch.nn.Module, factorized_head: bool) -> None:
             tied.pop(target)
 
 
+def untie_int8_head(model: torch.nn.Module, config: SlimConfig) -> dict[str, str]:
+    """Give an output head tied to the input embedding its own weight when `config.int8_layers`
+    names it: the head becomes an int8 copy (half the bytes a bf16 head reads per decoded token)
+    and the embedding stays as it is.
+
+    Returns:
+        {embedding weight name: head weight name}: the checkpoint tensor the head is quantized
+        from (a tied checkpoint stores only the embedding); empty when nothing was untied.
+    """
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if not config.int8_layers or head is None or embedding is None or not head_tied_to_embedding(model):
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    head_name, embedding_name = names.get(id(head)), names.get(id(embedding))
+    if head_name not in config.int8_layers:
+        return {}
+    untie_embeddings(model, factorized_head=False)
+    if head.weight is embedding.weight and head.weight.is_meta:  # a skeleton: the loader fills the copy
+        head.weight = torch.nn.Parameter(torch.empty_like(embedding.weight), requires_grad=False)
+    return {f"{embedding_name}.weight": f"{head_name}.weight"}
+
+
 def head_tied_to_embedding(model: torch.nn.Module) -> bool:
     """Whether the output head shares the input embedding's weight (already, or once transformers ties it)."""
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()

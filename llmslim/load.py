@@ -78,6 +78,7 @@ def from_pretrained(
         skeleton = hf.auto_class(hf_config).from_config(hf_config, dtype=dtype)
     if config.needs_mixed_choice:
         config = _choose_int8_layers(skeleton, config, files)
+    copies = hf.untie_int8_head(skeleton, config)  # a tied head named in int8_layers: quantized from the embedding
     hf.prepare_skeleton(skeleton, config)
     router = prepare_compression(skeleton, config, path, pre_quantized)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
@@ -89,7 +90,7 @@ def from_pretrained(
 
     check_fits(skeleton, plan, files, max_memory, force, path)
 
-    loader = _Loader(skeleton, plan, pre_quantized, path, progress, router)
+    loader = _Loader(skeleton, plan, pre_quantized, path, progress, router, copies)
     for file in files:
         loader.load_file(file)
     loader.finish()
@@ -168,8 +169,11 @@ class _Target:
 class _Loader:
     """Reads checkpoint tensors one at a time into a skeleton model."""
 
-    def __init__(self, model: PreTrainedModel, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool, router=None):
+    def __init__(
+        self, model: PreTrainedModel, plan: DevicePlan, pre_quantized: bool, source: Path, progress: bool, router=None, copies=None
+    ):
         self.model = model
+        self.copies = copies or {}  # checkpoint tensor name -> another tensor loaded from it (an untied int8 head)
         self.router = router  # llmslim.compress: takes the tensors it factorizes or shares
         self.plan = plan
         self.pre_quantized = pre_quantized
@@ -189,7 +193,10 @@ class _Loader:
             if target is None:
                 self.unexpected.append(key)
                 continue
-            self._load_tensor(target, read(), file)
+            tensor = read()
+            self._load_tensor(target, tensor, file)
+            if target.full_name in self.copies:
+                self._load_tensor(self._target(self.copies[target.full_name]), tensor, file)
             release_free_memory()  # the read and its temporaries are freed: keep the heap from holding them
 
     def _target(self, key: str) -> _Target | None:

@@ -22,6 +22,7 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
     """
     if config.weights is None:
         return []
+    hf.untie_int8_head(model, config)  # an int8 head named in int8_layers gets its own weight
     selected = quantization_targets(model, config, keep=hf.tied_module_names(model))
     if config.needs_mixed_choice:
         config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)

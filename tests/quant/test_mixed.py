@@ -110,3 +110,49 @@ def test_nf4_model_with_an_int8_head_reloads_identically(tiny_llama, input_ids, 
     assert isinstance(again.lm_head, SlimLinear8bit)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
+@pytest.fixture
+def tied_llama(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "tied")
+    return tmp_path / "tied"
+
+
+def test_tied_head_named_in_int8_layers_becomes_an_int8_copy(tied_llama, input_ids, tmp_path):
+    # SmolLM2-style tied head: the head gets its own int8 copy of the embedding; the embedding stays
+    config = SlimConfig(weights="nf4", exclude=[], int8_layers=["lm_head"])
+    model = llmslim.from_pretrained(tied_llama, config, progress=False)
+    float_model = AutoModelForCausalLM.from_pretrained(tied_llama)
+    embedding = float_model.get_input_embeddings().weight
+    assert isinstance(model.lm_head, SlimLinear8bit) and not model.config.tie_word_embeddings
+    assert torch.equal(model.get_input_embeddings().weight, embedding.to(model.get_input_embeddings().weight.dtype))
+    torch.testing.assert_close(
+        model.lm_head.dequantized_weight(torch.float32), embedding.float(), rtol=0, atol=embedding.abs().max().item() / 127
+    )
+    llmslim.save_pretrained(model, tmp_path / "saved")
+    again = llmslim.from_pretrained(tmp_path / "saved", progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")  # stock transformers too
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+        torch.testing.assert_close(hf(input_ids).logits.to(model.dtype), model(input_ids).logits, rtol=0, atol=0)
+    # the in-place door does the same
+    llmslim.quantize_(float_model, config)
+    assert isinstance(float_model.lm_head, SlimLinear8bit) and isinstance(float_model.get_input_embeddings(), torch.nn.Embedding)
+
+
+def test_int8_layers_must_be_selected():
+    with pytest.raises(ValueError, match=r"int8_layers names \['lm_head'\], which include/exclude leave in float"):
+        SlimConfig(weights="nf4", int8_layers=["lm_head"])
