@@ -147,7 +147,8 @@ def table(result: dict) -> str:
             f"| {case} | {row['perplexity']:.2f} | {ratio:.3f} | {'' if bits is None else f'{bits:.2f}'} | {row['footprint_mib']:.1f} |"
         )
     for again in result.get("remeasured", []):  # later partial runs merged in (`--merge`), each with its own bf16
-        lines += ["", f"Measured {again['date']}: {', '.join(again['cases'])} (bf16 in that run: {again['bf16_same_run']:.2f}). {again['note']}"]
+        cases = ", ".join(again["cases"])
+        lines += ["", f"Measured {again['date']}: {cases} (bf16 in that run: {again['bf16_same_run']:.2f}). {again['note']}"]
     lines += [
         "",
         "Bits/param of bitsandbytes' and optimum-quanto's layers are not counted here (their quant state is not in the module's tensors).",
@@ -214,7 +215,9 @@ def main() -> None:
 
 
 MERGE_NOTES = {
-    "llmslim-nf4-head8": "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint).",
+    "llmslim-nf4-head8": (
+        "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint)."
+    ),
 }
 
 
