@@ -122,12 +122,27 @@ def load_quanto(path: Path, bits: int):
     return model
 
 
+def load_compiled(path: Path, load: Callable):
+    """`load(path)`, then `llmslim.compile_decode`: static KV cache and a compiled decode step."""
+    import llmslim
+
+    return llmslim.compile_decode(load(path))
+
+
 CASES: dict[str, Case] = {
     "bf16": Case("transformers bf16", ("transformers",), load_bf16),
     "llmslim-int8": Case("llmslim int8", ("llmslim",), partial(load_llmslim, weights="int8")),
     "llmslim-nf4": Case("llmslim nf4", ("llmslim",), partial(load_llmslim, weights="nf4")),
     "llmslim-nf4-head8": Case(
         "llmslim nf4, lm_head int8", ("llmslim",), partial(load_llmslim, weights="nf4", exclude=[], int8_layers=["lm_head"])
+    ),
+    "bf16-compiled": Case(
+        "transformers bf16, static cache + torch.compile", ("transformers", "llmslim"), partial(load_compiled, load=load_bf16)
+    ),
+    "llmslim-nf4-head8-compiled": Case(
+        "llmslim nf4, lm_head int8, compile_decode",
+        ("llmslim",),
+        partial(load_compiled, load=partial(load_llmslim, weights="nf4", exclude=[], int8_layers=["lm_head"])),
     ),
     "llmslim-int4": Case("llmslim int4", ("llmslim",), partial(load_llmslim, weights="int4")),
     "llmslim-int8-t6": Case("llmslim int8, int8_threshold 6", ("llmslim",), partial(load_llmslim, weights="int8", int8_threshold=6.0)),
@@ -142,7 +157,12 @@ MODELS: dict[str, str] = {
     "smollm2": "SmolLM2-135M-Instruct (embedded model, bf16)",
 }
 BASE_CASE = "bf16"
-LLMSLIM_4BIT = ("llmslim-nf4", "llmslim-nf4-head8", "llmslim-int4")  # head8: the output head in int8 (llama.cpp keeps it at 6-8 bits)
+LLMSLIM_4BIT = (
+    "llmslim-nf4",
+    "llmslim-nf4-head8",
+    "llmslim-nf4-head8-compiled",
+    "llmslim-int4",
+)  # head8: the output head in int8 (llama.cpp keeps it at 6-8 bits)
 BEST_4BIT = "best llmslim 4-bit"
 
 
@@ -205,6 +225,9 @@ def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Calla
     def generate(n: int):
         return model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
 
+    if getattr(model.generation_config, "compile_config", None) is not None:
+        # compiled cases: one static cache, sized for the longest call, so that one compile serves every call
+        model.generation_config.max_cache_len = prompt.shape[1] + new_tokens
     with no_autograd():
         generate(min(WARMUP_NEW_TOKENS, new_tokens))  # warm-up
         first_times, _ = timed(lambda: generate(1), repeats)

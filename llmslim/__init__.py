@@ -10,7 +10,7 @@ from llmslim.config import SlimConfig
 from llmslim.hf import register as _register
 
 __version__ = "0.1.0"
-__all__ = ["SlimConfig", "enable_checkpointing", "from_pretrained", "quantize_", "save_pretrained", "__version__"]
+__all__ = ["SlimConfig", "compile_decode", "enable_checkpointing", "from_pretrained", "quantize_", "save_pretrained", "__version__"]
 
 _register()
 
@@ -42,3 +42,10 @@ def enable_checkpointing(*args, **kwargs):
     from llmslim.memory.checkpointing import enable_checkpointing as _enable_checkpointing
 
     return _enable_checkpointing(*args, **kwargs)
+
+
+def compile_decode(*args, **kwargs):
+    """Static KV cache and a compiled decode step for `model.generate` on CPU; see `llmslim.generate.compile_decode`."""
+    from llmslim.generate import compile_decode as _compile_decode
+
+    return _compile_decode(*args, **kwargs)

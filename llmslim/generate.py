@@ -22,3 +22,43 @@ def generate_reply(model, tokenizer, prompt: str, max_new_tokens: int = 64, chat
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
     )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+
+
+def compile_decode(model, max_cache_len: int | None = None):
+    """Make `model.generate` fast on CPU: a static KV cache and a `torch.compile`d decode step.
+
+    This is transformers' own compiled generation (`cache_implementation="static"` plus a
+    `CompileConfig`), which it enables on accelerators only, switched on for CPU as well. Every
+    decode step then runs as one compiled graph instead of hundreds of small eager ops (SmolLM2
+    nf4 with an int8 head, 160 tokens: ~1.4x the tokens per second); prompts still run eagerly.
+    The first `generate` call compiles (~35 s on 2 cores); later calls reuse the graph while
+    prompt plus new tokens fit in the cache, beyond which transformers grows it and compiles again.
+    Every step attends over the whole static cache, so size it to the longest generation you
+    need: on SmolLM2 a 1024-token cache decodes ~25% slower than a 256-token one, a 2048-token
+    one ~50% slower. The model keeps the ordinary HF API; `generate(..., disable_compile=True)`
+    opts out per call.
+
+    Args:
+        model: a causal LM, llmslim-quantized or not.
+        max_cache_len: the static cache's length in tokens (prompt plus new). None: each call's
+            own length, kept as the floor for later calls (transformers' default).
+
+    Returns:
+        The same model, for chaining.
+    """
+    from transformers import CompileConfig
+
+    from llmslim.hf import SlimHfQuantizer
+
+    if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2):
+        raise ValueError(f"max_cache_len must be a number of tokens >= 2 (prompt plus new tokens), got {max_cache_len!r}")
+    generation = model.generation_config
+    generation.cache_implementation = "static"
+    generation.max_cache_len = max_cache_len
+    compile_config = CompileConfig(fullgraph=False, dynamic=False)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
+    generation.compile_config = compile_config
+    quantizer = getattr(model, "hf_quantizer", None)
+    if isinstance(quantizer, SlimHfQuantizer):
+        quantizer.compile_decode = True  # llmslim's CPU operators trace (they have fake implementations)
+    return model

@@ -200,6 +200,12 @@ class SlimHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: SlimConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.quantized_modules: list[str] = []
+        self.compile_decode = False  # set by `llmslim.compile_decode`: generate may then compile the decode step
+
+    @property
+    def is_compileable(self) -> bool:
+        """Whether transformers' `generate` may compile the model (only once `llmslim.compile_decode` asked for it)."""
+        return self.compile_decode
 
     @property
     def quantized_element_size(self) -> float | None:
@@ -226,6 +232,11 @@ class SlimHfQuantizer(HfQuantizer):
                 "SlimConfig(bits_per_param=...) chooses its int8 layers from the weights before the layers are built, which "
                 "transformers' from_pretrained cannot do: load with llmslim.from_pretrained(path, config), or save that "
                 "model once (its config then lists int8_layers) and load the saved folder here"
+            )
+        if not self.pre_quantized and head_tied_to_embedding(model) and untie_int8_head(model, self.quantization_config):
+            raise ValueError(
+                "int8_layers names the output head, which this model ties to its input embedding: load with "
+                "llmslim.from_pretrained(path, config), which makes the head an int8 copy of the embedding"
             )
         self.quantized_modules = prepare_skeleton(model, self.quantization_config)
         if self.pre_quantized and self.quantization_config.compresses:

@@ -156,8 +156,9 @@ def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tenso
     """Dequantize to `dtype` (bitsandbytes' kernels on CPU and CUDA)."""
     bnb_f = bnb_functional()
     n = math.prod(w.shape)
-    # bitsandbytes sends odd lengths to a torch.compile'd fallback (seconds of compile per shape)
-    if bnb_f is None or n % 2:
+    # bitsandbytes sends odd lengths to a torch.compile'd fallback (seconds of compile per shape), and
+    # its CPU operator's shape function rejects our flat view while torch.compile traces
+    if bnb_f is None or n % 2 or torch.compiler.is_compiling():
         return formats.dequantize_4bit(w, dtype)
     # Its CPU kernel takes one absmax per block *within a row*; our blocks run over the flattened
     # weight (as bitsandbytes quantizes it), so hand it one long row and reshape after.

@@ -1,0 +1,68 @@
+"""`llmslim.compile_decode`: transformers' compiled static-cache generation, switched on for CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llmslim
+from llmslim import SlimConfig
+
+
+def test_compile_decode_configures_generation(tiny_llama):
+    model = llmslim.from_pretrained(tiny_llama, SlimConfig(weights="nf4"), dtype=torch.bfloat16, progress=False)
+    assert not model.hf_quantizer.is_compileable  # transformers never compiles an llmslim model unasked
+    assert llmslim.compile_decode(model, max_cache_len=64) is model
+    generation = model.generation_config
+    assert generation.cache_implementation == "static" and generation.max_cache_len == 64
+    assert generation.compile_config is not None and generation.compile_config._compile_all_devices
+    assert model.hf_quantizer.is_compileable
+
+
+@pytest.mark.parametrize("bad", (0, 1, 2.5, True, "64"))
+def test_compile_decode_rejects_a_bad_cache_length(tiny_llama, bad):
+    model = llmslim.from_pretrained(tiny_llama, SlimConfig(weights="int8"), dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ValueError, match=r"max_cache_len must be a number of tokens >= 2"):
+        llmslim.compile_decode(model, max_cache_len=bad)
+
+
+@pytest.fixture(scope="module")
+def kernel_sized_llama(tmp_path_factory):
+    """A tiny Llama whose layers fit the CPU decode kernels (N % 32 == 0, K % 64 == 0)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=96,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("kernel_sized")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_compiled_decode_matches_eager(kernel_sized_llama, weights):
+    # the compiled decode step runs llmslim's CPU decode operators (gemv_4bit_cpu_layout,
+    # gemv_int8_rows) through their fake implementations while tracing; its logits equal the
+    # eager ones up to the bf16 rounding that fusion changes
+    model = llmslim.from_pretrained(kernel_sized_llama, SlimConfig(weights=weights), dtype=torch.bfloat16, progress=False)
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def generate():
+        out = model.generate(
+            prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+        )
+        return out.sequences, torch.stack(out.logits).float()
+
+    with torch.inference_mode():
+        eager_tokens, eager_logits = generate()
+        llmslim.compile_decode(model, max_cache_len=16)
+        compiled_tokens, compiled_logits = generate()
+    assert torch.equal(compiled_tokens, eager_tokens)
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0.02 * eager_logits.abs().max().item())
