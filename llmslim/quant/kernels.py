@@ -402,27 +402,39 @@ def int8pack_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
+INT8_PROMPT_CHUNK_ELEMENTS = 1 << 22  # output elements per chunk of weight rows in the LLM.int8 prompt path
+
+
 def int8_decomposed_matmul(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
     """LLM.int8 (Dettmers et al., 2022) on `torch._int_mm`: `x @ W.T` for a 2-D `x`, float32 result.
 
     Activation columns holding any |x| > `threshold` (outlier features) are multiplied in x's
     16-bit dtype with the matching weight columns dequantized; the rest is quantized vector-wise (one absmax per
     token row, int8) and multiplied with the int8 weight in an int32 GEMM, then rescaled by both
-    absmaxes. `threshold` 0 quantizes every column.
+    absmaxes. `threshold` 0 quantizes every column. The weight's rows go in chunks of about
+    `INT8_PROMPT_CHUNK_ELEMENTS` outputs, so that the int32, float and dequantized-column
+    temporaries stay small next to the output even for a vocabulary-sized head.
     """
     xf = x.float()
     outliers = (xf.abs() > threshold).any(dim=0).nonzero().squeeze(1) if threshold > 0 else None  # (n_outliers,)
-    regular = xf
-    if outliers is not None and outliers.numel():
-        regular = xf.index_fill(1, outliers, 0.0)
+    has_outliers = outliers is not None and outliers.numel() > 0
+    regular = xf.index_fill(1, outliers, 0.0) if has_outliers else xf
     x_absmax = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (tokens, 1)
     xq = torch.round(regular * (127.0 / x_absmax)).to(torch.int8)
-    out = torch._int_mm(xq, weight.t()).float() * (x_absmax / 127.0) * (row_absmax / 127.0)  # (tokens, out)
-    if outliers is not None and outliers.numel():
-        # the outlier product runs in x's 16-bit dtype (float32 for float32 x), as in the paper
-        dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-        w_cols = (weight.index_select(1, outliers).float() * (row_absmax / 127.0).unsqueeze(1)).to(dtype)  # (out, n_outliers)
-        out += (x.index_select(1, outliers).to(dtype) @ w_cols.T).float()
+    # the outlier product runs in x's 16-bit dtype (float32 for float32 x), as in the paper
+    dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    x_outliers = x.index_select(1, outliers).to(dtype) if has_outliers else None  # (tokens, n_outliers)
+    tokens, rows = x.shape[0], weight.shape[0]
+    out = torch.empty(tokens, rows, dtype=torch.float32, device=x.device)
+    step = max(8, INT8_PROMPT_CHUNK_ELEMENTS // max(tokens, 1) // 8 * 8)  # _int_mm wants multiples of 8
+    for r0 in range(0, rows, step):
+        w, scale = weight[r0 : r0 + step], row_absmax[r0 : r0 + step] / 127.0
+        chunk = out[:, r0 : r0 + step]
+        torch.mul(torch._int_mm(xq, w.t()).float(), x_absmax / 127.0, out=chunk)
+        chunk.mul_(scale)
+        if has_outliers:
+            w_cols = (w.index_select(1, outliers).float() * scale.unsqueeze(1)).to(dtype)  # (chunk rows, n_outliers)
+            chunk += (x_outliers @ w_cols.T).float()
     return out
 
 

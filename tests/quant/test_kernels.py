@@ -344,6 +344,16 @@ def test_llm_int8_without_outliers_matches_vector_wise_quantization():
     torch.testing.assert_close(kernels.int8_decomposed_matmul(x, q, absmax, threshold=100.0), expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_llm_int8_in_row_chunks_equals_one_pass(monkeypatch, dtype):
+    # a vocabulary-sized head goes in chunks of weight rows (bounded temporaries), bit for bit the same
+    q, absmax = kernels.quantize_int8_rows(_randn((200, 64), seed=13))
+    x = _with_outlier_features(24, 64, (7,), magnitude=30.0).to(dtype)
+    whole = kernels.int8_decomposed_matmul(x, q, absmax, 6.0)
+    monkeypatch.setattr(kernels, "INT8_PROMPT_CHUNK_ELEMENTS", 24 * 16)  # 16 rows per chunk
+    assert torch.equal(kernels.int8_decomposed_matmul(x, q, absmax, 6.0), whole)
+
+
 @pytest.mark.parametrize("tokens", (9, 64))
 def test_linear_int8_prompt_path_is_the_decomposition(tokens):
     q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
