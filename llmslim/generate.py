@@ -50,6 +50,13 @@ def compile_decode(model, max_cache_len: int | None = None):
 
     from llmslim.hf import SlimHfQuantizer
 
+    streamed = [name for name, module in model.named_modules() if _streamed(module)]
+    if streamed:
+        raise ValueError(
+            f"compile_decode cannot compile a model whose layers are streamed per call (offload or a device map with "
+            f"offloaded modules; e.g. {streamed[0]}): their tensors change every step, so each step would recompile. "
+            "Generate without it, or load the model without offload"
+        )
     if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len < 2):
         raise ValueError(f"max_cache_len must be a number of tokens >= 2 (prompt plus new tokens), got {max_cache_len!r}")
     generation = model.generation_config
@@ -62,3 +69,8 @@ def compile_decode(model, max_cache_len: int | None = None):
     if isinstance(quantizer, SlimHfQuantizer):
         quantizer.compile_decode = True  # llmslim's CPU operators trace (they have fake implementations)
     return model
+
+
+def _streamed(module) -> bool:
+    """Whether `module`'s tensors are swapped in per call: llmslim's offload, or an accelerate hook that offloads."""
+    return bool(getattr(module, "streamed", False) or getattr(getattr(module, "_hf_hook", None), "offload", False))

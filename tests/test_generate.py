@@ -26,24 +26,27 @@ def test_compile_decode_rejects_a_bad_cache_length(tiny_llama, bad):
         llmslim.compile_decode(model, max_cache_len=bad)
 
 
-@pytest.fixture(scope="module")
-def kernel_sized_llama(tmp_path_factory):
+def _kernel_sized_llama(folder, layers: int):
     """A tiny Llama whose layers fit the CPU decode kernels (N % 32 == 0, K % 64 == 0)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=96,
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("kernel_sized")
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def kernel_sized_llama(tmp_path_factory):
+    return _kernel_sized_llama(tmp_path_factory.mktemp("kernel_sized"), layers=2)
 
 
 @pytest.mark.parametrize("weights", ("nf4", "int8"))
@@ -66,3 +69,14 @@ def test_compiled_decode_matches_eager(kernel_sized_llama, weights):
         compiled_tokens, compiled_logits = generate()
     assert torch.equal(compiled_tokens, eager_tokens)
     torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0.02 * eager_logits.abs().max().item())
+
+
+def test_compile_decode_refuses_a_streamed_model(tmp_path):
+    # offloaded blocks get new tensors every call: a compiled step would recompile each time
+    folder = _kernel_sized_llama(tmp_path / "four", layers=4)
+    model = llmslim.from_pretrained(
+        folder, SlimConfig(weights="nf4"), dtype=torch.bfloat16, offload="cpu", offload_budget=70_000, progress=False
+    )
+    assert any(getattr(m, "streamed", False) for m in model.modules())
+    with pytest.raises(ValueError, match="compile_decode cannot compile a model whose layers are streamed per call"):
+        llmslim.compile_decode(model)
