@@ -345,6 +345,17 @@ def test_llm_int8_without_outliers_matches_vector_wise_quantization():
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_llm_int8_with_mostly_outlier_columns_computes_every_column_in_16_bits(dtype):
+    # past INT8_ALL_OUTLIERS_FRACTION outlier columns the int8 part is dropped: the 16-bit product of all columns
+    q, absmax = kernels.quantize_int8_rows(_randn((48, 64), seed=14))
+    x = _with_outlier_features(16, 64, tuple(range(0, 64, 3)) + tuple(range(1, 64, 3)), magnitude=30.0).to(dtype)  # 2/3 of columns
+    w = (q.float() * (absmax / 127.0).unsqueeze(1)).to(dtype)
+    assert torch.equal(kernels.int8_decomposed_matmul(x, q, absmax, 6.0), (x @ w.T).float())
+    few = _with_outlier_features(16, 64, (3,), magnitude=30.0).to(dtype)  # one outlier column: the decomposition
+    assert not torch.equal(kernels.int8_decomposed_matmul(few, q, absmax, 6.0), (few @ w.T).float())
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
 def test_llm_int8_in_row_chunks_equals_one_pass(monkeypatch, dtype):
     # a vocabulary-sized head goes in chunks of weight rows (bounded temporaries), bit for bit the same
     q, absmax = kernels.quantize_int8_rows(_randn((200, 64), seed=13))
