@@ -60,7 +60,7 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: in
     return batch * tokens * widest * dtype_bytes + logits
 
 
-PACKED_GEMV_MAX_TOKENS = 64  # quant.kernels.PACKED_GEMV_MAX_TOKENS: NF4/FP4 in the CPU layout run bitsandbytes' kernel up to here
+PACKED_GEMV_MAX_TOKENS = 64  # quant.kernels.PACKED_GEMV_MAX_TOKENS: NF4/FP4 in the CPU layout run the decode kernel up to here
 FOUR_BIT_PACKED_MAX_TOKENS = 32  # quant.kernels.DECODE_MAX_TOKENS: up to this many rows 4-bit layers never build a float weight
 INT8_PACKED_MAX_TOKENS = 8  # quant.kernels.INT8_DECODE_MAX_TOKENS: beyond it, LLM.int8 on torch._int_mm
 
@@ -80,8 +80,9 @@ def prompt_workspace_bytes(
     (`quant.kernels.pack_4bit_for_cpu`; its bf16 absmax copy is `cpu_layout_bytes`); a prompt of
     more than `PACKED_GEMV_MAX_TOKENS` rows dequantizes the layer to bfloat16 for a dense GEMM.
     Other 4-bit: dequantize once, dense GEMM (a float weight in the compute dtype).
-    int8 (LLM.int8 on CPU): the int8 weight transposed for `torch._int_mm` and its outlier columns
-    dequantized in float32 (data-dependent: counted as if every column were one); per token, the
+    int8 (LLM.int8 on CPU): an upper bound, as if the int8 weight were transposed for `torch._int_mm`
+    and every column were an outlier dequantized in float32 at once (the kernel goes in chunks of
+    weight rows, `quant.kernels.INT8_PROMPT_CHUNK_ELEMENTS`, so it needs less); per token, the
     input in float32 and int8 and the float32 output.
     """
     if weights in ("nf4", "fp4") and cpu:

@@ -422,25 +422,25 @@ def int8_decomposed_matmul(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
     """
     xf = x.float()
     outliers = (xf.abs() > threshold).any(dim=0).nonzero().squeeze(1) if threshold > 0 else None  # (n_outliers,)
-    if outliers is not None and outliers.numel() > INT8_ALL_OUTLIERS_FRACTION * x.shape[1]:
-        outliers = torch.arange(x.shape[1], device=x.device)
-    has_outliers = outliers is not None and outliers.numel() > 0
-    all_outliers = has_outliers and outliers.numel() == x.shape[1]
-    regular = xf.index_fill(1, outliers, 0.0) if has_outliers else xf
-    x_absmax = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (tokens, 1)
-    xq = torch.round(regular * (127.0 / x_absmax)).to(torch.int8)
     # the outlier product runs in x's 16-bit dtype (float32 for float32 x), as in the paper
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
-    x_outliers = x.index_select(1, outliers).to(dtype) if has_outliers else None  # (tokens, n_outliers)
     tokens, rows = x.shape[0], weight.shape[0]
     out = torch.empty(tokens, rows, dtype=torch.float32, device=x.device)
     step = max(8, INT8_PROMPT_CHUNK_ELEMENTS // max(tokens, 1) // 8 * 8)  # _int_mm wants multiples of 8
+    if outliers is not None and outliers.numel() > INT8_ALL_OUTLIERS_FRACTION * x.shape[1]:
+        x16 = x.to(dtype)  # every column an outlier: no int8 part
+        for r0 in range(0, rows, step):
+            w, scale = weight[r0 : r0 + step], row_absmax[r0 : r0 + step] / 127.0
+            out[:, r0 : r0 + step] = x16 @ (w.float() * scale.unsqueeze(1)).to(dtype).T
+        return out
+    has_outliers = outliers is not None and outliers.numel() > 0
+    regular = xf.index_fill(1, outliers, 0.0) if has_outliers else xf
+    x_absmax = regular.abs().amax(dim=1, keepdim=True).clamp(min=1e-30)  # (tokens, 1)
+    xq = torch.round(regular * (127.0 / x_absmax)).to(torch.int8)
+    x_outliers = x.index_select(1, outliers).to(dtype) if has_outliers else None  # (tokens, n_outliers)
     for r0 in range(0, rows, step):
         w, scale = weight[r0 : r0 + step], row_absmax[r0 : r0 + step] / 127.0
         chunk = out[:, r0 : r0 + step]
-        if all_outliers:  # every column in 16 bits: no int8 part
-            chunk.copy_(x_outliers @ (w.float() * scale.unsqueeze(1)).to(dtype).T)
-            continue
         torch.mul(torch._int_mm(xq, w.t()).float(), x_absmax / 127.0, out=chunk)
         chunk.mul_(scale)
         if has_outliers:
