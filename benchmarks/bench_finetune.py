@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from llmslim import models
+from llmslim.data import TINY_SHAKESPEARE
 from llmslim.finetune.config import FinetuneConfig
 from llmslim.finetune.run import add_lora, finetune, lm_loss, load_base
 from llmslim.memory import enable_checkpointing
@@ -40,7 +41,7 @@ from llmslim.train.optim import make_optimizer
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+SHAKESPEARE = TINY_SHAKESPEARE  # shipped with llmslim
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,10 +19,12 @@ import re
 import tempfile
 from pathlib import Path
 
+from llmslim.data import WIKITEXT2_TEST
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 README = REPO / "benchmarks" / "README.md"
-DEFAULT_TEXT = REPO.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+DEFAULT_TEXT = WIKITEXT2_TEST  # shipped with llmslim (= ../shared/data, byte for byte)
 # llmslim-FORMAT[-gGROUP][-refine][-tTHRESHOLD][-bBITS][-head8]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
 # int8_threshold=THRESHOLD, bits_per_param=BITS; head8: exclude=[], int8_layers=["lm_head"], an int8 copy of the tied head)
 CASES = (

@@ -6,10 +6,10 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
+
+from llmslim.data import WIKITEXT2_TEST as DEFAULT_TEXT  # shipped with the package
 
 WEIGHT_CHOICES = ("none", "int8", "nf4", "fp4")
-DEFAULT_TEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
 def _add_model_options(p: argparse.ArgumentParser, default_weights: str | None = None) -> None:
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity on a text file")
     e.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     _add_model_options(e)
-    e.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file (default: WikiText-2 test from ../shared/data)")
+    e.add_argument("--text", default=str(DEFAULT_TEXT), help="UTF-8 text file (default: WikiText-2 test, shipped with llmslim)")
     e.add_argument("--tokens", type=int, default=20_000, help="number of tokens scored (default 20000)")
     e.add_argument("--json", action="store_true", help="also print the result as a JSON object")
 

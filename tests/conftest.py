@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random causal LMs written from configs, the shared data folder, markers."""
+"""Shared fixtures: tiny random causal LMs written from configs, the shipped texts, markers."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import torch
 from transformers import GPT2Config, LlamaConfig, MistralConfig, OPTConfig, Qwen2Config
 
 import llmslim  # noqa: F401 - registers the quantization method, as a user's import does
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-WIKITEXT = DATA / "wikitext-2-raw" / "wiki.test.raw"
+from llmslim.data import DATA_DIR as DATA  # noqa: F401 - the texts shipped with the package (= ../shared/data)
+from llmslim.data import WIKITEXT2_TEST as WIKITEXT  # noqa: F401
 
 _TINY = dict(vocab_size=96, max_position_embeddings=64)
 TINY_CONFIGS = {

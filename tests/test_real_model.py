@@ -15,7 +15,7 @@ from llmslim.evaluate import load_tokens, perplexity
 pytestmark = [
     pytest.mark.real_model,
     pytest.mark.slow,
-    pytest.mark.skipif(not WIKITEXT.exists(), reason=f"{WIKITEXT} is absent (shared data folder not mounted)"),
+    pytest.mark.skipif(not WIKITEXT.exists(), reason=f"{WIKITEXT} is absent (the package ships it; a broken install?)"),
 ]
 
 

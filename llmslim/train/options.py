@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llmslim.data import TINY_SHAKESPEARE
 from llmslim.train.config import CHECKPOINTING, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 
-DEFAULT_TRAIN_TEXT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+DEFAULT_TRAIN_TEXT = TINY_SHAKESPEARE  # shipped with the package
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
