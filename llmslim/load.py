@@ -69,7 +69,7 @@ def from_pretrained(
         An ordinary `PreTrainedModel` in eval mode, with llmslim layers where the config asked.
     """
     path = models.resolve(model)
-    hf_config = AutoConfig.from_pretrained(path)
+    hf_config = _read_config(path)
     config, pre_quantized = _effective_config(path, hf_config, config)
     dtype = _float_dtype(dtype, hf_config)
     files = checkpoint_files(path)
@@ -96,6 +96,15 @@ def from_pretrained(
     loader.finish()
     config = router.finish(config) if router is not None else config
     return _finish_model(skeleton, config, plan, path)
+
+
+def _read_config(path: Path):
+    file = path / "config.json"
+    try:
+        json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}): re-download or re-save the model") from err
+    return AutoConfig.from_pretrained(path)
 
 
 def _effective_config(path: Path, hf_config, config: SlimConfig | None) -> tuple[SlimConfig, bool]:
@@ -150,13 +159,29 @@ def checkpoint_files(path: Path) -> list[Path]:
     for index_name in (SAFETENSORS_INDEX, PICKLE_INDEX):
         index = path / index_name
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return [path / name for name in sorted(set(weight_map.values()))]
+            return _indexed_shards(index)
     for pattern in ("*.safetensors", "*.bin"):
         files = sorted(path.glob(pattern))
         if files:
             return files
     raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}: is it a Hugging Face model folder?")
+
+
+def _indexed_shards(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names, each checked to exist."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{index} is not valid JSON ({err}): re-download or re-save the model") from err
+    except AttributeError:
+        weight_map = None  # valid JSON, not an object
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f'{index} has no "weight_map" object (tensor name -> shard file): re-download or re-save the model')
+    files = [index.parent / name for name in sorted(set(weight_map.values()))]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise FileNotFoundError(f"{index} lists shards {absent[:3]} that do not exist in {index.parent}: re-download the missing files")
+    return files
 
 
 @dataclass
@@ -182,15 +207,18 @@ class _Loader:
         self.prefix = model.base_model_prefix
         self.unexpected: list[str] = []
         self.offloaded: set[str] = set()  # written to the offload folder, left on meta here
+        self.files: list[Path] = []
         self.bar = tqdm(total=len(self.expected), desc="llmslim: loading", unit="tensor", disable=None if progress else True)
 
     def load_file(self, file: Path) -> None:
+        self.files.append(file)
         for key, read in _checked(file, _iter_tensors(file)):
             self.bar.update()
             if self.router is not None and self.router.take(key, read, self.plan.device_for):
                 continue
             target = self._target(key)
             if target is None:
+                self._check_unexpected(key, file)
                 self.unexpected.append(key)
                 continue
             tensor = read()
@@ -206,10 +234,23 @@ class _Loader:
                 return _Target(self.model.get_submodule(module_name), tensor_name, name)
         return None
 
+    def _check_unexpected(self, key: str, file: Path) -> None:
+        """A tensor the model has no place for is ignored, unless it belongs to a quantized layer (a stray or foreign
+        quantization tensor: the layer would silently run without it)."""
+        for name in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
+            module_name = name.rpartition(".")[0]
+            try:
+                layer = self.model.get_submodule(module_name)
+            except AttributeError:
+                continue
+            if isinstance(layer, SlimLinear):
+                raise ValueError(hf.extra_tensor_message(file, name, module_name, layer, self.pre_quantized))
+
     def _load_tensor(self, target: _Target, tensor: torch.Tensor, file: Path) -> None:
         device = self.plan.device_for(target.full_name)
         module = target.module
         if isinstance(module, SlimLinear) and not self.pre_quantized and target.name == "weight":
+            hf.check_float_weight(module, target.full_name, tensor.dtype, tuple(tensor.shape), file)
             if device == "disk":
                 prefix = target.full_name.rpartition(".")[0]
                 for name, value in module.quantize(tensor).items():
@@ -220,16 +261,11 @@ class _Loader:
             return
         expected = self.expected[target.full_name]
         if isinstance(module, SlimLinear) and self.pre_quantized and (tensor.dtype, tensor.shape) != (expected.dtype, expected.shape):
-            raise ValueError(
-                f"{file}: tensor {target.full_name} is {tensor.dtype} {tuple(tensor.shape)} but the llmslim config "
-                f"expects {expected.dtype} {tuple(expected.shape)}: the checkpoint's tensors do not match its quantization_config"
-            )
+            raise ValueError(hf.quant_tensor_message(file, target.full_name, tensor.dtype, tuple(tensor.shape), expected))
         if tensor.is_floating_point() and not isinstance(module, SlimLinear):
             tensor = tensor.to(expected.dtype)  # the skeleton's dtype (honours modules kept in float32)
         if tensor.shape != expected.shape:
-            raise ValueError(
-                f"{file}: tensor {target.full_name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected.shape)}"
-            )
+            raise ValueError(hf.shape_message(file, target.full_name, tuple(tensor.shape), tuple(expected.shape)))
         if device == "disk":
             self.plan.offload(target.full_name, tensor)
             self.offloaded.add(target.full_name)
@@ -243,12 +279,8 @@ class _Loader:
             logger.info("ignored %d checkpoint tensors the model does not use: %s", len(self.unexpected), self.unexpected[:5])
         self.model.tie_weights()
         missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta and n not in self.offloaded]
-        if not self.offloaded:
-            hf.check_loaded(self.model, str(self.source))
         if missing:
-            raise ValueError(
-                f"{self.source}: the checkpoint has no data for {missing[:5]} ({len(missing)} tensors): is it the right model?"
-            )
+            raise ValueError(hf.missing_message(self.model, missing, self.pre_quantized, str(self.source), self.files))
 
 
 class _CorruptFile(Exception):

@@ -11,11 +11,13 @@ import torch
 
 @dataclass
 class DevicePlan:
-    """A device per module-name prefix (`""` is the whole model); `"disk"` goes to `offload_dir`."""
+    """A device per module-name prefix (`""` is the whole model); `"disk"` goes to a subfolder of `offload_dir`
+    of this load's own (other loads may share `offload_dir`), removed with the model."""
 
     device_map: dict[str, str | int]
     offload_dir: Path | None = None
     offload_index: dict = field(default_factory=dict)
+    _files: object = field(default=None, repr=False)  # llmslim.offload.folder.OffloadFiles, once something is offloaded
 
     def device_for(self, tensor_name: str) -> torch.device | str:
         best, best_len = self.device_map.get(""), -1
@@ -34,7 +36,16 @@ class DevicePlan:
         """Write a (quantized or float) tensor to the offload folder instead of keeping it in memory."""
         from accelerate.utils import offload_weight
 
-        self.offload_index = offload_weight(tensor.contiguous(), tensor_name, str(self.offload_dir), self.offload_index)
+        self.offload_index = offload_weight(tensor.contiguous(), tensor_name, str(self.load_folder()), self.offload_index)
+
+    def load_folder(self) -> Path:
+        """This load's subfolder of `offload_dir`, created on first use."""
+        if self._files is None:
+            from llmslim.offload.folder import OffloadFiles
+
+            self._files = OffloadFiles(self.offload_dir)
+            self._files.path("").mkdir()
+        return self._files.path("")
 
     def dispatch(self, model: torch.nn.Module) -> None:
         """Add accelerate's hooks that move weights and activations between devices and the disk."""
@@ -43,10 +54,13 @@ class DevicePlan:
         from accelerate import dispatch_model
         from accelerate.utils import save_offload_index
 
+        folder = None
         if "disk" in self.devices:
-            save_offload_index(self.offload_index, str(self.offload_dir))
+            folder = self.load_folder()
+            save_offload_index(self.offload_index, str(folder))
+            model._llmslim_offload_files = self._files  # the model's accelerate hooks read them: they live as long as it
         # our quantized state (absmax, SCB) lives in buffers: they are offloaded with the weights
-        dispatch_model(model, device_map=self.device_map, offload_dir=self.offload_dir, offload_buffers=True)
+        dispatch_model(model, device_map=self.device_map, offload_dir=folder, offload_buffers=True)
 
 
 def plan_devices(

@@ -4,7 +4,7 @@ Resident: everything outside the blocks (embeddings, final norm, output layer), 
 offloaded blocks (the one running and the one being prefetched), then as many blocks as still fit,
 in order. The rest is offloaded, still quantized, to CPU RAM (`offload="cpu"`) or to disk
 (`offload="disk"`: mapped in place from a quantized llmslim checkpoint, or written once, quantized,
-to `offload_dir` while a float checkpoint loads).
+to a file of this load's own in `offload_dir` while a float checkpoint loads).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class OffloadPlan(DevicePlan):
         self.source_files = source_files
         self.names: set[str] = set()
         self.cpu_store = CpuStore(pin=self.device.type == "cuda") if mode == "cpu" else None
-        self.writer = DiskWriter(offload_dir) if mode == "disk" and not self.in_place else None
+        self.writer = DiskWriter(offload_dir) if mode == "disk" and offloaded and not self.in_place else None
         self._offloaded = set(offloaded)
 
     def device_for(self, tensor_name: str) -> torch.device | str:

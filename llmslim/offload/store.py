@@ -5,12 +5,14 @@ compute). `DiskStore` maps files into the address space without reading them: a 
 of the mapping, its pages are read on first touch and dropped again with `release` (madvise
 DONTNEED), so they do not stay resident. Its files are the shards of a quantized llmslim
 checkpoint (safetensors, read in place) or one file `DiskWriter` fills while a float checkpoint is
-quantized on load.
+quantized on load: a file of that load's own in the offload folder (`llmslim.offload.folder`),
+removed with the store.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -19,11 +21,15 @@ from pathlib import Path
 
 import torch
 
+from llmslim.offload.folder import OffloadFiles
+
 FAULT_AROUND = 64 * 2**10
 ALIGN = 64  # the CPU kernels want 64-byte aligned weights (see quant.kernels.aligned)
 _SAFETENSORS_DTYPES = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
     "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }  # fmt: skip
 _NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _SAFETENSORS_DTYPES.values()}
 
@@ -60,15 +66,22 @@ class Location:
     file: str
     offset: int
     nbytes: int
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: a safetensors dtype llmslim does not read
     shape: tuple[int, ...]
 
 
 class DiskStore:
-    """Offloaded tensors read in place from memory-mapped files; pages released after each use."""
+    """Offloaded tensors read in place from memory-mapped files; pages released after each use.
 
-    def __init__(self, index: dict[str, Location]):
+    Args:
+        index: where each tensor is.
+        files: the `OffloadFiles` that own the files, when this load wrote them: kept alive (and the
+            files kept on disk) as long as this store.
+    """
+
+    def __init__(self, index: dict[str, Location], files: OffloadFiles | None = None):
         self.index = index
+        self.files = files
         self._maps: dict[str, mmap.mmap] = {}
 
     def _map(self, file: str) -> mmap.mmap:
@@ -114,37 +127,78 @@ class DiskStore:
         missing = sorted(names - set(index))
         if missing:
             raise ValueError(f"the checkpoint has no tensor for {missing[:3]} ({len(missing)} missing): it cannot be offloaded in place")
+        unknown = [f"{loc.file}: {name}" for name, loc in index.items() if loc.dtype is None]
+        if unknown:
+            raise ValueError(f"tensors of a dtype llmslim does not read, so cannot offload in place: {unknown[:3]}")
         return cls(index)
 
 
 def safetensors_index(file: Path) -> dict[str, Location]:
-    """Key -> `Location` of every tensor of a safetensors file, from its header alone."""
+    """Key -> `Location` of every tensor of a safetensors file, from its header alone.
+
+    Raises:
+        ValueError: the file is not a complete safetensors file (truncated, corrupt or another format).
+    """
+    size = os.path.getsize(file)
     with open(file, "rb") as handle:
-        (header_len,) = struct.unpack("<Q", handle.read(8))
-        if header_len > os.fstat(handle.fileno()).st_size - 8:
-            raise ValueError(f"{file}: safetensors header length {header_len} exceeds the file: truncated or corrupt")
-        header = json.loads(handle.read(header_len))
+        prefix = handle.read(8)
+        header_len = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if header_len is None or header_len > size - 8:
+            raise _unreadable(file, f"{size} bytes cannot hold a header of {header_len} bytes" if header_len else f"only {size} bytes")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise _unreadable(file, f"its header is not JSON: {err}") from err
+    if not isinstance(header, dict):
+        raise _unreadable(file, "its header is not a JSON object")
     start = 8 + header_len
-    index = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        index[key] = Location(str(file), start + begin, end - begin, _SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+    index = {key: _location(file, key, info, start) for key, info in header.items() if key != "__metadata__"}
+    for key, loc in index.items():
+        if loc.offset + loc.nbytes > size:
+            raise _unreadable(file, f"tensor {key} ends at byte {loc.offset + loc.nbytes} but the file has {size} bytes")
     return index
 
 
-class DiskWriter:
-    """Appends tensors to one file at 64-byte aligned offsets; `finish` returns their `DiskStore`."""
+def _location(file: Path, key: str, info, start: int) -> Location:
+    try:
+        dtype, shape, (begin, end) = _SAFETENSORS_DTYPES.get(info["dtype"]), tuple(info["shape"]), info["data_offsets"]
+        expected = math.prod(shape) * (dtype.itemsize if dtype is not None else 0)
+        consistent = 0 <= begin <= end and (dtype is None or end - begin == expected)  # an unknown dtype: bounds alone
+    except (KeyError, TypeError, ValueError) as err:
+        raise _unreadable(file, f"tensor {key!r} has a malformed entry {info!r}") from err
+    if not consistent:
+        raise _unreadable(file, f"tensor {key} spans bytes {begin}..{end}, not the {expected} bytes of {info['dtype']} {list(shape)}")
+    return Location(str(file), start + begin, end - begin, dtype, shape)
 
-    def __init__(self, folder: str | os.PathLike, name: str = "llmslim-offload.bin"):
+
+def _unreadable(file: Path, why: str) -> ValueError:
+    return ValueError(f"{file}: not a readable safetensors file ({why}); it may be truncated or corrupt: re-download or re-save it")
+
+
+class DiskWriter:
+    """Appends tensors to a file of its own in `folder`, at 64-byte aligned offsets; `finish` returns their `DiskStore`.
+
+    The file is created by the first `add` (a load that offloads nothing writes nothing), is named for
+    this load alone (`llmslim.offload.folder`), so other loads into the same folder neither truncate
+    nor read it, and is written as `<name>.bin.partial`, renamed to `<name>.bin` with its manifest
+    `<name>.json` once complete. Both are removed when the returned store is garbage collected.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.path = self.folder / name
-        self.handle = open(self.path, "wb")  # noqa: SIM115 - closed in finish()
+        self.files: OffloadFiles | None = None
+        self.handle = None
         self.index: dict[str, Location] = {}
 
+    @property
+    def path(self) -> Path | None:
+        """The finished file (None until the first `add`)."""
+        return self.files.path(".bin") if self.files is not None else None
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.handle is None:
+            self.files = OffloadFiles(self.folder)
+            self.handle = open(self.files.path(".bin.partial"), "wb")  # noqa: SIM115 - closed in finish()
         offset = self.handle.tell()
         pad = -offset % ALIGN
         self.handle.write(b"\0" * pad)
@@ -154,10 +208,12 @@ class DiskWriter:
         self.index[name] = Location(str(self.path), offset + pad, raw.size, data.dtype, tuple(data.shape))
 
     def finish(self) -> DiskStore:
-        self.handle.close()
-        manifest = {
-            n: {"offset": loc.offset, "nbytes": loc.nbytes, "dtype": _NAMES[loc.dtype], "shape": list(loc.shape)}
-            for n, loc in self.index.items()
-        }
-        (self.folder / "llmslim-offload.json").write_text(json.dumps(manifest))
-        return DiskStore(self.index)
+        if self.handle is not None:
+            self.handle.close()
+            os.replace(self.files.path(".bin.partial"), self.path)
+            manifest = {
+                n: {"offset": loc.offset, "nbytes": loc.nbytes, "dtype": _NAMES[loc.dtype], "shape": list(loc.shape)}
+                for n, loc in self.index.items()
+            }
+            self.files.path(".json").write_text(json.dumps(manifest))
+        return DiskStore(self.index, self.files)
