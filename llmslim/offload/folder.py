@@ -38,7 +38,7 @@ class OffloadFiles:
         self.folder.mkdir(parents=True, exist_ok=True)
         remove_stale(self.folder)
         self.stem = f"{PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self._finalizer = weakref.finalize(self, _remove, self.folder, self.stem)
+        self._finalizer = weakref.finalize(self, _remove, self.folder, self.stem, os.getpid())
 
     def path(self, suffix: str) -> Path:
         """This load's file (or folder) `<stem><suffix>`."""
@@ -70,7 +70,9 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _remove(folder: Path, stem: str) -> None:
+def _remove(folder: Path, stem: str, owner: int) -> None:
+    if os.getpid() != owner:  # a forked child exiting: the files are its parent's, still in use
+        return
     for path in folder.glob(f"{glob.escape(stem)}*"):
         _remove_path(path)
 

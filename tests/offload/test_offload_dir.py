@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import signal
 import subprocess
 import sys
@@ -149,3 +150,26 @@ def test_load_killed_while_writing_its_offload_file(llamas, tmp_path, input_ids)
     expected = _logits(llmslim.from_pretrained(llamas[0], CONFIG, progress=False), input_ids)
     assert torch.equal(_logits(model, input_ids), expected)
     assert not set(leftovers) & set(_files(folder)), "a dead load's files are removed by the next load"
+
+
+_FORKED_CHILD_EXITS = """
+import os, sys
+from pathlib import Path
+from llmslim.offload.folder import OffloadFiles
+
+files = OffloadFiles({folder!r})
+files.path(".bin").write_bytes(b"weights")
+pid = os.fork()
+if pid == 0:
+    sys.exit(0)  # a normal exit runs the finalizers the child inherited
+os.waitpid(pid, 0)
+assert files.path(".bin").exists(), "a forked child removed its parent's offload file"
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_leaves_its_parents_offload_files(tmp_path):
+    script = textwrap.dedent(_FORKED_CHILD_EXITS.format(folder=str(tmp_path)))
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert _files(tmp_path) == [], "the parent removes its own files at exit"
