@@ -10,7 +10,9 @@ activations. For policies none / all / sqrt / k segments (and with offload on CU
 Targets: sqrt <= 1/3 of none's memory at <= 1.4x its time; the formula within 15%; on a GPU the
 best policy with offload <= 1/10 of none's device memory.
 
-Writes benchmarks/results/bench_checkpointing.json and .png, and prints a markdown table.
+Writes benchmarks/results/bench_checkpointing.json and .png, and prints a markdown table
+(`python benchmarks/render.py` puts it in benchmarks/README.md; a CUDA run's JSON is committed as
+bench_checkpointing_cuda.json).
 
     python benchmarks/bench_checkpointing.py                    # the full run (quiet machine)
     python benchmarks/bench_checkpointing.py --layers 4 --seq 64 --hidden 64 --repeats 1 --results /tmp/bc   # smoke test
@@ -19,24 +21,23 @@ Writes benchmarks/results/bench_checkpointing.json and .png, and prints a markdo
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from _harness import RESULTS_DIR, publish, pyplot, save_figure, torch_info
 
-from llmslim.memory import enable_checkpointing, n_segments
-from llmslim.memory.activations import activation_costs
-from llmslim.memory.measure import peak_memory
+if TYPE_CHECKING:
+    import torch
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
+# README marker -> the committed JSON it is rendered from (render.py)
+README_BLOCKS = {"bench_checkpointing": "bench_checkpointing.json", "bench_checkpointing_cuda": "bench_checkpointing_cuda.json"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=24)
     p.add_argument("--hidden", type=int, default=512)
@@ -49,11 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--results", default=str(RESULTS_DIR))
     return p.parse_args(argv)
 
 
 def build(args: argparse.Namespace):
+    import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     config = LlamaConfig(
@@ -71,6 +73,8 @@ def build(args: argparse.Namespace):
 
 
 def make_step(model, ids: torch.Tensor):
+    import torch
+
     def step() -> None:
         embeds = model.get_input_embeddings()(ids).requires_grad_(True)
         logits = model(inputs_embeds=embeds, use_cache=False).logits
@@ -80,6 +84,8 @@ def make_step(model, ids: torch.Tensor):
 
 
 def step_time(step, device: str, repeats: int) -> float:
+    import torch
+
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -93,6 +99,8 @@ def step_time(step, device: str, repeats: int) -> float:
 
 
 def cases(args: argparse.Namespace, best: int) -> list[tuple[str | int, bool]]:
+    from llmslim.memory import n_segments
+
     ks = args.segments if args.segments is not None else sorted({2, best} - {args.layers, n_segments("sqrt", args.layers)})
     policies: list[str | int] = ["none", "all", "sqrt", *ks]
     offloads = (False, True) if args.device == "cuda" else (False,)  # offload moves nothing on CPU
@@ -100,6 +108,12 @@ def cases(args: argparse.Namespace, best: int) -> list[tuple[str | int, bool]]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from llmslim.memory import enable_checkpointing, n_segments
+    from llmslim.memory.activations import activation_costs
+    from llmslim.memory.measure import peak_memory
+
     model, config = build(args)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(args.device)
     step = make_step(model, ids)
@@ -130,11 +144,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in result["rows"]:
         label = row["policy"] + (" +offload" if row["offload"] else "")
@@ -143,11 +153,10 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("peak activation memory (MiB)")
     ax.set_title("activation checkpointing: memory vs time")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
-def table(result: dict) -> str:
+def markdown(result: dict) -> str:
     lines = ["| policy | offload | segments | peak MiB | vs none | step s | vs none | formula MiB | formula error |", "|---" * 9 + "|"]
     for r in result["rows"]:
         formula = "" if r["predicted_bytes"] is None else f"{r['predicted_bytes'] / 2**20:.1f}"
@@ -163,17 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     result = run(args)
     result["settings"] = {k: v for k, v in vars(args).items() if k != "results"}
-    result["machine"] = {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-    }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_checkpointing.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "bench_checkpointing.png")
-    print(table(result))
+    result["machine"] = torch_info()
+    print(publish("bench_checkpointing", result, Path(args.results), markdown, plot, readme_section=None, indent=1))
     print(f"planner's best number of segments: {result['best_segments']} of {args.layers}")
 
 

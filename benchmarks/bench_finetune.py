@@ -21,33 +21,22 @@ Writes benchmarks/results/bench_finetune.json and .png (eval perplexity over ste
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import platform
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from _harness import RESULTS_DIR, publish, pyplot, save_figure, torch_info
 
-from llmslim import models
-from llmslim.data import TINY_SHAKESPEARE
-from llmslim.finetune.config import FinetuneConfig
-from llmslim.finetune.run import add_lora, finetune, lm_loss, load_base
-from llmslim.memory import enable_checkpointing
-from llmslim.memory.activations import activation_costs
-from llmslim.memory.measure import peak_memory
-from llmslim.train.config import TrainConfig
-from llmslim.train.optim import make_optimizer
+if TYPE_CHECKING:
+    import torch
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-SHAKESPEARE = TINY_SHAKESPEARE  # shipped with llmslim
+README_BLOCKS: dict[str, str] = {}  # its table is printed; benchmarks/README.md has no bench_finetune block
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", default=None, help="base folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--train", default=str(SHAKESPEARE))
+    p.add_argument("--train", default=None, help="training text (default: Tiny Shakespeare, shipped with llmslim)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block-size", type=int, default=256)
@@ -59,11 +48,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--eval-every", type=int, default=0, help="curve points (default: steps / 5)")
     p.add_argument("--measure-block", type=int, default=256, help="tokens per block of the memory measurement (batch 1)")
-    p.add_argument("--results", default=str(RESULTS))
-    return p.parse_args(argv)
+    p.add_argument("--results", default=str(RESULTS_DIR))
+    args = p.parse_args(argv)
+    if args.train is None:
+        from llmslim.data import TINY_SHAKESPEARE
+
+        args.train = str(TINY_SHAKESPEARE)
+    return args
 
 
 def train_run(args: argparse.Namespace, out: Path) -> dict:
+    from llmslim.finetune.config import FinetuneConfig
+    from llmslim.finetune.run import finetune
+    from llmslim.train.config import TrainConfig
+
     config = FinetuneConfig(
         out=out,
         base=args.base,
@@ -109,6 +107,10 @@ def optimizer_state_bytes(params: list[torch.nn.Parameter], name: str) -> int:
 
 def computed_memory(model, hf_config, args: argparse.Namespace, full: bool) -> dict:
     """Weights + gradients + optimizer + activations (bytes), from tensor sizes and the planner's formula."""
+    import torch
+
+    from llmslim.memory.activations import activation_costs
+
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     dtype = torch.bfloat16 if full else torch.float32
@@ -124,6 +126,13 @@ def computed_memory(model, hf_config, args: argparse.Namespace, full: bool) -> d
 
 def measured_memory(model, args: argparse.Namespace, optimizer_name: str) -> int:
     """Model bytes + the CPU peak of one training step (forward, backward, optimizer step) at batch 1."""
+    import torch
+
+    from llmslim.finetune.run import lm_loss
+    from llmslim.memory.measure import peak_memory
+    from llmslim.train.config import TrainConfig
+    from llmslim.train.optim import make_optimizer
+
     ids = torch.randint(0, model.config.vocab_size, (1, args.measure_block), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     optimizer = make_optimizer(model, TrainConfig(optimizer=optimizer_name, lr=1e-4), torch.device("cpu"))
@@ -139,7 +148,13 @@ def measured_memory(model, args: argparse.Namespace, optimizer_name: str) -> int
 
 
 def memory_comparison(args: argparse.Namespace) -> dict:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmslim import models
+    from llmslim.finetune.config import FinetuneConfig
+    from llmslim.finetune.run import add_lora, load_base
+    from llmslim.memory import enable_checkpointing
 
     path = models.resolve(args.base)
     hf_config = AutoConfig.from_pretrained(path)
@@ -171,19 +186,31 @@ def _targets(path: Path) -> list[str]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps, ppl = zip(*result["training"]["curve"], strict=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, ppl, marker="o")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out perplexity")
     ax.set_title("SmolLM2-135M nf4 + LoRA on Tiny Shakespeare")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
+
+
+def markdown(result: dict) -> str:
+    """The perplexity drop, the trainable share and the memory against full bf16 fine-tuning."""
+    m, t = result["memory"], result["training"]
+    before, after, drop = t["eval_perplexity_before"], t["eval_perplexity_after"], 100 * t["perplexity_drop"]
+    computed = (m["qlora_computed"]["total"] / 2**20, m["full_bf16_computed"]["total"] / 2**20, 100 * m["computed_ratio"])
+    measured = (m["qlora_measured"] / 2**20, m["full_bf16_measured"] / 2**20, 100 * m["measured_ratio"])
+    return "\n".join(
+        [
+            "| metric | value |\n|---|---|",
+            f"| eval perplexity before / after | {before:.2f} / {after:.2f} ({drop:.1f}% drop) |",
+            f"| trainable parameters | {t['trainable_params']:,} ({100 * t['trainable_share']:.2f}%) |",
+            "| memory vs full bf16, computed | {:.0f} / {:.0f} MiB ({:.1f}%) |".format(*computed),
+            "| memory vs full bf16, measured | {:.0f} / {:.0f} MiB ({:.1f}%) |".format(*measured),
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -191,25 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         training = train_run(args, Path(tmp) / "adapter")
     result = {"training": training, "memory": memory_comparison(args), "settings": {k: v for k, v in vars(args).items() if k != "results"}}
-    result["machine"] = {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-    }
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_finetune.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "bench_finetune.png")
-    m, t = result["memory"], training
-    print("| metric | value |\n|---|---|")
-    before, after, drop = t["eval_perplexity_before"], t["eval_perplexity_after"], 100 * t["perplexity_drop"]
-    print(f"| eval perplexity before / after | {before:.2f} / {after:.2f} ({drop:.1f}% drop) |")
-    print(f"| trainable parameters | {t['trainable_params']:,} ({100 * t['trainable_share']:.2f}%) |")
-    computed = (m["qlora_computed"]["total"] / 2**20, m["full_bf16_computed"]["total"] / 2**20, 100 * m["computed_ratio"])
-    print("| memory vs full bf16, computed | {:.0f} / {:.0f} MiB ({:.1f}%) |".format(*computed))
-    measured = (m["qlora_measured"] / 2**20, m["full_bf16_measured"] / 2**20, 100 * m["measured_ratio"])
-    print("| memory vs full bf16, measured | {:.0f} / {:.0f} MiB ({:.1f}%) |".format(*measured))
+    result["machine"] = torch_info()
+    print(publish("bench_finetune", result, Path(args.results), markdown, plot, readme_section=None, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,27 +24,45 @@ benchmarks/README.md between `<!-- bench_gpu:start -->` and `<!-- bench_gpu:end 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_speed  # noqa: E402
-from bench_load import GIB, fmt, machine_info, prepare_tinyllama, put_marked_block, write_atomic  # noqa: E402
-from bench_speed import DEFAULT_TINYLLAMA, load_bf16, load_bnb, load_llmslim, random_ids, ratio, time_decode, timed, weight_bytes_per_token  # noqa: E402
+from _harness import (
+    GB,
+    GIB,
+    add_child_arguments,
+    add_output_arguments,
+    finish_child,
+    fmt,
+    machine_info,
+    publish,
+    pyplot,
+    ratio,
+    read_json,
+    recording_errors,
+    save_figure,
+)
+from _models import (
+    DEFAULT_TINYLLAMA,
+    TIMING_SETTINGS,
+    add_timing_arguments,
+    load_bf16,
+    load_bnb,
+    load_llmslim,
+    prepare_tinyllama,
+    random_ids,
+    run_case,
+    time_decode,
+    timed,
+    weight_bytes_per_token,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-README = REPO / "benchmarks" / "README.md"
-MARK_START, MARK_END = "<!-- bench_gpu:start -->", "<!-- bench_gpu:end -->"
 BANDWIDTH = "bandwidth"
-GB = 1e9
+README_BLOCKS = {"bench_gpu": "bench_gpu.json"}  # README marker -> the committed JSON it is rendered from (render.py)
+README_SECTION = "## GPU load, memory and speed (`benchmarks/bench_gpu.py`)"
 
 
 CASES = {
@@ -111,19 +129,13 @@ def child_case(case: str, model_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
-    try:
-        result = child_bandwidth(args.repeats) if case == BANDWIDTH else child_case(case, Path(model_dir), args)
-    except Exception as err:
-        result = {"error": f"{type(err).__name__}: {err}".strip(), "traceback": traceback.format_exc()}
-    write_atomic(Path(args.result), json.dumps(result))
-    return 1 if "error" in result else 0
+    result: dict = {}
+    with recording_errors(result):
+        result.update(child_bandwidth(args.repeats) if case == BANDWIDTH else child_case(case, Path(model_dir), args))
+    return finish_child(result, args.result)
 
 
 # ----------------------------------------------------------------------------- parent side
-
-
-def run_child(case: str, model_dir: Path | str, args: argparse.Namespace) -> dict:
-    return bench_speed.run_child(case, model_dir, args, script=Path(__file__))
 
 
 def add_derived(cases: dict[str, dict], read_gb_s: float | None) -> None:
@@ -151,22 +163,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args.child[0], args.child[1], args)
     if args.from_json:  # e.g. the JSON a GPU machine wrote: derive again, then write it here with the table and PNG
-        report = json.loads(args.from_json.read_text())
+        report = read_json(args.from_json)
         add_derived(report["cases"], report["bandwidth"].get("read_gb_s"))
-        return publish(report, args)
-    settings = {k: getattr(args, k) for k in ("repeats", "new_tokens", "prompt_tokens", "prefill_tokens")}
+        return publish_report(report, args)
+    settings = {k: getattr(args, k) for k in TIMING_SETTINGS}
     report: dict = {"machine": machine_info(), "settings": settings, "model": "TinyLlama-1.1B shape, random bf16 weights"}
-    report["bandwidth"] = run_child(BANDWIDTH, "-", args)
+    report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args)
     print(f"[bandwidth] {report['bandwidth']}", file=sys.stderr, flush=True)
     path = prepare_tinyllama(args.tinyllama.resolve(), args.timeout)
     cases: dict[str, dict] = {}
     for case in args.cases:
-        cases[case] = {"label": CASES[case][0], **run_child(case, path, args)}
+        cases[case] = {"label": CASES[case][0], **run_case(Path(__file__), case, path, args)}
         shown = {k: v for k, v in cases[case].items() if k not in ("prefill_top1", "traceback", "decode_s_runs", "prefill_s_runs")}
         print(f"[{case}] {shown}", file=sys.stderr, flush=True)
     add_derived(cases, report["bandwidth"].get("read_gb_s"))
     report["cases"] = cases
-    return publish(report, args)
+    return publish_report(report, args)
+
+
+def publish_report(report: dict, args: argparse.Namespace) -> int:
+    """Write the JSON and PNG (if matplotlib is here), print the table and put it in the README; 1 if a case failed."""
+    print(publish("bench_gpu", report, args.results_dir, markdown, plot, None if args.no_readme else README_SECTION))
+    return 0 if all("error" not in e for e in report["cases"].values()) else 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=f"comma list of {','.join(CASES)}")
+    add_timing_arguments(parser, timeout=600)
+    parser.add_argument("--tinyllama", type=Path, default=DEFAULT_TINYLLAMA, help="random 1.1B checkpoint folder (created if missing)")
+    add_output_arguments(parser, "bench_gpu", "no measuring: re-derive and render this bench_gpu.json into --results-dir")
+    add_child_arguments(parser)
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}: choose from {','.join(CASES)}")
+    return args
 
 
 def markdown(report: dict) -> str:
@@ -203,11 +235,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     good = {k: e for k, e in report["cases"].items() if "error" not in e}
     labels = [e["label"] for e in good.values()]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -227,48 +255,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_yticks(range(len(labels)), labels)
         ax.set_title(title)
     fig.suptitle(f"{report['model']} on {report['bandwidth'].get('device_name', 'GPU')}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".png", delete=False) as tmp:
-        fig.savefig(tmp.name, dpi=110)
-    os.replace(tmp.name, path)
-    plt.close(fig)
-
-
-def publish(report: dict, args: argparse.Namespace, write_json: bool = True) -> int:
-    if write_json:
-        write_atomic(args.results_dir / "bench_gpu.json", json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    print(table)
-    try:
-        plot(report, args.results_dir / "bench_gpu.png")
-    except ImportError as err:  # matplotlib is optional where the GPU runs; re-render with --from-json
-        print(f"no plot: {err}", file=sys.stderr)
-    if not args.no_readme:
-        section = "## GPU load, memory and speed (`benchmarks/bench_gpu.py`)"
-        put_marked_block(README, MARK_START, MARK_END, table, section)
-    return 0 if all("error" not in e for e in report["cases"].values()) else 1
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", type=lambda s: s.split(","), default=list(CASES), help=f"comma list of {','.join(CASES)}")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement, median taken (default 3)")
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompt-tokens", type=int, default=32)
-    parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--timeout", type=float, default=600, help="seconds before a child is killed (default 600)")
-    parser.add_argument("--tinyllama", type=Path, default=DEFAULT_TINYLLAMA, help="random 1.1B checkpoint folder (created if missing)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--from-json", type=Path, help="no measuring: re-derive and render this bench_gpu.json into --results-dir")
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "MODEL_DIR"), help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.cases) - set(CASES))
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}: choose from {','.join(CASES)}")
-    return args
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

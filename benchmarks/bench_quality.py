@@ -12,19 +12,13 @@ layers (the float embedding and norms are reported separately through the footpr
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import re
-import tempfile
 from pathlib import Path
 
-from llmslim.data import WIKITEXT2_TEST
+from _harness import RESULTS_DIR, publish, pyplot, read_json, save_figure, utc_now
+from _models import bnb_config, load_bf16, load_quanto
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "benchmarks" / "results"
-README = REPO / "benchmarks" / "README.md"
-DEFAULT_TEXT = WIKITEXT2_TEST  # shipped with llmslim (= ../shared/data, byte for byte)
+README_BLOCKS = {"bench_quality": "bench_quality.json"}  # README marker -> the committed JSON it is rendered from (render.py)
+README_SECTION = "## Perplexity per format (`benchmarks/bench_quality.py`)"
 # llmslim-FORMAT[-gGROUP][-refine][-tTHRESHOLD][-bBITS][-head8]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
 # int8_threshold=THRESHOLD, bits_per_param=BITS; head8: exclude=[], int8_layers=["lm_head"], an int8 copy of the tied head)
 CASES = (
@@ -73,27 +67,19 @@ def slim_config(case: str):
 
 def load_case(case: str, path: Path):
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     import llmslim
 
     if case == "bf16":
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        return load_bf16(path)
     if case.startswith("llmslim-"):
         return llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
     if case.startswith("quanto-"):
-        from optimum.quanto import freeze, qint4, qint8, quantize
-
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
-        quantize(model, weights=qint8 if case == "quanto-int8" else qint4, exclude="lm_head")
-        freeze(model)
-        return model
+        return load_quanto(path, bits=8 if case == "quanto-int8" else 4)
     if case == "bnb-int8":
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(load_in_8bit=True), dtype=torch.bfloat16)
-    config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-    )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config)
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(8), dtype=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(4))
 
 
 def quantized_bits_per_param(model) -> float | None:
@@ -132,10 +118,10 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
     base = rows.get("bf16", {}).get("perplexity")
     for row in rows.values():
         row["vs_bf16"] = row["perplexity"] / base if base else None
-    return {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "tokens": tokens, "text": str(text), "cases": rows}
+    return {"date": utc_now(), "tokens": tokens, "text": str(text), "cases": rows}
 
 
-def table(result: dict) -> str:
+def markdown(result: dict) -> str:
     lines = [
         f"SmolLM2-135M-Instruct, WikiText-2 test, first {result['tokens']} tokens, 512-token windows; measured {result['date']}.",
         "",
@@ -163,21 +149,9 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
-
-
-def write_outputs(result: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    _atomic_write(RESULTS / "bench_quality.json", json.dumps(result, indent=2).encode())
+def plot(result: dict, path: Path) -> None:
+    """Perplexity per case."""
+    plt = pyplot()
     cases = list(result["cases"])
     fig, ax = plt.subplots(figsize=(8, 4))
     bars = ax.bar(cases, [result["cases"][c]["perplexity"] for c in cases], color="tab:blue")
@@ -185,26 +159,20 @@ def write_outputs(result: dict) -> None:
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title(f"SmolLM2-135M-Instruct, WikiText-2 ({result['tokens']} tokens)")
     fig.autofmt_xdate(rotation=20)
-    fig.tight_layout()
-    tmp = RESULTS / ".bench_quality.png.tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, RESULTS / "bench_quality.png")
-    block = f"<!-- bench_quality:start -->\n{table(result)}\n<!-- bench_quality:end -->"
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if "<!-- bench_quality:start -->" in text:
-        text = re.sub(r"<!-- bench_quality:start -->.*<!-- bench_quality:end -->", lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Perplexity per format (`benchmarks/bench_quality.py`)\n\n" + block + "\n"
-    _atomic_write(README, text.encode())
+    save_figure(fig, path)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20_000)
-    parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
+    parser.add_argument("--text", type=Path, default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--merge", action="store_true", help="measure --cases (and bf16) and merge them into the saved results")
     args = parser.parse_args()
+    if args.text is None:
+        from llmslim.data import WIKITEXT2_TEST  # shipped with llmslim (= ../shared/data, byte for byte)
+
+        args.text = WIKITEXT2_TEST
     if not args.text.exists():
         raise SystemExit(f"{args.text} does not exist: pass --text with WikiText-2's wiki.test.raw")
     cases = tuple(args.cases.split(","))
@@ -212,8 +180,7 @@ def main() -> None:
         result = merged(cases, args)
     else:
         result = measure(cases, args.tokens, args.text)
-    write_outputs(result)
-    print(table(result))
+    print(publish("bench_quality", result, RESULTS_DIR, markdown, plot, README_SECTION))
 
 
 MERGE_NOTES = {
@@ -229,7 +196,7 @@ MERGE_NOTES = {
 
 def merged(cases: tuple[str, ...], args: argparse.Namespace) -> dict:
     """Measure `cases` with bf16 in the same run and merge them into the existing bench_quality.json."""
-    previous = json.loads((RESULTS / "bench_quality.json").read_text())
+    previous = read_json(RESULTS_DIR / "bench_quality.json")
     if previous["tokens"] != args.tokens:
         raise SystemExit(f"--merge needs the same --tokens as the saved results ({previous['tokens']}), got {args.tokens}")
     run = measure(tuple(dict.fromkeys(("bf16", *cases))), args.tokens, args.text)

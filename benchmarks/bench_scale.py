@@ -25,20 +25,28 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_load as bl  # noqa: E402  (stdlib-only at import: keeps torch out of this parent process)
+from _harness import (
+    GIB,
+    KIB,
+    REPO,
+    RESULTS_DIR,
+    finish_child,
+    machine_info,
+    publish,
+    pyplot,
+    recording_errors,
+    run_child,
+    save_figure,
+    vm_kib,
+)
+from _models import bnb_config, footprint_bytes, storage_spans
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-MARK_START, MARK_END = "<!-- bench_scale:start -->", "<!-- bench_scale:end -->"
-GIB = 2**30
+README_BLOCKS = {"bench_scale": "bench_scale.json"}  # README marker -> the committed JSON it is rendered from (render.py)
+README_SECTION = "## Scale (`benchmarks/bench_scale.py`)"
 SHARD_BYTES = 2 * 10**9
 _COMMON = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=32000, rms_norm_eps=1e-5, torch_dtype="bfloat16")
 _COMMON.update(tie_word_embeddings=False, hidden_act="silu", max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
@@ -131,12 +139,12 @@ def child_load(case: str, model_dir: str, budget: int | None, offload_dir: str |
 
     import llmslim  # noqa: F401
 
-    result: dict = {"import_rss_kib": bl.vm_kib("VmRSS")}
+    result: dict = {"import_rss_kib": vm_kib("VmRSS")}
     start = time.perf_counter()
     model = _load(case, Path(model_dir), budget, offload_dir)
     result["load_s"] = time.perf_counter() - start
-    result["rss_after_load_kib"] = bl.vm_kib("VmRSS")
-    result["footprint_bytes"] = bl.footprint_bytes(bl.storage_spans(model))
+    result["rss_after_load_kib"] = vm_kib("VmRSS")
+    result["footprint_bytes"] = footprint_bytes(storage_spans(model))
     ids = torch.randint(3, 32000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     with torch.no_grad():
@@ -154,8 +162,6 @@ def child_load(case: str, model_dir: str, budget: int | None, offload_dir: str |
 
 
 def _load(case: str, path: Path, budget: int | None, offload_dir: str | None):
-    import torch
-
     import llmslim
 
     nf4 = llmslim.SlimConfig(weights="nf4")
@@ -164,12 +170,9 @@ def _load(case: str, path: Path, budget: int | None, offload_dir: str | None):
     if case == "llmslim-nf4-disk":
         return llmslim.from_pretrained(path, nf4, progress=False, offload="disk", offload_budget=budget, offload_dir=offload_dir)
     if case == "bnb-nf4":
-        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM
 
-        bnb4 = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-        )
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb4, device_map="cpu")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(4), device_map="cpu")
     raise ValueError(f"unknown case {case!r}")
 
 
@@ -186,7 +189,7 @@ def child_plan_check(model_dir: str) -> dict:
     for fmt in PLAN_FORMATS:
         config = format_config(fmt) or llmslim.SlimConfig(weights=None)
         model = llmslim.from_pretrained(model_dir, config, dtype=torch.bfloat16 if fmt == "bf16" else None, progress=False)
-        measured = bl.footprint_bytes(bl.storage_spans(model))
+        measured = footprint_bytes(storage_spans(model))
         planned = plan.formats[fmt].weights.total
         out[fmt] = {"planned_bytes": planned, "measured_bytes": measured, "error": planned / measured - 1}
         del model
@@ -195,39 +198,24 @@ def child_plan_check(model_dir: str) -> dict:
 
 def child_main(args: argparse.Namespace) -> int:
     result: dict = {}
-    try:
+    with recording_errors(result):
         if args.child == "write":
             result["path"] = str(write_checkpoint(Path(args.model), args.shape))
         elif args.child == "plan-check":
             result["formats"] = child_plan_check(args.model)
         else:
-            result = child_load(args.child, args.model, args.budget, args.offload_dir)
-    except Exception as err:
-        result["error"] = f"{type(err).__name__}: {err}"
-        result["traceback"] = traceback.format_exc()
-    result["hwm_kib"] = bl.vm_kib("VmHWM")
-    bl.write_atomic(Path(args.result), json.dumps(result))
-    return 1 if "error" in result else 0
+            result.update(child_load(args.child, args.model, args.budget, args.offload_dir))
+    result["hwm_kib"] = vm_kib("VmHWM")
+    return finish_child(result, args.result)
 
 
 # ----------------------------------------------------------------------------- parent
 
 
-def run_child(argv: list[str], timeout: float) -> dict:
+def run_step(argv: list[str], timeout: float) -> dict:
     """This script as a child with `argv`; its result plus its peak RSS from `os.wait4`."""
-    with tempfile.TemporaryDirectory(prefix="bench_scale-") as tmp:
-        result_file, log_file = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--result", str(result_file)]
-        with open(log_file, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        status, usage, timed_out = bl.wait_child(proc, timeout)
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        result["peak_rss_kib"] = usage.ru_maxrss
-        if timed_out:
-            result["error"] = f"timed out after {timeout:g} s"
-        elif not result_file.exists():
-            result["error"] = "child died: " + " | ".join(log_file.read_text(errors="replace").strip().splitlines()[-3:])
-        return result
+    run = run_child(Path(__file__), argv, timeout, tail_lines=3)
+    return run.merged(peak_rss_kib=run.peak_rss_bytes // KIB)
 
 
 def checkpoint_gib(shape: str) -> float:
@@ -247,7 +235,7 @@ def run_shape(shape: str, args: argparse.Namespace, largest: bool) -> dict:
     folder = args.workdir / f"llama-{shape}-random"
     entry: dict = {"shape": shape, "checkpoint_gib": checkpoint_gib(shape), "cases": {}}
     start = time.perf_counter()
-    written = run_child(["--child", "write", "--shape", shape, "--model", str(folder)], args.timeout)
+    written = run_step(["--child", "write", "--shape", shape, "--model", str(folder)], args.timeout)
     entry["write_s"] = time.perf_counter() - start
     if "error" in written:
         entry["error"] = written["error"]
@@ -255,10 +243,10 @@ def run_shape(shape: str, args: argparse.Namespace, largest: bool) -> dict:
     log(f"[{shape}] wrote {entry['checkpoint_gib']:.1f} GiB in {entry['write_s']:.0f} s")
     cases = ["llmslim-nf4"] + (["bnb-nf4"] if args.bnb and entry["checkpoint_gib"] < args.bnb_max_gib else [])
     for case in cases:
-        entry["cases"][case] = run_child(["--child", case, "--model", str(folder)], args.timeout)
+        entry["cases"][case] = run_step(["--child", case, "--model", str(folder)], args.timeout)
         log(f"[{shape}] {case}: {describe(entry['cases'][case])}")
     if shape == "1b" and args.plan_check:
-        entry["plan_check"] = run_child(["--child", "plan-check", "--model", str(folder)], args.timeout)
+        entry["plan_check"] = run_step(["--child", "plan-check", "--model", str(folder)], args.timeout)
         log(f"[{shape}] plan check: {json.dumps(entry['plan_check'].get('formats', entry['plan_check']))[:300]}")
     if largest:
         entry["cases"]["llmslim-nf4-disk"] = run_disk_offload(folder, entry, args)
@@ -272,7 +260,7 @@ def run_disk_offload(folder: Path, entry: dict, args: argparse.Namespace) -> dic
     footprint = entry["cases"].get("llmslim-nf4", {}).get("footprint_bytes") or int(entry["checkpoint_gib"] * GIB * 0.28)
     budget = int(footprint * args.offload_fraction)
     offload_dir = args.workdir / f"{folder.name}-offload"
-    result = run_child(
+    result = run_step(
         ["--child", "llmslim-nf4-disk", "--model", str(folder), "--budget", str(budget), "--offload-dir", str(offload_dir)], args.timeout
     )
     shutil.rmtree(offload_dir, ignore_errors=True)
@@ -372,13 +360,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Peak RSS and footprint against checkpoint size, per loader."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for case, color in (("llmslim-nf4", "tab:blue"), ("bnb-nf4", "tab:red"), ("llmslim-nf4-disk", "tab:green")):
         points = [
@@ -396,15 +378,7 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(report["machine"]["total_ram_gib"], color="gray", lw=0.8, ls=":", label="machine RAM")
     ax.set(xlabel="bf16 checkpoint size (GiB)", ylabel="GiB", title="Peak RSS of an nf4 load against model size")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    bl.write_atomic(path, buffer.getvalue())
-
-
-def update_readme(table: str, path: Path = bl.README) -> None:
-    bl.put_marked_block(path, MARK_START, MARK_END, table, "## Scale (`benchmarks/bench_scale.py`)")
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -443,17 +417,12 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     check_disk(args.sizes, args.workdir)
-    report: dict = {"machine": bl.machine_info(), "slack_gib": args.slack_gib, "shapes": []}
+    report: dict = {"machine": machine_info(), "slack_gib": args.slack_gib, "shapes": []}
     largest = max(args.sizes, key=checkpoint_gib)
     for shape in sorted(args.sizes, key=checkpoint_gib):
         report["shapes"].append(run_shape(shape, args, largest=shape == largest))
     report["targets"] = targets(report)
-    bl.write_atomic(args.results_dir / "bench_scale.json", json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    plot(report, args.results_dir / "bench_scale.png")
-    print(table)
-    if not args.no_readme:
-        update_readme(table)
+    print(publish("bench_scale", report, args.results_dir, markdown, plot, None if args.no_readme else README_SECTION))
     return 0
 
 

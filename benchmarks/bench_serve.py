@@ -21,7 +21,6 @@ benchmarks/README.md between `<!-- bench_serve:start -->` and `<!-- bench_serve:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -31,12 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from _harness import REPO, add_output_arguments, fmt, machine_info, publish, pyplot, read_json, save_figure
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_load's helpers, also when imported from elsewhere
-from bench_load import REPO, RESULTS_DIR, fmt, machine_info, put_marked_block, write_atomic  # noqa: E402
-
-README = REPO / "benchmarks" / "README.md"
-MARK_START, MARK_END = "<!-- bench_serve:start -->", "<!-- bench_serve:end -->"
+README_BLOCKS = {"bench_serve": "bench_serve.json"}  # README marker -> the committed JSON it is rendered from (render.py)
+README_SECTION = (
+    "## Serving throughput (`benchmarks/bench_serve.py`)\n\n"
+    "`llmslim serve` in a child process, driven by the official `openai` client: aggregate output tokens/s and "
+    "latency for concurrent streaming clients, against one request at a time in the same run. "
+    "Results: `benchmarks/results/bench_serve.json` and `.png`."
+)
 SPEEDUP_TARGET = 4.0  # 16 clients vs one request at a time (issue 4)
 PROMPTS = [
     "What is the capital of France?",
@@ -209,13 +211,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Aggregate tokens/s per concurrency level, and p50/p95 latency."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     levels = report["levels"]
     labels = [str(lv["clients"]) for lv in levels]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -229,22 +225,7 @@ def plot(report: dict, path: Path) -> None:
     right.set(title="request latency", xlabel="concurrent streaming clients", ylabel="seconds")
     right.legend(fontsize=8)
     fig.suptitle(f"llmslim serve: {report['model']} ({report['settings']['weights']}), {report['settings']['new_tokens']} tokens/request")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-
-
-def update_readme(table: str, path: Path = README) -> None:
-    """Put `table` between the bench_serve markers of `path`, appending a section with them if missing."""
-    intro = (
-        "## Serving throughput (`benchmarks/bench_serve.py`)\n\n"
-        "`llmslim serve` in a child process, driven by the official `openai` client: aggregate output tokens/s and "
-        "latency for concurrent streaming clients, against one request at a time in the same run. "
-        "Results: `benchmarks/results/bench_serve.json` and `.png`."
-    )
-    put_marked_block(path, MARK_START, MARK_END, table, intro)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -258,9 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=None, help="model folder or .gguf (default: the embedded SmolLM2)")
     parser.add_argument("--weights", default="nf4", help="weight format for the server (default nf4)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server / one request (default 600)")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where bench_serve.json / .png go")
-    parser.add_argument("--from-json", type=Path, help="only re-render the table, PNG and README from this bench_serve.json")
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
+    add_output_arguments(parser, "bench_serve")
     args = parser.parse_args(argv)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
     if min(args.clients) < 1 or args.new_tokens < 1 or args.rounds < 1:
@@ -271,7 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        return publish(json.loads(args.from_json.read_text()), args, write_json=False)
+        return publish_report(read_json(args.from_json), args, write=False)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -289,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: getattr(args, k) for k in ("new_tokens", "rounds", "weights")} | {"clients": args.clients}
     report = {"machine": machine_info(), "settings": settings, "model": model, "levels": levels, "target": target(levels)}
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    return publish(report, args)
+    return publish_report(report, args)
 
 
 def _warmup_client(base: str, args: argparse.Namespace):
@@ -298,15 +277,9 @@ def _warmup_client(base: str, args: argparse.Namespace):
     return OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
 
 
-def publish(report: dict, args: argparse.Namespace, write_json: bool = True) -> int:
+def publish_report(report: dict, args: argparse.Namespace, write: bool = True) -> int:
     """Write the JSON and PNG, print the table, and put it in the README."""
-    if write_json:
-        write_atomic(args.results_dir / "bench_serve.json", json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    plot(report, args.results_dir / "bench_serve.png")
-    print(table)
-    if not args.no_readme:
-        update_readme(table)
+    print(publish("bench_serve", report, args.results_dir, markdown, plot, None if args.no_readme else README_SECTION, write))
     return 0
 
 

