@@ -128,17 +128,22 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
     s.add_argument("--max-tokens", type=int, default=1024, help="server cap on new tokens per request (default 1024)")
     s.add_argument("--max-context", type=int, default=None, help="tokens per sequence, prompt included (default: the model's)")
+    s.add_argument(
+        "--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body; a bigger one gets 413 (default 2 MiB)"
+    )
 
 
 def cmd_serve(args) -> int:
     import os
 
     from llmslim.serve.engine import EngineConfig
-    from llmslim.serve.server import API_KEY_ENV, check_bind, model_id, serve
+    from llmslim.serve.server import API_KEY_ENV, check_bind, check_port, model_id, serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.insecure)  # before the model loads: fail fast
-    config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens, context_length=args.max_context)
+    check_port(args.host, args.port)
+    limits = dict(max_batch=args.max_batch, max_queue=args.max_queue, max_tokens=args.max_tokens, max_body_bytes=args.max_body_bytes)
+    config = EngineConfig(context_length=args.max_context, **limits)
     model, tokenizer, path = _load(args.model, args)
     name = args.model_name or model_id(args.model, path)
     logging.getLogger("llmslim.serve").setLevel(logging.INFO)  # one line per request, even without -v
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # bad input or environment (OSError covers missing, existing, unreadable files): no traceback
         print(f"llmslim {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,11 @@ GET  /metrics                Prometheus text format
 GET  /v1/models              the one served model
 POST /v1/completions         text prompt -> text (stream: server-sent events)
 POST /v1/chat/completions    messages -> chat template -> text (stream: server-sent events)
+
+Every error is an OpenAI-style body `{"error": {...}}`: 400 invalid request, 401 key, 404 model or
+route, 413 body over `EngineConfig.max_body_bytes`, 429 queue full, 500 generation failed, 503 engine
+stopped. A non-streaming client that disconnects is logged and counted as 499 (as nginx does).
+Tokenization and chat templates run in worker threads, so a long prompt never stalls the event loop.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,16 +28,21 @@ from dataclasses import dataclass
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmslim import __version__
-from llmslim.serve.engine import ContextLengthError, Engine, QueueFullError, RequestHandle
+from llmslim.serve.engine import ContextLengthError, Engine, EngineStoppedError, QueueFullError, RequestHandle
 from llmslim.serve.metrics import CONTENT_TYPE, Metrics
 from llmslim.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, error_body
+from llmslim.serve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 _DISCONNECT_POLL_S = 0.25
+_ECHO_CHARS = 200  # how much of a bad value an error message quotes
+_FIELD_NAME = re.compile(r"(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*")  # not a union member's tag: "str", "list[int]"
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
 _ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
@@ -50,7 +61,8 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
     """An OpenAI-compatible app serving `engine` under the name `model_id`.
 
     Args:
-        engine: the generation engine; started when the app starts, stopped when it shuts down.
+        engine: the generation engine; started when the app starts, stopped when it shuts down. Its
+            `config.max_body_bytes` caps request bodies (413 above).
         model_id: the model name clients must send (`model` field); any other name gets 404.
         api_key: when set, every /v1 route and /metrics need `Authorization: Bearer <api_key>` (else 401).
 
@@ -65,10 +77,12 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
         engine.start()
         yield
         engine.stop()
+        logger.info("stopped: every open request has been answered or ended")
 
     app = FastAPI(title="llmslim", version=__version__, lifespan=lifespan)
     app.state.llmslim = state
-    app.add_middleware(RequestLog, metrics=metrics)
+    app.add_middleware(BodyLimit, max_bytes=engine.config.max_body_bytes)
+    app.add_middleware(RequestLog, metrics=metrics)  # added last: the outermost, so it also logs 413s
     _add_error_handlers(app)
     _add_routes(app, state)
     return app
@@ -100,15 +114,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
+        params = body.sampling(body.max_tokens or state.engine.config.max_tokens)  # cheap checks before tokenizing
         prompt = body.prompt_text_or_ids()
-        ids = prompt if isinstance(prompt, list) else state.engine.tokenizer(prompt).input_ids
-        return await _generate(request, state, body, ids, body.max_tokens, "completion")
+        ids = prompt if isinstance(prompt, list) else await run_in_threadpool(_prompt_ids, state.engine.tokenizer, prompt)
+        return await _generate(request, state, body, ids, params, "completion")
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
-        ids = _chat_prompt_ids(state.engine.tokenizer, body)
-        return await _generate(request, state, body, ids, body.requested_max_tokens, "chat")
+        params = body.sampling(body.requested_max_tokens or state.engine.config.max_tokens)
+        ids = await run_in_threadpool(_chat_prompt_ids, state.engine.tokenizer, body)
+        return await _generate(request, state, body, ids, params, "chat")
 
 
 def _model_card(state: ServerState) -> dict:
@@ -131,6 +147,13 @@ def _check_model(state: ServerState, model: str) -> None:
         )
 
 
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    try:
+        return tokenizer(prompt).input_ids
+    except Exception as err:  # text the tokenizer cannot encode is the request's fault, not the server's
+        raise APIError(400, f"the tokenizer could not encode the prompt: {err}", param="prompt") from err
+
+
 def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions with a plain prompt", param="messages")
@@ -145,12 +168,13 @@ def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
 # ----------------------------------------------------------------------------- generation
 
 
-async def _generate(request: Request, state: ServerState, body, prompt_ids: list[int], max_tokens: int | None, kind: str):
+async def _generate(request: Request, state: ServerState, body, prompt_ids: list[int], params: SamplingParams, kind: str):
     """Submit to the engine and answer as one JSON body or as server-sent events."""
-    params = body.sampling(max_tokens or state.engine.config.max_tokens)
     request_id = request.state.request_id
     try:
         handle = state.engine.submit(prompt_ids, params, request_id)
+    except EngineStoppedError as err:
+        raise APIError(503, str(err), type="server_error", code="engine_stopped") from err
     except ContextLengthError as err:
         raise APIError(400, str(err), param="messages" if kind == "chat" else "prompt", code="context_length_exceeded") from err
     except ValueError as err:
@@ -178,8 +202,11 @@ async def _collect(request: Request, handle: RequestHandle, formatter: Formatter
         if not handle.finished:
             handle.cancel()
     _record(request, last)
-    if last.finish_reason in ("error", "cancelled"):
-        raise APIError(500, f"generation failed: {last.error or last.finish_reason}", type="server_error")
+    if last.finish_reason == "cancelled":  # only the disconnect watcher cancels: nobody will read this answer
+        request.state.finish_reason = "disconnected"
+        raise APIError(CLIENT_CLOSED, "the client closed the connection before the answer was ready", code="client_closed_request")
+    if last.finish_reason == "error":
+        raise APIError(500, f"generation failed: {last.error}", type="server_error")
     return formatter.response("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
 
 
@@ -229,30 +256,99 @@ async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None
 # ----------------------------------------------------------------------------- errors and the request log
 
 
+class ErrorResponse(JSONResponse):
+    """An error body as ASCII JSON: it may quote request text, and a lone surrogate there must not break the answer."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
+
+
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return ErrorResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_body(err), status_code=400)
+        return ErrorResponse(_validation_body(err), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path}: {err.detail}"
-        return JSONResponse(error_body(message, kind), status_code=err.status_code, headers=getattr(err, "headers", None))
+        return ErrorResponse(error_body(message, kind), status_code=err.status_code, headers=getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:  # a bug: still an OpenAI-style body (logged by uvicorn)
+        return ErrorResponse(error_body(f"internal server error: {type(err).__name__}", "server_error"), status_code=500)
 
 
 def _validation_body(err: RequestValidationError) -> dict:
-    first = err.errors()[0]
+    errors = err.errors()
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0])  # our own checks say the most
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))
         return error_body(f"the request body is not valid JSON: {detail}", "invalid_request_error")
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    return error_body(f"{param or 'body'}: {first.get('msg')} (got {first.get('input')!r})", "invalid_request_error", param)
+    location = [str(part) for part in first.get("loc", ()) if isinstance(part, int) or _FIELD_NAME.fullmatch(part)]
+    param = ".".join(location[1:] if location[:1] == ["body"] else location) or None
+    got = repr(first.get("input"))
+    got = got if len(got) <= _ECHO_CHARS else f"{got[:_ECHO_CHARS]}... ({len(got)} characters)"
+    return error_body(f"{param or 'body'}: {first.get('msg')} (got {got})", "invalid_request_error", param)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `max_bytes` gets 413 before anything parses or tokenizes it.
+
+    A declared Content-Length over the limit is refused unread; otherwise the body is read here (the
+    routes read it whole anyway), counted as it arrives (chunked uploads included), and replayed.
+
+    Args:
+        app: the wrapped ASGI app.
+        max_bytes: the largest body accepted.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        first = await self._read(receive)
+        if first is None:
+            await self._refuse(scope, receive, send)
+            return
+
+        async def replay():
+            return first.pop() if first else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> list[dict] | None:
+        """The body as one message (in a list, to be popped once), or None once it grows past the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: let the app see it
+                return [message]
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return None
+            if not message.get("more_body", False):
+                return [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+    async def _refuse(self, scope, receive, send) -> None:
+        message = (
+            f"the request body is larger than this server's limit of {self.max_bytes} bytes: "
+            "send a shorter prompt, or start the server with a larger --max-body-bytes"
+        )
+        body = error_body(message, "invalid_request_error", code="request_too_large")
+        await ErrorResponse(body, status_code=413, headers={"connection": "close"})(scope, receive, send)
 
 
 class RequestLog:

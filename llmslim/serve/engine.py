@@ -11,6 +11,10 @@ long one to finish. Each sequence keeps its own KV cache (`kvcache.SequenceKV`);
 run on the whole batch at once (weights read once per step), attention runs per sequence. Events go
 back to the asyncio side through `loop.call_soon_threadsafe`, so model compute never blocks the
 event loop.
+
+A failure is contained: an error while starting, sampling or detokenizing one sequence ends only that
+sequence, a failed batched forward ends that step's batch (their KV caches may be half-written),
+anything else ends the running sequences; the thread itself keeps serving until `stop()`.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ class ContextLengthError(ValueError):
     """The prompt does not fit the model's context (HTTP 400)."""
 
 
+class EngineStoppedError(RuntimeError):
+    """The engine thread is not running, so nothing would answer the request (HTTP 503)."""
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Limits of the engine.
@@ -53,15 +61,18 @@ class EngineConfig:
         max_queue: requests that may wait for a slot; one more is refused with `QueueFullError`.
         max_tokens: server cap on the new tokens of one request.
         context_length: most tokens (prompt + generated) per sequence; None = the model's maximum.
+        max_body_bytes: largest HTTP request body the server reads (a bigger one gets 413); the bound on
+            what is parsed and tokenized before the context length can be checked.
     """
 
     max_batch: int = 16
     max_queue: int = 64
     max_tokens: int = 1024
     context_length: int | None = None
+    max_body_bytes: int = 2 * 1024 * 1024
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_tokens"):
+        for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.context_length is not None and self.context_length < 2:
@@ -212,20 +223,19 @@ class Engine:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        for sequence in list(self._active):
-            self._finish(sequence, Delta(""), "error", error="the server is shutting down")
-        self._flush()
-        while not self._pending.empty():
-            self._pending.get_nowait().emit(Event("", "error", error="the server is shutting down"))
+        self._end_all("the server is shutting down")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestHandle:
         """Queue a generation; call from a running event loop.
 
         Raises:
+            EngineStoppedError: the engine thread is not running.
             ContextLengthError: the prompt is empty or leaves no room in the context.
             ValueError: a token id is outside the vocabulary.
             QueueFullError: `max_queue` requests are already waiting.
         """
+        if not self.running:
+            raise EngineStoppedError("the generation engine is not running: the server is stopping or failed; see its log")
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty: give at least one token of text")
         if not all(0 <= i < self.vocab_size for i in prompt_ids):
@@ -248,17 +258,25 @@ class Engine:
     # ----------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
-        with torch.inference_mode():
-            while not self._stopping.is_set():
-                self._drop_cancelled()
-                self._admit(block=not self._active)
-                if self._active:
-                    self._guarded(list(self._active), self._decode_step)
+        try:
+            with torch.inference_mode():
+                while not self._stopping.is_set():
+                    self._guarded(self._active, self._iteration)  # a failure outside the per-sequence guards ends all running
+                    self._flush()
+        finally:
+            if not self._stopping.is_set():  # only a BaseException gets here: say so, and answer everyone
+                logger.critical("the engine thread stopped unexpectedly; requests will get 503 until restart")
+                self._end_all("the generation engine stopped unexpectedly")
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit(block=not self._active)
+        if self._active:
+            self._decode_step()
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self._active if s.handle.cancelled]:
             self._finish(sequence, Delta(""), "cancelled")
-        self._flush()
 
     def _admit(self, block: bool) -> None:
         """Prefill waiting requests into free slots; wait briefly for one if nothing is running."""
@@ -272,9 +290,16 @@ class Engine:
                 self.stats.finished["cancelled"] += 1
                 handle.emit(Event("", "cancelled", prompt_tokens=len(handle.prompt_ids)))
                 continue
-            sequence = self._new_sequence(handle)
+            try:
+                sequence = self._new_sequence(handle)
+            except Exception as err:
+                logger.exception("could not start generation %s", handle.id)
+                self.stats.finished["error"] += 1
+                handle.emit(Event("", "error", prompt_tokens=len(handle.prompt_ids), error=f"{type(err).__name__}: {err}"))
+                continue
             self._active.append(sequence)
             self._guarded([sequence], self._prefill, sequence)
+            self._flush()  # its first token goes out now, not after the other admissions
 
     def _new_sequence(self, handle: RequestHandle) -> _Sequence:
         stream = TextStream(self.tokenizer, handle.params.stop)
@@ -289,14 +314,19 @@ class Engine:
 
     def _decode_step(self) -> None:
         batch = list(self._active)
-        ids = torch.tensor([[s.last_token] for s in batch])  # (batch, 1)
-        positions = torch.tensor([[s.kv.length] for s in batch])  # (batch, 1): each sequence's own next position
-        logits = self._forward([s.kv for s in batch], ids, positions)  # (batch, vocab)
+        logits = self._guarded(batch, self._batch_logits, batch)  # (batch, vocab); a failed forward ends the whole batch
+        if logits is None:
+            return
         self.stats.decode_steps += 1
         self.stats.decoded_tokens += len(batch)
         greedy = logits.argmax(dim=-1).tolist()  # one call for the batch: argmax is exact, so per row it is the same
         for row, sequence in enumerate(batch):
-            self._advance(sequence, logits[row], greedy[row])
+            self._guarded([sequence], self._advance, sequence, logits[row], greedy[row])  # a failure here ends this sequence only
+
+    def _batch_logits(self, batch: list[_Sequence]) -> torch.Tensor:
+        ids = torch.tensor([[s.last_token] for s in batch])  # (batch, 1)
+        positions = torch.tensor([[s.kv.length] for s in batch])  # (batch, 1): each sequence's own next position
+        return self._forward([s.kv for s in batch], ids, positions)  # (batch, vocab)
 
     def _forward(self, kvs: list[SequenceKV], ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits of the last position of each row, shape (batch, vocab)."""
@@ -330,15 +360,29 @@ class Engine:
         usage = {"prompt_tokens": sequence.prompt_tokens, "completion_tokens": sequence.completion_tokens}
         self._outbox.append((sequence.handle, Event(delta.text, reason, error=error, **usage)))
 
-    def _guarded(self, sequences: list[_Sequence], step: Callable, *args) -> None:
-        """Run `step` and send its events; if it raises, end `sequences` with an error event and keep serving the others."""
+    def _guarded(self, sequences: list[_Sequence], step: Callable, *args):
+        """`step(*args)`; if it raises, end `sequences` with an error event (the others keep going) and return None."""
         try:
-            step(*args)
+            return step(*args)
         except Exception as err:
-            logger.exception("generation failed for %d sequence(s)", len(sequences))
-            for sequence in [s for s in sequences if s in self._active]:
+            failed = [s for s in sequences if s in self._active]
+            logger.exception("generation failed for %d sequence(s): %s", len(failed), ", ".join(s.handle.id for s in failed))
+            for sequence in failed:
                 self._finish(sequence, Delta(""), "error", error=f"{type(err).__name__}: {err}")
+            return None
+
+    def _end_all(self, message: str) -> None:
+        """End every running and waiting request with an error event."""
+        for sequence in list(self._active):
+            self._finish(sequence, Delta(""), "error", error=message)
         self._flush()
+        while True:
+            try:
+                handle = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            self.stats.finished["error"] += 1
+            handle.emit(Event("", "error", prompt_tokens=len(handle.prompt_ids), error=message))
 
     def _flush(self) -> None:
         """Send the events collected since the last flush: one event-loop wake-up per loop, not per token."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from llmslim.serve.sampling import SamplingParams
+from llmslim.serve.sampling import SEED_RANGE, SamplingParams
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
 
@@ -35,6 +35,19 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _valid_unicode(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate ("\\ud800"); no tokenizer can encode one, so it is a bad request."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text must be valid Unicode, but it holds a lone surrogate {text[err.start]!r} at position {err.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Float = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -44,17 +57,17 @@ class _GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")  # clients send fields we have no use for (user, metadata, ...)
 
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    model: Text
+    max_tokens: int | None = Field(None, ge=1)  # no upper bound: the engine lowers it to its cap
+    temperature: Float | None = Field(None, ge=0, le=2)
+    top_p: Float | None = Field(None, ge=0, le=1)
     n: int = Field(1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: Float = 0.0
+    frequency_penalty: Float = 0.0
     logprobs: bool | int | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
@@ -90,7 +103,7 @@ class _GenerationRequest(BaseModel):
 class CompletionRequest(_GenerationRequest):
     """`POST /v1/completions`: a prompt as text, or as a list of token ids."""
 
-    prompt: str | list[str] | list[int]
+    prompt: Text | list[Text] | list[int]
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
     echo: bool = False
 
@@ -106,14 +119,14 @@ class CompletionRequest(_GenerationRequest):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def for_template(self) -> dict:
         content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what `torch.Generator.manual_seed` accepts; a negative seed wraps around
+MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM): dividing by ~0 would overflow to inf
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -14,9 +17,9 @@ class SamplingParams:
 
     Args:
         max_tokens: most new tokens to generate (the engine lowers it to its limit and the context).
-        temperature: 0 means greedy (argmax); otherwise logits are divided by it before sampling.
+        temperature: 0 (or below `MIN_TEMPERATURE`) means greedy (argmax); otherwise logits are divided by it before sampling.
         top_p: sample only from the smallest set of tokens whose probabilities sum to at least `top_p`.
-        seed: seed of this request's own random generator; None draws a fresh one.
+        seed: seed of this request's own random generator (within `SEED_RANGE`); None draws a fresh one.
         stop: strings that end the generation; the matched stop string is not returned.
         ignore_eos: keep generating past end-of-sequence tokens (for benchmarks: fixed output length).
     """
@@ -35,12 +38,14 @@ class SamplingParams:
             raise ValueError(f"temperature must be between 0 and 2, got {self.temperature}")
         if not 0 <= self.top_p <= 1:
             raise ValueError(f"top_p must be between 0 and 1, got {self.top_p}")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed must be between {SEED_RANGE[0]} and {SEED_RANGE[1]} (64 bits), got {self.seed}")
         if any(not s for s in self.stop):
             raise ValueError(f"stop strings must not be empty, got {list(self.stop)!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def generator(self) -> torch.Generator:
         """A CPU generator seeded with `seed` (or a random seed), owned by one request."""
@@ -51,7 +56,8 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     """The next token id from `logits` of shape (vocab,)."""
     if params.greedy:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)  # (vocab,)
+    logits = logits.float()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # (vocab,); shifted so nothing overflows
     if params.top_p < 1:
         probs = _nucleus(probs, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,7 +1,8 @@
-"""Running the app: bind-address safety, the served model's name, uvicorn."""
+"""Running the app: bind-address safety, port checks, the served model's name, uvicorn."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -13,6 +14,7 @@ from llmslim.serve.engine import Engine, EngineConfig
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "LLMSLIM_API_KEY"
+GRACEFUL_SHUTDOWN_S = 5  # on SIGTERM, open requests get this long to finish; then they are cancelled and the engine stops
 
 
 def is_loopback(host: str) -> bool:
@@ -39,6 +41,24 @@ def check_bind(host: str, api_key: str | None, insecure: bool = False) -> None:
     )
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail before the model loads if the server could not listen on `host:port`.
+
+    Raises:
+        ValueError: the port is out of range, already in use, or cannot be bound on `host`.
+    """
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {port}: pass another --port")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a port in TIME_WAIT is free
+            sock.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise ValueError(f"port {port} on {host} is already in use (another server?): stop it or pass another --port") from None
+        raise ValueError(f"cannot listen on {host}:{port} ({err.strerror or err}): pass another --host or --port") from None
+
+
 def model_id(model_arg: str | None, path: Path) -> str:
     """The name clients use for the model: the default model's name, else the folder or GGUF file name."""
     if model_arg in (None, "default"):
@@ -49,7 +69,7 @@ def model_id(model_arg: str | None, path: Path) -> str:
 def serve(
     model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, config: EngineConfig | None = None
 ) -> None:
-    """Serve `model` over HTTP until interrupted (Ctrl-C).
+    """Serve `model` over HTTP until interrupted (Ctrl-C or SIGTERM: requests still open after `GRACEFUL_SHUTDOWN_S` are cancelled).
 
     Args:
         model: a loaded causal LM.
@@ -58,7 +78,7 @@ def serve(
         host: address to bind; see `check_bind`.
         port: TCP port.
         api_key: when set, requests need `Authorization: Bearer <api_key>`.
-        config: engine limits.
+        config: engine limits (and the request body cap, `max_body_bytes`).
     """
     import uvicorn
 
@@ -66,7 +86,7 @@ def serve(
 
     app = create_app(Engine(model, tokenizer, config), name, api_key)
     # our middleware logs one line per request, so uvicorn's access log and logging setup stay off
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from llmslim.cli import main
-from llmslim.serve.sampling import SamplingParams, sample_token
-from llmslim.serve.server import check_bind, is_loopback
+from llmslim.serve.sampling import MIN_TEMPERATURE, SamplingParams, sample_token
+from llmslim.serve.server import check_bind, free_port, is_loopback
 from llmslim.serve.textstream import TextStream
 
 
@@ -73,10 +75,28 @@ def test_top_p_keeps_only_the_nucleus():
     assert {sample_token(logits, params, generator) for _ in range(50)} == {0}  # token 0 alone holds > 0.5
 
 
-@pytest.mark.parametrize(("field", "value"), [("max_tokens", 0), ("temperature", 3.0), ("top_p", 1.5)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", 0), ("temperature", 3.0), ("temperature", float("nan")), ("top_p", 1.5), ("seed", 2**64), ("seed", -(2**63) - 1)],
+)
 def test_sampling_params_validate(field, value):
     with pytest.raises(ValueError, match=f"{field} must be"):
         SamplingParams(**({"max_tokens": 1} | {field: value}))
+
+
+def test_tiny_temperatures_sample_greedily_and_nothing_overflows():
+    logits = torch.tensor([0.1, 2.0, 0.3, 1.9])
+    for temperature in (1e-45, 5e-324, MIN_TEMPERATURE / 2):
+        params = SamplingParams(max_tokens=1, temperature=temperature, seed=0)
+        assert params.greedy and sample_token(logits, params, params.generator()) == 1
+    params = SamplingParams(max_tokens=1, temperature=MIN_TEMPERATURE, seed=0)
+    assert not params.greedy
+    assert sample_token(torch.tensor([3e38, 0.0, -3e38]), params, params.generator()) == 0  # 3e38 / 1e-5 would be inf
+
+
+@pytest.mark.parametrize("seed", [2**64 - 1, -(2**63)])
+def test_seeds_at_the_64_bit_limits_make_generators(seed):
+    SamplingParams(max_tokens=1, seed=seed).generator()
 
 
 def test_non_loopback_bind_needs_a_key_or_insecure():
@@ -92,6 +112,44 @@ def test_cli_serve_refuses_public_bind_before_loading(capsys, monkeypatch):
     monkeypatch.delenv("LLMSLIM_API_KEY", raising=False)
     assert main(["serve", "--host", "0.0.0.0"]) == 2
     assert "--api-key" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr("llmslim.cli._load", refuse)
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_cli_serve_checks_the_port_range_before_loading(capsys, no_model_load, port):
+    assert main(["serve", "--port", port]) == 2
+    assert f"port must be between 1 and 65535, got {port}" in capsys.readouterr().err
+
+
+def test_cli_serve_refuses_a_port_in_use_before_loading(capsys, no_model_load):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+    out = capsys.readouterr()
+    assert f"port {port} on 127.0.0.1 is already in use" in out.err and "another --port" in out.err
+    assert "serving" not in out.out
+
+
+def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
+    served = {}
+    monkeypatch.setattr("llmslim.cli._load", lambda model, args: ("model", "tokenizer", Path("tiny")))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
+    assert main(["serve", "--port", str(free_port()), "--max-body-bytes", "1000"]) == 0
+    assert served["config"].max_body_bytes == 1000
+
+
+def test_cli_serve_rejects_a_bad_body_limit_before_loading(capsys, no_model_load):
+    assert main(["serve", "--port", str(free_port()), "--max-body-bytes", "0"]) == 2
+    assert "max_body_bytes must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_import_llmslim_does_not_import_fastapi():
