@@ -182,9 +182,12 @@ def _slim_config(args):
     )
 
 
-def _load(model_arg: str | None, args):
-    """Load MODEL per the command-line options; a float model with no --weights gets nf4."""
-    from transformers import AutoConfig, AutoTokenizer
+def _load(model_arg: str | None, args, *, tokenizer_required: bool = True):
+    """Load MODEL per the command-line options; a float model with no --weights gets nf4.
+
+    The tokenizer is None only when MODEL has none and not `tokenizer_required`.
+    """
+    from transformers import AutoConfig
 
     import llmslim
     from llmslim import models
@@ -194,17 +197,45 @@ def _load(model_arg: str | None, args):
     if config is None and getattr(AutoConfig.from_pretrained(path), "quantization_config", None) is None:
         args.weights = "nf4"
         config = _slim_config(args)
+    tokenizer = models.load_tokenizer(path, needed_for=f"llmslim {args.command}" if tokenizer_required else None)  # before the weights
     model = llmslim.from_pretrained(path, config, dtype=args.dtype, device_map=args.device_map)
-    return model, AutoTokenizer.from_pretrained(path), path
+    if config is not None and config.weights is not None:
+        _check_layers_matched(model, args)
+    return model, tokenizer, path
+
+
+def _check_layers_matched(model, args) -> None:
+    """A --include / --exclude pattern that matches no layer, or a selection that quantizes none, is an error, not a float model."""
+    import fnmatch
+
+    from llmslim.quant.modules import SlimLinear, quantizable
+
+    names = [name for name, module in model.named_modules() if quantizable(module) or isinstance(module, SlimLinear)]
+    options = {"--include": args.include, "--exclude": args.exclude}
+    for option, patterns in options.items():
+        # matched as SlimConfig.selects matches them: the full name, or its suffix after a dot
+        unmatched = [p for p in patterns or [] if not any(fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n, f"*.{p}") for n in names)]
+        if unmatched:
+            raise ValueError(f"{option} {' '.join(unmatched)} matched no linear layer; the layers are named like {_examples(names)}")
+    if not any(isinstance(module, SlimLinear) for module in model.modules()):
+        given = " ".join(f"{option} {' '.join(patterns)}" for option, patterns in options.items() if patterns) or "the options"
+        raise ValueError(f"no layer was quantized to {args.weights}: {given} leave every linear layer in float ({_examples(names)})")
+
+
+def _examples(names: list[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def cmd_quantize(args) -> int:
-    from llmslim.save import save_pretrained
+    from llmslim.save import check_output, save_pretrained
     from llmslim.stats import model_nbytes
 
-    model, tokenizer, path = _load(args.src, args)
+    check_output(args.out, overwrite=args.overwrite, inputs={"input model": None if args.src == "default" else args.src})  # fail fast
+    model, tokenizer, path = _load(args.src, args, tokenizer_required=False)
     out = save_pretrained(model, args.out, format=args.format, overwrite=args.overwrite, tokenizer=tokenizer)
     print(f"quantized {path} -> {out} ({args.format} layout, {args.weights}, {model_nbytes(model) / 2**20:.1f} MiB of weights)")
+    if tokenizer is None:
+        print(f"note: {path} has no tokenizer, so none was saved: copy its tokenizer files into {out} to eval or generate with it")
     return 0
 
 

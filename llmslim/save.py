@@ -1,17 +1,37 @@
 """Saving compressed models: llmslim's own layout, or bitsandbytes' layout for stock transformers.
 
-Both write into a temporary folder next to the target and rename it at the end, so a crash never
-leaves a half-written model under the final name.
+Every llmslim writer (quantize, merge, distill, finetune, compress, training checkpoints) goes
+through `atomic_directory`, which never loses what it did not write:
+
+- OUT is written into `.OUT.tmp-<host>-<pid>-<token>` next to it and renamed at the end, so a
+  crash never leaves a half-written model under the final name.
+- OUT may not be, contain or lie inside an input of the run (the model read, an adapter):
+  `check_output` refuses it before any work is done.
+- An existing OUT is replaced (`overwrite`) only if it is a folder llmslim's writers could have
+  written (`check_replaceable`): a real folder (not a link) that is empty, or holds config.json,
+  adapter_config.json or trainer_state.json and otherwise only regular files named as those writers
+  name them (`OWN_FILES`, `*.safetensors`, and peft's README.md beside adapter_config.json).
+  Anything else there (a subfolder, a link, any other file) makes the overwrite an error naming it.
+- The old OUT is renamed to `.OUT.old-<host>-<pid>-<token>` and removed only once the new one is
+  in place.
+- The next write of OUT removes those leftovers (and `.OUT.del-*`, a folder `discard` was deleting)
+  of a process of this host that no longer runs (killed, or crashed), and puts an old OUT back if
+  it was moved aside and its replacement never arrived.
 """
 
 from __future__ import annotations
 
 import copy
+import fnmatch
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +41,33 @@ from safetensors.torch import save_file
 from llmslim.quant import kernels
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantizable, quantized_layers
 
+logger = logging.getLogger(__name__)
+
 SAVE_FORMATS = ("llmslim", "bnb")
+
+# What llmslim's writers put in a folder (model.save_pretrained, tokenizers, peft adapters, checkpoints).
+MARKER_FILES = ("config.json", "adapter_config.json", "trainer_state.json")
+OWN_FILES = frozenset(
+    {
+        *MARKER_FILES,
+        "generation_config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.model",
+        "spiece.model",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "llmslim_finetune.json",
+    }
+)
+OWN_PATTERNS = ("*.safetensors",)
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<host>.+)-(?P<pid>\d+)-(?P<token>[a-z0-9_]{8})$")
 
 
 def save_pretrained(
@@ -37,10 +83,12 @@ def save_pretrained(
 
     Args:
         model: the model.
-        out: target folder; must not exist unless `overwrite`.
+        out: target folder; must not exist unless `overwrite`, and must be apart from the folder the
+            model was loaded from.
         format: `"llmslim"` (reloads with `import llmslim`) or `"bnb"` (stock transformers +
             bitsandbytes load it with no llmslim import).
-        overwrite: replace an existing `out`.
+        overwrite: replace an existing `out` if it is a model folder llmslim could have written
+            (see this module's docstring); anything else there makes it an error.
         tokenizer: saved alongside when given.
         max_shard_size: largest safetensors shard.
 
@@ -49,7 +97,7 @@ def save_pretrained(
     """
     if format not in SAVE_FORMATS:
         raise ValueError(f"format must be one of {list(SAVE_FORMATS)}, got {format!r}")
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, inputs={"model folder it was loaded from": _loaded_from(model)}) as tmp:
         if format == "llmslim":
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
         else:
@@ -60,25 +108,262 @@ def save_pretrained(
 
 
 @contextmanager
-def atomic_directory(out: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `out` only if the block finishes."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: choose another output folder or pass --overwrite (overwrite=True)")
+def atomic_directory(
+    out: str | os.PathLike, overwrite: bool, *, inputs: Mapping[str, str | os.PathLike | None] | None = None, name: str = "output folder"
+) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `out` only if the block finishes.
+
+    Args:
+        out: the folder to write.
+        overwrite: replace an existing `out` (only one llmslim could have written: `check_replaceable`).
+        inputs: what the run reads, by role (`{"input model folder": path}`); `out` must stay apart from each.
+        name: what messages call `out` (`"--out"`).
+
+    Raises:
+        ValueError / FileExistsError: as `check_output`, before the block runs.
+    """
+    out = check_output(out, overwrite=overwrite, inputs=inputs, name=name)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
     try:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes it private
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _publish(tmp, out, overwrite)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            _remove_tree(tmp)
+
+
+def check_output(
+    out: str | os.PathLike, *, overwrite: bool, inputs: Mapping[str, str | os.PathLike | None] | None = None, name: str = "output folder"
+) -> Path:
+    """Refuse an output folder that cannot or must not be written, before any work is done; clean leftovers.
+
+    Args:
+        out: the folder to write.
+        overwrite: whether an existing `out` may be replaced.
+        inputs: what the run reads, by role; `out` may not be, contain or lie inside any of them.
+        name: what messages call `out` (`"--out"`).
+
+    Returns:
+        `out` as a Path.
+
+    Raises:
+        ValueError: `out` names no new folder (`""`, `"."`, `".."`), its parent is a file, it overlaps
+            an input, or it exists and is not a folder llmslim could have written.
+        FileExistsError: `out` exists and `overwrite` is false.
+    """
+    out = _check_name(out, name)
+    for role, path in (inputs or {}).items():
+        if path is not None:
+            _check_apart(out, Path(path), role, name)
+    _check_parent(out, name)
+    clean_leftovers(out)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists: choose another {name} or pass --overwrite (overwrite=True)")
+        check_replaceable(out)
+    return out
+
+
+def check_replaceable(out: str | os.PathLike) -> None:
+    """Raise unless `out` is a folder llmslim may replace: empty, or a model folder its writers could have written.
+
+    Raises:
+        ValueError: naming what is there that llmslim did not write.
+    """
+    out = Path(out)
+    keep = "so --overwrite (overwrite=True) does not delete it"
+    if out.is_symlink():
+        raise ValueError(f"{out} is a link to {os.readlink(out)}, {keep}: remove the link, or choose another output folder")
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a model folder, {keep}: move it away, or choose another output folder")
+    names = sorted(os.listdir(out))
+    unexpected = _unexpected_entries(out, names)
+    if unexpected:
+        raise ValueError(
+            f"{out} holds what llmslim's writers do not write ({_listing(unexpected)}), {keep}: "
+            "move those elsewhere, or choose another output folder"
+        )
+    if names and not any(marker in names for marker in MARKER_FILES):
+        raise ValueError(
+            f"{out} is not a model folder (no {', '.join(MARKER_FILES[:-1])} or {MARKER_FILES[-1]}; it holds {_listing(names)}), {keep}: "
+            "move those elsewhere, or choose another output folder"
+        )
+
+
+def clean_leftovers(out: str | os.PathLike) -> None:
+    """Remove what interrupted writes of `out` left beside it, and put an old `out` back if its replacement never arrived.
+
+    Only `.OUT.tmp-*` / `.OUT.old-*` / `.OUT.del-*` folders of processes of this host that no longer run are touched.
+    """
+    out = Path(out)
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(?P<kind>tmp|old|del)-(?P<host>.+)-(?P<pid>\d+)-(?P<token>[a-z0-9_]{{8}})$")
+    stale = [(m["kind"], path) for path, m in _matching(out.parent, pattern) if _is_stale(m)]
+    old = sorted((path for kind, path in stale if kind == "old"), key=_mtime)
+    if old and not os.path.lexists(out):
+        try:
+            os.replace(old[-1], out)
+            logger.warning("put %s back: a write of it was interrupted after moving it aside to %s", out, old[-1].name)
+        except OSError as err:  # another process restored it first
+            logger.info("could not put %s back from %s: %s", out, old[-1], err)
+    for _, path in stale:
+        if os.path.lexists(path):
+            logger.info("removing %s, left by an interrupted write of %s", path, out)
+            _remove_tree(path)
+
+
+def discard(path: str | os.PathLike) -> None:
+    """Delete a folder llmslim wrote, renaming it to `.NAME.del-*` first.
+
+    A kill partway then never leaves it half-deleted under its own name; the next write of NAME removes the rest.
+    """
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.del-{_owner()}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, doomed)
+    _remove_tree(doomed)
+
+
+def leftover_names(folder: str | os.PathLike) -> set[str]:
+    """Names of the folders in `folder` whose writes left `.NAME.tmp-*` / `.NAME.old-*` / `.NAME.del-*` leftovers there."""
+    return {m["name"] for _, m in _matching(Path(folder), _LEFTOVER)}
+
+
+def _check_name(out: str | os.PathLike, name: str) -> Path:
+    text = os.fspath(out)
+    if not str(text).strip():
+        raise ValueError(f"the {name} is empty ({text!r}): give a folder name, such as 'model-nf4'")
+    path = Path(text)
+    if path.name in ("", ".", ".."):
+        raise ValueError(
+            f"the {name} {str(text)!r} names an existing folder ('.', '..' or /), not a new one: give a folder name, such as 'model-nf4'"
+        )
+    return path
+
+
+def _check_apart(out: Path, other: Path, role: str, name: str) -> None:
+    real_out, real_other = out.resolve(), other.resolve()
+    if real_out == real_other:
+        problem = f"is the {role} ({other}): writing there would replace it"
+    elif real_other in real_out.parents:
+        problem = f"is inside the {role} {other}: writing there would change it"
+    elif real_out in real_other.parents:
+        problem = f"contains the {role} {other}: replacing {out} would delete it"
+    else:
+        return
+    suggestion = real_other.parent / f"{real_other.stem}-slim"
+    raise ValueError(f"the {name} {out} {problem}; choose another {name}, apart from {other}, such as {suggestion}")
+
+
+def _check_parent(out: Path, name: str) -> None:
+    for parent in out.absolute().parents:
+        if parent.exists():  # the nearest existing one
+            if not parent.is_dir():
+                raise ValueError(f"cannot create the {name} {out}: {parent} is a file, not a folder: choose an {name} in a folder")
+            return
+
+
+def _unexpected_entries(folder: Path, names: list[str]) -> list[str]:
+    unexpected = []
+    for entry in names:
+        path = folder / entry
+        if path.is_symlink():
+            unexpected.append(f"{entry} (a link)")
+        elif path.is_dir():
+            unexpected.append(f"{entry}/")
+        elif not path.is_file() or not _own_file(entry, names):
+            unexpected.append(entry)
+    return unexpected
+
+
+def _own_file(entry: str, names: list[str]) -> bool:
+    if entry == "README.md":  # peft writes one beside each adapter
+        return "adapter_config.json" in names
+    return entry in OWN_FILES or any(fnmatch.fnmatchcase(entry, pattern) for pattern in OWN_PATTERNS)
+
+
+def _listing(entries: list[str], limit: int = 5) -> str:
+    shown = ", ".join(entries[:limit])
+    return shown if len(entries) <= limit else f"{shown} and {len(entries) - limit} more"
+
+
+def _publish(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename `tmp` to `out`; an existing `out` (checked again: it may have changed meanwhile) is moved aside, removed last."""
+    if not os.path.lexists(out):
+        os.replace(tmp, out)
+        return
+    try:
+        if not overwrite:
+            raise FileExistsError(f"{out} was created while llmslim was writing it")
+        check_replaceable(out)
+    except (FileExistsError, ValueError) as err:
+        kept = out.with_name(f"{out.name}.new-{uuid.uuid4().hex[:8]}")
+        os.replace(tmp, kept)
+        raise type(err)(f"{err}; what llmslim wrote is in {kept}") from None
+    old = out.with_name(f".{out.name}.old-{_owner()}-{uuid.uuid4().hex[:8]}")
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)  # if the process dies right before this, the next write of `out` puts `old` back
+    except OSError:
+        os.replace(old, out)
+        raise
+    # renamed again before deleting: a kill partway must not leave a half-deleted `.old-` that a later run would put back
+    doomed = out.with_name(f".{out.name}.del-{_owner()}-{uuid.uuid4().hex[:8]}")
+    os.replace(old, doomed)
+    _remove_tree(doomed)
+
+
+def _loaded_from(model: torch.nn.Module) -> Path | None:
+    source = getattr(model, "name_or_path", None)
+    return Path(source) if isinstance(source, str) and source and os.path.exists(source) else None
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _matching(folder: Path, pattern: re.Pattern) -> Iterator[tuple[Path, re.Match]]:
+    if not folder.is_dir():
+        return
+    for entry in os.listdir(folder):
+        match = pattern.match(entry)
+        if match:
+            yield folder / entry, match
+
+
+def _is_stale(match: re.Match) -> bool:
+    return match["host"] == socket.gethostname() and not _process_running(int(match["pid"]))
+
+
+def _process_running(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no cheap liveness check: keep the leftovers
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _mtime(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # removed meanwhile by another process cleaning up
+        return -1
+
+
+def _remove_tree(path: Path) -> None:
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path)
+    except FileNotFoundError:  # removed meanwhile by another process cleaning up
+        pass
+    except OSError as err:  # what is left is cleaned up by the next write
+        logger.warning("could not remove %s: %s", path, err)
 
 
 def bnb_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

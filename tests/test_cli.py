@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 
@@ -82,3 +84,110 @@ def test_bad_inputs_exit_2_with_the_reason(tiny_with_tokenizer, capsys):
 def test_module_entry_point():
     run = subprocess.run([sys.executable, "-m", "llmslim", "--help"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "quantize" in run.stdout
+
+
+# --- nothing lost, nothing silently wrong (issue 15) ------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path, tiny_with_tokenizer, monkeypatch):
+    """proj/src (the tiny model) beside proj/data/notes.txt, with the working folder at tmp_path."""
+    src = tmp_path / "proj" / "src"
+    shutil.copytree(tiny_with_tokenizer, src)
+    (tmp_path / "proj" / "data").mkdir()
+    (tmp_path / "proj" / "data" / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(src)
+    monkeypatch.chdir(tmp_path)
+    return src
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("out", "problem"),
+    [
+        ("proj", "contains the input model proj/src: replacing proj would delete it"),
+        ("proj/src", r"is the input model \(proj/src\): writing there would replace it"),
+        ("link", r"is the input model \(proj/src\): writing there would replace it"),
+        ("proj/src/q", "is inside the input model proj/src: writing there would change it"),
+    ],
+)
+def test_quantize_never_writes_over_its_source(project, tmp_path, capsys, out, problem):
+    before = snapshot(tmp_path / "proj")
+    assert main(["quantize", "proj/src", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    fix = "choose another output folder, apart from proj/src, such as \\S+/proj/src-slim"
+    assert re.fullmatch(f"llmslim quantize: error: the output folder {out} {problem}; {fix}\n", err), err
+    assert snapshot(tmp_path / "proj") == before and (tmp_path / "link").resolve() == project
+
+
+def test_quantize_overwrite_keeps_unrelated_files(project, tmp_path, capsys):
+    assert main(["quantize", "proj/src", "proj/data", "--overwrite"]) == 2
+    assert (
+        "proj/data holds what llmslim's writers do not write (notes.txt), so --overwrite (overwrite=True) does not delete it"
+        in capsys.readouterr().err
+    )
+    assert (tmp_path / "proj" / "data" / "notes.txt").read_text() == "mine"
+    assert main(["quantize", "proj/src", "q"]) == 0
+    assert main(["quantize", "proj/src", "q", "--overwrite", "--weights", "int8"]) == 0  # a folder llmslim wrote is replaced
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["weights"] == "int8"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "proj", "q"]
+
+
+@pytest.mark.parametrize(
+    ("out", "match"),
+    [
+        ("", r"the output folder is empty \(''\): give a folder name"),
+        (".", r"the output folder '\.' names an existing folder .*: give a folder name"),
+        ("proj/data/notes.txt/out", r"cannot create the output folder proj/data/notes.txt/out: \S+/notes.txt is a file, not a folder"),
+        ("x" * 300, r"File name too long"),  # an OSError: one line too, not a traceback
+    ],
+)
+def test_unusable_out_is_one_line_error(project, tmp_path, capsys, out, match):
+    assert main(["quantize", "proj/src", out]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("llmslim quantize: error: ") and err.count("\n") == 1 and re.search(match, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "proj"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--include", "nothing_here"],
+            "--include nothing_here matched no linear layer; the layers are named like model.layers.0.self_attn.q_proj",
+        ),
+        (["--exclude", "lm_haed", "*mlp*"], "--exclude lm_haed matched no linear layer"),
+        (
+            ["--include", "q_proj", "--exclude", "q_proj"],
+            "no layer was quantized to nf4: --include q_proj --exclude q_proj leave every linear",
+        ),
+    ],
+)
+def test_include_exclude_that_select_nothing_fail(tiny_with_tokenizer, tmp_path, capsys, options, message):
+    assert main(["quantize", str(tiny_with_tokenizer), str(tmp_path / "q"), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_model_without_tokenizer(tmp_path, capsys, text_file):
+    from conftest import write_tiny_model
+
+    bare = write_tiny_model(tmp_path / "bare", "llama")
+    assert main(["quantize", str(bare), str(tmp_path / "q")]) == 0  # quantizing needs no tokenizer
+    assert f"note: {bare} has no tokenizer, so none was saved" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert main(["eval", str(tmp_path / "q"), "--text", str(text_file)]) == 2
+    assert f"{tmp_path / 'q'} has no tokenizer (none of tokenizer.json, " in capsys.readouterr().err
+    assert main(["generate", str(tmp_path / "q"), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "and llmslim generate needs one: copy the tokenizer files of the model it was made from into" in err and err.count("\n") == 1
+
+
+def test_compress_never_writes_over_its_source(project, tmp_path, capsys):
+    before = snapshot(tmp_path / "proj")
+    assert main(["compress", "proj/src", "--out", "proj", "--overwrite", "--embedding-rank", "8"]) == 2
+    assert "error: the --out proj contains the input model proj/src: replacing proj would delete it" in capsys.readouterr().err
+    assert snapshot(tmp_path / "proj") == before

@@ -78,7 +78,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     """Run the compression the parsed flags describe; print what was saved and the perplexities."""
     from llmslim.compress.heal import HealConfig, compress_model
     from llmslim.config import SlimConfig
+    from llmslim.save import check_output
+    from llmslim.train.checkpoint import check_run_dir
 
+    model = None if args.model in (None, "default") else args.model
+    check_output(args.out, overwrite=args.overwrite, inputs={"input model": model}, name="--out")  # before anything loads
+    check_run_dir(args.run_dir, args.out)
     compression = SlimConfig(
         weights=args.weights,
         embedding_rank=args.embedding_rank,
@@ -93,7 +98,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = HealConfig(
         out=out,
-        model=None if args.model in (None, "default") else args.model,
+        model=model,
         compression=compression,
         heal_steps=args.heal_steps,
         train=args.train if args.heal_steps else None,

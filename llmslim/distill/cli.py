@@ -55,8 +55,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from llmslim.distill.config import DistillConfig
     from llmslim.distill.run import distill
     from llmslim.distill.student import parse_layer_map
+    from llmslim.save import check_output
 
-    out = Path(args.out)
+    out = check_output(args.out, overwrite=args.overwrite, name="--out")  # a usable name before the run folder is derived
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + "-run")
     config = DistillConfig(
         out=out,
@@ -118,6 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return cmd_distill(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # bad input or environment: one line, no traceback
         print(f"distill: error: {err}", file=sys.stderr)
         return 2

@@ -21,8 +21,8 @@ from llmslim.distill.evaluate import make_eval_fn
 from llmslim.distill.losses import DistillLoss, LossWeights, Masking
 from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student
 from llmslim.hf import auto_class, detect_objective
-from llmslim.save import atomic_directory
-from llmslim.train.checkpoint import check_resume
+from llmslim.save import atomic_directory, check_output
+from llmslim.train.checkpoint import check_resume, check_run_dir
 from llmslim.train.config import TrainConfig
 from llmslim.train.data import load_splits, prepare_data
 from llmslim.train.loop import Trainer, make_accelerator, run_fingerprint
@@ -79,9 +79,9 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
         resume: a checkpoint or run folder of an earlier run with the same options.
         progress: tqdm bars on the main process.
     """
+    check_output(config.out, overwrite=config.overwrite, inputs=_inputs(config), name="--out")
+    check_run_dir(train.run_dir, config.out)
     plan = plan_distillation(config)
-    if config.out.exists() and not config.overwrite:
-        raise FileExistsError(f"{config.out} already exists: choose another --out or pass --overwrite")
     tokenizer = load_tokenizer(plan)
     data = prepare_data(
         tokenizer,
@@ -109,7 +109,7 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
     result = trainer.fit(resume)
     student = trainer.unwrapped_model().to(getattr(torch, config.save_dtype))
     if accelerator.is_main_process:
-        save_student(student, tokenizer, config.out, overwrite=config.overwrite)
+        save_student(student, tokenizer, config.out, overwrite=config.overwrite, inputs=_inputs(config))
     accelerator.wait_for_everyone()
     n_teacher = _n_params(teacher)
     return DistillResult(
@@ -165,12 +165,16 @@ def load_models(config: DistillConfig, plan: DistillPlan, device: torch.device) 
     return student, teacher
 
 
-def save_student(student: torch.nn.Module, tokenizer, out: Path, overwrite: bool) -> Path:
-    """Save a standard Hugging Face folder (config, safetensors, tokenizer), atomically."""
-    with atomic_directory(out, overwrite) as tmp:
+def save_student(student: torch.nn.Module, tokenizer, out: Path, overwrite: bool, inputs: dict | None = None) -> Path:
+    """Save a standard Hugging Face folder (config, safetensors, tokenizer), atomically; `out` kept apart from `inputs` (role: path)."""
+    with atomic_directory(out, overwrite, inputs=inputs, name="--out") as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return out
+
+
+def _inputs(config: DistillConfig) -> dict:
+    return {"teacher model": config.teacher, "student model": config.student}
 
 
 def _quantized_teacher(plan: DistillPlan, config: DistillConfig, device: torch.device) -> torch.nn.Module:

@@ -47,8 +47,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Run the fine-tuning the flags describe; print the perplexities (and JSON with --json)."""
     from llmslim.finetune.config import FinetuneConfig
     from llmslim.finetune.run import finetune
+    from llmslim.save import check_output
 
-    out = Path(args.out)
+    out = check_output(args.out, overwrite=args.overwrite, name="--out")  # a usable name before the run folder is derived
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + "-run")
     config = FinetuneConfig(
         out=out,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return cmd_finetune(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, OSError) as err:  # bad input or environment: one line, no traceback
         print(f"finetune: error: {err}", file=sys.stderr)
         return 2
 

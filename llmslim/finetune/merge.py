@@ -23,6 +23,7 @@ from llmslim import models
 from llmslim.finetune.lora import load_adapter, read_training_record
 from llmslim.quant import formats
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, SlimLinearInt4
+from llmslim.save import check_output
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +45,19 @@ def merge(
     Args:
         base: the base model folder (float or saved by llmslim); None is the embedded default.
         adapter: the folder `llmslim finetune` wrote.
-        out: target folder; must not exist unless `overwrite`.
+        out: target folder; must not exist unless `overwrite`, and must be apart from `base` and `adapter`.
         weights: format of the merged layers; None uses the one the adapter was trained on (nf4 if unknown).
-        overwrite: replace an existing `out`.
+        overwrite: replace an existing `out` if it is a model folder llmslim could have written (`llmslim.save`).
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: choose another output folder or pass --overwrite")
+    inputs = {"base model folder": None if base is None else Path(base), "adapter folder": Path(adapter)}
+    out = check_output(out, overwrite=overwrite, inputs=inputs)  # before anything loads
     record = read_training_record(adapter)
     weights = weights or record.get("weights") or "nf4"
     if weights == "none":
         raise ValueError("merge writes a quantized model: pass --weights nf4, fp4, int4 or int8 (weights='none' is not a quantized format)")
     model = merged_model(base, adapter, weights, record.get("block_size_quant", 64))
     merged = [name for name, module in model.named_modules() if isinstance(module, SlimLinear)]
-    _save(model, adapter, out, overwrite)
+    _save(model, base, adapter, out, overwrite)
     return MergeResult(out, weights, merged)
 
 
@@ -118,14 +118,13 @@ def _adapted_layers(adapter: str | Path) -> set[str]:
         return {key.removeprefix("base_model.model.").rpartition(".lora_")[0] for key in f.keys()}
 
 
-def _save(model: torch.nn.Module, adapter: str | Path, out: Path, overwrite: bool) -> None:
+def _save(model: torch.nn.Module, base: str | Path | None, adapter: str | Path, out: Path, overwrite: bool) -> None:
+    """Save with the adapter's tokenizer (finetune saves one there), else the base's, else none (logged)."""
     import llmslim
 
-    tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(adapter)
-    except (OSError, ValueError):
-        logger.info("no tokenizer in %s: the merged model is saved without one", adapter)
+    tokenizer = models.load_tokenizer(adapter)
+    if tokenizer is None:
+        tokenizer = models.load_tokenizer(models.resolve(base))
+    if tokenizer is None:
+        logger.warning("no tokenizer in %s or %s: the merged model %s is saved without one", adapter, base, out)
     llmslim.save_pretrained(model, out, overwrite=overwrite, tokenizer=tokenizer)

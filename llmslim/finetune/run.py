@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from llmslim import models
 from llmslim.evaluate import perplexity
 from llmslim.finetune.config import FinetuneConfig
 from llmslim.finetune.lora import register_slim_layers, resolve_targets
-from llmslim.save import atomic_directory
-from llmslim.train.checkpoint import check_resume
+from llmslim.save import atomic_directory, check_output
+from llmslim.train.checkpoint import check_resume, check_run_dir
 from llmslim.train.config import TrainConfig
 from llmslim.train.data import TokenData, load_splits, prepare_data
 from llmslim.train.loop import LossOutput, Trainer, make_accelerator, run_fingerprint
@@ -58,11 +58,11 @@ class FinetuneResult:
 
 def finetune(config: FinetuneConfig, train: TrainConfig, *, resume: str | Path | None = None, progress: bool = True) -> FinetuneResult:
     """Train LoRA adapters on a frozen quantized base and save them to `config.out`."""
+    check_output(config.out, overwrite=config.overwrite, inputs={"base model": config.base}, name="--out")
+    check_run_dir(train.run_dir, config.out)
     path = models.resolve(config.base)
-    if config.out.exists() and not config.overwrite:
-        raise FileExistsError(f"{config.out} already exists: choose another --out or pass --overwrite")
     targets = resolve_targets(_skeleton(path), config.targets, config.exclude)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = models.load_tokenizer(path, needed_for="fine-tuning")
     data = prepare_data(tokenizer, load_splits(config.train, config.eval, config.eval_fraction, config.text_field), config.block_size)
     accelerator = make_accelerator(train)
     fingerprint = config.fingerprint()
@@ -136,7 +136,7 @@ def make_eval_fn(data: TokenData, eval_tokens: int):
 def save_adapter(peft_model: torch.nn.Module, tokenizer, config: FinetuneConfig, base_path: Path) -> Path:
     """Write the adapter (peft's format), the tokenizer and how the base was quantized, atomically."""
     record = {"base": str(base_path), **{k: v for k, v in config.fingerprint().items() if k not in ("base", "train", "eval")}}
-    with atomic_directory(config.out, config.overwrite) as tmp:
+    with atomic_directory(config.out, config.overwrite, inputs={"base model folder": base_path}, name="--out") as tmp:
         peft_model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1, default=str))

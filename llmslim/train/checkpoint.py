@@ -3,25 +3,32 @@
 A checkpoint is a folder `step-NNNNNNN/` under `<run_dir>/checkpoints/`, written into a temporary
 folder and renamed, holding `model.safetensors` (trainable parameters), `optimizer.safetensors`
 (optimizer tensors) and `trainer_state.json` (step, run fingerprint, optimizer scalars and groups).
-Nothing is pickled, so loading runs no code.
+Nothing is pickled, so loading runs no code. Pruning old checkpoints deletes only folders named
+`step-N` that hold nothing but those three files; leftovers of a write that was interrupted
+(`.step-N.tmp-*`, `.step-N.old-*`, `.step-N.del-*`) are removed by the next save.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmslim.save import atomic_directory
+from llmslim.save import atomic_directory, clean_leftovers, discard, leftover_names
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 FORMAT_VERSION = 1
+CHECKPOINT_FILES = frozenset({STATE_FILE, MODEL_FILE, OPTIMIZER_FILE})
+_STEP = re.compile(r"^step-(\d{7,})$")
 
 
 @dataclass
@@ -75,10 +82,22 @@ def find_checkpoint(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if (path / STATE_FILE).is_file():
         return path
-    found = sorted((path / "checkpoints").glob("step-*/" + STATE_FILE))
+    found = [folder for _, folder in _step_folders(path / "checkpoints") if (folder / STATE_FILE).is_file()]
     if not found:
         raise ValueError(f"--resume {str(path)!r} is neither a checkpoint folder (with {STATE_FILE}) nor a run folder with checkpoints/")
-    return found[-1].parent
+    return found[-1]
+
+
+def check_run_dir(run_dir: str | Path | None, out: str | Path) -> None:
+    """Refuse a run folder that is the output folder or lies inside it: writing the output would replace its checkpoints."""
+    if run_dir is None:
+        return
+    real_run, real_out = Path(run_dir).resolve(), Path(out).resolve()
+    if real_run == real_out or real_out in real_run.parents:
+        raise ValueError(
+            f"the run folder {run_dir} (checkpoints, log) is inside the output folder {out}, which saving replaces: "
+            f"use a --run-dir outside it, such as {real_out.parent / (real_out.name + '-run')} (the default)"
+        )
 
 
 def check_resume(path: str | Path, fingerprint: dict) -> Path:
@@ -140,5 +159,32 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
 
 
 def _prune(folder: Path, keep: int) -> None:
-    for old in sorted(folder.glob("step-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Delete all but the `keep` newest checkpoints, and what interrupted saves left; nothing llmslim did not write."""
+    for name in leftover_names(folder):
+        if _STEP.match(name):
+            clean_leftovers(folder / name)
+    own = [path for _, path in _step_folders(folder) if _is_checkpoint(path)]
+    for old in own[: max(0, len(own) - keep)]:
+        try:
+            discard(old)
+        except OSError as err:  # a checkpoint not pruned must not stop the training
+            logger.warning("could not delete the old checkpoint %s: %s", old, err)
+
+
+def _step_folders(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the `step-N` folders in `folder`, oldest first (by step, not by name)."""
+    if not folder.is_dir():
+        return []
+    found = ((_STEP.match(path.name), path) for path in folder.iterdir())
+    return sorted((int(match[1]), path) for match, path in found if match)
+
+
+def _is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint folder as `save_checkpoint` writes them: a real folder of exactly those files."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    names = {p.name for p in path.iterdir()}
+    ours = STATE_FILE in names and names <= CHECKPOINT_FILES and all((path / n).is_file() and not (path / n).is_symlink() for n in names)
+    if not ours:
+        logger.warning("not deleting %s when pruning old checkpoints: it holds files a checkpoint does not (%s)", path, sorted(names))
+    return ours

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 from train.tiny import write_causal, write_text
@@ -42,3 +43,12 @@ def test_script_reports_bad_input_with_exit_code_2(inputs, tmp_path, capsys):
     code = main([str(teacher), "--out", str(tmp_path / "s"), "--train", str(text), "--student-layer-map", "0,9"])
     assert code == 2 and "index 9 out of range: the teacher has layers 0..3" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(("out", "match"), [(".", r"the --out '\.' names an existing folder"), ("", r"the --out is empty \(''\)")])
+def test_out_that_names_no_new_folder_is_explained(inputs, tmp_path, capsys, monkeypatch, out, match):
+    teacher, text = inputs
+    monkeypatch.chdir(tmp_path)
+    assert main([str(teacher), "--out", out, "--train", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"^distill: error: {match}.*: give a folder name, such as 'model-nf4'\n$", err), err

@@ -134,3 +134,21 @@ def test_existing_output_needs_overwrite(teacher, text, tmp_path):
 def test_bad_distill_config(kwargs, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         DistillConfig(out=tmp_path, train="x.txt", **kwargs)
+
+
+def test_out_apart_from_the_teacher_the_student_and_the_run_folder(teacher, text, tmp_path):
+    import shutil
+
+    own = shutil.copytree(teacher, tmp_path / "teacher")
+    before = {p.name: p.read_bytes() for p in own.iterdir()}
+    for kwargs, problem in [
+        ({"teacher": own, "student_layers": 2, "out": tmp_path}, r"contains the teacher model \S+/teacher: replacing \S+ would delete it"),
+        ({"teacher": teacher, "student": own, "out": own}, r"is the student model \(\S+/teacher\): writing there would replace it"),
+    ]:
+        config = DistillConfig(**{"train": text, "block_size": 16, "overwrite": True, **kwargs})
+        with pytest.raises(ValueError, match=f"the --out \\S+ {problem}; choose another --out"):
+            distill(config, train_config(steps=1), progress=False)
+    assert {p.name: p.read_bytes() for p in own.iterdir()} == before
+    config = DistillConfig(out=tmp_path / "s", teacher=teacher, student_layers=2, train=text, block_size=16)
+    with pytest.raises(ValueError, match=r"the run folder \S+/s/run \(checkpoints, log\) is inside the output folder \S+/s"):
+        distill(config, train_config(steps=1, run_dir=tmp_path / "s" / "run"), progress=False)

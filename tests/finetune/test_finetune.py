@@ -127,3 +127,32 @@ def test_script(tmp_path, base, text, capsys):
     assert summary["optimizer"] == "adamw" and summary["trainable_params"] > 0
     assert main([str(base), "--out", str(tmp_path / "a"), "--train", str(text), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_out_apart_from_the_base_and_the_run_folder(tmp_path, base, text):
+    own_base = shutil.copytree(base, tmp_path / "base")
+    before = {p.name: p.read_bytes() for p in own_base.iterdir()}
+    with pytest.raises(
+        ValueError, match=r"the --out \S+/base is the base model \(\S+/base\): writing there would replace it; choose another --out"
+    ):
+        finetune(config(tmp_path, own_base, text, out=own_base, overwrite=True), train_config(steps=1), progress=False)
+    assert {p.name: p.read_bytes() for p in own_base.iterdir()} == before
+    with pytest.raises(ValueError, match=r"the run folder \S+/adapter/run \(checkpoints, log\) is inside the output folder \S+/adapter"):
+        finetune(config(tmp_path, base, text), train_config(steps=1, run_dir=tmp_path / "adapter" / "run"), progress=False)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_base_without_tokenizer_is_explained(tmp_path, text):
+    from conftest import write_tiny_model
+
+    bare = write_tiny_model(tmp_path / "bare", "llama")
+    with pytest.raises(
+        ValueError, match=r"\S+/bare has no tokenizer \(none of tokenizer.json, .*\), and fine-tuning needs one: copy the tokenizer"
+    ):
+        finetune(config(tmp_path, bare, text), train_config(steps=1), progress=False)
+
+
+def test_out_that_names_no_new_folder_is_explained(tmp_path, base, text, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([str(base), "--out", ".", "--train", str(text)]) == 2  # was "PosixPath('.') has an empty name"
+    assert "finetune: error: the --out '.' names an existing folder ('.', '..' or /), not a new one" in capsys.readouterr().err

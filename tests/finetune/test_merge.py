@@ -102,3 +102,28 @@ def test_merge_command(tmp_path, base, capsys):
     assert args.func(args) == 0
     assert "merged 14 nf4 layers" in capsys.readouterr().out
     assert (tmp_path / "m" / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("out", "problem"),
+    [
+        ("adapter", r"is the adapter folder \(\S+/adapter\): writing there would replace it"),
+        (".", r"contains the (base model|adapter) folder \S+: replacing \S+ would delete it"),
+        ("base", r"is the base model folder \(\S+\): writing there would replace it"),
+    ],
+)
+def test_merge_never_writes_over_its_inputs(tmp_path, base, out, problem):
+    import shutil
+
+    adapter = write_adapter(base, tmp_path / "adapter", "nf4")
+    own_base = shutil.copytree(base, tmp_path / "base")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=f"the output folder \\S+ {problem}; choose another output folder, apart from"):
+        merge(own_base, adapter, tmp_path / out if out != "." else tmp_path, overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_merged_model_gets_the_base_tokenizer_when_the_adapter_has_none(tmp_path, base):
+    adapter = write_adapter(base, tmp_path / "adapter", "nf4")  # peft's files only
+    merge(base, adapter, tmp_path / "merged")
+    assert (tmp_path / "merged" / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
