@@ -7,7 +7,9 @@ model's `config.json` and `from_pretrained` finds llmslim's quantizer from it.
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import math
+import os
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -28,6 +30,21 @@ CHECKPOINTING = ("none", "all", "sqrt")  # or a number of segments k >= 1 (llmsl
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, not a bool (JSON's `true` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A finite int or float, not a bool; an int too large for a float (JSON allows any) is not finite here."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _check_patterns(name: str, value: Any) -> list[str] | None:
@@ -91,6 +108,10 @@ class SlimConfig(QuantizationConfigMixin):
         share_norms: also share the norm layers (by default each layer keeps its own norms).
         checkpointing: activation checkpointing set on the loaded model (`llmslim.enable_checkpointing`):
             `"none"`, `"all"` (every block), `"sqrt"` (~sqrt(n) segments) or a number of segments k.
+        allow_nonfinite: quantize float weights holding NaN or infinite values instead of refusing
+            them. Off by default: such values do not survive quantization (a NaN is dropped or kept
+            depending on the format, an Inf turns its block, and with double quantization the whole
+            weight, into NaN), so a corrupt checkpoint raises a ValueError naming the layer.
         version: version of this config's schema.
     """
 
@@ -113,6 +134,7 @@ class SlimConfig(QuantizationConfigMixin):
     share_init: str | int = "mean"
     share_norms: bool = False
     checkpointing: str | int = "none"
+    allow_nonfinite: bool = False
     version: int = CONFIG_VERSION
     quant_method: str = QUANT_METHOD
 
@@ -130,9 +152,9 @@ class SlimConfig(QuantizationConfigMixin):
             raise ValueError(f"double_quant must be True, False or None, got {self.double_quant!r}")
         if self.double_quant and not self.is_4bit:
             raise ValueError(f"double_quant applies to nf4/fp4 absmax blocks, not to weights={self.weights!r}: leave it None")
-        if isinstance(self.int8_threshold, bool) or not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+        if not _is_finite_number(self.int8_threshold) or self.int8_threshold < 0:
             raise ValueError(
-                f"int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got {self.int8_threshold!r}"
+                f"int8_threshold must be a finite number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got {self.int8_threshold!r}"
             )
         self.int8_threshold = float(self.int8_threshold)
         if not isinstance(self.refine, bool):
@@ -142,18 +164,21 @@ class SlimConfig(QuantizationConfigMixin):
         self._check_mixed()
         self._check_embedding()
         self._check_sharing()
-        if isinstance(self.checkpointing, bool) or not (
-            self.checkpointing in CHECKPOINTING or (isinstance(self.checkpointing, int) and self.checkpointing >= 1)
+        if not (
+            (isinstance(self.checkpointing, str) and self.checkpointing in CHECKPOINTING)
+            or (_is_int(self.checkpointing) and self.checkpointing >= 1)
         ):
             raise ValueError(f"checkpointing must be one of {list(CHECKPOINTING)} or a number of segments >= 1, got {self.checkpointing!r}")
-        if self.version != CONFIG_VERSION:
+        if not isinstance(self.allow_nonfinite, bool):
+            raise ValueError(f"allow_nonfinite must be True or False, got {self.allow_nonfinite!r}")
+        if not _is_int(self.version) or self.version != CONFIG_VERSION:
             raise ValueError(f"version must be {CONFIG_VERSION} (this llmslim's config schema), got {self.version!r}")
         if self.quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
 
     def _check_mixed(self) -> None:
         if self.bits_per_param is not None:
-            if isinstance(self.bits_per_param, bool) or not isinstance(self.bits_per_param, (int, float)):
+            if not _is_finite_number(self.bits_per_param):
                 raise ValueError(f"bits_per_param must be a number of bits such as 5.0, got {self.bits_per_param!r}")
             if self.weights != "int4":
                 raise ValueError(f"bits_per_param mixes int4 and int8 layers: use weights='int4', got weights={self.weights!r}")
@@ -178,23 +203,19 @@ class SlimConfig(QuantizationConfigMixin):
                 )
 
     def _check_embedding(self) -> None:
-        if self.embedding_rank is not None and (
-            isinstance(self.embedding_rank, bool) or not isinstance(self.embedding_rank, int) or self.embedding_rank < 1
-        ):
+        if self.embedding_rank is not None and (not _is_int(self.embedding_rank) or self.embedding_rank < 1):
             raise ValueError(
                 f"embedding_rank must be a positive integer such as 256 (below min(vocab, hidden)), got {self.embedding_rank!r}"
             )
         if self.embedding_energy is not None:
-            if (
-                isinstance(self.embedding_energy, bool)
-                or not isinstance(self.embedding_energy, (int, float))
-                or not 0 < self.embedding_energy < 1
-            ):
+            if not _is_finite_number(self.embedding_energy) or not 0 < self.embedding_energy < 1:
                 raise ValueError(f"embedding_energy must be a share in (0, 1) such as 0.9, got {self.embedding_energy!r}")
             if self.embedding_rank is not None:
                 raise ValueError(f"give embedding_rank ({self.embedding_rank!r}) or embedding_energy ({self.embedding_energy!r}), not both")
             self.embedding_energy = float(self.embedding_energy)
         if self.embedding_corpus is not None:
+            if not isinstance(self.embedding_corpus, (str, os.PathLike)) or not str(self.embedding_corpus):
+                raise ValueError(f"embedding_corpus must be the path of a UTF-8 text file, got {self.embedding_corpus!r}")
             self.embedding_corpus = str(self.embedding_corpus)
         _check_choice("embedding_weights", self.embedding_weights, tuple(WEIGHT_FORMATS))
         if not isinstance(self.untie_embeddings, bool):
@@ -209,11 +230,11 @@ class SlimConfig(QuantizationConfigMixin):
         spec = self.share_layers
         if isinstance(spec, tuple):
             spec = self.share_layers = [list(g) for g in spec]
-        ok = spec is None or spec == "all" or (isinstance(spec, int) and not isinstance(spec, bool) and spec >= 2)
+        ok = spec is None or spec == "all" or (_is_int(spec) and spec >= 2)
         ok = ok or (
             isinstance(spec, list)
             and bool(spec)
-            and all(isinstance(g, (list, tuple)) and g and all(isinstance(i, int) and not isinstance(i, bool) for i in g) for g in spec)
+            and all(isinstance(g, (list, tuple)) and g and all(_is_int(i) and i >= 0 for i in g) for g in spec)
         )
         if not ok:
             raise ValueError(
@@ -222,7 +243,7 @@ class SlimConfig(QuantizationConfigMixin):
         if isinstance(spec, list):
             self.share_layers = [list(g) for g in spec]
         init = self.share_init
-        if not (init == "mean" or (isinstance(init, int) and not isinstance(init, bool) and init >= 0)):
+        if not (init == "mean" or (_is_int(init) and init >= 0)):
             raise ValueError(f"share_init must be 'mean' or the index of a group member (0 is the first), got {init!r}")
         if not isinstance(self.share_norms, bool):
             raise ValueError(f"share_norms must be True or False, got {self.share_norms!r}")
@@ -263,6 +284,19 @@ class SlimConfig(QuantizationConfigMixin):
             return False
         return self.include is None or _matches(module_name, self.include)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """A config from `to_dict`'s output (a model's `config.json`); unknown fields raise a ValueError naming them."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a SlimConfig dict must be a JSON object of its fields, got {config_dict!r}")
+        unknown = sorted(str(k) for k in set(config_dict) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(
+                f"unknown SlimConfig field(s) {unknown}: valid fields are {[f.name for f in fields(cls)]} "
+                "(a config written by a newer llmslim? upgrade llmslim)"
+            )
+        return super().from_dict(config_dict, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "quant_method": self.quant_method,
@@ -286,6 +320,7 @@ class SlimConfig(QuantizationConfigMixin):
             "share_init": self.share_init,
             "share_norms": self.share_norms,
             "checkpointing": self.checkpointing,
+            "allow_nonfinite": self.allow_nonfinite,
         }
 
     def __repr__(self) -> str:

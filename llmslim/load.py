@@ -111,7 +111,10 @@ def _effective_config(path: Path, hf_config, config: SlimConfig | None) -> tuple
     saved = getattr(hf_config, "quantization_config", None)
     if saved is None:
         if config is None:
-            raise ValueError(f"{path} holds a float model: pass a SlimConfig, e.g. SlimConfig(weights='nf4')")
+            raise ValueError(
+                f"{path} holds a float model: pass a SlimConfig, e.g. SlimConfig(weights='nf4') "
+                "(SlimConfig(weights=None) loads it unquantized)"
+            )
         return config, False
     saved = saved if isinstance(saved, dict) else saved.to_dict()
     if saved.get("quant_method") != QUANT_METHOD:

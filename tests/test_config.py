@@ -13,6 +13,10 @@ from transformers.quantizers.auto import AutoQuantizationConfig
 import llmslim  # noqa: F401 - registers quant_method "llmslim" with transformers
 from llmslim.config import BLOCK_SIZES, SlimConfig
 
+THRESHOLD = "int8_threshold must be a finite number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's),"
+SHARE = "share_layers must be 'all', a group size k >= 2, or groups of layer indices such as [[0, 1], [2, 3]],"
+CHECKPOINTING = "checkpointing must be one of ['none', 'all', 'sqrt'] or a number of segments >= 1,"
+
 
 @pytest.mark.parametrize(
     "kwargs, message",
@@ -26,9 +30,32 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
         ({"block_size": 64.0}, f"block_size must be one of {list(BLOCK_SIZES)}, got 64.0"),
         ({"compute_dtype": "float64"}, "compute_dtype must be one of [None, 'float32', 'bfloat16', 'float16'], got 'float64'"),
         ({"compute_dtype": torch.int8}, "compute_dtype must be one of [None, 'float32', 'bfloat16', 'float16'], got 'int8'"),
-        ({"int8_threshold": -1}, "int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got -1"),
-        ({"int8_threshold": True}, "int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got True"),
-        ({"int8_threshold": "6"}, "int8_threshold must be a number >= 0 (default 1.5; 6.0 is the LLM.int8 paper's), got '6'"),
+        ({"int8_threshold": -1}, f"{THRESHOLD} got -1"),
+        ({"int8_threshold": True}, f"{THRESHOLD} got True"),
+        ({"int8_threshold": "6"}, f"{THRESHOLD} got '6'"),
+        ({"int8_threshold": float("nan")}, f"{THRESHOLD} got nan"),
+        ({"int8_threshold": float("inf")}, f"{THRESHOLD} got inf"),
+        ({"int8_threshold": -float("inf")}, f"{THRESHOLD} got -inf"),
+        ({"int8_threshold": 10**400}, f"{THRESHOLD} got {10**400}"),  # JSON allows it; float() would overflow
+        ({"weights": "int4", "bits_per_param": float("nan")}, "bits_per_param must be a number of bits such as 5.0, got nan"),
+        ({"weights": "int4", "bits_per_param": float("inf")}, "bits_per_param must be a number of bits such as 5.0, got inf"),
+        ({"weights": "int4", "bits_per_param": True}, "bits_per_param must be a number of bits such as 5.0, got True"),
+        ({"embedding_energy": float("nan")}, "embedding_energy must be a share in (0, 1) such as 0.9, got nan"),
+        ({"embedding_energy": True}, "embedding_energy must be a share in (0, 1) such as 0.9, got True"),
+        ({"embedding_rank": True}, "embedding_rank must be a positive integer such as 256 (below min(vocab, hidden)), got True"),
+        ({"embedding_rank": 256.0}, "embedding_rank must be a positive integer such as 256 (below min(vocab, hidden)), got 256.0"),
+        ({"embedding_rank": 8, "embedding_corpus": 5}, "embedding_corpus must be the path of a UTF-8 text file, got 5"),
+        ({"embedding_rank": 8, "embedding_corpus": ["a.txt"]}, "embedding_corpus must be the path of a UTF-8 text file, got ['a.txt']"),
+        ({"share_layers": True}, f"{SHARE} got True"),
+        ({"share_layers": [[0, -1]]}, f"{SHARE} got [[0, -1]]"),
+        ({"share_init": True}, "share_init must be 'mean' or the index of a group member (0 is the first), got True"),
+        ({"share_init": -1}, "share_init must be 'mean' or the index of a group member (0 is the first), got -1"),
+        ({"checkpointing": True}, f"{CHECKPOINTING} got True"),
+        ({"checkpointing": 2.0}, f"{CHECKPOINTING} got 2.0"),
+        ({"allow_nonfinite": "yes"}, "allow_nonfinite must be True or False, got 'yes'"),
+        ({"allow_nonfinite": 1}, "allow_nonfinite must be True or False, got 1"),
+        ({"version": True}, "version must be 1 (this llmslim's config schema), got True"),
+        ({"version": 1.0}, "version must be 1 (this llmslim's config schema), got 1.0"),
         ({"double_quant": "yes"}, "double_quant must be True, False or None, got 'yes'"),
         ({"double_quant": 1}, "double_quant must be True, False or None, got 1"),
         ({"include": [""]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got ['']"),
@@ -45,8 +72,8 @@ from llmslim.config import BLOCK_SIZES, SlimConfig
             {"weights": "int4", "int8_layers": "a"},
             "int8_layers must be a list of module names such as ['model.layers.0.mlp.down_proj'], got 'a'",
         ),
-        ({"checkpointing": "half"}, "checkpointing must be one of ['none', 'all', 'sqrt'] or a number of segments >= 1, got 'half'"),
-        ({"checkpointing": 0}, "checkpointing must be one of ['none', 'all', 'sqrt'] or a number of segments >= 1, got 0"),
+        ({"checkpointing": "half"}, f"{CHECKPOINTING} got 'half'"),
+        ({"checkpointing": 0}, f"{CHECKPOINTING} got 0"),
         ({"version": 2}, "version must be 1 (this llmslim's config schema), got 2"),
         ({"quant_method": "bitsandbytes"}, "quant_method must be 'llmslim', got 'bitsandbytes'"),
     ],
@@ -121,6 +148,7 @@ def test_selects(include, exclude, name, selected):
         SlimConfig(weights="fp4", block_size=4096, double_quant=False, include=["q_proj", "layers.*.mlp.*"], exclude=[]),
         SlimConfig(weights=None),
         SlimConfig(weights="int4", bits_per_param=5.0, int8_layers=["model.layers.1.mlp.down_proj"]),
+        SlimConfig(weights="int8", allow_nonfinite=True),
     ],
     ids=repr,
 )
@@ -137,7 +165,7 @@ def test_repr_names_every_field():
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
         "int8_threshold=1.5, refine=False, bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'], "
         "embedding_rank=None, embedding_energy=None, embedding_corpus=None, embedding_weights=None, untie_embeddings=False, "
-        "share_layers=None, share_init='mean', share_norms=False, checkpointing='none')"
+        "share_layers=None, share_init='mean', share_norms=False, checkpointing='none', allow_nonfinite=False)"
     )
 
 
@@ -161,3 +189,27 @@ def test_transformers_config_built_with_quantization_config_kwarg(tmp_path):
     LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, quantization_config=cfg).save_pretrained(tmp_path)
     reloaded = AutoConfig.from_pretrained(tmp_path)
     assert AutoQuantizationConfig.from_dict(reloaded.quantization_config).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (
+            {"weights": "nf4", "block_sise": 64},
+            r"unknown SlimConfig field\(s\) \['block_sise'\]: valid fields are \[.*'block_size'.*upgrade llmslim",
+        ),
+        (["nf4"], r"a SlimConfig dict must be a JSON object of its fields, got \['nf4'\]"),
+    ],
+)
+def test_from_dict_refuses_unknown_fields_and_non_objects(data, message):
+    with pytest.raises(ValueError, match=message):
+        SlimConfig.from_dict(data)
+
+
+def test_allow_nonfinite_round_trips_through_config_json(tmp_path):
+    cfg = SlimConfig(weights="int4", allow_nonfinite=True)
+    LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, vocab_size=64, quantization_config=cfg).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["allow_nonfinite"] is True
+    assert AutoQuantizationConfig.from_dict(AutoConfig.from_pretrained(tmp_path).quantization_config) == cfg
+    assert SlimConfig.from_dict({k: v for k, v in saved.items() if k != "allow_nonfinite"}).allow_nonfinite is False  # older configs

@@ -27,6 +27,8 @@ def parse_size(value: str | int | float) -> int:
         ValueError: naming the value and the accepted forms.
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"a size must be a finite number of bytes >= 0, got {value!r}")
         return int(value)
     match = _SIZE.match(value) if isinstance(value, str) else None
     if not match or match.group(2).lower() not in _UNITS:
@@ -68,12 +70,21 @@ class Hardware:
     bandwidth: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_BANDWIDTH))
 
     def __post_init__(self) -> None:
-        if self.cpu <= 0:
+        if isinstance(self.cpu, bool) or not isinstance(self.cpu, int) or self.cpu <= 0:
             raise ValueError(f"cpu memory must be > 0 bytes, got {self.cpu!r}")
+        if isinstance(self.disk, bool) or not isinstance(self.disk, int) or self.disk < 0:
+            raise ValueError(f"disk space must be >= 0 bytes, got {self.disk!r}")
+        if not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in self.gpus):
+            raise ValueError(f"gpus must list each GPU's memory in bytes (> 0), got {self.gpus!r}")
         unknown = set(self.bandwidth) - set(DEFAULT_BANDWIDTH)
         if unknown:
             raise ValueError(f"bandwidth keys must be among {list(DEFAULT_BANDWIDTH)}, got {sorted(unknown)}")
         self.bandwidth = {**DEFAULT_BANDWIDTH, **self.bandwidth}
+        bad = {
+            k: v for k, v in self.bandwidth.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")
+        }
+        if bad:
+            raise ValueError(f"bandwidths must be bytes/s > 0, got {bad}")
 
     @property
     def compute(self) -> str:

@@ -188,16 +188,17 @@ def load_config(model: str | Path) -> tuple[dict, str, str]:
 def plan_model(model: str | Path | dict, hardware: Hardware, workload: Workload | None = None) -> Plan:
     """Plan `model` (a bundled name, a folder, a config.json path or a config dict) on `hardware`."""
     workload = workload or Workload()
-    config, name, source = (
-        (model, model.get("_name_or_path") or model.get("model_type", "model"), "config dict")
-        if isinstance(model, dict)
-        else load_config(model)
-    )
+    config, name, source = (model, _dict_name(model), "config dict") if isinstance(model, dict) else load_config(model)
     shape = model_shape(config, name)
     dtype = workload.dtype or _config_dtype(shape)
     formats = {fmt: plan_format(shape, fmt, hardware, workload, dtype) for fmt in PLAN_FORMATS}
     notes = list(shape.notes) + _notes(shape, workload)
     return Plan(name, source, shape, hardware, workload, dtype, formats, _recommend(formats), notes)
+
+
+def _dict_name(config: dict) -> str:
+    name = config.get("_name_or_path") or config.get("model_type")
+    return name if isinstance(name, str) and name else "model"
 
 
 def _config_dtype(shape: ModelShape) -> str:

@@ -65,7 +65,7 @@ def _suggestion(plan: Plan) -> list[str]:
 
 
 def _call(fp: FormatPlan) -> str:
-    config = "None" if fp.slim_config is None else _config_repr(fp.slim_config)
+    config = "SlimConfig(weights=None)" if fp.slim_config is None else _config_repr(fp.slim_config)  # None: a float model needs a config
     kwargs = "".join(f", {k}={v!r}" for k, v in fp.load_kwargs.items())
     return f"llmslim.from_pretrained(MODEL, {config}{kwargs})"
 

@@ -94,6 +94,87 @@ class ModelShape:
         return 2 * self.n_kv_heads * self.head_dim
 
 
+# Sane upper bounds of the config.json fields the planner reads (a real model is far below each): a
+# bound keeps a typo such as `num_hidden_layers: 1000000` from planning (and listing) a million blocks.
+MAX_LAYERS = 4096
+MAX_WIDTH = 2**20  # hidden, intermediate, head_dim, embedding projection
+MAX_HEADS = 2**16  # attention and KV heads, experts
+MAX_VOCAB = 2**24
+MAX_POSITIONS = 2**30
+_INT_FIELDS: dict[str, tuple[int, int]] = {  # field -> (lowest, highest) allowed
+    **dict.fromkeys(("num_hidden_layers", "n_layer"), (1, MAX_LAYERS)),
+    **dict.fromkeys(
+        (
+            "hidden_size",
+            "n_embd",
+            "n_embed",
+            "intermediate_size",
+            "ffn_dim",
+            "n_inner",
+            "ffn_hidden_size",
+            "head_dim",
+            "word_embed_proj_dim",
+        ),
+        (1, MAX_WIDTH),
+    ),
+    **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads", "num_kv_heads"), (1, MAX_HEADS)),
+    **dict.fromkeys(("num_local_experts", "num_experts_per_tok"), (0, MAX_HEADS)),
+    "vocab_size": (1, MAX_VOCAB),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "seq_length", "sliding_window"), (1, MAX_POSITIONS)),
+    "num_ln_in_parallel_attn": (1, 2),
+}
+_BOOL_FIELDS = (
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "enable_bias", "layer_norm_elementwise_affine", "do_layer_norm_before",
+    "_remove_final_layer_norm", "new_decoder_architecture", "multi_query", "bias", "parallel_attn", "alibi", "use_sliding_window",
+)  # fmt: skip
+
+
+def check_config(config: Any) -> None:
+    """Validate the config.json fields the planner reads: types, ranges and sane upper bounds.
+
+    A field set to null counts as absent, as in transformers.
+
+    Raises:
+        ValueError: naming the field, its value and what it must be.
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"config.json must hold a JSON object of a model's fields, got {type(config).__name__}: {config!r:.200}")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise ValueError(f"config.json field 'model_type' must name an architecture such as 'llama', got {model_type!r:.200}")
+    for key, (low, high) in _INT_FIELDS.items():
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high):
+            raise ValueError(
+                f"config.json field {key!r} must be an integer from {low} to {high}, got {value!r:.200}: fix it in config.json"
+            )
+    for key in _BOOL_FIELDS:
+        value = config.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"config.json field {key!r} must be true or false, got {value!r:.200}: fix it in config.json")
+    factor = config.get("partial_rotary_factor")
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1):
+        raise ValueError(
+            f"config.json field 'partial_rotary_factor' must be a number in (0, 1], got {factor!r:.200}: fix it in config.json"
+        )
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ValueError(
+                f"config.json field {key!r} must be a dtype name such as 'bfloat16', got {value!r:.200}: fix it in config.json"
+            )
+
+
+def _head_dim(config: dict, hidden: int, heads: int) -> int:
+    """The config's `head_dim`, else hidden / heads (which must then be at least 1)."""
+    head_dim = config.get("head_dim") or hidden // heads
+    if head_dim < 1:
+        raise ValueError(
+            f"config.json has more attention heads ({heads}) than hidden units ({hidden}): fix num_attention_heads or hidden_size"
+        )
+    return head_dim
+
+
 def _get(config: dict, *keys: str, default: Any = None) -> Any:
     for key in keys:
         if config.get(key) is not None:
@@ -109,7 +190,7 @@ def _dtype(config: dict) -> str | None:
 
 def _rotary(prefix: str, head_dim: int, config: dict) -> list[TensorSpec]:
     """transformers' rotary embedding keeps `inv_freq` and `original_inv_freq` (float32 buffers)."""
-    partial = config.get("partial_rotary_factor", 1.0)
+    partial = config.get("partial_rotary_factor") or 1.0
     half = int(head_dim * partial) // 2
     return [
         TensorSpec(f"{prefix}.rotary_emb.inv_freq", half, "float32"),
@@ -126,7 +207,7 @@ def _llama_like(config: dict, name: str) -> ModelShape:
     hidden, layers = _get(config, "hidden_size"), _get(config, "num_hidden_layers")
     heads = _get(config, "num_attention_heads")
     kv_heads = _get(config, "num_key_value_heads", default=heads)
-    head_dim = config.get("head_dim") or hidden // heads
+    head_dim = _head_dim(config, hidden, heads)
     inter, vocab = _get(config, "intermediate_size"), _get(config, "vocab_size")
     qkv_bias = config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False))
     experts = int(config.get("num_local_experts") or 0)
@@ -187,7 +268,7 @@ def _gpt2(config: dict, name: str) -> ModelShape:
     outer = [TensorSpec("transformer.wte.weight", vocab * hidden), TensorSpec("transformer.wpe.weight", positions * hidden)]
     outer += [TensorSpec(f"transformer.ln_f.{w}", hidden) for w in ("weight", "bias")]
     return ModelShape(
-        name, "gpt2", layers, hidden, heads, heads, hidden // heads, inter, vocab, block_linears, block_tensors,
+        name, "gpt2", layers, hidden, heads, heads, _head_dim({}, hidden, heads), inter, vocab, block_linears, block_tensors,
         _lm_head(hidden, vocab, tied), outer, tied_embeddings=tied, dtype=_dtype(config), max_context=positions,
     )  # fmt: skip
 
@@ -222,7 +303,7 @@ def _opt(config: dict, name: str) -> ModelShape:
     if config.get("do_layer_norm_before", True) and not config.get("_remove_final_layer_norm", False):
         outer += [TensorSpec(f"model.decoder.final_layer_norm.{w}", hidden) for w in ln_params]
     return ModelShape(
-        name, "opt", layers, hidden, heads, heads, hidden // heads, inter, vocab, block_linears, block_tensors,
+        name, "opt", layers, hidden, heads, heads, _head_dim({}, hidden, heads), inter, vocab, block_linears, block_tensors,
         outer_linears + _lm_head(embed_dim, vocab, tied), outer, tied_embeddings=tied, dtype=_dtype(config), max_context=positions,
     )  # fmt: skip
 
@@ -247,7 +328,7 @@ def _bloom(config: dict, name: str) -> ModelShape:
     outer = [TensorSpec("transformer.word_embeddings.weight", vocab * hidden)]
     outer += [TensorSpec(f"transformer.{ln}.{w}", hidden) for ln in ("word_embeddings_layernorm", "ln_f") for w in ("weight", "bias")]
     return ModelShape(
-        name, "bloom", layers, hidden, heads, heads, hidden // heads, 4 * hidden, vocab, block_linears, block_tensors,
+        name, "bloom", layers, hidden, heads, heads, _head_dim({}, hidden, heads), 4 * hidden, vocab, block_linears, block_tensors,
         _lm_head(hidden, vocab, tied), outer, tied_embeddings=tied, dtype=_dtype(config), max_context=config.get("seq_length"),
     )  # fmt: skip
 
@@ -256,7 +337,7 @@ def _falcon(config: dict, name: str) -> ModelShape:
     """Falcon (new decoder architecture: grouped KV heads, two LayerNorms, parallel attention and MLP)."""
     hidden, layers = _get(config, "hidden_size"), _get(config, "num_hidden_layers")
     heads, vocab = _get(config, "num_attention_heads"), _get(config, "vocab_size")
-    head_dim = hidden // heads
+    head_dim = _head_dim({}, hidden, heads)
     new_arch = bool(config.get("new_decoder_architecture", False))
     kv_heads = config.get("num_kv_heads") or heads if new_arch else (1 if config.get("multi_query", True) else heads)
     inter, bias = config.get("ffn_hidden_size") or 4 * hidden, bool(config.get("bias", False))
@@ -303,11 +384,13 @@ def model_shape(config: dict, name: str | None = None) -> ModelShape:
     """The tensors of the causal LM `config` (a parsed config.json) describes.
 
     Raises:
-        ValueError: the config has no `model_type`, or a field its family needs is missing.
+        ValueError: the config has no `model_type`, a field its family needs is missing, or a field
+            has a wrong type or is out of range (`check_config`).
     """
-    model_type = config.get("model_type")
-    if not model_type:
+    if isinstance(config, dict) and not config.get("model_type"):
         raise ValueError("config.json has no model_type: give the config.json of a Hugging Face causal LM")
+    check_config(config)
+    model_type = config["model_type"]
     name = name or model_type
     if model_type in FAMILIES:
         return FAMILIES[model_type](config, name)
@@ -330,8 +413,15 @@ def _meta_model(config: dict):
         hf_config = AutoConfig.for_model(config["model_type"], **fields)
     except ValueError as err:
         raise ValueError(f"model_type {config['model_type']!r} is unknown to llmslim's planner and to transformers: {err}") from err
-    with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(hf_config)
+    except Exception as err:  # transformers' own checks of the fields raise many types
+        raise ValueError(f"transformers rejects this {config['model_type']!r} config.json: {type(err).__name__}: {err}") from err
+    try:
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(hf_config)
+    except Exception as err:
+        raise ValueError(
+            f"transformers cannot build a {config['model_type']!r} model from this config.json: {type(err).__name__}: {err}"
+        ) from err
 
 
 def shape_of_model(model, name: str) -> ModelShape:

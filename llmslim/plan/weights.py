@@ -101,22 +101,30 @@ def _linear_tensors(config_json: str, in_features: int, out_features: int, bias:
     return tuple((name, t.numel() * t.element_size()) for name, t in module.state_dict().items())
 
 
-def linear_tensors(lin: LinearSpec, config: SlimConfig | None, dtype: str) -> tuple[tuple[str, int], ...]:
-    """(tensor name, bytes) of one linear layer as llmslim stores it under `config` (float if not selected)."""
-    size = dtype_bytes(dtype)
-    if config is None or config.weights is None or not config.selects(lin.name):
+def linear_tensors(
+    lin: LinearSpec, config: SlimConfig | None, dtype: str, selected: bool | None = None, key: str | None = None
+) -> tuple[tuple[str, int], ...]:
+    """(tensor name, bytes) of one linear layer as llmslim stores it under `config` (float if not selected).
+
+    `selected` (whether `config` selects the layer) and `key` (`config` as JSON) save recomputing them per layer.
+    """
+    if selected is None:
+        selected = config is not None and config.weights is not None and config.selects(lin.name)
+    if not selected:
+        size = dtype_bytes(dtype)
         float_tensors = (("weight", lin.in_features * lin.out_features * size),)
         return float_tensors + ((("bias", lin.out_features * size),) if lin.bias else ())
-    key = json.dumps(config.to_dict(), sort_keys=True)
+    key = key or json.dumps(config.to_dict(), sort_keys=True)
     return _linear_tensors(key, lin.in_features, lin.out_features, lin.bias, dtype)
 
 
 def iter_tensor_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) -> Iterator[tuple[str, str, int]]:
     """(full tensor name, role, bytes) of every tensor; role is codes, scales, kept or buffers."""
     quantized = config is not None and config.weights is not None
+    key = json.dumps(config.to_dict(), sort_keys=True) if quantized else None
     for lin in shape.linears:
         selected = quantized and config.selects(lin.name)
-        for name, nbytes in linear_tensors(lin, config, dtype):
+        for name, nbytes in linear_tensors(lin, config, dtype, selected, key):
             role = "kept" if name == "bias" or not selected else ("codes" if name == "weight" else "scales")
             yield f"{lin.name}.{name}", role, nbytes
     embedding = _word_embedding(shape) if config is not None and config.embedding_rank is not None else None
@@ -126,7 +134,18 @@ def iter_tensor_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) 
             yield f"{prefix}.table.weight", "kept", shape.vocab * rank * dtype_bytes(dtype)
             yield f"{prefix}.proj", "kept", rank * shape.hidden * dtype_bytes(dtype)
             continue
-        yield t.name, "kept" if t.dtype is None else "buffers", t.numel * dtype_bytes(t.dtype or dtype)
+        yield (
+            t.name,
+            "kept" if t.dtype is None else "buffers",
+            t.numel * (dtype_bytes(dtype) if t.dtype is None else _buffer_bytes(t.dtype)),
+        )
+
+
+def _buffer_bytes(dtype: str) -> int:
+    """Bytes per element of a buffer's dtype (integer buffers such as BERT's `position_ids` included)."""
+    if dtype in DTYPE_BYTES:
+        return DTYPE_BYTES[dtype]
+    return getattr(torch, dtype).itemsize
 
 
 def _word_embedding(shape: ModelShape):

@@ -18,6 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
 from llmslim.quant import formats, kernels
+from llmslim.quant.modules import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ def int8_bytes(out_features: int, in_features: int) -> int:
 @torch.no_grad()
 def layer_cost(name: str, weight: torch.Tensor, config: SlimConfig) -> LayerCost:
     """Measure one (out, in) float weight's int4 error at the config's group size and refinement."""
+    check_finite(weight, f"layer {name!r}", config.allow_nonfinite)
     w = weight.float()
     q = kernels.quantize_int4(w, config.block_size, config.refine)
     error = (formats.dequantize_int4(q, torch.float32) - w).norm() / w.norm().clamp(min=1e-30)

@@ -36,18 +36,22 @@ class SlimLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.compute_dtype = config.torch_compute_dtype or dtype
+        self.allow_nonfinite = config.allow_nonfinite
+        self.module_name = ""  # set by `from_linear`; names the layer in errors
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
         self._register_quantized(config, device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, config: SlimConfig) -> SlimLinear:
-        """An empty quantized layer with the shape, bias and device of `linear` (nn.Linear or Conv1D)."""
+    def from_linear(cls, linear: nn.Module, config: SlimConfig, name: str = "") -> SlimLinear:
+        """An empty quantized layer with the shape, bias and device of `linear` (nn.Linear or Conv1D);
+        `name` (its module name in the model) is used in error messages."""
         if isinstance(linear, Conv1D):
             in_features, out_features = linear.weight.shape
         else:
             in_features, out_features = linear.in_features, linear.out_features
         module = cls(in_features, out_features, linear.bias is not None, config, linear.weight.dtype, linear.weight.device)
         module.source_transposed = isinstance(linear, Conv1D)
+        module.module_name = name
         module.train(linear.training)  # in-place quantization keeps an eval model in eval mode (its CPU layout depends on it)
         return module
 
@@ -72,6 +76,9 @@ class SlimLinear(nn.Module):
             raise ValueError(
                 f"a weight of shape {tuple(weight.shape)} does not fit a layer of shape {(self.out_features, self.in_features)}"
             )
+        name = getattr(self, "module_name", "")
+        where = f"layer {name!r}" if name else f"a layer of shape {(self.out_features, self.in_features)}"
+        check_finite(weight, where, getattr(self, "allow_nonfinite", False))
         return self._quantize(weight)
 
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -110,6 +117,31 @@ class SlimLinear(nn.Module):
 
     def _add_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def check_finite(weight: torch.Tensor, where: str, allow: bool = False) -> None:
+    """Refuse a float weight holding NaN or Inf (with `allow`, log a warning instead); `where` names its layer.
+
+    Quantization would hide them: NaN is dropped by the absmax of some formats and kept by others,
+    and one Inf turns its whole block (with double quantization, the whole weight) into NaN. One
+    read of the weight, no copy: min and max propagate NaN, and a non-finite element makes one of
+    them non-finite.
+    """
+    if weight.numel() == 0:
+        return
+    lo, hi = torch.aminmax(weight.detach())
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    n_nan, n_inf = int(torch.isnan(weight).sum()), int(torch.isinf(weight).sum())
+    message = f"{where}: its float weight holds {n_nan} NaN and {n_inf} infinite value(s) of {weight.numel()}"
+    if allow:
+        logger.warning("%s; quantizing it anyway (allow_nonfinite=True): its layer computes NaN or garbage", message)
+        return
+    raise ValueError(
+        f"{message}, which quantization would not preserve (their blocks become NaN, or lose them silently): the weights are "
+        "corrupt (a damaged checkpoint or a diverged run); repair or re-download them, exclude the layer, or pass "
+        "SlimConfig(allow_nonfinite=True)"
+    )
 
 
 class _FrozenWeightMatmul(torch.autograd.Function):
@@ -308,7 +340,7 @@ def replace_linear_modules(model: nn.Module, config: SlimConfig, keep: set[str] 
         return []
     replaced = []
     for name, module in quantization_targets(model, config, keep):
-        model.set_submodule(name, FORMAT_MODULES[config.format_for(name)].from_linear(module, config))
+        model.set_submodule(name, FORMAT_MODULES[config.format_for(name)].from_linear(module, config, name))
         replaced.append(name)
     if not replaced:
         logger.warning("no linear layer matched include=%s exclude=%s: nothing was quantized", config.include, config.exclude)

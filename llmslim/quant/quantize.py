@@ -14,6 +14,10 @@ from llmslim.quant.modules import FORMAT_MODULES, quantization_targets
 def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
     """Replace the layers `config` selects by quantized ones, in place (torchao-style).
 
+    Any `nn.Module` works: its Linear / Conv1D layers are selected by name; a transformers model
+    also gets its tied-head handling. Float weights holding NaN or Inf raise a ValueError naming
+    the layer (see `SlimConfig.allow_nonfinite`).
+
     Prefer `llmslim.from_pretrained` for large models: it never holds the float weights; this
     is for a model that is already in memory.
 
@@ -22,13 +26,14 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
     """
     if config.weights is None:
         return []
-    hf.untie_int8_head(model, config)  # an int8 head named in int8_layers gets its own weight
+    if hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings"):  # a transformers model
+        hf.untie_int8_head(model, config)  # an int8 head named in int8_layers gets its own weight
     selected = quantization_targets(model, config, keep=hf.tied_module_names(model))
     if config.needs_mixed_choice:
         config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
     replaced = []
     for name, module in selected:
-        layer = FORMAT_MODULES[config.format_for(name)].from_linear(module, config)
+        layer = FORMAT_MODULES[config.format_for(name)].from_linear(module, config, name)
         layer.set_float_weight(module.weight.data)
         if module.bias is not None:
             layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
