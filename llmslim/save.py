@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llmslim.procs import process_running
 from llmslim.quant import kernels
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantizable, quantized_layers
 
@@ -332,19 +333,7 @@ def _matching(folder: Path, pattern: re.Pattern) -> Iterator[tuple[Path, re.Matc
 
 
 def _is_stale(match: re.Match) -> bool:
-    return match["host"] == socket.gethostname() and not _process_running(int(match["pid"]))
-
-
-def _process_running(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no cheap liveness check: keep the leftovers
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    return match["host"] == socket.gethostname() and not process_running(int(match["pid"]))
 
 
 def _mtime(path: Path) -> int:

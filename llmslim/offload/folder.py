@@ -19,6 +19,8 @@ import uuid
 import weakref
 from pathlib import Path
 
+from llmslim.procs import process_running
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "llmslim-offload-"
@@ -53,21 +55,9 @@ def remove_stale(folder: Path) -> None:
     host = socket.gethostname()
     for path in folder.glob(f"{PREFIX}*"):
         match = _NAME.match(path.name)
-        if match and match["host"] == host and not _running(int(match["pid"])):
+        if match and match["host"] == host and not process_running(int(match["pid"])):
             logger.info("removing %s, left by process %s which no longer runs", path, match["pid"])
             _remove_path(path)
-
-
-def _running(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # no cheap liveness check (os.kill(pid, 0) would signal it on Windows): keep the files
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def _remove(folder: Path, stem: str, owner: int) -> None:
