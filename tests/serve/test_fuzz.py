@@ -12,7 +12,7 @@ import math
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -34,7 +34,11 @@ COMMON_FIELDS = [
 CHAT_FIELDS = [*COMMON_FIELDS, "messages", "max_completion_tokens"]
 COMPLETION_FIELDS = [*COMMON_FIELDS, "prompt", "echo"]
 
-text = st.text(st.characters() | st.sampled_from(["\ud800", "\udfff", "\x00", "\ufffd", "\u2028"]), max_size=12)  # surrogates too
+SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
+# not st.text: it never generates surrogates, and a lone surrogate is exactly what used to give a 500
+text = st.lists(st.characters() | st.sampled_from([*SURROGATES, "\x00", "\ufffd", "\u2028"]), max_size=12).map("".join)
+SEED_EDGES = [2**64, 2**64 - 1, 2**65, -(2**63), -(2**63) - 1, 2**63]  # 2**64 used to kill the engine thread
+TINY_FLOATS = [1e-45, 5e-324, 1e-300, 1e-5]  # temperature 1e-45 used to divide the logits into inf
 numbers = (
     st.integers()
     | st.integers(min_value=-(2**70), max_value=2**70)
@@ -57,10 +61,10 @@ NEARLY_RIGHT = {  # values of the right type, in and out of range: more requests
     "model": st.just(MODEL_ID) | text,
     "max_tokens": st.integers(-2, 2**70),
     "max_completion_tokens": st.integers(-2, 2**70),
-    "temperature": st.floats(-1, 3) | st.sampled_from([0, 1e-45, 1e-5, 2]),
+    "temperature": st.floats(-1, 3) | st.sampled_from([0, 2, *TINY_FLOATS]),
     "top_p": st.floats(-0.5, 1.5) | st.sampled_from([0, 1e-300, 1]),
     "n": st.integers(0, 3),
-    "seed": st.integers(-(2**65), 2**65),
+    "seed": st.integers(-(2**65), 2**65) | st.sampled_from(SEED_EDGES),
     "stop": text | st.lists(text, max_size=5),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
@@ -73,6 +77,22 @@ NEARLY_RIGHT = {  # values of the right type, in and out of range: more requests
 }
 
 
+KILLERS = [{"seed": 2**64, "temperature": 1.0}, {"temperature": 1e-45}, {"stop": ["\udc00"]}]  # each once broke the server
+CHAT_KILLERS = [CHAT | k for k in KILLERS] + [CHAT | {"messages": [{"role": "user", "content": "hi \ud800"}]}]
+COMPLETION_KILLERS = [COMPLETION | k for k in KILLERS] + [COMPLETION | {"prompt": "\ud800"}, COMPLETION | {"prompt": ["\udfff"]}]
+
+
+def with_examples(bodies: list[dict]):
+    """Always try `bodies` (the requests that once broke the server) before the generated ones."""
+
+    def decorate(test):
+        for body in reversed(bodies):
+            test = example(data=body)(test)
+        return test
+
+    return decorate
+
+
 def requests(base: dict, fields: list[str]) -> st.SearchStrategy:
     """`base` with up to three fields set to a nearly right value or to arbitrary JSON."""
     change = st.sampled_from(fields).flatmap(lambda f: st.tuples(st.just(f), NEARLY_RIGHT.get(f, st.nothing()) | json_values))
@@ -82,30 +102,34 @@ def requests(base: dict, fields: list[str]) -> st.SearchStrategy:
 # ----------------------------------------------------------------------------- the request models
 
 
-def check_model(request_type, data: dict, max_tokens_of) -> None:
+def check_model(request_type, data: dict, max_tokens_of, text_of) -> None:
     """Validation either rejects `data` or yields sampling parameters the engine can use; nothing else is raised."""
     try:
         request = request_type.model_validate(data)
         params = request.sampling(max_tokens_of(request) or 16)
+        text = text_of(request)
     except (ValidationError, APIError) as err:
         assert not isinstance(err, APIError) or 400 <= err.status < 500
         return
     assert params.seed is None or SEED_RANGE[0] <= params.seed <= SEED_RANGE[1]
     assert math.isfinite(params.temperature) and math.isfinite(params.top_p)
     params.generator()  # a 2**64 seed used to raise here, in the engine thread
-    json.dumps(request.model_dump(), ensure_ascii=False).encode()  # every accepted string is valid Unicode
+    # what reaches the tokenizer is valid Unicode (extra fields such as `user` are ignored, so they may hold anything)
+    json.dumps([request.model, params.stop, text], ensure_ascii=False).encode()
 
 
 @FUZZ
+@with_examples(CHAT_KILLERS)
 @given(requests(CHAT, CHAT_FIELDS))
 def test_chat_request_model_accepts_or_rejects_cleanly(data):
-    check_model(ChatCompletionRequest, data, lambda r: r.requested_max_tokens)
+    check_model(ChatCompletionRequest, data, lambda r: r.requested_max_tokens, lambda r: [m.for_template() for m in r.messages])
 
 
 @FUZZ
+@with_examples(COMPLETION_KILLERS)
 @given(requests(COMPLETION, COMPLETION_FIELDS))
 def test_completion_request_model_accepts_or_rejects_cleanly(data):
-    check_model(CompletionRequest, data, lambda r: r.max_tokens)
+    check_model(CompletionRequest, data, lambda r: r.max_tokens, lambda r: r.prompt_text_or_ids())
 
 
 # ----------------------------------------------------------------------------- the HTTP routes
@@ -132,12 +156,14 @@ def check_http(server, path: str, body) -> None:
 
 
 @FUZZ
+@with_examples(CHAT_KILLERS)
 @given(requests(CHAT, CHAT_FIELDS))
 def test_any_chat_request_is_200_or_a_4xx(server, data):
     check_http(server, "/v1/chat/completions", data)
 
 
 @FUZZ
+@with_examples(COMPLETION_KILLERS)
 @given(requests(COMPLETION, COMPLETION_FIELDS))
 def test_any_completion_request_is_200_or_a_4xx(server, data):
     check_http(server, "/v1/completions", data)
