@@ -9,7 +9,7 @@ import sys
 
 from llmslim.data import WIKITEXT2_TEST as DEFAULT_TEXT  # shipped with the package
 
-WEIGHT_CHOICES = ("none", "int8", "nf4", "fp4")
+WEIGHT_CHOICES = ("none", "int8", "nf4", "fp4", "int4")
 
 
 def _add_model_options(p: argparse.ArgumentParser, default_weights: str | None = None) -> None:

@@ -59,6 +59,15 @@ def test_quantize_then_eval_the_saved_model(tiny_with_tokenizer, tmp_path, text_
     assert lines[-1] == f"perplexity: {result['perplexity']:.2f}"
 
 
+@pytest.mark.parametrize("weights", ["int8", "nf4", "fp4", "int4"])
+def test_every_library_format_is_a_cli_choice(tiny_with_tokenizer, tmp_path, text_file, weights, capsys):
+    out = tmp_path / weights
+    assert main(["quantize", str(tiny_with_tokenizer), str(out), "--weights", weights]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["weights"] == weights
+    assert main(["eval", str(out), "--text", str(text_file), "--tokens", "100"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("perplexity: ")
+
+
 def test_quantize_bnb_format(tiny_with_tokenizer, tmp_path):
     out = tmp_path / "bnb"
     assert main(["quantize", str(tiny_with_tokenizer), str(out), "--weights", "int8", "--format", "bnb"]) == 0

@@ -51,6 +51,9 @@ def test_int8_within_0_3_percent_of_bf16(smollm2, tokens, bf16_ppl):
 
 
 def test_nf4_agrees_with_transformers_bitsandbytes(smollm2, tokens):
+    # the first 4096 tokens: bitsandbytes' CPU path dequantizes in torch code on a CPU without
+    # AVX-512 BF16, where 20,000 tokens took minutes; the agreement is the same on fewer windows
+    tokens = tokens[:4096]
     ours = perplexity(llmslim.from_pretrained(smollm2, SlimConfig(weights="nf4"), progress=False), tokens, progress=False)
     bnb_config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16

@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h = p.add_argument_group("healing")
     h.add_argument("--heal-steps", type=int, default=0, help="distillation steps from the original model (default 0: no healing)")
     h.add_argument("--train-all", action="store_true", help="train every parameter, not only the compressed parts")
-    h.add_argument("--teacher-weights", choices=("none", "int8", "nf4", "fp4"), default="none", help="quantize the teacher")
+    h.add_argument("--teacher-weights", choices=("none", "int8", "nf4", "fp4", "int4"), default="none", help="quantize the teacher")
     h.add_argument("--alpha-kd", type=float, default=5.0, help="soft-target KL weight (default 5.0)")
     h.add_argument("--alpha-lm", type=float, default=2.0, help="language-modelling loss weight (default 2.0)")
     h.add_argument("--alpha-cos", type=float, default=1.0, help="hidden-state cosine loss weight (default 1.0)")
