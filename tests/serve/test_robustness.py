@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -15,6 +14,8 @@ import pytest
 
 from llmslim.serve import EngineConfig, SamplingParams
 from llmslim.serve import engine as engine_module
+
+from ._helpers import scrape_metrics, wait_until
 
 MODEL_ID = "tiny-llama"
 API_KEY = "test-key"
@@ -49,17 +50,7 @@ def assert_serving(server) -> None:
 
 
 def scrape(server) -> dict[str, float]:
-    text = httpx.get(f"{server.url}/metrics", headers=HEADERS, timeout=TIMEOUT_S).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
-
-
-def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return scrape_metrics(server.url, HEADERS, timeout=TIMEOUT_S)
 
 
 @contextmanager

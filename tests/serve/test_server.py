@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -10,6 +9,8 @@ import openai
 import pytest
 
 from llmslim.serve import EngineConfig
+
+from ._helpers import scrape_metrics, wait_until
 
 MODEL_ID = "tiny-llama"
 API_KEY = "test-key"
@@ -36,18 +37,7 @@ def chat_messages(text: str) -> list[dict]:
 
 
 def scrape(server) -> dict[str, float]:
-    """The server's /metrics as {sample name with labels: value}."""
-    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
-
-
-def wait_until(condition, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return scrape_metrics(server.url, {"Authorization": f"Bearer {API_KEY}"})
 
 
 @pytest.fixture(scope="module")

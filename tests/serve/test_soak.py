@@ -19,6 +19,8 @@ import pytest
 
 from llmslim.serve.server import free_port
 
+from ._helpers import scrape_metrics
+
 pytestmark = pytest.mark.slow
 
 MODEL_ID = "tiny-chat"
@@ -125,8 +127,7 @@ EXPECTED = {  # 429 is allowed wherever the queue could be full
 
 
 def scrape(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    return scrape_metrics(url, {}, timeout=10)
 
 
 def test_mixed_load_leaves_a_healthy_server_that_stops_on_sigterm(served):
