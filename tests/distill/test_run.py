@@ -127,7 +127,7 @@ def test_existing_output_needs_overwrite(teacher, text, tmp_path):
     [
         ({"alpha_kd": 0, "alpha_lm": 0, "alpha_cos": 0}, "all 0"),
         ({"temperature": 0}, "temperature must be > 0, got 0"),
-        ({"teacher_weights": "int3"}, r"teacher_weights must be one of \['none', 'int8', 'nf4', 'fp4'\], got 'int3'"),
+        ({"teacher_weights": "int3"}, r"teacher_weights must be one of \['none', 'int8', 'nf4', 'fp4', 'int4'\], got 'int3'"),
         ({"student_layers": 2, "student_layer_map": [0]}, "give one of student_layers, student_layer_map and student"),
     ],
 )
