@@ -144,7 +144,7 @@ def lm_heal(args: argparse.Namespace, path: Path, tokens: torch.Tensor, work: Pa
     """Heal the untied weighted factorized SmolLM2 (in float, or with nf4 layers); its scores before and after."""
     import llmslim
     from llmslim import SlimConfig
-    from llmslim.compress.heal import HealConfig, compress_model
+    from llmslim.distill.heal import HealConfig, compress_model
     from llmslim.train import TrainConfig
 
     steps = args.heal_nf4_steps if nf4 else args.heal_steps
@@ -289,7 +289,7 @@ def encoder(args: argparse.Namespace, text: str) -> dict:
 def encoder_heal(args: argparse.Namespace, folder: Path, score) -> dict:
     import llmslim
     from llmslim import SlimConfig
-    from llmslim.compress.heal import HealConfig, compress_model
+    from llmslim.distill.heal import HealConfig, compress_model
     from llmslim.train import TrainConfig
 
     steps, rank = args.encoder_heal_steps, args.encoder_heal_rank

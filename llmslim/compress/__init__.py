@@ -6,12 +6,13 @@
 - `sharing.py`: groups of blocks sharing one set of weights.
 - `apply.py`: `compress_(model, config)` for a model in memory.
 - `load.py`: the same at load time (both doors of `SlimConfig`), streaming.
-- `heal.py`: `compress_model()`, healing by distillation from the original; `cli.py`: `llmslim compress`.
+- `cli.py`: `llmslim compress`. Healing (`compress_model()`, which trains) is an application and
+  lives in `llmslim.distill.heal`.
 """
 
 from __future__ import annotations
 
-__all__ = ["FactorizedEmbedding", "FactorizedHead", "compress_", "compress_model", "factorize"]
+__all__ = ["FactorizedEmbedding", "FactorizedHead", "compress_", "factorize"]
 
 
 def __getattr__(name: str):
@@ -23,10 +24,6 @@ def __getattr__(name: str):
         from llmslim.compress.apply import compress_
 
         return compress_
-    if name == "compress_model":
-        from llmslim.compress.heal import compress_model
-
-        return compress_model
     if name == "factorize":
         from llmslim.compress.svd import factorize
 

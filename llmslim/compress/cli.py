@@ -76,8 +76,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """Run the compression the parsed flags describe; print what was saved and the perplexities."""
-    from llmslim.compress.heal import HealConfig, compress_model
     from llmslim.config import SlimConfig
+    from llmslim.distill.heal import HealConfig, compress_model
     from llmslim.save import check_output
     from llmslim.train.checkpoint import check_run_dir
 

@@ -146,7 +146,7 @@ def test_encoder_compresses_at_load_and_reloads(bert_path, tmp_path):
 def test_encoder_heals_on_hidden_state_cosine(bert_path, tmp_path):
     from train.tiny import train_config
 
-    from llmslim.compress.heal import HealConfig, compress_model
+    from llmslim.distill.heal import HealConfig, compress_model
 
     text = write_text(tmp_path)
     config = HealConfig(
@@ -168,7 +168,7 @@ def test_encoder_heals_on_hidden_state_cosine(bert_path, tmp_path):
 def test_heal_quantized_trains_through_the_quantized_layers(tied_path, tmp_path):
     from train.tiny import train_config
 
-    from llmslim.compress.heal import HealConfig, compress_model
+    from llmslim.distill.heal import HealConfig, compress_model
     from llmslim.quant.modules import SlimLinear
 
     text = write_text(tmp_path)

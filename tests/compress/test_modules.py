@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from llmslim import SlimConfig
 from llmslim.compress import FactorizedEmbedding, FactorizedHead, compress_
-from llmslim.compress.heal import mark_trainable_
+from llmslim.distill.heal import mark_trainable_
 from llmslim.stats import model_nbytes
 
 

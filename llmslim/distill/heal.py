@@ -1,4 +1,4 @@
-"""`compress_model()`: compress a pretrained model, heal it by distillation from the original, save it.
+"""`compress_model()`: compress a pretrained model (`llmslim.compress`), heal it by distillation from the original, save it.
 
 The student is the original model in float32, compressed in memory (`compress_`); the teacher is
 the original model (quantized if asked, causal LMs only). A causal LM heals on DistilBERT's triple
