@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING
 from _harness import RESULTS_DIR, publish, pyplot, save_figure, torch_info
 from _models import MINILM_WHEEL, minilm_folder, time_decode
 
+from llmslim.quant.registry import weight_choices
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--mixed-precision", default="auto", choices=("auto", "no", "bf16", "fp16"))
-    p.add_argument("--teacher-weights", default="none", choices=("none", "int8", "nf4", "fp4"), help="teacher used for (d)")
+    p.add_argument("--teacher-weights", default="none", choices=weight_choices(), help="teacher used for (d)")
     p.add_argument("--eval-every", type=int, default=0, help="curve points (default: steps / 5)")
     p.add_argument("--curve-tokens", type=int, default=4096, help="held-out tokens per curve point")
     p.add_argument("--eval-tokens", type=int, default=20_000, help="Shakespeare held-out tokens in the final table")

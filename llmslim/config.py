@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from llmslim.quant.registry import FORMATS, FOUR_BIT, LayerSpec
+
 QUANT_METHOD = "llmslim"
 CONFIG_VERSION = 1
 
-# Weight formats, by name -> bits per weight (before scales). New formats slot in here and in
-# `quant/modules.py`'s FORMAT_MODULES.
-WEIGHT_FORMATS: dict[str | None, int] = {None: 16, "int8": 8, "nf4": 4, "fp4": 4, "int4": 4}
+WEIGHT_FORMATS = (None, *FORMATS)  # None keeps the float weights; the formats are `quant.registry.FORMATS`
 COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_EXCLUDE = ("lm_head",)
@@ -139,7 +139,7 @@ class SlimConfig(QuantizationConfigMixin):
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
-        _check_choice("weights", self.weights, tuple(WEIGHT_FORMATS))
+        _check_choice("weights", self.weights, WEIGHT_FORMATS)
         if isinstance(self.compute_dtype, torch.dtype):
             self.compute_dtype = str(self.compute_dtype).removeprefix("torch.")
         _check_choice("compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
@@ -186,9 +186,9 @@ class SlimConfig(QuantizationConfigMixin):
                 raise ValueError(f"bits_per_param must be above 4 (int4) and at most 9 (all int8), got {self.bits_per_param!r}")
             self.bits_per_param = float(self.bits_per_param)
         if self.int8_layers is not None:
-            if self.weights not in ("int4", "nf4", "fp4"):
+            if self.weights not in FOUR_BIT:
                 raise ValueError(
-                    f"int8_layers keeps some layers of a 4-bit model in int8 (weights int4, nf4 or fp4), got weights={self.weights!r}"
+                    f"int8_layers keeps some layers of a 4-bit model in int8 (weights in {list(FOUR_BIT)}), got weights={self.weights!r}"
                 )
             if not isinstance(self.int8_layers, (list, tuple)) or not all(isinstance(n, str) and n for n in self.int8_layers):
                 raise ValueError(
@@ -217,7 +217,7 @@ class SlimConfig(QuantizationConfigMixin):
             if not isinstance(self.embedding_corpus, (str, os.PathLike)) or not str(self.embedding_corpus):
                 raise ValueError(f"embedding_corpus must be the path of a UTF-8 text file, got {self.embedding_corpus!r}")
             self.embedding_corpus = str(self.embedding_corpus)
-        _check_choice("embedding_weights", self.embedding_weights, tuple(WEIGHT_FORMATS))
+        _check_choice("embedding_weights", self.embedding_weights, WEIGHT_FORMATS)
         if not isinstance(self.untie_embeddings, bool):
             raise ValueError(f"untie_embeddings must be True or False, got {self.untie_embeddings!r}")
         asked = [n for n in ("embedding_corpus", "embedding_weights") if getattr(self, n) is not None] + (
@@ -269,10 +269,24 @@ class SlimConfig(QuantizationConfigMixin):
             return "int8"
         return self.weights
 
+    def layer_spec(self, module_name: str = "", weights: str | None = None) -> LayerSpec:
+        """What the quantized layer called `module_name` needs of this config (its format per
+        `format_for`, or `weights` when given; used for layers outside the selection too, such
+        as a factorized embedding's table)."""
+        return LayerSpec(
+            fmt=weights or self.format_for(module_name),
+            block_size=self.block_size,
+            double_quant=bool(self.double_quant),
+            int8_threshold=self.int8_threshold,
+            refine=self.refine,
+            compute_dtype=self.torch_compute_dtype,
+            allow_nonfinite=self.allow_nonfinite,
+        )
+
     @property
     def is_4bit(self) -> bool:
         """NF4/FP4: the bitsandbytes 4-bit formats (absmax blocks, double quantization)."""
-        return self.weights in ("nf4", "fp4")
+        return self.weights is not None and FORMATS[self.weights].blockwise_absmax
 
     @property
     def torch_compute_dtype(self) -> torch.dtype | None:

@@ -22,6 +22,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.quant.modules import SlimLinear, quantized_layers, replace_linear_modules
+from llmslim.quant.registry import FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,8 @@ class SlimHfQuantizer(HfQuantizer):
 
     @property
     def quantized_element_size(self) -> float | None:
-        return {"int8": 1.0, "nf4": 0.5, "fp4": 0.5}.get(self.quantization_config.weights)
+        weights = self.quantization_config.weights
+        return None if weights is None else FORMATS[weights].element_size
 
     def update_device_map(self, device_map: dict[str, Any] | None) -> dict[str, Any] | None:
         if device_map is None:

@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from llmslim.procs import process_running
 from llmslim.quant import kernels
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantizable, quantized_layers
+from llmslim.quant.registry import BNB_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -408,8 +409,12 @@ def bnb_quantization_config(model: torch.nn.Module) -> dict:
 def _save_bnb(model: torch.nn.Module, folder: Path) -> None:
     if not any(True for _ in quantized_layers(model)):
         raise ValueError("the model has no llmslim quantized layers: there is nothing to export in bitsandbytes format")
-    if model.config.quantization_config.weights not in ("int8", "nf4", "fp4"):
-        raise ValueError(f"bitsandbytes has no format {model.config.quantization_config.weights!r}")
+    weights = model.config.quantization_config.weights
+    if weights not in BNB_FORMATS:
+        raise ValueError(
+            f"bitsandbytes has no format {weights!r} (it stores {list(BNB_FORMATS)}): save in llmslim's layout (format='llmslim'), "
+            "or quantize with one of those formats"
+        )
     config = copy.deepcopy(model.config)
     config.quantization_config = bnb_quantization_config(model)
     config.save_pretrained(folder)

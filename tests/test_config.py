@@ -66,7 +66,7 @@ CHECKPOINTING = "checkpointing must be one of ['none', 'all', 'sqrt'] or a numbe
         ({"weights": "int4", "bits_per_param": "5"}, "bits_per_param must be a number of bits such as 5.0, got '5'"),
         (
             {"weights": "int8", "int8_layers": ["a"]},
-            "int8_layers keeps some layers of a 4-bit model in int8 (weights int4, nf4 or fp4), got weights='int8'",
+            "int8_layers keeps some layers of a 4-bit model in int8 (weights in ['nf4', 'fp4', 'int4']), got weights='int8'",
         ),
         (
             {"weights": "int4", "int8_layers": "a"},

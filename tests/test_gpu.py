@@ -59,7 +59,7 @@ def test_int8_outlier_decomposition_on_cuda():
     layer = torch.nn.Linear(128, 64).half()
     from llmslim.quant.modules import SlimLinear8bit
 
-    slim = SlimLinear8bit.from_linear(layer, SlimConfig(weights="int8"))
+    slim = SlimLinear8bit.from_linear(layer, SlimConfig(weights="int8").layer_spec())
     slim.set_float_weight(layer.weight.data)
     slim.bias = torch.nn.Parameter(layer.bias.data, requires_grad=False)
     slim, layer = slim.cuda(), layer.cuda()

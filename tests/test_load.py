@@ -15,10 +15,10 @@ from transformers import AutoModelForCausalLM
 
 import llmslim
 from llmslim import SlimConfig
-from llmslim.quant import kernels
-from llmslim.quant.modules import FORMAT_MODULES, SlimLinear
+from llmslim.quant import kernels, registry
+from llmslim.quant.modules import SlimLinear
 
-FORMATS = ("int8", "nf4", "fp4", "int4")
+FORMATS = tuple(registry.FORMATS)
 # Max |logit error| relative to max |logit| of the float model, per format (random tiny models).
 TOLERANCE = {"int8": 0.03, "nf4": 0.25, "fp4": 0.35, "int4": 0.25}
 
@@ -41,7 +41,7 @@ def test_both_doors_agree_and_stay_close_to_float(tiny_models, arch, weights, in
     ours = llmslim.from_pretrained(path, SlimConfig(weights=weights), progress=False)
     theirs = AutoModelForCausalLM.from_pretrained(path, quantization_config=SlimConfig(weights=weights))
 
-    expected_type = FORMAT_MODULES[weights]
+    expected_type = registry.FORMATS[weights].module_class()
     layers = _slim_layers(ours)
     assert layers and set(layers.values()) == {expected_type}
     assert layers == _slim_layers(theirs)

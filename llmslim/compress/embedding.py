@@ -15,7 +15,7 @@ from torch import nn
 
 from llmslim.config import SlimConfig
 from llmslim.quant import formats
-from llmslim.quant.modules import FORMAT_MODULES, SlimLinear, SlimLinear8bit
+from llmslim.quant.modules import SlimLinear, SlimLinear8bit
 
 
 class FactorTable(nn.Module):
@@ -88,7 +88,8 @@ class FactorizedEmbedding(nn.Module):
         """Store the table in `config.weights`' format (the projection stays in float)."""
         self.table_config = config
         if self.table.weight.is_meta:
-            self.table = FORMAT_MODULES[config.weights].from_linear(self.table, config)
+            spec = config.layer_spec(weights=config.weights)
+            self.table = spec.module_class().from_linear(self.table, spec)
         else:
             self.table = quantized_table(self.table, config)
 
@@ -142,7 +143,8 @@ class FactorizedHead(nn.Module):
 
 def quantized_table(table: FactorTable, config: SlimConfig) -> SlimLinear:
     """`table` stored in `config.weights`' format."""
-    layer = FORMAT_MODULES[config.weights].from_linear(table, config)
+    spec = config.layer_spec(weights=config.weights)
+    layer = spec.module_class().from_linear(table, spec)
     layer.set_float_weight(table.weight.data)
     layer.own_memory()
     return layer

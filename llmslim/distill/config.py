@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-TEACHER_WEIGHTS = ("none", "int8", "nf4", "fp4", "int4")
+from llmslim.quant.registry import weight_choices
+
+TEACHER_WEIGHTS = weight_choices()  # "none" (float) or any registered format
 OBJECTIVES = ("auto", "causal", "masked")
 COS_LAYERS = ("last", "mapped")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -25,7 +27,7 @@ class DistillConfig:
         student_embedding_rank: factorize the student's embedding at this rank (`llmslim.compress`).
         student_share_layers: share the student's blocks: `"all"`, a group size k, or explicit groups.
         save_dtype: dtype of the saved student (`"float32"`, the dtype it trains in, `"bfloat16"`, `"float16"`).
-        teacher_weights: `"none"` (float) or `"int8"` / `"nf4"` / `"fp4"` / `"int4"` through llmslim (causal LMs).
+        teacher_weights: `"none"` (float) or a format of `llmslim.quant.registry.FORMATS`, applied through llmslim (causal LMs).
         teacher_dtype: dtype of the float teacher (default: the checkpoint's).
         objective: `"causal"`, `"masked"` (BERT-style, 15% masking 80/10/10) or `"auto"` (from the
             teacher's architecture).

@@ -23,6 +23,7 @@ from llmslim import hf, models
 from llmslim.compress.apply import compress_, table_config
 from llmslim.compress.embedding import FactorizedEmbedding
 from llmslim.config import SlimConfig
+from llmslim.quant.registry import weight_choices
 from llmslim.train.config import TrainConfig
 
 
@@ -76,6 +77,8 @@ class HealConfig:
             raise ValueError(f"heal_steps={self.heal_steps} needs training text: pass train (--train FILE)")
         if self.heal_quantized and self.compression.weights is None:
             raise ValueError("heal_quantized needs a format to heal in: set compression.weights (--weights nf4)")
+        if self.teacher_weights not in weight_choices():
+            raise ValueError(f"teacher_weights must be one of {list(weight_choices())}, got {self.teacher_weights!r}")
         if self.save_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"save_dtype must be one of ['float32', 'bfloat16', 'float16'], got {self.save_dtype!r}")
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-BASE_WEIGHTS = ("nf4", "fp4", "int4", "int8", "none")
+from llmslim.quant.registry import weight_choices
+
+BASE_WEIGHTS = weight_choices()  # "none" (float) or any registered format
 
 
 @dataclass

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from llmslim.plan.shapes import ModelShape
 from llmslim.plan.weights import WeightBytes
+from llmslim.quant.registry import FORMATS
 
 FP32 = 4
 OPTIMIZER_BYTES = {"adamw": 8, "adamw8bit": 2, "sgd": 0}  # per trainable parameter: two fp32 moments, two 8-bit ones, none
@@ -61,14 +62,17 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: in
 
 
 PACKED_GEMV_MAX_TOKENS = 64  # quant.kernels.PACKED_GEMV_MAX_TOKENS: NF4/FP4 in the CPU layout run the decode kernel up to here
-FOUR_BIT_PACKED_MAX_TOKENS = 32  # quant.kernels.DECODE_MAX_TOKENS: up to this many rows 4-bit layers never build a float weight
-INT8_PACKED_MAX_TOKENS = 8  # quant.kernels.INT8_DECODE_MAX_TOKENS: beyond it, LLM.int8 on torch._int_mm
+
+
+def _cpu_layout(weights: str | None) -> bool:
+    """NF4/FP4: bitsandbytes' blockwise absmax, repacked for CPU inference (`quant.registry`)."""
+    return weights is not None and FORMATS[weights].blockwise_absmax
 
 
 def cpu_layout_bytes(w: WeightBytes, weights: str | None, block_size: int) -> int:
     """The bfloat16 absmax copy NF4/FP4 layers keep while they run in bitsandbytes' CPU layout
     (CPU inference; `quant.kernels.pack_4bit_for_cpu`): 2 bytes per block of every quantized weight."""
-    return 2 * w.codes // block_size * 2 if weights in ("nf4", "fp4") else 0  # two codes per byte
+    return 2 * w.codes // block_size * 2 if _cpu_layout(weights) else 0  # two codes per byte
 
 
 def prompt_workspace_bytes(
@@ -85,13 +89,16 @@ def prompt_workspace_bytes(
     weight rows, `quant.kernels.INT8_PROMPT_CHUNK_ELEMENTS`, so it needs less); per token, the
     input in float32 and int8 and the float32 output.
     """
-    if weights in ("nf4", "fp4") and cpu:
+    if weights is None:
+        return 0
+    fmt = FORMATS[weights]
+    if cpu and fmt.blockwise_absmax:
         return w.largest_linear * 2 if tokens > PACKED_GEMV_MAX_TOKENS else 0
-    if weights in ("nf4", "fp4", "int4") and tokens > FOUR_BIT_PACKED_MAX_TOKENS:
-        return w.largest_linear * dtype_bytes
-    if weights == "int8" and tokens > INT8_PACKED_MAX_TOKENS:
+    if tokens <= fmt.decode_max_tokens:
+        return 0
+    if fmt.bits == 8:
         return w.largest_linear * (1 + FP32) + tokens * (w.max_in * (FP32 + 1) + w.max_out * FP32)
-    return 0
+    return w.largest_linear * dtype_bytes
 
 
 @dataclass

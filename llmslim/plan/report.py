@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmslim.plan.hardware import GiB
 from llmslim.plan.planner import FormatPlan, Plan
+from llmslim.quant.registry import FORMATS
 
 
 def gib(nbytes: int | None) -> str:
@@ -72,6 +73,6 @@ def _call(fp: FormatPlan) -> str:
 
 def _config_repr(config: dict) -> str:
     fields = [f"weights={config['weights']!r}"]
-    if config.get("double_quant") is False and config["weights"] in ("nf4", "fp4"):
+    if config.get("double_quant") is False and config["weights"] in FORMATS and FORMATS[config["weights"]].blockwise_absmax:
         fields.append("double_quant=False")
     return f"SlimConfig({', '.join(fields)})"

@@ -1,7 +1,7 @@
 """Exact bytes of a model's weights in each format, scales, absmax and double-quant state included.
 
 A quantized layer's tensors are taken from llmslim's own module built on the meta device
-(`FORMAT_MODULES[fmt](..., device="meta")`), so the planner counts exactly what the loader
+(`quant.registry` module class of the format, on `device="meta"`), so the planner counts exactly what the loader
 allocates: NF4/FP4 packed codes plus float32 absmax per block (or uint8 absmax, float32 nested
 absmax per 256 blocks and a float32 offset with double quantization), int8 rows plus a float32
 absmax per row, int4 codes plus float16 scale and zero per group.
@@ -94,10 +94,9 @@ class WeightBytes:
 
 @lru_cache(maxsize=4096)
 def _linear_tensors(config_json: str, in_features: int, out_features: int, bias: bool, dtype: str) -> tuple[tuple[str, int], ...]:
-    from llmslim.quant.modules import FORMAT_MODULES
-
     config = SlimConfig.from_dict(json.loads(config_json))
-    module = FORMAT_MODULES[config.weights](in_features, out_features, bias, config, getattr(torch, dtype), device="meta")
+    spec = config.layer_spec(weights=config.weights)
+    module = spec.module_class()(in_features, out_features, bias, spec, getattr(torch, dtype), device="meta")
     return tuple((name, t.numel() * t.element_size()) for name, t in module.state_dict().items())
 
 

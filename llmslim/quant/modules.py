@@ -22,6 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
 from llmslim.quant import formats, kernels
+from llmslim.quant.registry import LayerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -31,31 +32,31 @@ class SlimLinear(nn.Module):
 
     fmt: str = ""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, config: SlimConfig, dtype: torch.dtype, device=None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, spec: LayerSpec, dtype: torch.dtype, device=None):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.compute_dtype = config.torch_compute_dtype or dtype
-        self.allow_nonfinite = config.allow_nonfinite
+        self.compute_dtype = spec.compute_dtype or dtype
+        self.allow_nonfinite = spec.allow_nonfinite
         self.module_name = ""  # set by `from_linear`; names the layer in errors
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
-        self._register_quantized(config, device)
+        self._register_quantized(spec, device)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, config: SlimConfig, name: str = "") -> SlimLinear:
+    def from_linear(cls, linear: nn.Module, spec: LayerSpec, name: str = "") -> SlimLinear:
         """An empty quantized layer with the shape, bias and device of `linear` (nn.Linear or Conv1D);
         `name` (its module name in the model) is used in error messages."""
         if isinstance(linear, Conv1D):
             in_features, out_features = linear.weight.shape
         else:
             in_features, out_features = linear.in_features, linear.out_features
-        module = cls(in_features, out_features, linear.bias is not None, config, linear.weight.dtype, linear.weight.device)
+        module = cls(in_features, out_features, linear.bias is not None, spec, linear.weight.dtype, linear.weight.device)
         module.source_transposed = isinstance(linear, Conv1D)
         module.module_name = name
         module.train(linear.training)  # in-place quantization keeps an eval model in eval mode (its CPU layout depends on it)
         return module
 
-    def _register_quantized(self, config: SlimConfig, device) -> None:
+    def _register_quantized(self, spec: LayerSpec, device) -> None:
         raise NotImplementedError
 
     @torch.no_grad()
@@ -165,13 +166,13 @@ class _FrozenWeightMatmul(torch.autograd.Function):
 class SlimLinear4bit(SlimLinear):
     """Linear layer with NF4/FP4 blockwise weights (bitsandbytes' layout and kernels)."""
 
-    def _register_quantized(self, config: SlimConfig, device) -> None:
-        self.fmt = config.weights
-        self.block_size = config.block_size
+    def _register_quantized(self, spec: LayerSpec, device) -> None:
+        self.fmt = spec.fmt
+        self.block_size = spec.block_size
         n = self.in_features * self.out_features
         n_blocks = -(-n // self.block_size)
         self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
-        if config.double_quant:
+        if spec.double_quant:
             self.register_buffer("weight_absmax", torch.empty(n_blocks, dtype=torch.uint8, device=device))
             n_nested = -(-n_blocks // formats.NESTED_BLOCK_SIZE)
             self.register_buffer("weight_nested_absmax", torch.empty(n_nested, dtype=torch.float32, device=device))
@@ -268,8 +269,8 @@ class SlimLinear8bit(SlimLinear):
 
     fmt = "int8"
 
-    def _register_quantized(self, config: SlimConfig, device) -> None:
-        self.threshold = config.int8_threshold
+    def _register_quantized(self, spec: LayerSpec, device) -> None:
+        self.threshold = spec.int8_threshold
         self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), dtype=torch.int8, device=device), requires_grad=False)
         self.register_buffer("SCB", torch.empty(self.out_features, dtype=torch.float32, device=device))
 
@@ -289,9 +290,9 @@ class SlimLinearInt4(SlimLinear):
 
     fmt = "int4"
 
-    def _register_quantized(self, config: SlimConfig, device) -> None:
-        self.group_size = config.block_size
-        self.refine = config.refine
+    def _register_quantized(self, spec: LayerSpec, device) -> None:
+        self.group_size = spec.block_size
+        self.refine = spec.refine
         n = self.in_features * self.out_features
         groups = -(-self.in_features // self.group_size)
         self.weight = nn.Parameter(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=device), requires_grad=False)
@@ -313,14 +314,6 @@ class SlimLinearInt4(SlimLinear):
         return kernels.linear_int4(x, self.int4_weight(), self.compute_dtype)
 
 
-FORMAT_MODULES: dict[str, type[SlimLinear]] = {
-    "int8": SlimLinear8bit,
-    "nf4": SlimLinear4bit,
-    "fp4": SlimLinear4bit,
-    "int4": SlimLinearInt4,
-}
-
-
 def quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D)) and not isinstance(module, SlimLinear)
 
@@ -340,7 +333,8 @@ def replace_linear_modules(model: nn.Module, config: SlimConfig, keep: set[str] 
         return []
     replaced = []
     for name, module in quantization_targets(model, config, keep):
-        model.set_submodule(name, FORMAT_MODULES[config.format_for(name)].from_linear(module, config, name))
+        spec = config.layer_spec(name)
+        model.set_submodule(name, spec.module_class().from_linear(module, spec, name))
         replaced.append(name)
     if not replaced:
         logger.warning("no linear layer matched include=%s exclude=%s: nothing was quantized", config.include, config.exclude)

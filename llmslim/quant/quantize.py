@@ -7,7 +7,7 @@ import torch
 from llmslim import hf
 from llmslim.config import SlimConfig
 from llmslim.quant.mixed import choose_int8_layers, oriented
-from llmslim.quant.modules import FORMAT_MODULES, quantization_targets
+from llmslim.quant.modules import quantization_targets
 
 
 @torch.no_grad()
@@ -33,7 +33,8 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
         config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
     replaced = []
     for name, module in selected:
-        layer = FORMAT_MODULES[config.format_for(name)].from_linear(module, config, name)
+        spec = config.layer_spec(name)
+        layer = spec.module_class().from_linear(module, spec, name)
         layer.set_float_weight(module.weight.data)
         if module.bias is not None:
             layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)

@@ -72,7 +72,7 @@ def test_resume_continues_the_run(tmp_path, base, text):
     ("kwargs", "match"),
     [
         ({"rank": 0}, "rank must be a positive integer"),
-        ({"weights": "nf3"}, r"weights must be one of \['nf4', 'fp4', 'int4', 'int8', 'none'\], got 'nf3'"),
+        ({"weights": "nf3"}, r"weights must be one of \['none', 'int8', 'nf4', 'fp4', 'int4'\], got 'nf3'"),
         ({"dropout": 1.0}, r"dropout must be in \[0, 1\), got 1.0"),
         ({"targets": []}, "targets must be None"),
     ],

@@ -24,9 +24,9 @@ def _cost(name: str, error: float, out_features: int = 16, in_features: int = 64
 
 
 def test_bytes_count_every_scale_and_zero():
-    layer = SlimLinearInt4.from_linear(torch.nn.Linear(100, 24, bias=False), SlimConfig(weights="int4", block_size=32))
+    layer = SlimLinearInt4.from_linear(torch.nn.Linear(100, 24, bias=False), SlimConfig(weights="int4", block_size=32).layer_spec())
     assert mixed.int4_bytes(24, 100, 32) == sum(t.numel() * t.element_size() for t in layer.state_dict().values())
-    int8 = SlimLinear8bit.from_linear(torch.nn.Linear(100, 24, bias=False), SlimConfig(weights="int8"))
+    int8 = SlimLinear8bit.from_linear(torch.nn.Linear(100, 24, bias=False), SlimConfig(weights="int8").layer_spec())
     assert mixed.int8_bytes(24, 100) == sum(t.numel() * t.element_size() for t in int8.state_dict().values())
 
 

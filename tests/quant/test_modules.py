@@ -11,7 +11,8 @@ from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
 from llmslim.quant import formats, kernels
-from llmslim.quant.modules import FORMAT_MODULES, SlimLinear, SlimLinear4bit, SlimLinear8bit, quantized_layers, replace_linear_modules
+from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantized_layers, replace_linear_modules
+from llmslim.quant.registry import FORMATS
 
 # relative error ||y_q - y|| / ||y|| of a quantized layer on random normal weights and inputs
 REL_ERROR = {"nf4": 0.15, "fp4": 0.18, "int8": 0.02, "int4": 0.15}
@@ -28,7 +29,7 @@ def _linear(in_features: int, out_features: int, bias: bool = True, dtype: torch
 
 def _quantized(linear: nn.Module, config: SlimConfig) -> SlimLinear:
     """What loading does: an empty layer from the float one, its weight quantized in, its bias copied."""
-    layer = FORMAT_MODULES[config.weights].from_linear(linear, config)
+    layer = FORMATS[config.weights].module_class().from_linear(linear, config.layer_spec())
     layer.set_float_weight(linear.weight.data)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
@@ -49,7 +50,7 @@ def _x(batch: tuple[int, ...], in_features: int, dtype: torch.dtype = torch.floa
 @pytest.mark.parametrize("double_quant", (True, False))
 def test_4bit_from_meta_linear_has_the_stored_layout(double_quant):
     linear = nn.Linear(96, 40, device="meta", dtype=torch.bfloat16)
-    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4", block_size=64, double_quant=double_quant))
+    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4", block_size=64, double_quant=double_quant).layer_spec())
     expected = {"weight": ((1920, 1), torch.uint8), "bias": ((40,), torch.bfloat16)}  # 96 * 40 / 2 bytes, 60 blocks
     if double_quant:
         expected |= {"weight_absmax": ((60,), torch.uint8), "weight_nested_absmax": ((1,), torch.float32)}
@@ -65,7 +66,7 @@ def test_4bit_from_meta_linear_has_the_stored_layout(double_quant):
 
 
 def test_4bit_layout_of_an_odd_sized_layer():
-    layer = SlimLinear4bit.from_linear(nn.Linear(7, 3, bias=False, device="meta"), SlimConfig(weights="fp4", block_size=32))
+    layer = SlimLinear4bit.from_linear(nn.Linear(7, 3, bias=False, device="meta"), SlimConfig(weights="fp4", block_size=32).layer_spec())
     state = layer.state_dict()
     assert layer.bias is None and "bias" not in state
     assert state["weight"].shape == (11, 1)  # ceil(21 / 2)
@@ -73,7 +74,7 @@ def test_4bit_layout_of_an_odd_sized_layer():
 
 
 def test_int8_from_meta_linear_has_the_stored_layout():
-    layer = SlimLinear8bit.from_linear(nn.Linear(96, 40, device="meta"), SlimConfig(weights="int8", compute_dtype="bfloat16"))
+    layer = SlimLinear8bit.from_linear(nn.Linear(96, 40, device="meta"), SlimConfig(weights="int8", compute_dtype="bfloat16").layer_spec())
     state = layer.state_dict()
     assert {k: (tuple(v.shape), v.dtype) for k, v in state.items()} == {
         "weight": ((40, 96), torch.int8),
@@ -86,7 +87,7 @@ def test_int8_from_meta_linear_has_the_stored_layout():
 
 def test_conv1d_from_meta_takes_in_and_out_from_its_transposed_weight():
     conv = Conv1D(40, 96).to("meta")  # nf=out, nx=in: weight (96, 40)
-    layer = SlimLinear4bit.from_linear(conv, SlimConfig(weights="nf4"))
+    layer = SlimLinear4bit.from_linear(conv, SlimConfig(weights="nf4").layer_spec())
     assert (layer.in_features, layer.out_features) == (96, 40)
     assert layer.source_transposed
 
@@ -166,10 +167,10 @@ def test_conv1d_source_is_transposed(weights):
 
 @pytest.mark.parametrize("weights", ("nf4", "int8"))
 def test_wrong_weight_shape_is_refused(weights):
-    layer = (SlimLinear8bit if weights == "int8" else SlimLinear4bit).from_linear(nn.Linear(6, 4), SlimConfig(weights=weights))
+    layer = (SlimLinear8bit if weights == "int8" else SlimLinear4bit).from_linear(nn.Linear(6, 4), SlimConfig(weights=weights).layer_spec())
     with pytest.raises(ValueError, match=r"a weight of shape \(6, 4\) does not fit a layer of shape \(4, 6\)"):
         layer.set_float_weight(torch.zeros(6, 4))
-    conv_layer = SlimLinear4bit.from_linear(Conv1D(4, 6), SlimConfig(weights="nf4"))
+    conv_layer = SlimLinear4bit.from_linear(Conv1D(4, 6), SlimConfig(weights="nf4").layer_spec())
     with pytest.raises(ValueError, match=r"a weight of shape \(6, 4\) does not fit a layer of shape \(4, 6\)"):
         conv_layer.set_float_weight(torch.zeros(4, 6))  # given (out, in) where Conv1D's (in, out) was expected
 
@@ -177,7 +178,7 @@ def test_wrong_weight_shape_is_refused(weights):
 def test_state_dict_loads_into_a_meta_layer():
     config = SlimConfig(weights="fp4", block_size=32)
     layer = _quantized(_linear(64, 24), config)
-    fresh = SlimLinear4bit.from_linear(nn.Linear(64, 24, device="meta"), config)
+    fresh = SlimLinear4bit.from_linear(nn.Linear(64, 24, device="meta"), config.layer_spec())
     fresh.load_state_dict(layer.state_dict(), assign=True)
     x = _x((3,), 64)
     assert torch.equal(fresh(x), layer(x))
@@ -310,7 +311,7 @@ def test_torch_compile_goes_through_the_cpu_operators(weights, fullgraph):
     # the operators have fake (shape) implementations, so tracing neither fails nor falls back
     torch.manual_seed(0)
     linear = torch.nn.Linear(128, 48).to(torch.bfloat16)
-    layer = FORMAT_MODULES[weights].from_linear(linear, SlimConfig(weights=weights))
+    layer = FORMATS[weights].module_class().from_linear(linear, SlimConfig(weights=weights).layer_spec())
     layer.set_float_weight(linear.weight.data)
     layer.bias = linear.bias
     compiled = torch.compile(layer, fullgraph=fullgraph)
@@ -324,7 +325,7 @@ def test_torch_compile_goes_through_the_cpu_operators(weights, fullgraph):
 def test_input_gradient_is_that_of_the_dequantized_weight(weights, tokens):
     torch.manual_seed(0)
     linear = nn.Linear(128, 24).to(torch.bfloat16)
-    layer = FORMAT_MODULES[weights].from_linear(linear, SlimConfig(weights=weights))
+    layer = FORMATS[weights].module_class().from_linear(linear, SlimConfig(weights=weights).layer_spec())
     layer.set_float_weight(linear.weight.data)
     x = torch.randn(tokens, 128, dtype=torch.bfloat16, requires_grad=True)
     grad_out = torch.randn(tokens, 24, dtype=torch.bfloat16)

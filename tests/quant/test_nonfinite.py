@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import llmslim
 from llmslim import SlimConfig
-from llmslim.quant.modules import FORMAT_MODULES
+from llmslim.quant.registry import FORMATS
 
 LAYER = "model.layers.1.mlp.up_proj"
 CONFIGS = {
@@ -52,9 +52,9 @@ def test_from_linear_names_the_layer_and_an_unnamed_layer_gives_its_shape(weight
     weight = linear.weight.detach().clone()
     weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match=_refusal("blocks.0.fc", 0, 1)):
-        FORMAT_MODULES[weights].from_linear(linear, config, "blocks.0.fc").set_float_weight(weight)
+        FORMATS[weights].module_class().from_linear(linear, config.layer_spec(), "blocks.0.fc").set_float_weight(weight)
     with pytest.raises(ValueError, match=r"^a layer of shape \(32, 64\): its float weight holds 0 NaN and 1 infinite"):
-        FORMAT_MODULES[weights].from_linear(linear, config).set_float_weight(weight)
+        FORMATS[weights].module_class().from_linear(linear, config.layer_spec()).set_float_weight(weight)
 
 
 @pytest.mark.parametrize("weights", ["int8", "nf4", "fp4", "int4"])
