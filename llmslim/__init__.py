@@ -7,7 +7,7 @@ neither bitsandbytes nor CUDA.
 from __future__ import annotations
 
 from llmslim.config import SlimConfig
-from llmslim.hf import register as _register
+from llmslim.hf.quantizer import register as _register
 
 __version__ = "0.1.0"
 __all__ = ["SlimConfig", "compile_decode", "enable_checkpointing", "from_pretrained", "quantize_", "save_pretrained", "__version__"]

@@ -46,9 +46,8 @@ def compile_decode(model, max_cache_len: int | None = None):
     Returns:
         The same model, for chaining.
     """
-    from transformers import CompileConfig
-
-    from llmslim.hf import SlimHfQuantizer
+    from llmslim.hf.compat import cpu_compile_config
+    from llmslim.hf.quantizer import SlimHfQuantizer
 
     streamed = [name for name, module in model.named_modules() if _streamed(module)]
     if streamed:
@@ -62,9 +61,7 @@ def compile_decode(model, max_cache_len: int | None = None):
     generation = model.generation_config
     generation.cache_implementation = "static"
     generation.max_cache_len = max_cache_len
-    compile_config = CompileConfig(fullgraph=False, dynamic=False)
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told
-    generation.compile_config = compile_config
+    generation.compile_config = cpu_compile_config()
     quantizer = getattr(model, "hf_quantizer", None)
     if isinstance(quantizer, SlimHfQuantizer):
         quantizer.compile_decode = True  # llmslim's CPU operators trace (they have fake implementations)

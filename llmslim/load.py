@@ -18,13 +18,14 @@ from accelerate import init_empty_weights
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from llmslim import hf, models
+from llmslim import models
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
+from llmslim.hf import checks, compat
 from llmslim.memory.trim import release_free_memory
 from llmslim.placement import DevicePlan, plan_devices
 from llmslim.quant import kernels, mixed
-from llmslim.quant.modules import SlimLinear, quantization_targets
+from llmslim.quant.modules import SlimLinear, prepare_skeleton, quantization_targets
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,11 @@ def from_pretrained(
     files = checkpoint_files(path)
 
     with init_empty_weights(include_buffers=False):
-        skeleton = hf.auto_class(hf_config).from_config(hf_config, dtype=dtype)
+        skeleton = compat.auto_class(hf_config).from_config(hf_config, dtype=dtype)
     if config.needs_mixed_choice:
         config = _choose_int8_layers(skeleton, config, files)
-    copies = hf.untie_int8_head(skeleton, config)  # a tied head named in int8_layers: quantized from the embedding
-    hf.prepare_skeleton(skeleton, config)
+    copies = compat.untie_int8_head(skeleton, config)  # a tied head named in int8_layers: quantized from the embedding
+    prepare_skeleton(skeleton, config)
     router = prepare_compression(skeleton, config, path, pre_quantized)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
     if offload is not None:
@@ -134,7 +135,7 @@ def _effective_config(path: Path, hf_config, config: SlimConfig | None) -> tuple
 def _choose_int8_layers(skeleton: PreTrainedModel, config: SlimConfig, files: list[Path]) -> SlimConfig:
     """Mixed int4/int8: measure each layer's int4 error from the checkpoint (one extra read, one
     weight at a time), then pick the int8 layers for the budget."""
-    targets = {f"{name}.weight": module for name, module in quantization_targets(skeleton, config, hf.tied_module_names(skeleton))}
+    targets = {f"{name}.weight": module for name, module in quantization_targets(skeleton, config, compat.tied_module_names(skeleton))}
     prefix = skeleton.base_model_prefix
 
     def weights():
@@ -247,13 +248,13 @@ class _Loader:
             except AttributeError:
                 continue
             if isinstance(layer, SlimLinear):
-                raise ValueError(hf.extra_tensor_message(file, name, module_name, layer, self.pre_quantized))
+                raise ValueError(checks.extra_tensor_message(file, name, module_name, layer, self.pre_quantized))
 
     def _load_tensor(self, target: _Target, tensor: torch.Tensor, file: Path) -> None:
         device = self.plan.device_for(target.full_name)
         module = target.module
         if isinstance(module, SlimLinear) and not self.pre_quantized and target.name == "weight":
-            hf.check_float_weight(module, target.full_name, tensor.dtype, tuple(tensor.shape), file)
+            checks.check_float_weight(module, target.full_name, tensor.dtype, tuple(tensor.shape), file)
             if device == "disk":
                 prefix = target.full_name.rpartition(".")[0]
                 for name, value in module.quantize(tensor).items():
@@ -264,11 +265,11 @@ class _Loader:
             return
         expected = self.expected[target.full_name]
         if isinstance(module, SlimLinear) and self.pre_quantized and (tensor.dtype, tensor.shape) != (expected.dtype, expected.shape):
-            raise ValueError(hf.quant_tensor_message(file, target.full_name, tensor.dtype, tuple(tensor.shape), expected))
+            raise ValueError(checks.quant_tensor_message(file, target.full_name, tensor.dtype, tuple(tensor.shape), expected))
         if tensor.is_floating_point() and not isinstance(module, SlimLinear):
             tensor = tensor.to(expected.dtype)  # the skeleton's dtype (honours modules kept in float32)
         if tensor.shape != expected.shape:
-            raise ValueError(hf.shape_message(file, target.full_name, tuple(tensor.shape), tuple(expected.shape)))
+            raise ValueError(checks.shape_message(file, target.full_name, tuple(tensor.shape), tuple(expected.shape)))
         if device == "disk":
             self.plan.offload(target.full_name, tensor)
             self.offloaded.add(target.full_name)
@@ -283,7 +284,7 @@ class _Loader:
         self.model.tie_weights()
         missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta and n not in self.offloaded]
         if missing:
-            raise ValueError(hf.missing_message(self.model, missing, self.pre_quantized, str(self.source), self.files))
+            raise ValueError(checks.missing_message(self.model, missing, self.pre_quantized, str(self.source), self.files))
 
 
 class _CorruptFile(Exception):
@@ -350,7 +351,7 @@ def _assign(module: torch.nn.Module, name: str, tensor: torch.Tensor, expected: 
 
 
 def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, source: Path) -> PreTrainedModel:
-    hf.mark_quantized(model, config)
+    compat.mark_quantized(model, config)
     model.config.name_or_path = str(source)
     plan.dispatch(model)
     if config.checkpointing != "none":

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from llmslim.hf import compat
+
 
 @dataclass
 class DevicePlan:
@@ -81,7 +83,7 @@ def plan_devices(
     if device_map == "auto":
         from accelerate import infer_auto_device_map
 
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=model._no_split_modules or [])
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=compat.no_split_modules(model))
     if not isinstance(device_map, dict):
         raise ValueError(f"device_map must be 'auto', a device name or a dict, got {device_map!r}")
     if "disk" not in device_map.values():

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from llmslim.hf import compat
 from llmslim.procs import process_running
 from llmslim.quant import kernels
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantizable, quantized_layers
@@ -358,7 +359,7 @@ def _remove_tree(path: Path) -> None:
 
 def bnb_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's tensors named as bitsandbytes' `Linear4bit` / `Linear8bitLt` save them."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tied = set(compat.tied_weights(model))
     quantized = {name: layer for name, layer in model.named_modules() if isinstance(layer, SlimLinear)}
     state = {}
     for key, tensor in model.state_dict().items():

@@ -19,7 +19,7 @@ def test_registration_is_visible_to_transformers():
     from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
     import llmslim
-    from llmslim.hf import SlimHfQuantizer, register
+    from llmslim.hf.quantizer import SlimHfQuantizer, register
 
     register()  # idempotent
     assert AUTO_QUANTIZATION_CONFIG_MAPPING["llmslim"] is llmslim.SlimConfig

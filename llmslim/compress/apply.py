@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmslim import hf
 from llmslim.compress import sharing, svd
 from llmslim.compress.embedding import FactorizedEmbedding, FactorizedHead
 from llmslim.config import SlimConfig
+from llmslim.hf import compat
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def compress_(model: nn.Module, config: SlimConfig, *, tokenizer=None, token_wei
         config = factorize_embedding_(model, config, token_weights)
     if plan is not None:
         share_layers_(model, config, plan)
-    hf.mark_quantized(model, config)
+    compat.mark_quantized(model, config)
     return config
 
 
@@ -112,7 +112,7 @@ def choose_rank(weight: torch.Tensor, config: SlimConfig, token_weights: torch.T
 def factorize_embedding_(model: nn.Module, config: SlimConfig, token_weights: torch.Tensor | None = None) -> SlimConfig:
     """Replace the input embedding (and a tied head) by factors; `config` with the rank recorded."""
     embedding = model.get_input_embeddings()
-    tied = hf.head_tied_to_embedding(model)
+    tied = compat.head_tied_to_embedding(model)
     weight = embedding.weight.data
     rank = choose_rank(weight, config, token_weights)
     a, b = svd.factorize(weight, rank, token_weights)
@@ -123,7 +123,7 @@ def factorize_embedding_(model: nn.Module, config: SlimConfig, token_weights: to
     factorized_head = tied and not config.untie_embeddings
     if factorized_head:
         model.set_output_embeddings(FactorizedHead(factorized))
-    hf.untie_embeddings(model, factorized_head)
+    compat.untie_embeddings(model, factorized_head)
     logger.info(
         "embedding %s factorized at rank %d (%s)", tuple(weight.shape), rank, "weighted" if token_weights is not None else "plain SVD"
     )
@@ -139,7 +139,7 @@ def share_layers_(model: nn.Module, config: SlimConfig, plan: SharingPlan) -> No
         module = plan.blocks[group[0]].get_submodule(name)
         for tensor_name, value in init.items():
             sharing.set_source_tensor(module, tensor_name, value)
-    hf.declare_shared(model, {f"{plan.prefix}.{k}": f"{plan.prefix}.{v}" for k, v in pairs.items()})
+    compat.declare_shared(model, {f"{plan.prefix}.{k}": f"{plan.prefix}.{v}" for k, v in pairs.items()})
 
 
 def corpus_weights(model: nn.Module, config: SlimConfig, tokenizer=None) -> torch.Tensor:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmslim import hf
 from llmslim.compress import sharing, svd
 from llmslim.compress.apply import SharingPlan, choose_rank, embedding_shape, plan_compression, recorded, sharing_plan, table_config
 from llmslim.compress.embedding import FactorizedEmbedding, FactorizedHead
 from llmslim.config import SlimConfig
+from llmslim.hf import compat
 from llmslim.quant.modules import SlimLinear
 
 
@@ -30,7 +30,7 @@ def prepare_compression(
     """Give a (meta) skeleton its compressed modules and sharing; for a float source, the router of its tensors.
 
     Args:
-        model: the skeleton, after `hf.prepare_skeleton` (quantized layers already in place).
+        model: the skeleton, after `prepare_skeleton` (quantized layers already in place).
         config: the SlimConfig being loaded.
         source: the model folder (its tokenizer weights the SVD when `config.embedding_corpus` is set).
         pre_quantized: the checkpoint was saved compressed (no routing needed).
@@ -46,7 +46,7 @@ def prepare_compression(
         if tie_now:
             share_loaded_(model, config)
         else:
-            hf.declare_shared(model, _shared_names(plan))
+            compat.declare_shared(model, _shared_names(plan))
     if pre_quantized:
         return None
     return SourceRouter(model, config, source, embedding_name, plan)
@@ -57,7 +57,7 @@ def share_loaded_(model: nn.Module, config: SlimConfig) -> None:
     plan = sharing_plan(model, config, check=False)  # members may still hold their pre-sharing (e.g. float) modules
     for _, group, name in sharing.iter_group_leaves(plan.groups, plan.leaves):
         sharing.tie_leaf_(plan.blocks, group, name)
-    hf.declare_shared(model, _shared_names(plan))
+    compat.declare_shared(model, _shared_names(plan))
 
 
 def _shared_names(plan: SharingPlan) -> dict[str, str]:
@@ -79,15 +79,15 @@ def _skeleton_embedding(model: nn.Module, config: SlimConfig, pre_quantized: boo
     factorized = FactorizedEmbedding(v, rank, h, embedding.padding_idx, dtype=embedding.weight.dtype, device="meta")
     if config.embedding_weights is not None:
         factorized.quantize_table_(table_config(config))
-    tied = hf.head_tied_to_embedding(model)
-    factorized_head = hf.has_factorized_head(model) if pre_quantized else tied and not config.untie_embeddings
+    tied = compat.head_tied_to_embedding(model)
+    factorized_head = compat.has_factorized_head(model) if pre_quantized else tied and not config.untie_embeddings
     name = next(n for n, m in model.named_modules() if m is embedding)
     model.set_input_embeddings(factorized)
     if tied and config.untie_embeddings and not pre_quantized:
         head.weight = nn.Parameter(torch.empty_like(head.weight), requires_grad=head.weight.requires_grad)
     if factorized_head:
         model.set_output_embeddings(FactorizedHead(factorized))
-    hf.untie_embeddings(model, factorized_head)
+    compat.untie_embeddings(model, factorized_head)
     return name
 
 

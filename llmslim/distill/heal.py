@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from llmslim import hf, models
+from llmslim import models
 from llmslim.compress.apply import compress_, table_config
 from llmslim.compress.embedding import FactorizedEmbedding
 from llmslim.config import SlimConfig
+from llmslim.hf import compat
 from llmslim.quant.registry import weight_choices
 from llmslim.train.config import TrainConfig
 
@@ -103,11 +104,11 @@ def compress_model(config: HealConfig, train: TrainConfig | None = None, *, prog
     path = models.resolve(config.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     hf_config = AutoConfig.from_pretrained(path)
-    if config.teacher_weights != "none" and hf.detect_objective(hf_config)[0] != "causal":
+    if config.teacher_weights != "none" and compat.detect_objective(hf_config)[0] != "causal":
         raise ValueError(
             f"teacher_weights={config.teacher_weights!r} quantizes causal LMs only, and {path} is an encoder: use --teacher-weights none"
         )
-    student = hf.auto_class(hf_config).from_pretrained(path, dtype=torch.float32)
+    student = compat.auto_class(hf_config).from_pretrained(path, dtype=torch.float32)
     compressed = compress_(
         student, dataclasses.replace(config.compression, weights=None, embedding_weights=None, double_quant=None), tokenizer=tokenizer
     )
@@ -148,7 +149,7 @@ def _heal(student, path: Path, tokenizer, config: HealConfig, train: TrainConfig
     from llmslim.train.data import load_splits, prepare_data
     from llmslim.train.loop import Trainer, make_accelerator
 
-    causal = hf.detect_objective(student.config)[0] == "causal"
+    causal = compat.detect_objective(student.config)[0] == "causal"
     data = prepare_data(tokenizer, load_splits(config.train, None, 0.1, "text"), config.block_size, encoder=not causal)
     accelerator = make_accelerator(train)
     teacher = _teacher(path, config.teacher_weights, accelerator.device)
@@ -177,7 +178,7 @@ def _heal(student, path: Path, tokenizer, config: HealConfig, train: TrainConfig
 
 def _teacher(path: Path, weights: str, device: torch.device) -> nn.Module:
     if weights == "none":
-        teacher = hf.auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+        teacher = compat.auto_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
     else:
         import llmslim
 
@@ -192,7 +193,7 @@ def _finalize(student: nn.Module, config: SlimConfig, save_dtype: str) -> nn.Mod
         student.get_input_embeddings().quantize_table_(table_config(config))
     if config.weights is not None:
         _quantize(student, config)  # a no-op for layers quantized before healing
-    hf.mark_quantized(student, config)
+    compat.mark_quantized(student, config)
     return student
 
 

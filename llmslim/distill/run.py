@@ -20,7 +20,7 @@ from llmslim.distill.config import DistillConfig
 from llmslim.distill.evaluate import make_eval_fn
 from llmslim.distill.losses import DistillLoss, LossWeights, Masking
 from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student
-from llmslim.hf import auto_class, detect_objective
+from llmslim.hf.compat import auto_class, detect_objective
 from llmslim.save import atomic_directory, check_output
 from llmslim.train.checkpoint import check_resume, check_run_dir
 from llmslim.train.config import TrainConfig

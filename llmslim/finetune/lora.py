@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
+from llmslim.hf import compat
+from llmslim.hf.compat import Conv1D
 from llmslim.quant.modules import SlimLinear
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class SlimLoraLinear(PeftLoraLinear):
+class SlimLoraLinear(compat.peft_lora_linear()):
     """peft's LoRA `Linear` around a frozen llmslim quantized layer.
 
     Only vanilla LoRA (no DoRA or other variants): `resolve_lora_variant` raises for the others.
@@ -65,9 +65,7 @@ class SlimLoraLinear(PeftLoraLinear):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Dequantize the base weight, add each adapter's B @ A * scaling, quantize it again in place."""
-        from peft.tuners.tuners_utils import check_adapters_to_merge
-
-        for name in check_adapters_to_merge(self, adapter_names):
+        for name in compat.adapters_to_merge(self, adapter_names):
             if name in self.lora_A:
                 self._requantize(name, sign=1.0, safe=safe_merge)
                 self.merged_adapters.append(name)
@@ -92,8 +90,7 @@ class SlimLoraLinear(PeftLoraLinear):
 
 def register_slim_layers(config: LoraConfig) -> LoraConfig:
     """Let peft wrap llmslim's quantized layers (`config` is changed and returned)."""
-    config._register_custom_module({SlimLinear: SlimLoraLinear})
-    return config
+    return compat.register_peft_custom_module(config, {SlimLinear: SlimLoraLinear})
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
+from llmslim.hf import compat
 from llmslim.memory.blocks import find_blocks
 
 logger = logging.getLogger(__name__)
@@ -136,10 +137,7 @@ def disable_checkpointing(model: nn.Module) -> None:
         plan.remove()
         delattr(model, _ATTRIBUTE)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a PEFT wrapper
-    active = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5; before: is_gradient_checkpointing
-    if active is None:
-        active = getattr(base, "is_gradient_checkpointing", False)
-    if active:
+    if compat.transformers_checkpointing_active(base):
         base.gradient_checkpointing_disable()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmslim.hf import compat
 from llmslim.memory.blocks import find_blocks
 from llmslim.offload.manager import OffloadManager, block_slots
 from llmslim.offload.store import CpuStore, DiskStore, DiskWriter
@@ -109,9 +110,7 @@ class OffloadPlan(DevicePlan):
         self._offloaded = set(offloaded)
 
     def device_for(self, tensor_name: str) -> torch.device | str:
-        rest = tensor_name.removeprefix(f"{self.blocks_name}.")
-        index = rest.split(".", 1)[0]
-        if rest != tensor_name and index.isdigit() and int(index) in self._offloaded:
+        if compat.block_index(tensor_name, self.blocks_name) in self._offloaded:
             return "disk"  # the loader's word for "not in memory": it calls offload() with the tensor
         return self.device
 

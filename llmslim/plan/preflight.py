@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmslim.hf import compat
 from llmslim.plan.hardware import GiB, available_ram, parse_size
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ class PreflightError(MemoryError, ValueError):
 
 def unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Name -> tensor of every parameter and buffer, tied copies left out."""
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    tied = set(compat.tied_weights(model))
     seen: set[int] = set()
     out = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
@@ -75,10 +76,9 @@ def load_constant(skeleton: nn.Module, files: list[Path]) -> int:
 def _per_block(plan, tensors: dict[str, torch.Tensor]) -> dict[int, int]:
     sizes: dict[int, int] = defaultdict(int)
     for name, tensor in tensors.items():
-        rest = name.removeprefix(f"{plan.blocks_name}.")
-        index = rest.split(".", 1)[0]
-        if rest != name and index.isdigit() and int(index) in plan.offloaded:
-            sizes[int(index)] += tensor.numel() * tensor.element_size()
+        index = compat.block_index(name, plan.blocks_name)
+        if index in plan.offloaded:
+            sizes[index] += tensor.numel() * tensor.element_size()
     return sizes
 
 

@@ -426,7 +426,7 @@ def _meta_model(config: dict):
 
 def shape_of_model(model, name: str) -> ModelShape:
     """A `ModelShape` listing the tensors of an (unquantized, possibly meta) transformers model."""
-    from llmslim.hf import tied_module_names
+    from llmslim.hf.compat import block_index, tied_module_names, tied_weights
     from llmslim.memory.blocks import find_blocks
     from llmslim.quant.modules import quantizable
 
@@ -442,15 +442,13 @@ def shape_of_model(model, name: str) -> ModelShape:
             )
             linears[mod_name] = LinearSpec(mod_name, in_f, out_f, module.bias is not None)
     covered = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
-    covered |= set(getattr(model, "all_tied_weights_keys", None) or {})  # tied copies: counted once, at their source
+    covered |= set(tied_weights(model))  # tied copies: counted once, at their source
     tensors = [TensorSpec(n, t.numel()) for n, t in model.named_parameters() if n not in covered]
     tensors += [TensorSpec(n, b.numel(), str(b.dtype).removeprefix("torch.")) for n, b in model.named_buffers() if n not in covered]
     n = len(blocks)
 
     def block_of(item_name: str) -> int | None:
-        rest = item_name.removeprefix(f"{blocks_name}.")
-        index = rest.split(".", 1)[0]
-        return int(index) if rest != item_name and index.isdigit() else None
+        return block_index(item_name, blocks_name)
 
     block_linears: list[list[LinearSpec]] = [[] for _ in range(n)]
     block_tensors: list[list[TensorSpec]] = [[] for _ in range(n)]

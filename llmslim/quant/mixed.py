@@ -14,9 +14,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
-from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
+from llmslim.hf.compat import Conv1D
 from llmslim.quant import formats, kernels
 from llmslim.quant.modules import check_finite
 

@@ -18,9 +18,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from llmslim.config import SlimConfig
+from llmslim.hf import compat
+from llmslim.hf.compat import Conv1D
 from llmslim.quant import formats, kernels
 from llmslim.quant.registry import LayerSpec
 
@@ -339,6 +340,11 @@ def replace_linear_modules(model: nn.Module, config: SlimConfig, keep: set[str] 
     if not replaced:
         logger.warning("no linear layer matched include=%s exclude=%s: nothing was quantized", config.include, config.exclude)
     return replaced
+
+
+def prepare_skeleton(model: torch.nn.Module, config: SlimConfig) -> list[str]:
+    """Replace the selected layers of a (meta) model by empty llmslim layers."""
+    return replace_linear_modules(model, config, keep=compat.tied_module_names(model))
 
 
 def quantization_targets(model: nn.Module, config: SlimConfig, keep: set[str] = frozenset()) -> list[tuple[str, nn.Module]]:

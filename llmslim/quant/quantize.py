@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from llmslim import hf
 from llmslim.config import SlimConfig
+from llmslim.hf import compat
 from llmslim.quant.mixed import choose_int8_layers, oriented
 from llmslim.quant.modules import quantization_targets
 
@@ -27,8 +27,8 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
     if config.weights is None:
         return []
     if hasattr(model, "get_output_embeddings") and hasattr(model, "get_input_embeddings"):  # a transformers model
-        hf.untie_int8_head(model, config)  # an int8 head named in int8_layers gets its own weight
-    selected = quantization_targets(model, config, keep=hf.tied_module_names(model))
+        compat.untie_int8_head(model, config)  # an int8 head named in int8_layers gets its own weight
+    selected = quantization_targets(model, config, keep=compat.tied_module_names(model))
     if config.needs_mixed_choice:
         config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
     replaced = []
@@ -41,5 +41,5 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
         model.set_submodule(name, layer)
         replaced.append(name)
     if hasattr(model, "config"):
-        hf.mark_quantized(model, config)
+        compat.mark_quantized(model, config)
     return replaced

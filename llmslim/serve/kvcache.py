@@ -19,8 +19,9 @@ from __future__ import annotations
 import inspect
 
 import torch
-from transformers import AttentionInterface, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import PreTrainedModel
+
+from llmslim.hf.compat import AttentionInterface, sdpa_attention_forward
 
 ROW_ATTENTION = "llmslim_rows"
 _MIN_CAPACITY = 64
