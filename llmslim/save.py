@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from llmslim.hf import compat
 from llmslim.procs import process_running
 from llmslim.quant import kernels
+from llmslim.quant.experts import quantized_experts
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, SlimLinear8bit, quantizable, quantized_layers
 from llmslim.quant.registry import BNB_FORMATS
 
@@ -410,6 +411,13 @@ def bnb_quantization_config(model: torch.nn.Module) -> dict:
 def _save_bnb(model: torch.nn.Module, folder: Path) -> None:
     if not any(True for _ in quantized_layers(model)):
         raise ValueError("the model has no llmslim quantized layers: there is nothing to export in bitsandbytes format")
+    experts = next((name for name, _ in quantized_experts(model)), None)
+    if experts is not None:
+        raise ValueError(
+            f"bitsandbytes has no layout for quantized mixture-of-experts weights ({experts} holds every expert of a layer "
+            "stacked): transformers + bitsandbytes leaves fused experts in float, so no stock loader reads them. Save in "
+            "llmslim's layout (format='llmslim', the default), which `import llmslim` + from_pretrained loads"
+        )
     weights = model.config.quantization_config.weights
     if weights not in BNB_FORMATS:
         raise ValueError(

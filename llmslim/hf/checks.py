@@ -13,12 +13,19 @@ import torch
 
 from llmslim.hf import compat
 from llmslim.offload.store import safetensors_index
+from llmslim.quant.experts import quantized_experts
 from llmslim.quant.modules import SlimLinear, quantized_layers
 
 
 def check_loaded(model: torch.nn.Module, source: str) -> None:
     """Raise if a quantized layer still has tensors on the meta device (not found in the checkpoint)."""
     missing = [f"{name}.{t}" for name, layer in quantized_layers(model) for t, v in layer.state_dict().items() if v.is_meta]
+    missing += [
+        f"{name.rpartition('.')[0]}.{store.names[t]}"
+        for name, store in quantized_experts(model)
+        for t, v in store.tensors().items()
+        if v.is_meta
+    ]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ValueError(

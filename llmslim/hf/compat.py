@@ -260,3 +260,38 @@ def register_peft_custom_module(config, mapping: dict[type, type]):
     `LoraConfig._register_custom_module`); returns `config`."""
     config._register_custom_module(mapping)
     return config
+
+
+# ---- mixture of experts (transformers.integrations.moe) -----------------------------------------
+
+EXPERTS_IMPLEMENTATION = "llmslim"
+
+
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """A module built with transformers' `use_experts_implementation` (it sets these attributes): fused
+    3-D expert weights whose forward is dispatched through the experts interface."""
+    return all(hasattr(module, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")) and hasattr(module, "_apply_gate")
+
+
+def use_llmslim_experts(model: torch.nn.Module, forward) -> None:
+    """Register `forward` as transformers' experts implementation "llmslim" and select it for `model`
+    (every experts module then calls it with `(self, hidden_states, top_k_index, top_k_weights)`)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+
+    if ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION) is not forward:
+        ExpertsInterface.register(EXPERTS_IMPLEMENTATION, forward)
+    if hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+    else:  # a bare experts-holding module: set it on the configs its experts read
+        for module in model.modules():
+            if is_experts_module(module) and getattr(module, "config", None) is not None:
+                module.config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+
+
+def save_with_model_names(model: torch.nn.Module) -> None:
+    """Save `model` under its own tensor names: no reverse of transformers' checkpoint conversion mapping.
+
+    That mapping splits fused 3-D experts back into one tensor per expert when saving; quantized
+    experts are stacked codes and scales, which only llmslim's layout (the model's own names) holds.
+    """
+    model._weight_conversions = []

@@ -17,8 +17,10 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from llmslim.compress.apply import compress_
 from llmslim.compress.load import prepare_compression, share_loaded_
 from llmslim.config import QUANT_METHOD, SlimConfig
+from llmslim.hf import compat
 from llmslim.hf.checks import check_checkpoint_files, check_loaded
 from llmslim.hf.compat import head_tied_to_embedding, untie_int8_head
+from llmslim.quant.experts import SlimExpertWeights, expert_stores, quantized_experts, replace_experts
 from llmslim.quant.modules import SlimLinear, prepare_skeleton, quantized_layers
 from llmslim.quant.registry import FORMATS
 
@@ -33,12 +35,30 @@ class SlimQuantize(ConversionOps):
         result = {}
         for param_name, value in input_dict.items():
             value = value[0] if isinstance(value, list) else value
+            target = _quantized_target(model, param_name)
             module_name = param_name.rpartition(".")[0]
-            module = model.get_submodule(module_name)
-            for name, tensor in module.quantize(value).items():
+            if isinstance(target, SlimExpertWeights):  # a fused 3-D experts parameter: stacked codes and scales
+                tensors = {target.names[k]: v for k, v in target.quantize(value, param_name).items()}
+                target.module._is_hf_initialized = True
+            else:
+                tensors = target.quantize(value)
+                target._is_hf_initialized = True
+            for name, tensor in tensors.items():
                 result[f"{module_name}.{name}"] = tensor
-            module._is_hf_initialized = True
         return result
+
+
+def _quantized_target(model, param_name: str) -> SlimLinear | SlimExpertWeights | None:
+    """The llmslim module a float checkpoint tensor is quantized into: a layer for its `weight`, or the
+    experts store that took the place of a fused 3-D parameter; None for a tensor loaded as it is."""
+    module_name, _, tensor_name = param_name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    if isinstance(module, SlimLinear) and tensor_name == "weight":
+        return module
+    return expert_stores(module).get(tensor_name)
 
 
 class SlimHfQuantizer(HfQuantizer):
@@ -70,12 +90,7 @@ class SlimHfQuantizer(HfQuantizer):
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
             return False
-        module_name, _, tensor_name = param_name.rpartition(".")
-        try:
-            module = model.get_submodule(module_name)
-        except AttributeError:
-            return False
-        return isinstance(module, SlimLinear) and tensor_name == "weight"
+        return _quantized_target(model, param_name) is not None
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if self.quantization_config.needs_mixed_choice:
@@ -89,7 +104,7 @@ class SlimHfQuantizer(HfQuantizer):
                 "int8_layers names the output head, which this model ties to its input embedding: load with "
                 "llmslim.from_pretrained(path, config), which makes the head an int8 copy of the embedding"
             )
-        self.quantized_modules = prepare_skeleton(model, self.quantization_config)
+        self.quantized_modules = prepare_skeleton(model, self.quantization_config) + replace_experts(model, self.quantization_config)
         if self.pre_quantized and self.quantization_config.compresses:
             prepare_compression(model, self.quantization_config, pre_quantized=True, tie_now=False)
             _skip_init_of_shared_members(model)
@@ -98,8 +113,12 @@ class SlimHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         check_loaded(model, getattr(model.config, "_name_or_path", "model"))
+        if any(True for _ in quantized_experts(model)):
+            compat.save_with_model_names(model)  # transformers set its conversion mapping while loading
         for _, layer in quantized_layers(model):
             layer.own_memory()
+        for _, store in quantized_experts(model):
+            store.own_memory()
         if self.quantization_config.compresses:
             self.quantization_config = _compress_loaded(model, self.quantization_config, self.pre_quantized)
         return model

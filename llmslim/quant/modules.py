@@ -338,7 +338,7 @@ def replace_linear_modules(model: nn.Module, config: SlimConfig, keep: set[str] 
         model.set_submodule(name, spec.module_class().from_linear(module, spec, name))
         replaced.append(name)
     if not replaced:
-        logger.warning("no linear layer matched include=%s exclude=%s: nothing was quantized", config.include, config.exclude)
+        logger.warning("no linear layer matched include=%s exclude=%s: no linear layer was quantized", config.include, config.exclude)
     return replaced
 
 

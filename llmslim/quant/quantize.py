@@ -6,6 +6,7 @@ import torch
 
 from llmslim.config import SlimConfig
 from llmslim.hf import compat
+from llmslim.quant.experts import quantize_experts_
 from llmslim.quant.mixed import choose_int8_layers, oriented
 from llmslim.quant.modules import quantization_targets
 
@@ -40,6 +41,7 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
             layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
         model.set_submodule(name, layer)
         replaced.append(name)
+    replaced += quantize_experts_(model, config)
     if hasattr(model, "config"):
         compat.mark_quantized(model, config)
     return replaced
