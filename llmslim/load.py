@@ -25,6 +25,7 @@ from llmslim.hf import checks, compat
 from llmslim.memory.trim import release_free_memory
 from llmslim.placement import DevicePlan, plan_devices
 from llmslim.quant import kernels, mixed
+from llmslim.quant.experts import ExpertAssembler, expert_stores, quantized_experts, replace_experts
 from llmslim.quant.modules import SlimLinear, prepare_skeleton, quantization_targets
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def from_pretrained(
         config = _choose_int8_layers(skeleton, config, files)
     copies = compat.untie_int8_head(skeleton, config)  # a tied head named in int8_layers: quantized from the embedding
     prepare_skeleton(skeleton, config)
+    replace_experts(skeleton, config)
     router = prepare_compression(skeleton, config, path, pre_quantized)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
     if offload is not None:
@@ -213,12 +215,16 @@ class _Loader:
         self.offloaded: set[str] = set()  # written to the offload folder, left on meta here
         self.files: list[Path] = []
         self.bar = tqdm(total=len(self.expected), desc="llmslim: loading", unit="tensor", disable=None if progress else True)
+        self.experts = None if pre_quantized else ExpertAssembler(model)
+        self.rename = compat.transformers_renaming(model)  # per-expert float tensors -> stacked quantized
 
     def load_file(self, file: Path) -> None:
         self.files.append(file)
         for key, read in _checked(file, _iter_tensors(file)):
             self.bar.update()
             if self.router is not None and self.router.take(key, read, self.plan.device_for):
+                continue
+            if self.experts is not None and self.experts.take(key, read, self._expert_device):
                 continue
             target = self._target(key)
             if target is None:
@@ -231,8 +237,16 @@ class _Loader:
                 self._load_tensor(self._target(self.copies[target.full_name]), tensor, file)
             release_free_memory()  # the read and its temporaries are freed: keep the heap from holding them
 
+    def _expert_device(self, name: str):
+        device = self.plan.device_for(name)
+        if device == "disk":
+            raise ValueError(f"{name}: offloading quantized experts to disk on load is not supported yet; use offload='cpu'")
+        return device
+
     def _target(self, key: str) -> _Target | None:
-        for name in (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")):
+        renamed, converted = self.rename(key)  # transformers' own renamings (e.g. Mixtral's block_sparse_moe -> mlp)
+        candidates = (key, f"{self.prefix}.{key}", key.removeprefix(f"{self.prefix}.")) + (() if converted else tuple(renamed))
+        for name in candidates:
             if name in self.expected:
                 module_name, _, tensor_name = name.rpartition(".")
                 return _Target(self.model.get_submodule(module_name), tensor_name, name)
@@ -253,6 +267,10 @@ class _Loader:
     def _load_tensor(self, target: _Target, tensor: torch.Tensor, file: Path) -> None:
         device = self.plan.device_for(target.full_name)
         module = target.module
+        store = expert_stores(module).get(target.name)
+        if store is not None and not self.pre_quantized:  # a fused float 3-D experts parameter (gpt-oss, v5 saves)
+            store.set_float_weight(tensor.to(self._expert_device(target.full_name)), target.full_name)
+            return
         if isinstance(module, SlimLinear) and not self.pre_quantized and target.name == "weight":
             checks.check_float_weight(module, target.full_name, tensor.dtype, tuple(tensor.shape), file)
             if device == "disk":
@@ -282,6 +300,9 @@ class _Loader:
         if self.unexpected:
             logger.info("ignored %d checkpoint tensors the model does not use: %s", len(self.unexpected), self.unexpected[:5])
         self.model.tie_weights()
+        experts = self.experts.missing() if self.experts is not None else []
+        if experts:
+            raise ValueError(checks.missing_message(self.model, experts, self.pre_quantized, str(self.source), self.files))
         missing = [n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta and n not in self.offloaded]
         if missing:
             raise ValueError(checks.missing_message(self.model, missing, self.pre_quantized, str(self.source), self.files))
@@ -351,6 +372,8 @@ def _assign(module: torch.nn.Module, name: str, tensor: torch.Tensor, expected: 
 
 
 def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, source: Path) -> PreTrainedModel:
+    for _, store in quantized_experts(model):
+        store.own_memory()  # aligned as the transformers door leaves them: the same kernels, bit-identical logits
     compat.mark_quantized(model, config)
     model.config.name_or_path = str(source)
     plan.dispatch(model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import transformers
@@ -295,3 +295,58 @@ def save_with_model_names(model: torch.nn.Module) -> None:
     experts are stacked codes and scales, which only llmslim's layout (the model's own names) holds.
     """
     model._weight_conversions = []
+
+
+class ExpertSource(NamedTuple):
+    """Where a per-expert checkpoint tensor goes: `name` (the fused parameter), `expert`, `part` of `parts`
+    (gate 0 and up 1 of 2), and `span`, the position of the expert number in the checkpoint key."""
+
+    name: str
+    expert: int
+    part: int
+    parts: int
+    span: tuple[int, int]
+
+
+def expert_sources(model: torch.nn.Module):
+    """key -> `ExpertSource` | None: where a per-expert checkpoint tensor goes in the fused 3-D
+    experts parameters, from transformers' own checkpoint conversion mapping.
+
+    A Hub checkpoint stores `...experts.3.w1.weight` (Mixtral) or `...experts.3.gate_proj.weight`; transformers
+    stacks the experts (`MergeModulelist`) and concatenates gate and up (`Concatenate`) into `...experts.gate_up_proj`.
+    `part` is the tensor's place in that concatenation (gate 0, up 1 of `parts` 2). Keys of other converters, and
+    converters doing anything else, map to None (they load as they are).
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # another transformers 5.x layout: no per-expert checkpoints to convert
+        return lambda key: None
+    transforms = copy.deepcopy(get_model_conversion_mapping(model))
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter) and _stacks_experts(t, MergeModulelist, Concatenate)]
+    meta_state = model.state_dict()
+    prefix = model.base_model_prefix
+
+    def source(key: str):
+        name, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if pattern is None:
+            return None
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        if match is None:
+            return None
+        index = converter.source_patterns.index(pattern)
+        return ExpertSource(name, int(match.group(1)), index, len(converter.source_patterns), match.span(1))
+
+    return source
+
+
+def _stacks_experts(converter, merge, concatenate) -> bool:
+    """A converter that stacks per-expert 2-D tensors along dim 0, then (for several sources) concatenates along dim 1."""
+    ops = converter.operations
+    if not ops or not isinstance(ops[0], merge) or ops[0].dim != 0 or len(converter.target_patterns) != 1:
+        return False
+    if len(converter.source_patterns) == 1:
+        return len(ops) == 1
+    return len(ops) == 2 and isinstance(ops[1], concatenate) and ops[1].dim == 1

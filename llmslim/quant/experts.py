@@ -94,7 +94,25 @@ class SlimExpertWeights:
     def set_float_weight(self, weight: torch.Tensor, name: str = "") -> None:
         """Quantize a float 3-D weight (in the layout of the parameter this replaced) into the module's tensors."""
         for key, value in self.quantize(weight, name).items():
-            getattr(self.module, self.names[key]).data = value
+            self._assign(self.names[key], value)
+
+    @torch.no_grad()
+    def set_expert_float(self, index: int, weight: torch.Tensor, name: str = "") -> None:
+        """Quantize one expert's float 2-D weight (`(out, in)`, or `(in, out)` when transposed) into slot `index`,
+        allocating the stacked tensors on `weight`'s device first if they are still empty (meta)."""
+        self.template.module_name = f"{name or self.proj}[expert {index}]"
+        for key, value in self.template.quantize(weight).items():
+            stacked = getattr(self.module, self.names[key])
+            if stacked.is_meta:
+                stacked = torch.empty(stacked.shape, dtype=stacked.dtype, device=weight.device)
+                self._assign(self.names[key], stacked)
+            stacked[index] = value
+
+    def _assign(self, stored: str, value: torch.Tensor) -> None:
+        if stored in self.module._parameters:
+            self.module._parameters[stored] = nn.Parameter(value, requires_grad=False)
+        else:
+            self.module._buffers[stored] = value
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
@@ -263,3 +281,58 @@ def quantized_experts(model: nn.Module) -> Iterator[tuple[str, SlimExpertWeights
     for name, module in experts_modules(model):
         for proj, store in expert_stores(module).items():
             yield f"{name}.{proj}", store
+
+
+class ExpertAssembler:
+    """Quantizes a checkpoint's per-expert float tensors into the stacked storage as they arrive.
+
+    Memory stays bounded: a tensor waits only for the other parts of its own expert (gate for up),
+    the fused float 3-D tensor is never built. Names come from transformers' conversion mapping
+    (`hf.compat.expert_sources`), so every architecture it knows works.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.source = compat.expert_sources(model)
+        self.stores = dict(quantized_experts(model))
+        self.pending: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
+        self.done: dict[str, set[int]] = {name: set() for name in self.stores}
+        self.examples: dict[tuple[str, int], tuple[str, int, int]] = {}  # (name, part) -> a key seen, its expert digits' span
+        self.parts: dict[str, int] = {}
+
+    def take(self, key: str, read, device_for) -> bool:
+        """Consume `key` (read with `read()`) if it is a part of a quantized experts parameter, quantizing on the
+        device `device_for(fused name)` gives."""
+        found = self.source(key) if self.stores else None
+        if found is None or found[0] not in self.stores:
+            return False
+        name, expert, part, parts = found.name, found.expert, found.part, found.parts
+        self.parts[name] = parts
+        self.examples.setdefault((name, part), (key, *found.span))
+        slot = self.pending.setdefault((name, expert), {})
+        slot[part] = read().to(device_for(name))
+        if len(slot) == parts:
+            del self.pending[(name, expert)]
+            weight = torch.cat([slot[i] for i in range(parts)], dim=0)  # (out, in): gate rows, then up rows
+            self.stores[name].set_expert_float(expert, weight, name)
+            self.done[name].add(expert)
+        return True
+
+    def missing(self) -> list[str]:
+        """Checkpoint keys of expert parts never seen, in order (best effort: named after a sibling's key)."""
+        names = []
+        for name, store in self.stores.items():
+            if name not in self.parts:
+                continue  # loaded fused, or not at all: the loader's own check names the fused tensor
+            for expert in range(store.num_experts):
+                seen = self.pending.get((name, expert), {}) if expert not in self.done[name] else range(self.parts[name])
+                names += [self._key(name, expert, p) for p in range(self.parts[name]) if p not in seen]
+        return names
+
+    def _key(self, name: str, expert: int, part: int) -> str:
+        example = self.examples.get((name, part))
+        return _key_for(example, expert) if example else f"{name} (expert {expert}, part {part + 1} of {self.parts[name]})"
+
+
+def _key_for(example: tuple[str, int, int], expert: int) -> str:
+    key, start, end = example
+    return f"{key[:start]}{expert}{key[end:]}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 
 import bitsandbytes.functional as bnb_f
 import pytest
@@ -10,6 +12,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM
 
+import llmslim
 from llmslim import SlimConfig, save_pretrained
 from llmslim.quant.experts import SlimExpertWeights, expert_stores, experts_modules, quantize_experts_, quantized_experts
 from llmslim.quant.quantize import quantize_
@@ -193,3 +196,32 @@ def test_a_store_refuses_a_weight_of_the_wrong_shape():
     assert isinstance(store, SlimExpertWeights)
     with pytest.raises(ValueError, match=r"a weight of shape \(8, 64, 32\) does not fit experts of shape \(8, 64, 64\)"):
         store.quantize(torch.zeros(8, 64, 32), "down_proj")
+
+
+@pytest.mark.parametrize("weights", ["int8", "nf4"])
+@pytest.mark.parametrize("arch", list(MOE_CONFIGS))
+def test_llmslim_door_streams_hub_experts_like_the_transformers_door(hub_folders, tmp_path, arch, weights):
+    config = SlimConfig(weights=weights, block_size=32)
+    ours = llmslim.from_pretrained(hub_folders[arch], config, progress=False)
+    theirs = AutoModelForCausalLM.from_pretrained(hub_folders[arch], quantization_config=config).eval()
+    assert _expert_float_bytes(ours) == 0
+    ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert torch.equal(logits, theirs(ids).logits)
+    llmslim.save_pretrained(ours, tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(llmslim.from_pretrained(tmp_path / "q", progress=False)(ids).logits, logits)
+
+
+def test_a_checkpoint_missing_an_expert_names_the_tensor_and_file(hub_folders, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    shutil.copytree(hub_folders["mixtral"], folder)
+    state = load_file(folder / "model.safetensors")
+    missing = next(k for k in state if k.endswith("experts.2.w3.weight"))
+    del state[missing]
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"the checkpoint has no data for {re.escape(missing)} in model\.safetensors"):
+        llmslim.from_pretrained(folder, SlimConfig(weights="nf4"), progress=False)
