@@ -86,9 +86,12 @@ def from_pretrained(
     router = prepare_compression(skeleton, config, path, pre_quantized)
     plan = plan_devices(skeleton, device_map, max_memory, offload_dir)
     if offload is not None:
-        from llmslim.offload.placement import offload_plan
+        from llmslim.offload.placement import expert_offload_plan, offload_plan
 
-        plan = offload_plan(skeleton, plan, offload, offload_budget, offload_dir, files, pre_quantized)
+        if any(True for _ in quantized_experts(skeleton)):  # MoE: the experts leave the compute device, nothing else
+            plan = expert_offload_plan(skeleton, plan, offload, offload_dir, files, pre_quantized)
+        else:
+            plan = offload_plan(skeleton, plan, offload, offload_budget, offload_dir, files, pre_quantized)
     from llmslim.plan.preflight import check_fits
 
     check_fits(skeleton, plan, files, max_memory, force, path)
@@ -215,7 +218,7 @@ class _Loader:
         self.offloaded: set[str] = set()  # written to the offload folder, left on meta here
         self.files: list[Path] = []
         self.bar = tqdm(total=len(self.expected), desc="llmslim: loading", unit="tensor", disable=None if progress else True)
-        self.experts = None if pre_quantized else ExpertAssembler(model)
+        self.experts = None if pre_quantized else ExpertAssembler(model, self._experts_complete)
         self.rename = compat.transformers_renaming(model)  # per-expert float tensors -> stacked quantized
 
     def load_file(self, file: Path) -> None:
@@ -231,6 +234,10 @@ class _Loader:
                 self._check_unexpected(key, file)
                 self.unexpected.append(key)
                 continue
+            if self._mapped_in_place(target.full_name):
+                self.plan.names.add(target.full_name)
+                self.offloaded.add(target.full_name)
+                continue
             tensor = read()
             self._load_tensor(target, tensor, file)
             if target.full_name in self.copies:
@@ -238,10 +245,25 @@ class _Loader:
             release_free_memory()  # the read and its temporaries are freed: keep the heap from holding them
 
     def _expert_device(self, name: str):
+        """Where a quantized experts parameter is assembled: its device, or the CPU when it is offloaded (handed to
+        the plan's store once complete, `_experts_complete`)."""
         device = self.plan.device_for(name)
-        if device == "disk":
-            raise ValueError(f"{name}: offloading quantized experts to disk on load is not supported yet; use offload='cpu'")
-        return device
+        return torch.device("cpu") if device == "disk" else device
+
+    def _experts_complete(self, name: str, store) -> None:
+        if self.plan.device_for(name) != "disk":
+            return
+        module_name = name.rpartition(".")[0]
+        for stored in store.names.values():
+            full_name = f"{module_name}.{stored}"
+            tensor = getattr(store.module, stored)
+            self.plan.offload(full_name, tensor)
+            self.offloaded.add(full_name)
+            _assign(store.module, stored, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"), tensor)
+
+    def _mapped_in_place(self, name: str) -> bool:
+        """A tensor of a quantized checkpoint that an offload plan maps from the file itself: not read now."""
+        return self.pre_quantized and self.plan.device_for(name) == "disk" and getattr(self.plan, "source_files", None) is not None
 
     def _target(self, key: str) -> _Target | None:
         renamed, converted = self.rename(key)  # transformers' own renamings (e.g. Mixtral's block_sparse_moe -> mlp)
@@ -270,6 +292,7 @@ class _Loader:
         store = expert_stores(module).get(target.name)
         if store is not None and not self.pre_quantized:  # a fused float 3-D experts parameter (gpt-oss, v5 saves)
             store.set_float_weight(tensor.to(self._expert_device(target.full_name)), target.full_name)
+            self._experts_complete(target.full_name, store)
             return
         if isinstance(module, SlimLinear) and not self.pre_quantized and target.name == "weight":
             checks.check_float_weight(module, target.full_name, tensor.dtype, tuple(tensor.shape), file)

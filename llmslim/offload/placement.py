@@ -214,3 +214,77 @@ def offload_(model: nn.Module, budget: int | str, mode: str = "cpu", offload_dir
         for slot in block_slots(blocks[i], f"{blocks_name}.{i}"):
             store.add(slot.name, getattr(slot.module, slot.attr))
     return attach(model, blocks_name, offloaded, store if mode == "cpu" else store.finish(), device)
+
+
+class ExpertOffloadPlan(OffloadPlan):
+    """`offload=` for a mixture-of-experts model: the quantized experts (the bulk of its bytes) stay in CPU RAM
+    (`"cpu"`) or on disk (`"disk"`: memory-mapped in place from a quantized llmslim checkpoint, else written once,
+    quantized, to `offload_dir`), everything else (attention, routers, shared experts, embeddings) on the compute
+    device. Each routed expert runs where its weights are (`quant.experts`), as llama.cpp's `--n-cpu-moe` does;
+    on a CPU-only machine the page cache keeps the hot experts of a disk-mapped checkpoint in memory.
+    """
+
+    def __init__(
+        self, device: torch.device, mode: str, expert_tensors: set[str], offload_dir: Path | None, source_files: list[Path] | None
+    ):
+        super().__init__(device, mode, "", [], offload_dir, source_files)
+        self.expert_tensors = expert_tensors
+        self.writer = DiskWriter(offload_dir) if mode == "disk" and source_files is None else None
+
+    def device_for(self, tensor_name: str) -> torch.device | str:
+        return "disk" if tensor_name in self.expert_tensors else self.device
+
+    def dispatch(self, model: nn.Module) -> None:
+        if self.cpu_store is not None:
+            store = self.cpu_store
+        elif self.writer is not None:
+            store = self.writer.finish()
+        else:
+            store = DiskStore.from_safetensors(self.source_files, self.names, model.base_model_prefix)
+        for name in sorted(self.names):
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            tensor = store.get(name)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+            else:
+                module._buffers[attr] = tensor
+        model.__dict__[_ATTRIBUTE + "_experts"] = store  # keeps the mapping (and a written file) alive with the model
+        logger.info("experts offloaded (%s): %d tensors, %.2f GiB", type(store).__name__, len(self.names), store.nbytes / 2**30)
+
+
+def expert_offload_plan(
+    skeleton: nn.Module, base: DevicePlan, mode: str, offload_dir: str | os.PathLike | None, files: list[Path], pre_quantized: bool
+) -> ExpertOffloadPlan:
+    """The loader's plan for `offload=mode` on a skeleton with quantized experts (see `ExpertOffloadPlan`)."""
+    from llmslim.quant.experts import quantized_experts
+
+    check_mode(mode)
+    device = _single_device(base)
+    names = set()
+    for name, store in quantized_experts(skeleton):
+        names |= {f"{name.rpartition('.')[0]}.{stored}" for stored in store.names.values()}
+    in_place = mode == "disk" and pre_quantized and all(f.suffix == ".safetensors" for f in files)
+    if mode == "disk" and not in_place and offload_dir is None:
+        raise ValueError("offload='disk' from a float checkpoint writes the quantized experts once: pass offload_dir= (a folder)")
+    if mode == "disk" and not in_place:
+        check_writable(Path(offload_dir))
+    return ExpertOffloadPlan(device, mode, names, Path(offload_dir) if offload_dir else None, files if in_place else None)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse an offload folder that cannot take a file, before any weight is read."""
+    probe = folder / f".llmslim-probe-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * 4096)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as err:
+        raise ValueError(
+            f"offload_dir {str(folder)!r} cannot take the offloaded weights ({err.strerror}): give a writable folder with space"
+        ) from err
+    finally:
+        if folder.is_dir():
+            probe.unlink(missing_ok=True)

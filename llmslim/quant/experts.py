@@ -198,7 +198,9 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
 def _project(module: nn.Module, proj: str, expert: int, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     store = expert_stores(module).get(proj)
     if store is not None:
-        y = store.expert(expert)(x)
+        layer = store.expert(expert)
+        home = layer.weight.device  # offloaded experts run where their weights are (CPU RAM or a mapped file)
+        y = layer(x) if home == x.device else layer(x.to(home)).to(x.device)
     else:  # a float 3-D parameter
         w = getattr(module, proj)[expert]
         y = x @ w.to(x.dtype) if transposed else torch.nn.functional.linear(x, w.to(x.dtype))
@@ -291,7 +293,8 @@ class ExpertAssembler:
     (`hf.compat.expert_sources`), so every architecture it knows works.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, on_complete=None):
+        self.on_complete = on_complete  # called with (fused name, store) once every expert of it is in
         self.source = compat.expert_sources(model)
         self.stores = dict(quantized_experts(model))
         self.pending: dict[tuple[str, int], dict[int, torch.Tensor]] = {}
@@ -315,6 +318,8 @@ class ExpertAssembler:
             weight = torch.cat([slot[i] for i in range(parts)], dim=0)  # (out, in): gate rows, then up rows
             self.stores[name].set_expert_float(expert, weight, name)
             self.done[name].add(expert)
+            if len(self.done[name]) == self.stores[name].num_experts and self.on_complete is not None:
+                self.on_complete(name, self.stores[name])
         return True
 
     def missing(self) -> list[str]:
