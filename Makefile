@@ -30,6 +30,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check llmslim tests scripts benchmarks
 	$(VENV)/bin/ruff format --check llmslim tests scripts benchmarks
+	$(VENV)/bin/lint-imports  # the layer contract in pyproject.toml
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format llmslim tests scripts benchmarks

@@ -33,8 +33,6 @@ from typing import TYPE_CHECKING
 from _harness import RESULTS_DIR, publish, pyplot, save_figure, torch_info
 from _models import MINILM_WHEEL, minilm_folder, time_decode
 
-from llmslim.quant.registry import weight_choices
-
 if TYPE_CHECKING:
     import torch
 
@@ -42,6 +40,8 @@ README_BLOCKS = {"bench_distill": "bench_distill.json"}  # README marker -> the 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from llmslim.quant.registry import weight_choices  # here: render.py imports this module and must not import torch
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher", default=None, help="teacher folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--train", default=None, help="training text; its last 10%% is the eval split (default: Tiny Shakespeare, shipped)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from llmslim.distill.cli import main
+from llmslim.cli import script_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(script_main("distill"))

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from llmslim import cli
 from llmslim.cli import main
 
 
@@ -200,3 +204,118 @@ def test_compress_never_writes_over_its_source(project, tmp_path, capsys):
     assert main(["compress", "proj/src", "--out", "proj", "--overwrite", "--embedding-rank", "8"]) == 2
     assert "error: the --out proj contains the input model proj/src: replacing proj would delete it" in capsys.readouterr().err
     assert snapshot(tmp_path / "proj") == before
+
+
+# --- one package, one module per verb, dispatched one way (issue 16) ---------------------------
+
+
+def verb_parsers() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def example_argv(example: str) -> list[str]:
+    words = shlex.split(example, comments=True)
+    prefix = 3 if words[:3] == ["python", "-m", "llmslim"] else 1
+    assert words[:prefix] in (["llmslim"], ["python", "-m", "llmslim"]), example
+    return words[prefix:]
+
+
+def test_every_verb_module_is_registered_and_dispatched(monkeypatch):
+    modules = {p.stem for p in Path(cli.__file__).parent.glob("*.py") if not p.stem.startswith("_")}
+    assert {verb.__name__.rpartition(".")[2] for verb in cli.VERBS} == modules
+    assert list(verb_parsers()) == [verb.NAME for verb in cli.VERBS]
+    for verb in cli.VERBS:
+        calls = []
+        monkeypatch.setattr(verb, "run", lambda args, calls=calls: calls.append(args.command) or 0)
+        for example in verb.EXAMPLES:
+            assert cli.main(example_argv(example)) == 0, example
+        assert calls == [verb.NAME] * len(verb.EXAMPLES)
+
+
+@pytest.mark.parametrize("verb", cli.VERBS, ids=lambda verb: verb.NAME)
+def test_every_verb_help_ends_with_real_examples(verb, capsys):
+    assert 1 <= len(verb.EXAMPLES) <= 2
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([verb.NAME, "--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert help_text.endswith("examples:\n" + "".join(f"  {example}\n" for example in verb.EXAMPLES)), help_text
+    for example in verb.EXAMPLES:
+        assert example_argv(example)[0] == verb.NAME  # the example runs this verb (parsed in the test above)
+
+
+def test_scripts_help_ends_with_the_examples(capsys):
+    with pytest.raises(SystemExit):
+        cli.script_main("finetune", ["--help"])
+    assert capsys.readouterr().out.endswith(f"  {cli.finetune.EXAMPLES[-1]}\n")
+
+
+@pytest.mark.parametrize("name", ["distill", "finetune", "compress"])
+def test_block_size_on_a_training_verb_is_a_deprecated_seq_len(name, capsys):
+    argv = [name, "--out", "x", "--embedding-rank", "8"] if name == "compress" else [name, "--out", "x"]
+    new = cli.build_parser().parse_args([*argv, "--seq-len", "32"])
+    assert capsys.readouterr().err == ""
+    old = cli.build_parser().parse_args([*argv, "--block-size", "32"])
+    assert old.seq_len == new.seq_len == 32 and vars(old) == vars(new)
+    err = capsys.readouterr().err
+    assert err == f"llmslim {name}: warning: --block-size is deprecated and will be removed in the next release: use --seq-len\n"
+    assert cli.build_parser().parse_args(argv).seq_len == 256
+
+
+def test_quantize_block_size_is_still_the_absmax_block(capsys):
+    args = cli.build_parser().parse_args(["quantize", "src", "out", "--block-size", "128"])
+    assert args.block_size == 128 and cli.quantize._model.slim_config(args).block_size == 128
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("name", "runner", "extra"),
+    [
+        ("distill", "llmslim.distill.run.distill", []),
+        ("finetune", "llmslim.finetune.run.finetune", []),
+        ("compress", "llmslim.distill.heal.compress_model", ["--embedding-rank", "8"]),
+    ],
+)
+@pytest.mark.parametrize("flag", ["--seq-len", "--block-size"])
+def test_seq_len_reaches_the_training_config(tmp_path, monkeypatch, name, runner, extra, flag):
+    seen = {}
+
+    def record(config, train, **kwargs):
+        seen.update(config=config, train=train)
+        raise ValueError("recorded")  # stop before anything loads or prints a result
+
+    monkeypatch.setattr(runner, record)
+    assert cli.main([name, "--out", str(tmp_path / "out"), flag, "48", "--steps", "3", "--max-grad-norm", "0", *extra]) == 2
+    assert seen["config"].block_size == 48 and seen["train"].steps == 3 and seen["train"].max_grad_norm is None
+
+
+def test_weights_choices_come_from_the_registry():
+    from llmslim.quant.registry import weight_choices
+
+    with_weights = set()
+    for name, parser in verb_parsers().items():
+        for action in parser._actions:
+            if any(option.endswith("weights") for option in action.option_strings):
+                assert tuple(action.choices) in (weight_choices(), weight_choices(with_none=False)), (name, action.option_strings)
+                with_weights.add(name)
+    assert with_weights == {"quantize", "eval", "generate", "serve", "distill", "finetune", "merge", "compress", "demo"}
+
+
+def test_config_from_args_reads_fields_by_name():
+    from dataclasses import dataclass
+
+    from llmslim.cli._args import config_from_args
+
+    @dataclass
+    class Options:
+        rank: int = 16
+        alpha: float = 32.0
+        exclude: tuple = ("lm_head",)
+
+    args = argparse.Namespace(rank=8, alpha=4.0, exclude=None, unrelated="x")
+    assert config_from_args(Options, args) == Options(rank=8, alpha=4.0, exclude=None)
+    assert config_from_args(Options, args, ignore=("exclude",), alpha=2.0) == Options(rank=8, alpha=2.0)
+    assert config_from_args(Options, argparse.Namespace()) == Options()
+    with pytest.raises(TypeError, match="Options has no field ranks"):
+        config_from_args(Options, args, ranks=4)

@@ -29,8 +29,8 @@ def test_shipped_texts_are_byte_for_byte(relative):
 
 
 def test_defaults_point_inside_the_package():
-    from llmslim.cli import DEFAULT_TEXT
-    from llmslim.train.options import DEFAULT_TRAIN_TEXT
+    from llmslim.cli._training import DEFAULT_TRAIN_TEXT
+    from llmslim.cli.eval import DEFAULT_TEXT
 
     package = REPO / "llmslim"
     assert DEFAULT_TEXT == WIKITEXT2_TEST and DEFAULT_TRAIN_TEXT == TINY_SHAKESPEARE

@@ -6,8 +6,9 @@
 - `sharing.py`: groups of blocks sharing one set of weights.
 - `apply.py`: `compress_(model, config)` for a model in memory.
 - `load.py`: the same at load time (both doors of `SlimConfig`), streaming.
-- `cli.py`: `llmslim compress`. Healing (`compress_model()`, which trains) is an application and
-  lives in `llmslim.distill.heal`.
+
+Healing (`compress_model()`, which trains) is an application and lives in `llmslim.distill.heal`;
+the `llmslim compress` command in `llmslim.cli.compress`.
 """
 
 from __future__ import annotations

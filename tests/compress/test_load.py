@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -12,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import llmslim
 from llmslim import SlimConfig
-from llmslim.compress.cli import add_parser, parse_share_layers
+from llmslim.cli import build_parser, compress
+from llmslim.cli._args import parse_share_layers
 
 IDS = torch.tensor([[1, 5, 9, 2, 7, 3, 0, 4]])
 CONFIGS = {
@@ -70,14 +69,12 @@ def test_load_time_mean_equals_in_memory(tied_path):
 
 def test_compress_cli_heals_and_saves(tied_path, tmp_path, capsys):
     text = write_text(tmp_path)
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(
+    args = build_parser().parse_args(
         ["compress", str(tied_path), "--embedding-rank", "8", "--share-layers", "2", "--heal-steps", "12", "--train", str(text)]
-        + ["--out", str(tmp_path / "out"), "--block-size", "16", "--eval-tokens", "64", "--batch-size", "4", "--lr", "3e-3"]
+        + ["--out", str(tmp_path / "out"), "--seq-len", "16", "--eval-tokens", "64", "--batch-size", "4", "--lr", "3e-3"]
         + ["--optimizer", "adamw", "--mixed-precision", "no", "--no-progress", "--weights", "int8", "--embedding-corpus", str(text)]
     )
-    assert args.func(args) == 0
+    assert compress.run(args) == 0
     out = capsys.readouterr().out
     before, after = (float(x) for x in out.split("eval perplexity: ")[1].replace(" before healing,", "").split()[:2])
     assert after < before

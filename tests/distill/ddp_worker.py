@@ -11,8 +11,8 @@ from safetensors.torch import save_file
 
 def main() -> int:
     rank_dir, argv = Path(sys.argv[1]), sys.argv[2:]
-    import llmslim.distill.cli as cli
     import llmslim.distill.run as run
+    from llmslim.cli import script_main
 
     results = []
     real_distill = run.distill
@@ -21,8 +21,8 @@ def main() -> int:
         results.append(real_distill(*args, **kwargs))
         return results[-1]
 
-    run.distill = recording_distill  # cmd_distill imports distill from the module at call time
-    code = cli.main(argv)
+    run.distill = recording_distill  # llmslim.cli.distill.run imports distill from the module at call time
+    code = script_main("distill", argv)
     if code == 0:
         from accelerate import PartialState
 

@@ -1,15 +1,14 @@
-"""The distill command: `add_parser` / `cmd_distill` as llmslim's CLI wires them, and scripts/distill.py's main."""
+"""The distill command: `llmslim distill` as llmslim's CLI wires it, and scripts/distill.py's `script_main`."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 
 import pytest
 from train.tiny import write_causal, write_text
 
-from llmslim.distill.cli import add_parser, cmd_distill, main
+from llmslim.cli import build_parser, distill, script_main
 
 
 @pytest.fixture(scope="module")
@@ -18,19 +17,13 @@ def inputs(tmp_path_factory):
     return write_causal(root / "teacher"), write_text(root)
 
 
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="llmslim")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
-
-
 def test_distill_command_prints_eval_perplexity_and_json(inputs, tmp_path, capsys):
     teacher, text = inputs
     argv = ["distill", str(teacher), "--out", str(tmp_path / "s"), "--train", str(text), "--student-layer-map", "0,2"]
-    argv += ["--block-size", "16", "--steps", "2", "--batch-size", "2", "--eval-tokens", "48", "--no-progress", "--json", "--seed", "1"]
+    argv += ["--seq-len", "16", "--steps", "2", "--batch-size", "2", "--eval-tokens", "48", "--no-progress", "--json", "--seed", "1"]
     argv += ["--optimizer", "adamw", "--mixed-precision", "no"]
-    args = parse(argv)
-    assert args.func is cmd_distill and cmd_distill(args) == 0
+    args = build_parser().parse_args(argv)
+    assert args.command == distill.NAME and distill.run(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(lines[0])
     assert summary["layer_map"] == [0, 2] and summary["run_dir"] == str(tmp_path / "s-run")
@@ -40,7 +33,7 @@ def test_distill_command_prints_eval_perplexity_and_json(inputs, tmp_path, capsy
 
 def test_script_reports_bad_input_with_exit_code_2(inputs, tmp_path, capsys):
     teacher, text = inputs
-    code = main([str(teacher), "--out", str(tmp_path / "s"), "--train", str(text), "--student-layer-map", "0,9"])
+    code = script_main("distill", [str(teacher), "--out", str(tmp_path / "s"), "--train", str(text), "--student-layer-map", "0,9"])
     assert code == 2 and "index 9 out of range: the teacher has layers 0..3" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
 
@@ -49,6 +42,6 @@ def test_script_reports_bad_input_with_exit_code_2(inputs, tmp_path, capsys):
 def test_out_that_names_no_new_folder_is_explained(inputs, tmp_path, capsys, monkeypatch, out, match):
     teacher, text = inputs
     monkeypatch.chdir(tmp_path)
-    assert main([str(teacher), "--out", out, "--train", str(text)]) == 2
+    assert script_main("distill", [str(teacher), "--out", out, "--train", str(text)]) == 2
     err = capsys.readouterr().err
     assert re.search(f"^distill: error: {match}.*: give a folder name, such as 'model-nf4'\n$", err), err

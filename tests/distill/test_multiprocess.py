@@ -22,7 +22,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     out = tmp_path / "student"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
     launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    args = [str(teacher), "--out", str(out), "--train", str(text), "--student-layers", "2", "--block-size", "16"]
+    args = [str(teacher), "--out", str(out), "--train", str(text), "--student-layers", "2", "--seq-len", "16"]
     args += ["--steps", "3", "--batch-size", "2", "--eval-tokens", "64", "--no-progress", "--json"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])

@@ -10,7 +10,7 @@ import torch
 from train.tiny import train_config, write_causal, write_text
 
 import llmslim
-from llmslim.finetune.cli import main
+from llmslim.cli import script_main
 from llmslim.finetune.config import FinetuneConfig
 from llmslim.finetune.lora import load_adapter, resolve_targets
 from llmslim.finetune.run import finetune
@@ -98,14 +98,15 @@ def test_resolve_targets_without_exclude_can_pick_the_head():
 
 
 def test_script(tmp_path, base, text, capsys):
-    code = main(
+    code = script_main(
+        "finetune",
         [
             str(base),
             "--out",
             str(tmp_path / "a"),
             "--train",
             str(text),
-            "--block-size",
+            "--seq-len",
             "32",
             "--eval-tokens",
             "128",
@@ -119,13 +120,13 @@ def test_script(tmp_path, base, text, capsys):
             "--json",
             "--checkpointing",
             "2",
-        ]
+        ],
     )
     out = capsys.readouterr().out
     assert code == 0 and "eval perplexity before:" in out
     summary = json.loads(out.splitlines()[0])
     assert summary["optimizer"] == "adamw" and summary["trainable_params"] > 0
-    assert main([str(base), "--out", str(tmp_path / "a"), "--train", str(text), "--no-progress"]) == 2
+    assert script_main("finetune", [str(base), "--out", str(tmp_path / "a"), "--train", str(text), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
 
 
@@ -154,5 +155,5 @@ def test_base_without_tokenizer_is_explained(tmp_path, text):
 
 def test_out_that_names_no_new_folder_is_explained(tmp_path, base, text, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main([str(base), "--out", ".", "--train", str(text)]) == 2  # was "PosixPath('.') has an empty name"
+    assert script_main("finetune", [str(base), "--out", ".", "--train", str(text)]) == 2  # was "PosixPath('.') has an empty name"
     assert "finetune: error: the --out '.' names an existing folder ('.', '..' or /), not a new one" in capsys.readouterr().err

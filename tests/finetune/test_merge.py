@@ -8,7 +8,6 @@ from peft import LoraConfig, get_peft_model
 from train.tiny import write_causal
 
 import llmslim
-from llmslim.finetune.cli import add_merge_parser
 from llmslim.finetune.lora import load_adapter, register_slim_layers, resolve_targets
 from llmslim.finetune.merge import merge, weight_error_bound
 from llmslim.quant.modules import SlimLinear
@@ -93,13 +92,12 @@ def test_merge_refuses_an_existing_folder_and_an_adapter_that_does_not_fit(tmp_p
 
 
 def test_merge_command(tmp_path, base, capsys):
-    import argparse
+    from llmslim.cli import build_parser
+    from llmslim.cli import merge as merge_verb
 
     adapter = write_adapter(base, tmp_path / "adapter", "nf4")
-    parser = argparse.ArgumentParser()
-    add_merge_parser(parser.add_subparsers())
-    args = parser.parse_args(["merge", str(base), str(adapter), str(tmp_path / "m")])
-    assert args.func(args) == 0
+    args = build_parser().parse_args(["merge", str(base), str(adapter), str(tmp_path / "m")])
+    assert merge_verb.run(args) == 0
     assert "merged 14 nf4 layers" in capsys.readouterr().out
     assert (tmp_path / "m" / "config.json").is_file()
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
 import pytest
 
 import llmslim
+from llmslim.cli import build_parser, plan
 from llmslim.plan import PreflightError
 from llmslim.plan import preflight as preflight_module
-from llmslim.plan.cli import add_parser
 
 
 def test_load_that_does_not_fit_is_refused_with_numbers(tiny_llama, monkeypatch):
@@ -37,10 +36,8 @@ def test_max_memory_is_the_limit_and_force_loads_anyway(tiny_llama, caplog):
 
 
 def _run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    args = build_parser().parse_args(argv)
+    return plan.run(args)
 
 
 def test_plan_prints_a_table_for_a_bundled_model(capsys):

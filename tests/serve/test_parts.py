@@ -119,7 +119,7 @@ def no_model_load(monkeypatch):
     def refuse(*args):
         raise AssertionError("the model must not load")
 
-    monkeypatch.setattr("llmslim.cli._load", refuse)
+    monkeypatch.setattr("llmslim.cli._model.load", refuse)
 
 
 @pytest.mark.parametrize("port", ["99999", "0", "-1"])
@@ -141,7 +141,7 @@ def test_cli_serve_refuses_a_port_in_use_before_loading(capsys, no_model_load):
 
 def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
     served = {}
-    monkeypatch.setattr("llmslim.cli._load", lambda model, args: ("model", "tokenizer", Path("tiny")))
+    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
     monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
     assert main(["serve", "--port", str(free_port()), "--max-body-bytes", "1000"]) == 0
     assert served["config"].max_body_bytes == 1000

@@ -1,10 +1,11 @@
-"""Command-line options of the training loop and its data, shared by `distill` and `finetune`."""
+"""Options shared by the training verbs (`distill`, `finetune`, `compress`): the data and the training loop."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from llmslim.cli._args import DeprecatedAlias, config_from_args
 from llmslim.data import TINY_SHAKESPEARE
 from llmslim.train.config import CHECKPOINTING, MIXED_PRECISION, OPTIMIZERS, TrainConfig
 
@@ -12,7 +13,7 @@ DEFAULT_TRAIN_TEXT = TINY_SHAKESPEARE  # shipped with the package
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
-    """--train, --eval, --eval-fraction, --text-field, --block-size, --eval-tokens."""
+    """--train, --eval, --eval-fraction, --text-field, --seq-len (old name --block-size), --eval-tokens."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--train", default=str(DEFAULT_TRAIN_TEXT), help="text file, .jsonl file or saved `datasets` folder (default: Tiny Shakespeare)"
@@ -20,7 +21,8 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval", default=None, help="held-out source (default: the last --eval-fraction of --train)")
     g.add_argument("--eval-fraction", type=float, default=0.1, help="share of --train held out for evaluation (default 0.1)")
     g.add_argument("--text-field", default="text", help="text field of JSON lines / dataset column (default: text)")
-    g.add_argument("--block-size", type=int, default=256, help="tokens per packed training block (default 256)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per packed training sequence (default 256)")
+    g.add_argument("--block-size", dest="seq_len", type=int, metavar="SEQ_LEN", action=DeprecatedAlias, new="--seq-len")
     g.add_argument("--eval-tokens", type=int, default=20_000, help="held-out tokens scored at each evaluation (default 20000)")
 
 
@@ -28,7 +30,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `TrainConfig` as flags."""
     g = p.add_argument_group("training loop")
     g.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000)")
-    g.add_argument("--batch-size", type=int, default=8, help="blocks per process per micro-step (default 8)")
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per process per micro-step (default 8)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -67,23 +69,4 @@ def checkpointing_policy(text: str) -> str | int:
 
 def train_config_from_args(args: argparse.Namespace, run_dir: Path | None) -> TrainConfig:
     """The TrainConfig the flags of `add_train_arguments` describe."""
-    return TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps,
-        min_lr_ratio=args.min_lr_ratio,
-        max_grad_norm=args.max_grad_norm or None,
-        optimizer=args.optimizer,
-        mixed_precision=args.mixed_precision,
-        checkpointing=args.checkpointing,
-        offload=args.offload,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        keep_checkpoints=args.keep_checkpoints,
-        log_every=args.log_every,
-        seed=args.seed,
-        run_dir=run_dir,
-    )
+    return config_from_args(TrainConfig, args, max_grad_norm=args.max_grad_norm or None, run_dir=run_dir)

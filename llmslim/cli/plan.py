@@ -5,18 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 
+from llmslim.cli._args import config_from_args
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the `plan` verb to the `llmslim` command's subparsers."""
+NAME = "plan"
+HELP = "memory and speed of a model in every format on given hardware, from its config.json alone"
+EXAMPLES = (
+    "llmslim plan bloom-176b --gpu 24GiB --cpu 64GiB --disk 2TB --context 2048",
+    "llmslim plan llama-2-13b --gpu 24GiB --train --optimizer adamw8bit   # QLoRA fine-tuning: which format fits",
+)
+BANDWIDTH_DEFAULTS = {"gpu": "1000GB/s", "pcie": "25GB/s", "cpu": "25GB/s", "disk": "3GB/s"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from llmslim.plan.known import KNOWN_CONFIGS
     from llmslim.plan.memory import OPTIMIZER_BYTES
 
-    p = subparsers.add_parser(
-        "plan",
-        help="memory and speed of a model in every format on given hardware, from its config.json alone",
-        description=f"MODEL_OR_CONFIG: a model folder, a config.json file, or one of: {', '.join(KNOWN_CONFIGS)}",
-    )
-    p.add_argument("model", metavar="MODEL_OR_CONFIG", help="model folder, config.json, or a bundled name (e.g. bloom-176b)")
+    p.add_argument("model", metavar="MODEL_OR_CONFIG", help=f"model folder, config.json, or a bundled name: {', '.join(KNOWN_CONFIGS)}")
     p.add_argument(
         "--gpu", action="append", default=None, help="GPU memory, repeatable or NxSIZE (e.g. --gpu 24GiB --gpu 2x80GB); default: detected"
     )
@@ -28,28 +32,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank with --train (default 16)")
     p.add_argument("--optimizer", choices=list(OPTIMIZER_BYTES), default="adamw", help="optimizer with --train (default adamw)")
     p.add_argument("--dtype", default=None, help="float dtype of unquantized parts (default: the config's)")
-    for tier, default in (("gpu", "1000GB/s"), ("pcie", "25GB/s"), ("cpu", "25GB/s"), ("disk", "3GB/s")):
+    for tier, default in BANDWIDTH_DEFAULTS.items():
         p.add_argument(f"--{tier}-bandwidth", default=default, help=f"{tier} read bandwidth for the tokens/s bound (default {default})")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--tensors", metavar="FORMAT", default=None, help="with --json: also list every tensor's bytes in FORMAT")
-    p.set_defaults(func=cmd_plan)
-    return p
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Print the plan (table, or JSON with --json); 0 on success."""
     from llmslim.plan.hardware import parse_bandwidth, parse_gpus, parse_size, this_machine
     from llmslim.plan.planner import Workload, plan_model, tensor_table
     from llmslim.plan.report import render
 
-    bandwidth = {t: parse_bandwidth(getattr(args, f"{t}_bandwidth")) for t in ("gpu", "pcie", "cpu", "disk")}
+    bandwidth = {t: parse_bandwidth(getattr(args, f"{t}_bandwidth")) for t in BANDWIDTH_DEFAULTS}
     hardware = this_machine(
         gpus=None if args.gpu is None else parse_gpus(args.gpu),
         cpu=None if args.cpu is None else parse_size(args.cpu),
         disk=None if args.disk is None else parse_size(args.disk),
         bandwidth=bandwidth,
     )
-    workload = Workload(args.context, args.batch, args.train, args.lora_rank, args.optimizer, args.dtype)
+    workload = config_from_args(Workload, args)
     plan = plan_model(args.model, hardware, workload)
     if not args.json:
         print(render(plan))

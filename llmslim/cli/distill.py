@@ -1,21 +1,24 @@
-"""`llmslim distill` and `scripts/distill.py`: parse, call `distill()`, print (main process only)."""
+"""`llmslim distill [TEACHER]` (and scripts/distill.py): a DistilBERT-style student; prints on the main process only."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 from pathlib import Path
 
-from llmslim.distill.config import COS_LAYERS, OBJECTIVES, TEACHER_WEIGHTS
-from llmslim.train.options import add_data_arguments, add_train_arguments, train_config_from_args
+from llmslim.cli._args import add_weights_argument, config_from_args, parse_share_layers
+from llmslim.cli._training import add_data_arguments, add_train_arguments, train_config_from_args
+from llmslim.distill.config import COS_LAYERS, OBJECTIVES, SAVE_DTYPES
 
+NAME = "distill"
 HELP = "distill a smaller student from a (quantized) teacher, DistilBERT-style"
+EXAMPLES = (
+    "llmslim distill --out smollm2-student --student-layers 15 --steps 200   # on Tiny Shakespeare",
+    "llmslim distill --out student-10 --student-layers 10 --teacher-weights nf4 --seq-len 128 --steps 100",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every option of the distill command."""
     p.add_argument("teacher", nargs="?", default=None, help="teacher folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder for the student (a standard Hugging Face folder with tokenizer)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -25,9 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--student", default=None, help="start from this model folder instead of copying teacher layers")
     s.add_argument("--student-embedding-rank", type=int, default=None, help="factorize the student's embedding at rank E (ALBERT)")
     s.add_argument("--student-share-layers", default=None, help="share the student's blocks: all, a group size k, or groups 0-1,2-3")
-    s.add_argument("--save-dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the saved student")
+    s.add_argument("--save-dtype", choices=SAVE_DTYPES, default="float32", help="dtype of the saved student")
     t = p.add_argument_group("teacher and loss")
-    t.add_argument("--teacher-weights", choices=TEACHER_WEIGHTS, default="none", help="quantize the teacher through llmslim (default none)")
+    add_weights_argument(t, flag="--teacher-weights", default="none", help="quantize the teacher through llmslim (default none)")
     t.add_argument("--teacher-dtype", default=None, help="dtype of the float teacher (default: the checkpoint's)")
     t.add_argument("--objective", choices=OBJECTIVES, default="auto", help="causal or masked LM (default: from the teacher)")
     t.add_argument("--alpha-kd", type=float, default=5.0, help="weight of the soft-target KL loss (default 5.0)")
@@ -41,17 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="also print the result as a JSON object")
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `distill` on an argparse sub-command set; the handler is `cmd_distill`."""
-    p = subparsers.add_parser("distill", help=HELP, description=HELP)
-    add_arguments(p)
-    p.set_defaults(func=cmd_distill)
-    return p
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run the distillation the parsed flags describe; print `eval perplexity: N` (and JSON with --json)."""
-    from llmslim.compress.cli import parse_share_layers
     from llmslim.distill.config import DistillConfig
     from llmslim.distill.run import distill
     from llmslim.distill.student import parse_layer_map
@@ -59,31 +53,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
     out = check_output(args.out, overwrite=args.overwrite, name="--out")  # a usable name before the run folder is derived
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.name + "-run")
-    config = DistillConfig(
+    config = config_from_args(
+        DistillConfig,
+        args,
         out=out,
         teacher=None if args.teacher in (None, "default") else args.teacher,
-        student_layers=args.student_layers,
         student_layer_map=None if args.student_layer_map is None else parse_layer_map(args.student_layer_map),
-        student=args.student,
-        student_embedding_rank=args.student_embedding_rank,
         student_share_layers=parse_share_layers(args.student_share_layers),
-        save_dtype=args.save_dtype,
-        teacher_weights=args.teacher_weights,
-        teacher_dtype=args.teacher_dtype,
-        objective=args.objective,
-        alpha_kd=args.alpha_kd,
-        alpha_lm=args.alpha_lm,
-        alpha_cos=args.alpha_cos,
-        temperature=args.temperature,
-        cos_layers=args.cos_layers,
-        mlm_probability=args.mlm_probability,
-        train=args.train,
-        eval=args.eval,
-        eval_fraction=args.eval_fraction,
-        text_field=args.text_field,
-        block_size=args.block_size,
-        eval_tokens=args.eval_tokens,
-        overwrite=args.overwrite,
+        block_size=args.seq_len,
     )
     result = distill(config, train_config_from_args(args, run_dir), resume=args.resume, progress=not args.no_progress)
     if result.is_main:
@@ -108,17 +85,3 @@ def _report(result, args: argparse.Namespace, run_dir: Path) -> None:
         print(f"eval perplexity: {result.metrics['eval_perplexity']:.2f}")
     if "eval_cosine" in result.metrics:
         print(f"eval cosine: {result.metrics['eval_cosine']:.4f}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`scripts/distill.py`: the same options as `llmslim distill`, runnable under `accelerate launch`."""
-    parser = argparse.ArgumentParser(prog="distill.py", description=HELP)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what llmslim does")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return cmd_distill(args)
-    except (ValueError, OSError) as err:  # bad input or environment: one line, no traceback
-        print(f"distill: error: {err}", file=sys.stderr)
-        return 2
