@@ -6,8 +6,10 @@ attention (no T x T score matrix is materialized):
 - KV cache: per layer, per sequence and per cached token, keys and values of the KV heads:
   `layers * batch * tokens * 2 * kv_heads * head_dim * bytes`.
 - Inference activations (no autograd): the residual stream and the widest moment of a block, the
-  MLP (normed input, gate, up and activation for gated MLPs; fc1 output and activation otherwise)
-  or attention (normed input, q, k, v, output), plus the logits of the last position.
+  MLP (normed input, gate, up and activation for gated MLPs; fc1 output and activation otherwise;
+  in a MoE layer one routed expert's at a time, over at most every token, beside the float32 sum of
+  the experts' outputs and the router's logits) or attention (normed input, q, k, v, output), plus
+  the logits of the last position.
 - Prompt workspace: 4-bit layers dequantize their weight once for a prompt's dense GEMM.
 - Training (QLoRA): LoRA factors on every quantized layer, their gradients and optimizer states,
   and the activations autograd keeps, under the cheapest checkpointing policy (none, per block,
@@ -37,13 +39,27 @@ def kv_cache_bytes(shape: ModelShape, context: int, batch: int, dtype_bytes: int
     return shape.n_layers * batch * cached_tokens(shape, context) * shape.kv_width * dtype_bytes
 
 
+def _gated(shape: ModelShape) -> bool:
+    return shape.model_type in ("llama", "mistral", "qwen2", "mixtral")
+
+
+def _experts_gated(shape: ModelShape) -> bool:
+    """Routed experts with a fused gate and up projection (`gate_up_proj`)."""
+    return any(e.name.endswith("gate_up_proj") for e in shape.expert_specs)
+
+
 def _mlp_width(shape: ModelShape) -> int:
-    """Widths alive at once inside the MLP: gate, up and act(gate) when gated; fc1 output and its activation otherwise."""
-    gated = shape.model_type in ("llama", "mistral", "qwen2", "mixtral")
-    width = 3 * shape.intermediate if gated else 2 * shape.intermediate
-    if shape.experts:  # tokens routed to their experts: each token passes through `experts_per_token` of them
-        width *= max(shape.experts_per_token, 1)
-    return width
+    """Widths alive at once inside the MLP: gate, up and act(gate) when gated; fc1 output and its activation otherwise.
+
+    A MoE layer runs its routed experts one at a time (`quant.experts.experts_forward`), each over the tokens that
+    chose it (at most all of them), beside the float32 sum of their outputs (two widths of hidden), an expert's
+    output and the router's logits; a dense MLP (DeepSeek's first layers) may be wider.
+    """
+    dense = (3 if _gated(shape) else 2) * shape.intermediate
+    if not shape.experts:
+        return dense
+    routed = (3 if _experts_gated(shape) else 2) * shape.expert_intermediate + 3 * shape.hidden + shape.experts
+    return max(dense, routed)
 
 
 def _attention_width(shape: ModelShape) -> int:
@@ -71,8 +87,9 @@ def _cpu_layout(weights: str | None) -> bool:
 
 def cpu_layout_bytes(w: WeightBytes, weights: str | None, block_size: int) -> int:
     """The bfloat16 absmax copy NF4/FP4 layers keep while they run in bitsandbytes' CPU layout
-    (CPU inference; `quant.kernels.pack_4bit_for_cpu`): 2 bytes per block of every quantized weight."""
-    return 2 * w.codes // block_size * 2 if _cpu_layout(weights) else 0  # two codes per byte
+    (CPU inference; `quant.kernels.pack_4bit_for_cpu`): 2 bytes per block of every quantized weight but the
+    routed experts' (views of stacked storage, never repacked)."""
+    return 2 * (w.codes - w.expert_codes) // block_size * 2 if _cpu_layout(weights) else 0  # two codes per byte
 
 
 def prompt_workspace_bytes(
@@ -130,10 +147,13 @@ def block_saved_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: i
     """Activations autograd keeps for one block's backward pass (SDPA attention, LoRA inputs shared).
 
     Norm inputs and outputs (two norms, float32 upcast inside), q/k/v, attention output, the MLP's
-    input, its intermediate tensors (gate, up, act(gate), their product when gated), per token.
+    input, its intermediate tensors (gate, up, act(gate), their product when gated), per token; in a MoE layer
+    those of each of the `experts_per_token` routed experts a token passes through.
     """
-    gated = shape.model_type in ("llama", "mistral", "qwen2", "mixtral")
-    mlp = (4 if gated else 2) * shape.intermediate * max(shape.experts_per_token, 1)
+    mlp = (4 if _gated(shape) else 2) * shape.intermediate
+    if shape.experts:
+        routed = (4 if _experts_gated(shape) else 2) * shape.expert_intermediate * max(shape.experts_per_token, 1)
+        mlp = max(mlp, routed)
     per_token = dtype_bytes * (4 * shape.hidden + _attention_width(shape) + mlp) + FP32 * 2 * shape.hidden
     return batch * tokens * per_token
 

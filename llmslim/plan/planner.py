@@ -4,8 +4,11 @@
 weight bytes (`weights.py`), the KV cache, activations and, for training, LoRA state and
 checkpointed activations (`memory.py`); then places the decoder blocks: all on the GPUs (split
 across them like accelerate's device map), else on one GPU with the rest streamed from CPU RAM or
-disk (llmslim's quantized offload), or on the CPU with disk offload. Decoding is memory-bound, so
-the tokens/s ceiling is the batch divided by the time to read every weight and the KV cache once
+disk (llmslim's quantized offload), or on the CPU with disk offload. A mixture-of-experts model with
+quantized experts is offloaded as llmslim's loader does it: every routed expert in CPU RAM or
+memory-mapped from disk (where it also runs), everything else on the compute device. Decoding is
+memory-bound, so the tokens/s ceiling is the batch divided by the time to read every weight a step
+uses (all of them; of a MoE layer's routed experts, the ones its tokens chose) and the KV cache once,
 from wherever each lives.
 """
 
@@ -66,7 +69,12 @@ class Workload:
 
 @dataclass
 class Placement:
-    """Where the blocks go: `block_devices[i]` is a GPU index, `"cpu"` or `"disk"`; bytes per device."""
+    """Where the blocks go: `block_devices[i]` is a GPU index, `"cpu"` or `"disk"`; bytes per device.
+
+    `experts_device`: `"cpu"` or `"disk"` when a MoE model's routed experts are offloaded apart from their
+    blocks (`used[experts_device]` holds their bytes); `expert_cache`: RAM the page cache has left for the hot
+    ones of disk-mapped experts.
+    """
 
     verdict: str
     fits: bool
@@ -76,6 +84,17 @@ class Placement:
     used: dict[str, int]
     capacity: dict[str, int]
     offload_budget: int | None = None
+    experts_device: str | None = None
+    expert_cache: int = 0
+
+    @property
+    def offloads(self) -> bool:
+        """Some weights live off the compute device (CPU RAM behind a GPU, or disk)."""
+        return self.experts_device is not None or bool({"cpu", "disk"} & (set(self.block_devices) - {self.outer_device}))
+
+    @property
+    def uses_disk(self) -> bool:
+        return self.experts_device == "disk" or "disk" in self.block_devices
 
 
 @dataclass
@@ -95,6 +114,7 @@ class FormatPlan:
     tokens_per_s: float | None
     device_map: dict
     load_kwargs: dict
+    decode_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
@@ -105,9 +125,10 @@ class FormatPlan:
         w = self.weights
         return {
             "weight_bytes": w.total,
-            "weight_breakdown": {"codes": w.codes, "scales": w.scales, "kept": w.kept, "buffers": w.buffers},
+            "weight_breakdown": {"codes": w.codes, "scales": w.scales, "kept": w.kept, "buffers": w.buffers, "experts": w.experts},
             "block_bytes": sorted(set(w.per_block)),
             "outer_bytes": w.outer,
+            "decode_bytes_per_token": self.decode_bytes,
             "kv_cache_bytes": self.kv_cache_bytes,
             "activation_bytes": self.activation_bytes,
             "workspace_bytes": self.workspace_bytes,
@@ -116,6 +137,8 @@ class FormatPlan:
             "verdict": self.placement.verdict,
             "fits": self.placement.fits,
             "devices": {d: {"used_bytes": self.placement.used.get(d, 0), "capacity_bytes": c} for d, c in self.placement.capacity.items()},
+            "experts_device": self.placement.experts_device,
+            "expert_cache_bytes": self.placement.expert_cache,
             "gpus_24gib_without_offload": self.gpus_without_offload,
             "gpus_with_offload": self.gpus_with_offload,
             "tokens_per_s": self.tokens_per_s,
@@ -145,9 +168,10 @@ class Plan:
             "model": self.model,
             "source": self.source,
             "architecture": {
-                "model_type": s.model_type, "params": s.n_params, "layers": s.n_layers, "hidden": s.hidden, "heads": s.n_heads,
-                "kv_heads": s.n_kv_heads, "head_dim": s.head_dim, "intermediate": s.intermediate, "vocab": s.vocab,
-                "experts": s.experts, "tied_embeddings": s.tied_embeddings, "dtype": self.dtype,
+                "model_type": s.model_type, "params": s.n_params, "active_params": s.active_params, "layers": s.n_layers,
+                "hidden": s.hidden, "heads": s.n_heads, "kv_heads": s.n_kv_heads, "head_dim": s.head_dim, "intermediate": s.intermediate,
+                "vocab": s.vocab, "experts": s.experts, "experts_per_token": s.experts_per_token, "tied_embeddings": s.tied_embeddings,
+                "dtype": self.dtype,
             },
             "hardware": {
                 "gpus": self.hardware.gpus, "cpu": self.hardware.cpu, "disk": self.hardware.disk, "bandwidth": self.hardware.bandwidth,
@@ -229,10 +253,12 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     workspace = prompt_workspace_bytes(weights, size, config and config.weights, workload.context * workload.batch, cpu=cpu_inference)
     fixed = acts + (training.total if training else workspace)
     kv_block = kv // max(shape.n_layers, 1)
-    # resident NF4/FP4 blocks on a CPU also hold their CPU layout's absmax copy: spread it over the blocks
+    # resident NF4/FP4 layers on a CPU also hold their CPU layout's absmax copy (routed experts never do): spread it
+    # over the blocks
     copy = cpu_layout_bytes(weights, config and config.weights, config.block_size if config else 64) if cpu_inference else 0
-    in_blocks = sum(weights.per_block) or 1
-    placed = replace(weights, per_block=[b + copy * b // in_blocks for b in weights.per_block]) if copy else weights
+    dense = [b - e for b, e in zip(weights.per_block, weights.per_block_experts, strict=True)]
+    spread = [b + copy * d // (sum(dense) or 1) for b, d in zip(weights.per_block, dense, strict=True)]
+    placed = replace(weights, per_block=spread) if copy else weights
     workspace += copy
     placement = place(placed, kv_block, fixed, hardware, allow_offload=not workload.train)
     return FormatPlan(
@@ -249,6 +275,7 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
         tokens_per_s=None if workload.train else tokens_per_s(shape, weights, kv, placement, hardware, workload.batch),
         device_map=device_map(shape, placement),
         load_kwargs=load_kwargs(placement, float_dtype if config is None else None),
+        decode_bytes=decode_bytes(shape, weights),
     )
 
 
@@ -263,14 +290,20 @@ def _training(shape: ModelShape, config, workload: Workload, size: int) -> Train
 def place(weights: WeightBytes, kv_block: int, fixed: int, hardware: Hardware, allow_offload: bool = True) -> Placement:
     """All blocks on the GPUs; else one GPU streaming the rest from CPU RAM / disk; CPU-only: RAM then disk.
 
-    Training never offloads: llmslim's offload streams blocks for forward passes only.
+    A MoE model with quantized experts that does not fit whole keeps its routed experts apart instead
+    (`_place_experts_apart`), as llmslim's loader offloads it. Training never offloads: llmslim's offload
+    serves forward passes only.
     """
+    apart = weights.expert_codes > 0  # quantized experts: the loader offloads them, never whole blocks
     if hardware.gpus:
         spread = _place_on_gpus(weights, kv_block, fixed, hardware)
-        placement = spread if spread.fits else _place_with_offload(weights, kv_block, fixed, hardware, compute=0)
+        offload = _place_experts_apart if apart else _place_with_offload
+        placement = spread if spread.fits else offload(weights, kv_block, fixed, hardware, compute=0)
+    elif apart and not _fits_whole(weights, kv_block, fixed, _capacity(hardware)["cpu"]):
+        placement = _place_experts_apart(weights, kv_block, fixed, hardware, compute="cpu")
     else:
         placement = _place_with_offload(weights, kv_block, fixed, hardware, compute="cpu")
-    if not allow_offload and placement.fits and {"cpu", "disk"} & (set(placement.block_devices) - {placement.outer_device}):
+    if not allow_offload and placement.fits and placement.offloads:
         return Placement(
             "does not fit without offload (offload serves inference only)", False, placement.compute, [], 0, {}, placement.capacity
         )
@@ -330,6 +363,41 @@ def _place_with_offload(weights: WeightBytes, kv_block: int, fixed: int, hardwar
     return Placement(verdict, fits, device, devices, compute, {k: v for k, v in used.items() if v}, capacity, offload_budget=max(budget, 0))
 
 
+def _fits_whole(weights: WeightBytes, kv_block: int, fixed: int, capacity: int) -> bool:
+    return weights.outer + sum(weights.per_block) + fixed + kv_block * len(weights.per_block) <= capacity
+
+
+def _place_experts_apart(weights: WeightBytes, kv_block: int, fixed: int, hardware: Hardware, compute: int | str) -> Placement:
+    """A MoE model's routed experts in CPU RAM (behind a GPU, when they fit there) or memory-mapped from disk;
+    attention, routers, shared experts, embeddings, the KV cache and activations on the compute device.
+
+    This is what `from_pretrained(..., offload="cpu"|"disk")` does with quantized experts
+    (`offload.placement.ExpertOffloadPlan`): the experts move as a whole, each runs where its weights are. On
+    disk, the RAM the compute device leaves is page cache for the experts the tokens keep choosing.
+    """
+    capacity = _capacity(hardware)
+    device = "cpu" if compute == "cpu" else f"gpu{compute}"
+    n = len(weights.per_block)
+    experts = sum(weights.per_block_experts)
+    resident = weights.outer + sum(weights.per_block) - experts + fixed + kv_block * n
+    tier = "cpu" if device != "cpu" and experts <= capacity["cpu"] else "disk"
+    fits = resident <= capacity[device] and (tier == "cpu" or experts <= capacity["disk"])
+    if fits:
+        verdict = f"fits with experts {'in CPU RAM' if tier == 'cpu' else 'on disk'}"
+    elif resident > capacity[device]:
+        verdict = (
+            f"does not fit: {device} needs {resident / GiB:.1f} GiB for attention, routers, shared experts, embeddings, "
+            "KV cache and activations"
+        )
+    else:
+        verdict = "does not fit: not enough disk for the experts"
+    cache = capacity["cpu"] - (resident if device == "cpu" else 0) if tier == "disk" else 0
+    return Placement(
+        verdict, fits, device, [compute] * n, compute, {device: resident, tier: experts}, capacity,
+        experts_device=tier, expert_cache=max(cache, 0),
+    )  # fmt: skip
+
+
 def _why_not(needed: int, capacity: int, device: str) -> str:
     if needed > capacity:
         return f"does not fit: {device} needs {needed / GiB:.1f} GiB for embeddings, KV cache, activations and 2 streamed blocks"
@@ -361,6 +429,9 @@ def gpus_needed(weights: WeightBytes, kv_block: int, fixed: int, gpu_bytes: int)
 
 def _fits_one_gpu_with_offload(weights: WeightBytes, kv_block: int, fixed: int, hardware: Hardware) -> bool:
     gpu = (hardware.gpus[0] if hardware.gpus else REFERENCE_GPU) - GPU_RESERVE
+    if weights.expert_codes:  # quantized experts leave as a whole, to CPU RAM or disk
+        room = max(hardware.cpu - CPU_RESERVE, hardware.disk)
+        return weights.resident + fixed + kv_block * len(weights.per_block) <= gpu and weights.experts <= room
     staging = 2 * max(weights.per_block, default=0)
     offloaded = weights.total - weights.outer
     return (
@@ -373,26 +444,45 @@ def _fits_one_gpu_with_offload(weights: WeightBytes, kv_block: int, fixed: int, 
 
 
 def tokens_per_s(shape: ModelShape, weights: WeightBytes, kv: int, placement: Placement, hardware: Hardware, batch: int) -> float | None:
-    """Decode ceiling: `batch` tokens per step; a step reads every weight once from where it lives, and the KV cache."""
+    """Decode ceiling: `batch` tokens per step; a step reads every weight it uses once from where it lives (of the
+    routed experts, the share its tokens choose, `routed_share`), and the KV cache."""
     if not placement.fits:
         return None
     bw = hardware.bandwidth
     compute_bw = bw["cpu"] if placement.compute == "cpu" else bw["gpu"]
     tier_bw = {"cpu": bw["cpu"] if placement.compute == "cpu" else bw["pcie"], "disk": bw["disk"]}
-    active = _active_fraction(shape, batch)
+    share, all_experts = routed_share(shape, batch), sum(weights.per_block_experts)
     seconds = (weights.outer - weights.input_embedding + kv) / compute_bw
-    for block, where in zip(weights.per_block, placement.block_devices, strict=True):
-        seconds += block * active / tier_bw.get(where, compute_bw)
+    for block, experts, where in zip(weights.per_block, weights.per_block_experts, placement.block_devices, strict=True):
+        block_bw = tier_bw.get(where, compute_bw)
+        seconds += (block - experts) / block_bw + experts * share * _expert_read_time(placement, bw, block_bw, all_experts)
     return batch / seconds
 
 
-def _active_fraction(shape: ModelShape, batch: int) -> float:
-    """Share of a block's bytes a decode step reads: MoE models read only the experts their tokens use (approximately)."""
+def _expert_read_time(placement: Placement, bw: dict[str, float], block_bw: float, expert_bytes: int) -> float:
+    """Seconds per byte of a routed expert: with its block; in CPU RAM (experts run where they are); disk-mapped, read
+    from the page cache for the share of the experts it holds (uniform routing: real routing favours some, so more hit)."""
+    if placement.experts_device is None:
+        return 1 / block_bw
+    if placement.experts_device == "cpu":
+        return 1 / bw["cpu"]
+    hit = min(1.0, placement.expert_cache / max(expert_bytes, 1))
+    return hit / bw["cpu"] + (1 - hit) / bw["disk"]
+
+
+def routed_share(shape: ModelShape, batch: int = 1) -> float:
+    """Expected share of a MoE layer's routed experts a decode step of `batch` tokens reads: each token chooses
+    `experts_per_token` of `experts`; uniform, independent routing reads 1 - (1 - k/E)^batch of them (k/E for one token)."""
     if not shape.experts:
         return 1.0
-    experts = min(shape.experts, shape.experts_per_token * batch) / shape.experts
-    expert_share = 3 * shape.intermediate * shape.hidden * shape.experts / max(shape.n_params / shape.n_layers, 1)
-    return 1 - expert_share + expert_share * experts
+    return 1 - (1 - min(shape.experts_per_token, shape.experts) / shape.experts) ** batch
+
+
+def decode_bytes(shape: ModelShape, weights: WeightBytes, batch: int = 1) -> int:
+    """Weight bytes a decode step of `batch` tokens reads: everything but the input embedding (one row per token)
+    and, of the routed experts, the chosen ones (`routed_share`)."""
+    dense = weights.total - weights.experts - weights.input_embedding
+    return dense + round(weights.experts * routed_share(shape, batch))
 
 
 def _block_prefix(shape: ModelShape, index: int) -> str:
@@ -408,6 +498,8 @@ def device_map(shape: ModelShape, placement: Placement) -> dict:
     outer = {lin.name for lin in shape.outer_linears} | {t.name.rpartition(".")[0] for t in shape.outer_tensors if t.dtype is None}
     mapping: dict = {name: placement.outer_device for name in sorted(outer)}
     mapping.update({_block_prefix(shape, i): d for i, d in enumerate(placement.block_devices)})
+    if placement.experts_device is not None:
+        mapping.update({e.name.rpartition(".")[0]: placement.experts_device for e in shape.expert_specs if e.quantized})
     return mapping
 
 
@@ -418,6 +510,9 @@ def load_kwargs(placement: Placement, dtype: str | None) -> dict:
     kwargs: dict = {} if dtype is None else {"dtype": dtype}
     devices = set(placement.block_devices)
     compute = "cpu" if placement.compute == "cpu" else f"cuda:{placement.outer_device}"
+    if placement.experts_device is not None:  # the loader's expert offload: experts apart, no budget
+        kwargs |= {"device_map": compute, "offload": placement.experts_device}
+        return kwargs | ({"offload_dir": "OFFLOAD_DIR"} if placement.experts_device == "disk" else {})
     if devices <= {placement.outer_device}:
         return kwargs | {"device_map": compute}
     if "cpu" in devices or "disk" in devices:
@@ -430,10 +525,10 @@ def _recommend(formats: dict[str, FormatPlan]) -> str | None:
     """The best-quality format that fits without offload; else the fastest that fits with it."""
     for fmt in QUALITY_ORDER:
         p = formats.get(fmt)
-        if p and p.placement.fits and not ({"cpu", "disk"} & set(p.placement.block_devices) - {p.placement.outer_device}):
+        if p and p.placement.fits and not p.placement.offloads:
             return fmt
     fitting = [p for p in formats.values() if p.placement.fits and p.format in QUALITY_ORDER]  # factorized: needs healing first
-    return max(fitting, key=lambda p: ("disk" not in p.placement.block_devices, p.tokens_per_s or 0)).format if fitting else None
+    return max(fitting, key=lambda p: (not p.placement.uses_disk, p.tokens_per_s or 0)).format if fitting else None
 
 
 def tensor_table(shape: ModelShape, fmt: str, dtype: str) -> dict[str, int]:

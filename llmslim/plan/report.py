@@ -1,9 +1,9 @@
-"""A plan as text: one row per format, then the suggestion."""
+"""A plan as text: one row per format, then the suggestion (and, for a MoE model, what a token reads and where the experts go)."""
 
 from __future__ import annotations
 
 from llmslim.plan.hardware import GiB
-from llmslim.plan.planner import FormatPlan, Plan
+from llmslim.plan.planner import FormatPlan, Placement, Plan
 from llmslim.quant.registry import FORMATS
 
 
@@ -44,7 +44,7 @@ def render(plan: Plan) -> str:
     """The whole report: header, table, recommendation and notes."""
     s, w = plan.shape, plan.workload
     head = [
-        f"{plan.model}: {s.model_type}, {s.n_params / 1e9:.2f}B parameters, {s.n_layers} layers, hidden {s.hidden}, "
+        f"{plan.model}: {s.model_type}, {_params(s)}, {s.n_layers} layers, hidden {s.hidden}, "
         f"{s.n_heads} heads / {s.n_kv_heads} KV heads, vocab {s.vocab} ({plan.source})",
         f"{plan.hardware.describe()}; {f'training (QLoRA, rank {w.lora_rank}, {w.optimizer})' if w.train else 'inference'}, "
         f"context {w.context}, batch {w.batch}, float parts in {plan.dtype}",
@@ -52,7 +52,22 @@ def render(plan: Plan) -> str:
         format_table(plan),
         "",
     ]
-    return "\n".join(head + _suggestion(plan) + [f"note: {n}" for n in plan.notes])
+    return "\n".join(head + _per_token(plan) + _suggestion(plan) + [f"note: {n}" for n in plan.notes])
+
+
+def _params(shape) -> str:
+    total = f"{shape.n_params / 1e9:.2f}B parameters"
+    if not shape.experts:
+        return total
+    return f"{total}, {shape.active_params / 1e9:.2f}B active per token ({shape.experts_per_token} of {shape.experts} routed experts)"
+
+
+def _per_token(plan: Plan) -> list[str]:
+    """MoE: the weight bytes one decoded token reads per format (only its routed experts of each layer)."""
+    if not plan.shape.experts:
+        return []
+    reads = ", ".join(f"{name} {gib(fp.decode_bytes)}" for name, fp in plan.formats.items())
+    return [f"weights read per decoded token (GiB, batch 1, the routed experts only): {reads}", ""]
 
 
 def _suggestion(plan: Plan) -> list[str]:
@@ -60,9 +75,29 @@ def _suggestion(plan: Plan) -> list[str]:
         return ["does not fit in any format on this hardware: add GPU or CPU memory, or disk space for offload", ""]
     fp: FormatPlan = plan.formats[plan.recommended]
     lines = [f"suggested: {plan.recommended} ({fp.placement.verdict})", f"  {_call(fp)}"]
+    if fp.placement.experts_device is not None:
+        lines += _experts_apart(fp.placement)
     if fp.training:
         lines.append(f"  checkpointing: {fp.training.policy} ({', '.join(f'{k} {gib(v)} GiB' for k, v in fp.training.policies.items())})")
     return lines + [""]
+
+
+def _experts_apart(p: Placement) -> list[str]:
+    """Bytes on each side of a MoE placement with the experts offloaded."""
+    where = "in CPU RAM" if p.experts_device == "cpu" else "memory-mapped from disk"
+    runs = "" if p.compute == "cpu" else " (each runs on the CPU, where it is)"
+    lines = [
+        f"  experts: {gib(p.used.get(p.experts_device, 0))} GiB quantized, {where}{runs}; {p.compute}: "
+        f"{gib(p.used.get(p.compute, 0))} GiB for attention, routers, shared experts, embeddings, KV cache and activations"
+    ]
+    if p.experts_device == "disk":
+        experts = p.used.get("disk", 0)
+        share = min(1.0, p.expert_cache / experts) if experts else 1.0
+        lines.append(
+            f"  page cache: {gib(p.expert_cache)} GiB of RAM left keeps the hot experts ({share:.0%} of them); a quantized "
+            "llmslim checkpoint is mapped in place, a float one is quantized once to offload_dir"
+        )
+    return lines
 
 
 def _call(fp: FormatPlan) -> str:

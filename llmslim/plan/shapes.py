@@ -4,6 +4,10 @@ Architecture math per family (Llama-like, GPT-2, OPT, BLOOM, Falcon), written to
 parameters and buffers transformers creates, under the same names, so that a `SlimConfig`'s
 include / exclude patterns select the same layers the loader would. Any other architecture falls
 back to a meta-device skeleton built by transformers (exact, slower, needs its code).
+
+Mixture-of-experts layers: transformers 5 fuses each layer's routed experts into 3-D parameters of
+an experts module; each such parameter is an `ExpertSpec` (quantized per expert by `quant.experts`),
+found by structure in a skeleton (`hf.compat.is_experts_module`), never by per-architecture lists.
 """
 
 from __future__ import annotations
@@ -27,8 +31,39 @@ class LinearSpec:
 
 
 @dataclass(frozen=True)
+class ExpertSpec:
+    """One projection of a layer's routed experts, fused into a 3-D parameter (transformers 5).
+
+    Args:
+        name: the parameter's full name (`model.layers.3.mlp.experts.gate_up_proj`): llmslim stores the
+            quantized codes under it and the format's scales beside it (`..._absmax`, `..._SCB`, ...).
+        experts: experts in the layer (the leading dimension).
+        in_features / out_features: one expert's weight is `(out_features, in_features)`, as a linear layer's.
+        bias: a float `(experts, out_features)` bias `{name}_bias` beside it (gpt-oss).
+        quantized: llmslim quantizes it (its module was built with transformers' experts decorator and has
+            the layout `quant.experts` knows); otherwise it stays in the float dtype.
+    """
+
+    name: str
+    experts: int
+    in_features: int
+    out_features: int
+    bias: bool = False
+    quantized: bool = True
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert's slice (weight and bias)."""
+        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
+
+    @property
+    def n_params(self) -> int:
+        return self.experts * self.expert_params
+
+
+@dataclass(frozen=True)
 class TensorSpec:
-    """A tensor kept as is: `dtype=None` means the model's float dtype (embeddings, norms, experts)."""
+    """A tensor kept as is: `dtype=None` means the model's float dtype (embeddings, norms, routers)."""
 
     name: str
     numel: int
@@ -45,7 +80,8 @@ class ModelShape:
         linears / tensors: every linear layer and every other tensor, per decoder block
             (`blocks[i]`) and outside the blocks (`outer_*`).
         n_layers, hidden, n_heads, n_kv_heads, head_dim, intermediate, vocab: the geometry.
-        experts / experts_per_token: MoE experts per block and how many each token uses (0 if dense).
+        experts / experts_per_token: routed experts per MoE layer and how many each token uses (0 if dense).
+        block_experts: the routed experts' fused projections of each block (empty lists when dense).
         tied_embeddings: the output layer shares the input embedding's weight.
         dtype: the checkpoint's float dtype name (None when the config does not say).
         max_context: the longest context the config supports (None when it does not say).
@@ -73,6 +109,11 @@ class ModelShape:
     max_context: int | None = None
     sliding_window: int | None = None
     notes: list[str] = field(default_factory=list)
+    block_experts: list[list[ExpertSpec]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.block_experts:
+            self.block_experts = [[] for _ in range(self.n_layers)]
 
     @property
     def linears(self) -> list[LinearSpec]:
@@ -83,10 +124,28 @@ class ModelShape:
         return [t for block in self.block_tensors for t in block] + self.outer_tensors
 
     @property
+    def expert_specs(self) -> list[ExpertSpec]:
+        return [e for block in self.block_experts for e in block]
+
+    @property
     def n_params(self) -> int:
         """Parameters (buffers excluded; tied weights once)."""
         linear = sum(lin.in_features * lin.out_features + (lin.out_features if lin.bias else 0) for lin in self.linears)
-        return linear + sum(t.numel for t in self.tensors if t.dtype is None)
+        routed = sum(e.n_params for e in self.expert_specs)
+        return linear + routed + sum(t.numel for t in self.tensors if t.dtype is None)
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token uses: everything but the routed experts (attention, routers, shared experts,
+        embeddings), plus `experts_per_token` of each layer's routed experts. Equals `n_params` for a dense model."""
+        routed = sum(e.n_params for e in self.expert_specs)
+        used = sum(min(self.experts_per_token, e.experts) * e.expert_params for e in self.expert_specs)
+        return self.n_params - routed + used
+
+    @property
+    def expert_intermediate(self) -> int:
+        """One routed expert's intermediate width (the input of its `down_proj`), 0 when dense."""
+        return max((e.in_features for e in self.expert_specs if e.name.endswith("down_proj")), default=0)
 
     @property
     def kv_width(self) -> int:
@@ -118,9 +177,11 @@ _INT_FIELDS: dict[str, tuple[int, int]] = {  # field -> (lowest, highest) allowe
         (1, MAX_WIDTH),
     ),
     **dict.fromkeys(("num_attention_heads", "n_head", "num_key_value_heads", "num_kv_heads"), (1, MAX_HEADS)),
-    **dict.fromkeys(("num_local_experts", "num_experts_per_tok"), (0, MAX_HEADS)),
+    **dict.fromkeys(("num_local_experts", "num_experts_per_tok", "num_experts", "n_routed_experts"), (0, MAX_HEADS)),
+    **dict.fromkeys(("moe_intermediate_size", "intermediate_size_mlp"), (1, MAX_WIDTH)),
     "vocab_size": (1, MAX_VOCAB),
-    **dict.fromkeys(("max_position_embeddings", "n_positions", "seq_length", "sliding_window"), (1, MAX_POSITIONS)),
+    **dict.fromkeys(("max_position_embeddings", "n_positions", "seq_length"), (1, MAX_POSITIONS)),
+    "sliding_window": (0, MAX_POSITIONS),  # 0: no window (transformers writes it so for Qwen2-MoE without one)
     "num_ln_in_parallel_attn": (1, 2),
 }
 _BOOL_FIELDS = (
@@ -210,9 +271,9 @@ def _llama_like(config: dict, name: str) -> ModelShape:
     head_dim = _head_dim(config, hidden, heads)
     inter, vocab = _get(config, "intermediate_size"), _get(config, "vocab_size")
     qkv_bias = config.get("model_type") == "qwen2" or bool(config.get("attention_bias", False))
-    experts = int(config.get("num_local_experts") or 0)
+    experts, per_token = _mixtral_experts(config)
     tied = bool(config.get("tie_word_embeddings", False))
-    block_linears, block_tensors = [], []
+    block_linears, block_tensors, block_experts = [], [], []
     for i in range(layers):
         p = f"model.layers.{i}"
         lin = [
@@ -222,12 +283,12 @@ def _llama_like(config: dict, name: str) -> ModelShape:
             LinearSpec(f"{p}.self_attn.o_proj", heads * head_dim, hidden, bool(config.get("attention_bias", False))),
         ]
         tensors = [TensorSpec(f"{p}.input_layernorm.weight", hidden), TensorSpec(f"{p}.post_attention_layernorm.weight", hidden)]
-        if experts:  # transformers 5 fuses the experts into 3-D parameters and routes with a plain parameter
-            tensors += [
-                TensorSpec(f"{p}.mlp.gate.weight", experts * hidden),
-                TensorSpec(f"{p}.mlp.experts.gate_up_proj", experts * 2 * inter * hidden),
-                TensorSpec(f"{p}.mlp.experts.down_proj", experts * hidden * inter),
-            ]
+        if experts:  # transformers 5 fuses the experts into 3-D parameters and routes with a plain (float) parameter
+            tensors.append(TensorSpec(f"{p}.mlp.gate.weight", experts * hidden))
+            block_experts.append([
+                ExpertSpec(f"{p}.mlp.experts.gate_up_proj", experts, hidden, 2 * inter),
+                ExpertSpec(f"{p}.mlp.experts.down_proj", experts, inter, hidden),
+            ])  # fmt: skip
         else:
             mlp_bias = bool(config.get("mlp_bias", False))
             lin += [
@@ -235,19 +296,26 @@ def _llama_like(config: dict, name: str) -> ModelShape:
                 LinearSpec(f"{p}.mlp.up_proj", hidden, inter, mlp_bias),
                 LinearSpec(f"{p}.mlp.down_proj", inter, hidden, mlp_bias),
             ]
+            block_experts.append([])
         block_linears.append(lin)
         block_tensors.append(tensors)
     outer = [TensorSpec("model.embed_tokens.weight", vocab * hidden), TensorSpec("model.norm.weight", hidden)]
-    notes = []
-    if experts:
-        notes.append("MoE experts are fused 3-D parameters in transformers 5, not nn.Linear layers: llmslim keeps them in the float dtype")
     return ModelShape(
         name, config.get("model_type", "llama"), layers, hidden, heads, kv_heads, head_dim, inter, vocab,
         block_linears, block_tensors, _lm_head(hidden, vocab, tied), outer + _rotary("model", head_dim, config),
-        tied_embeddings=tied, experts=experts, experts_per_token=int(config.get("num_experts_per_tok") or 0),
+        tied_embeddings=tied, experts=experts, experts_per_token=per_token,
         dtype=_dtype(config), max_context=config.get("max_position_embeddings"),
-        sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None, notes=notes,
+        sliding_window=config.get("sliding_window") if config.get("use_sliding_window", True) else None,
+        block_experts=block_experts,
     )  # fmt: skip
+
+
+def _mixtral_experts(config: dict) -> tuple[int, int]:
+    """(experts, experts per token) of a Mixtral config (transformers' defaults: 8 and 2); (0, 0) for the dense families."""
+    if config.get("model_type") != "mixtral":
+        return 0, 0
+    experts, per_token = config.get("num_local_experts"), config.get("num_experts_per_tok")
+    return (8 if experts is None else experts), (2 if per_token is None else per_token)
 
 
 def _gpt2(config: dict, name: str) -> ModelShape:
@@ -405,6 +473,7 @@ def skeleton_shape(config: dict, name: str | None = None) -> ModelShape:
 
 
 def _meta_model(config: dict):
+    import torch
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -416,7 +485,9 @@ def _meta_model(config: dict):
     except Exception as err:  # transformers' own checks of the fields raise many types
         raise ValueError(f"transformers rejects this {config['model_type']!r} config.json: {type(err).__name__}: {err}") from err
     try:
-        with init_empty_weights(include_buffers=False):
+        # the meta device for every tensor factory too: some experts modules fill their 3-D parameters at
+        # construction (Llama-4's `torch.zeros`), 43 GB of RAM each before init_empty_weights could move them
+        with init_empty_weights(include_buffers=False), torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config)
     except Exception as err:
         raise ValueError(
@@ -433,6 +504,8 @@ def shape_of_model(model, name: str) -> ModelShape:
     blocks_name, blocks = find_blocks(model)
     tied = tied_module_names(model)
     linears: dict[str, LinearSpec] = {}
+    experts: list[ExpertSpec] = []
+    notes = []
     for mod_name, module in model.named_modules():
         if quantizable(module) and mod_name not in tied:
             out_f, in_f = (
@@ -441,7 +514,15 @@ def shape_of_model(model, name: str) -> ModelShape:
                 else (module.out_features, module.in_features)
             )
             linears[mod_name] = LinearSpec(mod_name, in_f, out_f, module.bias is not None)
+        specs = _expert_specs(mod_name, module)
+        experts += specs
+        if specs and not specs[0].quantized and not notes:
+            notes.append(
+                f"the experts of {type(module).__name__} are not built with transformers' experts decorator: llmslim keeps them "
+                "in the float dtype"
+            )
     covered = {f"{n}.{t}" for n in linears for t in ("weight", "bias")}
+    covered |= {e.name for e in experts} | {f"{e.name}_bias" for e in experts if e.bias}
     covered |= set(tied_weights(model))  # tied copies: counted once, at their source
     tensors = [TensorSpec(n, t.numel()) for n, t in model.named_parameters() if n not in covered]
     tensors += [TensorSpec(n, b.numel(), str(b.dtype).removeprefix("torch.")) for n, b in model.named_buffers() if n not in covered]
@@ -452,18 +533,78 @@ def shape_of_model(model, name: str) -> ModelShape:
 
     block_linears: list[list[LinearSpec]] = [[] for _ in range(n)]
     block_tensors: list[list[TensorSpec]] = [[] for _ in range(n)]
+    block_experts: list[list[ExpertSpec]] = [[] for _ in range(n)]
     outer_linears, outer_tensors = [], []
     for lin in linears.values():
         (outer_linears if block_of(lin.name) is None else block_linears[block_of(lin.name)]).append(lin)
     for t in tensors:
         (outer_tensors if block_of(t.name) is None else block_tensors[block_of(t.name)]).append(t)
+    for e in experts:
+        block_experts[block_of(e.name)].append(e)  # experts live in the decoder blocks
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", 1)
     hidden = getattr(cfg, "hidden_size", 0)
+    n_experts = max((e.experts for e in experts), default=0)
+    per_token = _experts_per_token(cfg, n_experts, notes)
+    notes.insert(0, f"no architecture math for {cfg.model_type!r}: tensors counted from a meta skeleton; KV, activations: generic formulas")
     return ModelShape(
         name, cfg.model_type, n, hidden, heads, getattr(cfg, "num_key_value_heads", None) or heads,
         getattr(cfg, "head_dim", None) or hidden // max(heads, 1), getattr(cfg, "intermediate_size", None) or 4 * hidden,
         getattr(cfg, "vocab_size", 0), block_linears, block_tensors, outer_linears, outer_tensors, tied_embeddings=bool(tied),
-        dtype=_dtype(cfg.to_dict()), max_context=getattr(cfg, "max_position_embeddings", None),
-        notes=[f"no architecture math for {cfg.model_type!r}: tensors counted from a meta skeleton; KV, activations: generic formulas"],
+        experts=n_experts, experts_per_token=per_token, dtype=_dtype(cfg.to_dict()),
+        max_context=getattr(cfg, "max_position_embeddings", None), notes=notes, block_experts=block_experts,
     )  # fmt: skip
+
+
+EXPERT_PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")  # quant.experts.EXPERT_PROJECTIONS
+
+
+def _expert_specs(module_name: str, module) -> list[ExpertSpec]:
+    """The fused routed-expert projections of `module`, if it is an experts module (else []).
+
+    A module transformers built with its experts decorator (`hf.compat.is_experts_module`) in the layout
+    `quant.experts` quantizes (3-D `down_proj` and `gate_up_proj` or `up_proj`) is quantized; any other
+    module holding `num_experts` and 3-D parameters of that many experts (Llama-4's) stays in float.
+    """
+    from llmslim.hf.compat import is_experts_module
+
+    count = getattr(module, "num_experts", None)
+    if not isinstance(count, int) or count < 1:
+        return []
+    weights = {n: p for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.shape[0] == count}
+    if not weights:
+        return []
+    decorated = is_experts_module(module)
+    supported = decorated and "down_proj" in weights and bool({"gate_up_proj", "up_proj"} & set(weights))
+    transposed = getattr(module, "is_transposed", None)  # (experts, in, out) instead of (experts, out, in)
+    if transposed is None:
+        transposed = _looks_transposed(weights)
+    params = dict(module.named_parameters(recurse=False))
+    specs = []
+    for proj, weight in weights.items():
+        _, a, b = weight.shape
+        in_f, out_f = (a, b) if transposed else (b, a)
+        quantized = supported and proj in EXPERT_PROJECTIONS
+        specs.append(ExpertSpec(f"{module_name}.{proj}", count, in_f, out_f, f"{proj}_bias" in params, quantized))
+    return specs
+
+
+def _looks_transposed(weights: dict) -> bool:
+    """An undecorated experts module does not say its layout: (experts, in, out) when the first projection's
+    input (hidden) is the down projection's output, as in Llama-4's `gate_up_proj` (E, hidden, 2I), `down_proj` (E, I, hidden)."""
+    first, down = weights.get("gate_up_proj", weights.get("up_proj")), weights.get("down_proj")
+    if first is None or down is None:
+        return False
+    return first.shape[1] == down.shape[2] and first.shape[2] != down.shape[1]
+
+
+def _experts_per_token(cfg, experts: int, notes: list[str]) -> int:
+    """Routed experts each token uses, from the config (all of them, with a note, when it does not say)."""
+    if not experts:
+        return 0
+    for key in ("num_experts_per_tok", "experts_per_token", "moe_topk"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return min(value, experts)
+    notes.append("the config does not say how many experts a token uses: active parameters and bytes per token count all")
+    return experts

@@ -4,7 +4,9 @@ A quantized layer's tensors are taken from llmslim's own module built on the met
 (`quant.registry` module class of the format, on `device="meta"`), so the planner counts exactly what the loader
 allocates: NF4/FP4 packed codes plus float32 absmax per block (or uint8 absmax, float32 nested
 absmax per 256 blocks and a float32 offset with double quantization), int8 rows plus a float32
-absmax per row, int4 codes plus float16 scale and zero per group.
+absmax per row, int4 codes plus float16 scale and zero per group. A mixture-of-experts layer's fused
+expert weights are stored as that dense layer's tensors with a leading expert dimension (`quant.experts`),
+so they are counted as one expert's layer times the number of experts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from functools import lru_cache
 import torch
 
 from llmslim.config import SlimConfig
-from llmslim.plan.shapes import LinearSpec, ModelShape
+from llmslim.plan.shapes import ExpertSpec, LinearSpec, ModelShape
 
 # The formats a plan compares: name -> SlimConfig fields (None: no quantization, bf16 weights).
 PLAN_FORMATS: dict[str, dict | None] = {
@@ -74,6 +76,8 @@ class WeightBytes:
             workspace of a prompt's dequantize + GEMM); max_in / max_out: the widest input and
             output of a quantized layer (per-token temporaries of LLM.int8).
         input_embedding: bytes of the input embedding (read one row per token, not whole).
+        experts / per_block_experts: bytes of the routed experts (all their tensors, biases included), in
+            all and per block; a decode step reads only the routed ones. expert_codes: their codes alone.
     """
 
     codes: int = 0
@@ -86,10 +90,18 @@ class WeightBytes:
     max_in: int = 0
     max_out: int = 0
     input_embedding: int = 0
+    experts: int = 0
+    per_block_experts: list[int] = field(default_factory=list)
+    expert_codes: int = 0
 
     @property
     def total(self) -> int:
         return self.codes + self.scales + self.kept + self.buffers
+
+    @property
+    def resident(self) -> int:
+        """Bytes besides the routed experts: attention, routers, shared experts, embeddings, norms, buffers."""
+        return self.total - self.experts
 
 
 @lru_cache(maxsize=4096)
@@ -117,26 +129,60 @@ def linear_tensors(
     return _linear_tensors(key, lin.in_features, lin.out_features, lin.bias, dtype)
 
 
+def expert_tensors(
+    spec: ExpertSpec, config: SlimConfig | None, dtype: str, selected: bool | None = None, key: str | None = None
+) -> tuple[tuple[str, int], ...]:
+    """(full tensor name, bytes) of one fused expert projection as llmslim stores it under `config`.
+
+    Quantized: the format's dense layer for one expert (`linear_tensors`), each tensor times the experts, named
+    as `quant.experts` names them (`gate_up_proj`, `gate_up_proj_absmax`, ...); else the float 3-D weight.
+    The bias, when there is one, stays in the float dtype.
+    """
+    from llmslim.quant.experts import stored_name
+
+    if selected is None:
+        selected = spec.quantized and config is not None and config.weights is not None and config.selects(spec.name)
+    size = dtype_bytes(dtype)
+    bias = ((f"{spec.name}_bias", spec.experts * spec.out_features * size),) if spec.bias else ()
+    if not selected:
+        return ((spec.name, spec.experts * spec.in_features * spec.out_features * size),) + bias
+    module, _, proj = spec.name.rpartition(".")
+    one = linear_tensors(LinearSpec(spec.name, spec.in_features, spec.out_features, False), config, dtype, True, key)
+    return tuple((f"{module}.{stored_name(proj, name)}", spec.experts * nbytes) for name, nbytes in one) + bias
+
+
 def iter_tensor_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) -> Iterator[tuple[str, str, int]]:
     """(full tensor name, role, bytes) of every tensor; role is codes, scales, kept or buffers."""
+    for name, role, nbytes, _ in _iter_tensor_bytes(shape, config, dtype):
+        yield name, role, nbytes
+
+
+def _iter_tensor_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) -> Iterator[tuple[str, str, int, bool]]:
+    """`iter_tensor_bytes`, each with whether it belongs to the routed experts."""
     quantized = config is not None and config.weights is not None
     key = json.dumps(config.to_dict(), sort_keys=True) if quantized else None
     for lin in shape.linears:
         selected = quantized and config.selects(lin.name)
         for name, nbytes in linear_tensors(lin, config, dtype, selected, key):
             role = "kept" if name == "bias" or not selected else ("codes" if name == "weight" else "scales")
-            yield f"{lin.name}.{name}", role, nbytes
+            yield f"{lin.name}.{name}", role, nbytes, False
+    for spec in shape.expert_specs:
+        selected = quantized and spec.quantized and config.selects(spec.name)
+        for name, nbytes in expert_tensors(spec, config, dtype, selected, key):
+            role = "kept" if name == f"{spec.name}_bias" or not selected else ("codes" if name == spec.name else "scales")
+            yield name, role, nbytes, True
     embedding = _word_embedding(shape) if config is not None and config.embedding_rank is not None else None
     for t in shape.tensors:
         if t is embedding:  # FactorizedEmbedding: table (V x E) and projection (E x H), in the float dtype
             prefix, rank = t.name.removesuffix(".weight"), config.embedding_rank
-            yield f"{prefix}.table.weight", "kept", shape.vocab * rank * dtype_bytes(dtype)
-            yield f"{prefix}.proj", "kept", rank * shape.hidden * dtype_bytes(dtype)
+            yield f"{prefix}.table.weight", "kept", shape.vocab * rank * dtype_bytes(dtype), False
+            yield f"{prefix}.proj", "kept", rank * shape.hidden * dtype_bytes(dtype), False
             continue
         yield (
             t.name,
             "kept" if t.dtype is None else "buffers",
             t.numel * (dtype_bytes(dtype) if t.dtype is None else _buffer_bytes(t.dtype)),
+            False,
         )
 
 
@@ -155,28 +201,35 @@ def _word_embedding(shape: ModelShape):
 
 def weight_bytes(shape: ModelShape, config: SlimConfig | None, dtype: str) -> WeightBytes:
     """Bytes of every tensor of `shape` loaded with `config` (None: unquantized), float parts in `dtype`."""
-    out = WeightBytes(per_block=[0] * shape.n_layers)
+    out = WeightBytes(per_block=[0] * shape.n_layers, per_block_experts=[0] * shape.n_layers)
     block_of = _block_index(shape)
-    for name, role, nbytes in iter_tensor_bytes(shape, config, dtype):
+    for name, role, nbytes, routed in _iter_tensor_bytes(shape, config, dtype):
         setattr(out, role, getattr(out, role) + nbytes)
         block = block_of.get(name.rpartition(".")[0], block_of.get(name))
         if block is None:
             out.outer += nbytes
         else:
             out.per_block[block] += nbytes
-    selected = [lin for lin in shape.linears if config is not None and config.weights is not None and config.selects(lin.name)]
-    out.largest_linear = max((lin.in_features * lin.out_features for lin in selected), default=0)
-    out.max_in = max((lin.in_features for lin in selected), default=0)
-    out.max_out = max((lin.out_features for lin in selected), default=0)
+        if routed:
+            out.experts += nbytes
+            out.per_block_experts[block] += nbytes
+            out.expert_codes += nbytes if role == "codes" else 0
+    quantizes = config is not None and config.weights is not None
+    selected = [(lin.in_features, lin.out_features) for lin in shape.linears if quantizes and config.selects(lin.name)]
+    selected += [(e.in_features, e.out_features) for e in shape.expert_specs if quantizes and e.quantized and config.selects(e.name)]
+    out.largest_linear = max((fan_in * fan_out for fan_in, fan_out in selected), default=0)
+    out.max_in = max((fan_in for fan_in, _ in selected), default=0)
+    out.max_out = max((fan_out for _, fan_out in selected), default=0)
     out.input_embedding = 0 if factorizes(shape, config) else _input_embedding_bytes(shape, dtype)  # factors: read whole
     return out
 
 
 def _block_index(shape: ModelShape) -> dict[str, int]:
     index = {}
-    for i, (linears, tensors) in enumerate(zip(shape.block_linears, shape.block_tensors, strict=True)):
+    for i, (linears, tensors, experts) in enumerate(zip(shape.block_linears, shape.block_tensors, shape.block_experts, strict=True)):
         index.update({lin.name: i for lin in linears})
         index.update({t.name: i for t in tensors})
+        index.update({e.name.rpartition(".")[0]: i for e in experts})  # the experts module: its tensors' prefix
     return index
 
 

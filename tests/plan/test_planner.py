@@ -39,9 +39,8 @@ def _measured_total(model, batch: int, context: int) -> tuple[int, int]:
 
 
 def _spec(shape):
-    return sorted((lin.name, lin.in_features, lin.out_features, lin.bias) for lin in shape.linears), sorted(
-        (t.name, t.numel, t.dtype) for t in shape.tensors
-    )
+    linears = sorted((lin.name, lin.in_features, lin.out_features, lin.bias) for lin in shape.linears)
+    return linears, sorted((t.name, t.numel, t.dtype) for t in shape.tensors), sorted(shape.expert_specs, key=lambda e: e.name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -50,7 +49,7 @@ def test_architecture_math_lists_the_skeletons_tensors(tiny_models, arch):
     assert _spec(model_shape(config)) == _spec(skeleton_shape(config))
 
 
-@pytest.mark.parametrize("name", ["llama-2-70b", "bloom-176b", "opt-175b", "falcon-180b", "mixtral-8x7b"])
+@pytest.mark.parametrize("name", ["llama-2-70b", "bloom-176b", "opt-175b", "falcon-180b", "mixtral-8x7b", "mixtral-8x22b"])
 def test_bundled_configs_match_transformers_skeleton(name):
     config = {k: v for k, v in KNOWN_CONFIGS[name].items() if not k.startswith("_")}
     config["n_layer" if "n_layer" in config else "num_hidden_layers"] = 2  # same blocks, cheaper skeleton
@@ -100,9 +99,10 @@ def test_total_and_kv_cache_match_a_measured_prompt(small_llama, fmt):
     total, kv = _measured_total(_load(small_llama, fmt), batch, context)
     assert planned.kv_cache_bytes == kv
     # int8 prompts on the CPU run LLM.int8, whose outlier columns depend on the data: a looser bound.
-    # int4 prompts dequantize to bf16 for torch's GEMM, whose workspace depends on the CPU's bf16
-    # support: within 5% with AVX-512 BF16, planned 7.80 vs measured 7.27 MB on a CPU without it
-    assert planned.total_bytes == pytest.approx(total, rel=0.10 if fmt in ("int8", "int4") else 0.05)
+    # 4-bit prompts dequantize to bf16 for torch's GEMM, whose workspace depends on the CPU's bf16
+    # support: within 5% with AVX-512 BF16; on a CPU without it the plan is high (int4 planned 7.80 vs
+    # measured 7.27 MB, nf4 7.45 vs 7.08 MB), never low
+    assert planned.total_bytes == pytest.approx(total, rel=0.05 if fmt == "bf16" else 0.10)
 
 
 @pytest.mark.real_model
@@ -115,7 +115,8 @@ def test_smollm2_weights_and_total():
     for fmt in PLAN_FORMATS:
         model = _load(path, fmt)
         assert plan.formats[fmt].weights.total == pytest.approx(model_nbytes(model), rel=0.01), fmt
-        assert plan.formats[fmt].total_bytes == pytest.approx(_measured_total(model, 1, 256)[0], rel=0.05), fmt
+        measured = _measured_total(model, 1, 256)[0]  # quantized: see the prompt-workspace note above
+        assert plan.formats[fmt].total_bytes == pytest.approx(measured, rel=0.05 if fmt == "bf16" else 0.10), fmt
 
 
 def test_gpu_placement_spreads_blocks_then_offloads():
