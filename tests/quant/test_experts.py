@@ -62,8 +62,11 @@ def test_transformers_door_quantizes_every_expert_and_reloads_identically(hub_fo
 
     model.save_pretrained(tmp_path / "q")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
-    with torch.no_grad():
-        assert torch.equal(reloaded(ids).logits, logits)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)  # bit-identical
+    with torch.no_grad():  # not bit-equal: torch's float GEMV (the router, the shared-expert gate) may sum in another
+        # order for a weight mapped at another alignment from the file (seen on an AVX2-only AMD EPYC)
+        torch.testing.assert_close(reloaded(ids).logits, logits, rtol=1e-5, atol=1e-6)
     greedy = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(reloaded.generate(ids, max_new_tokens=4, do_sample=False), greedy)
 
