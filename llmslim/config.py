@@ -24,6 +24,7 @@ WEIGHT_FORMATS = (None, *FORMATS)  # None keeps the float weights; the formats a
 COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_EXCLUDE = ("lm_head",)
+METHODS = ("rtn", "gptq")  # how codes are chosen: round-to-nearest, or GPTQ on calibration text (llmslim.calibrate)
 CHECKPOINTING = ("none", "all", "sqrt")  # or a number of segments k >= 1 (llmslim.memory.checkpointing)
 
 
@@ -62,10 +63,10 @@ class SlimConfig(QuantizationConfigMixin):
     """How llmslim compresses a model.
 
     Args:
-        weights: weight format of the selected linear layers: `None` (keep), `"int8"` (LLM.int8
-            row-wise absmax), `"nf4"` or `"fp4"` (blockwise 4-bit, bitsandbytes layout), `"int4"`
-            (llmslim's groupwise asymmetric int4: float16 scale and zero per group of a row; the
-            fastest on CPU).
+        weights: weight format of the selected linear layers and mixture-of-experts expert weights
+            (per expert): `None` (keep), `"int8"` (LLM.int8 row-wise absmax), `"nf4"` or `"fp4"`
+            (blockwise 4-bit, bitsandbytes layout), `"int4"` (llmslim's groupwise asymmetric int4:
+            float16 scale and zero per group of a row; no bitsandbytes equivalent).
         compute_dtype: dtype of the matmuls (`"bfloat16"`, `"float16"`, `"float32"`); `None` uses
             the dtype the model is loaded in.
         block_size: elements per absmax block for NF4/FP4, per group for int4.
@@ -77,6 +78,11 @@ class SlimConfig(QuantizationConfigMixin):
             (SmolLM2-135M: +0.17% at 1.5, +1.6% at 6.0; ~17% of columns become outliers).
         refine: int4 only: refine each group's scale and zero (HQQ zero-point optimisation, then a
             least-squares refit) instead of plain min/max. Lower error, slower quantization.
+        method: how the codes are chosen: `"rtn"` (round to nearest) or `"gptq"` (GPTQ on
+            calibration text, block by block, into the same stored format: `llmslim.calibrate`).
+            Recorded in saved models; a saved GPTQ model reloads without calibrating.
+        damp: GPTQ: dampening of the input Hessian, a share of its mean diagonal (default 0.01).
+        act_order: GPTQ: quantize the input columns in order of decreasing Hessian diagonal.
         bits_per_param: int4 only: a budget in bits per parameter (every scale and zero counted)
             for a mixed int4/int8 model: the layers whose int4 reconstruction error is largest
             are kept in int8 while the quantized layers' average stays within the budget. Chosen
@@ -121,6 +127,9 @@ class SlimConfig(QuantizationConfigMixin):
     double_quant: bool | None = None
     int8_threshold: float = 1.5
     refine: bool = False
+    method: str = "rtn"
+    damp: float = 0.01
+    act_order: bool = False
     bits_per_param: float | None = None
     int8_layers: list[str] | None = None
     include: list[str] | None = None
@@ -159,6 +168,7 @@ class SlimConfig(QuantizationConfigMixin):
         self.int8_threshold = float(self.int8_threshold)
         if not isinstance(self.refine, bool):
             raise ValueError(f"refine must be True or False, got {self.refine!r}")
+        self._check_method()
         self.include = _check_patterns("include", self.include)
         self.exclude = _check_patterns("exclude", self.exclude) or []
         self._check_mixed()
@@ -175,6 +185,16 @@ class SlimConfig(QuantizationConfigMixin):
             raise ValueError(f"version must be {CONFIG_VERSION} (this llmslim's config schema), got {self.version!r}")
         if self.quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+
+    def _check_method(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        if self.method == "gptq" and self.weights is None:
+            raise ValueError("method='gptq' chooses the codes of quantized weights: set weights to int8, nf4, fp4 or int4")
+        if not _is_finite_number(self.damp) or not 0 < self.damp < 1:
+            raise ValueError(f"damp must be a number in (0, 1) (a share of the Hessian's mean diagonal; default 0.01), got {self.damp!r}")
+        self.damp = float(self.damp)
+        if not isinstance(self.act_order, bool):
+            raise ValueError(f"act_order must be True or False, got {self.act_order!r}")
 
     def _check_mixed(self) -> None:
         if self.bits_per_param is not None:
@@ -321,6 +341,9 @@ class SlimConfig(QuantizationConfigMixin):
             "double_quant": self.double_quant,
             "int8_threshold": self.int8_threshold,
             "refine": self.refine,
+            "method": self.method,
+            "damp": self.damp,
+            "act_order": self.act_order,
             "bits_per_param": self.bits_per_param,
             "int8_layers": self.int8_layers,
             "include": self.include,

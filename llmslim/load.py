@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
 from llmslim import models
+from llmslim.calibrate import CALIBRATION_TOKENS, calibrate_, calibration_ids
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import checks, compat
@@ -46,6 +47,8 @@ def from_pretrained(
     offload_budget: int | str | None = None,
     force: bool = False,
     progress: bool = True,
+    calibration_text: str | Path | None = None,
+    calibration_tokens: int = CALIBRATION_TOKENS,
 ) -> PreTrainedModel:
     """Load a causal LM (or a masked LM or bare encoder such as BERT), compressing it on the fly, with bounded memory.
 
@@ -66,6 +69,9 @@ def from_pretrained(
         force: load even when the planned peak exceeds the memory the load may use (preflight,
             `llmslim.plan.preflight`), which otherwise raises `PreflightError` with the numbers.
         progress: show a tqdm bar over the tensors read.
+        calibration_text: with `config.method="gptq"`: a UTF-8 file or folder of them to calibrate on (default: the
+            Tiny Shakespeare text shipped with llmslim). A checkpoint already quantized is never recalibrated.
+        calibration_tokens: tokens of calibration text, in sequences of 512 (default 65536).
 
     Returns:
         An ordinary `PreTrainedModel` in eval mode, with llmslim layers where the config asked.
@@ -73,6 +79,8 @@ def from_pretrained(
     path = models.resolve(model)
     hf_config = _read_config(path)
     config, pre_quantized = _effective_config(path, hf_config, config)
+    if config.method == "gptq" and not pre_quantized:
+        return _calibrated(path, config, dtype, device_map, force, progress, calibration_text, calibration_tokens)
     dtype = _float_dtype(dtype, hf_config)
     files = checkpoint_files(path)
 
@@ -102,6 +110,17 @@ def from_pretrained(
     loader.finish()
     config = router.finish(config) if router is not None else config
     return _finish_model(skeleton, config, plan, path)
+
+
+def _calibrated(path: Path, config: SlimConfig, dtype, device_map, force: bool, progress: bool, text, tokens: int) -> PreTrainedModel:
+    """GPTQ: the float model loaded (streamed, in `dtype`), then quantized in place block by block (`calibrate_`)."""
+    if config.compresses:
+        raise ValueError("method='gptq' cannot be combined with embedding factorization or layer sharing yet: use method='rtn'")
+    tokenizer = models.load_tokenizer(path, needed_for="method='gptq' (it tokenizes the calibration text)")
+    ids = calibration_ids(tokenizer, text, tokens)  # bad text fails here, before the weights are read
+    model = from_pretrained(path, SlimConfig(weights=None), dtype=dtype, device_map=device_map, force=force, progress=progress)
+    calibrate_(model, config, ids, progress=progress)
+    return model.eval()
 
 
 def _read_config(path: Path):

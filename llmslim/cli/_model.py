@@ -22,6 +22,14 @@ def add_model_arguments(p: argparse.ArgumentParser, default_weights: str | None 
     p.add_argument("--include", nargs="*", default=None, help="module-name patterns to quantize (default: every linear layer)")
     p.add_argument("--dtype", default=None, help="dtype of the layers kept in float (default: the checkpoint's)")
     p.add_argument("--device-map", default=None, help="'cpu', 'cuda', 'auto' (default: cuda if available)")
+    g = p.add_argument_group("calibration (--method gptq)")
+    g.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round to nearest, or GPTQ on calibration text (default rtn)")
+    g.add_argument("--calibration-text", default=None, help="UTF-8 file or folder to calibrate on (default: the shipped Tiny Shakespeare)")
+    g.add_argument(
+        "--calibration-tokens", type=int, default=65536, help="tokens of calibration text, in 512-token sequences (default 65536)"
+    )
+    g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
+    g.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening, a share of its mean diagonal (default 0.01)")
 
 
 def slim_config(args: argparse.Namespace):
@@ -56,7 +64,14 @@ def load(model_arg: str | None, args: argparse.Namespace, *, tokenizer_required:
         args.weights = "nf4"
         config = slim_config(args)
     tokenizer = models.load_tokenizer(path, needed_for=f"llmslim {args.command}" if tokenizer_required else None)  # before the weights
-    model = llmslim.from_pretrained(path, config, dtype=args.dtype, device_map=args.device_map)
+    model = llmslim.from_pretrained(
+        path,
+        config,
+        dtype=args.dtype,
+        device_map=args.device_map,
+        calibration_text=args.calibration_text,
+        calibration_tokens=args.calibration_tokens,
+    )
     if config is not None and config.weights is not None:
         _check_layers_matched(model, args)
     return model, tokenizer, path

@@ -10,7 +10,7 @@ NAME = "quantize"
 HELP = "quantize a model once and save it"
 EXAMPLES = (
     "llmslim quantize default smollm2-nf4",
-    "llmslim quantize default smollm2-bnb --weights int8 --format bnb   # for stock transformers + bitsandbytes",
+    "llmslim quantize default smollm2-gptq --method gptq --format bnb   # calibrated; loads in stock transformers + bitsandbytes",
 )
 
 

@@ -14,6 +14,8 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
+from llmslim import models
+from llmslim.calibrate import calibrate_, calibration_ids
 from llmslim.compress.apply import compress_
 from llmslim.compress.load import prepare_compression, share_loaded_
 from llmslim.config import QUANT_METHOD, SlimConfig
@@ -104,6 +106,8 @@ class SlimHfQuantizer(HfQuantizer):
                 "int8_layers names the output head, which this model ties to its input embedding: load with "
                 "llmslim.from_pretrained(path, config), which makes the head an int8 copy of the embedding"
             )
+        if self._calibrates:  # GPTQ needs the float weights: they load as they are and are quantized afterwards
+            return model
         self.quantized_modules = prepare_skeleton(model, self.quantization_config) + replace_experts(model, self.quantization_config)
         if self.pre_quantized and self.quantization_config.compresses:
             prepare_compression(model, self.quantization_config, pre_quantized=True, tie_now=False)
@@ -111,7 +115,15 @@ class SlimHfQuantizer(HfQuantizer):
         check_checkpoint_files(model, checkpoint_files, self.pre_quantized, getattr(model.config, "_name_or_path", "model"))
         return model
 
+    @property
+    def _calibrates(self) -> bool:
+        return self.quantization_config.method == "gptq" and not self.pre_quantized
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if self._calibrates:  # on the shipped calibration text, 64k tokens (llmslim.from_pretrained takes others)
+            path = getattr(model.config, "_name_or_path", "")
+            tokenizer = models.load_tokenizer(path, needed_for="SlimConfig(method='gptq') (it tokenizes the calibration text)")
+            self.quantized_modules = calibrate_(model, self.quantization_config, calibration_ids(tokenizer))
         check_loaded(model, getattr(model.config, "_name_or_path", "model"))
         if any(True for _ in quantized_experts(model)):
             compat.save_with_model_names(model)  # transformers set its conversion mapping while loading

@@ -179,6 +179,40 @@ def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     return ((q[::2] << 4) | q[1::2]).unsqueeze(1)
 
 
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes of any shape (row-major), packed as the formats store them: `pack_nibbles`, padded to an even count."""
+    q = codes.reshape(-1).to(torch.uint8)
+    return pack_nibbles(torch.nn.functional.pad(q, (0, q.numel() % 2)))
+
+
+@dataclass
+class Grid:
+    """The values a weight's elements may take once its scales are fixed: `levels[i] * scale + zero` for element-wise
+    (or row-wise, `(out, 1)`) float32 `scale` and `zero`; `codes[i]` is how the format stores level i."""
+
+    levels: torch.Tensor  # (L,) float32, sorted
+    codes: torch.Tensor  # (L,) int64: the stored code of each level
+    scale: torch.Tensor  # (out, in) or (out, 1) float32
+    zero: torch.Tensor | None  # like scale, or None
+
+    def __post_init__(self) -> None:
+        self._bounds = (self.levels[1:] + self.levels[:-1]) / 2  # rounding boundaries between neighbouring levels
+        self._inverse = torch.where(self.scale != 0, 1.0 / self.scale, torch.zeros_like(self.scale))  # a zero scale: level 0
+
+    @classmethod
+    def of_values(cls, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> Grid:
+        """The grid of a format whose code i stands for `values[i]`."""
+        order = torch.argsort(values)  # as `rounding_bounds_4bit` sorts: FP4's +0 and -0 tie, and keep its choice
+        return cls(values[order].float(), order, scale.float(), None if zero is None else zero.float())
+
+    def column(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Column `j` of the weight, `w` `(out,)`, rounded to its nearest grid values: (values, codes)."""
+        j = j if self.scale.shape[1] > 1 else 0
+        scale, zero = self.scale[:, j], 0.0 if self.zero is None else self.zero[:, j]
+        index = torch.bucketize((w - zero) * self._inverse[:, j], self._bounds)
+        return self.levels[index] * scale + zero, self.codes[index]
+
+
 def unpack_nibbles(codes: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `pack_nibbles`: the first `n` 4-bit values as int64."""
     flat = codes.reshape(-1)

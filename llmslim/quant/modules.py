@@ -86,6 +86,15 @@ class SlimLinear(nn.Module):
     def _quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def grid(self) -> formats.Grid:
+        """The values each weight element may take with this layer's scales (its absmax / scale and zero fixed)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Store `(out, in)` codes (as `grid().codes` names them) against this layer's scales, which stay as they are."""
+        raise NotImplementedError
+
     def _set_tensor(self, name: str, value: torch.Tensor) -> None:
         if name in self._parameters:
             self._parameters[name] = nn.Parameter(value, requires_grad=False)
@@ -205,6 +214,17 @@ class SlimLinear4bit(SlimLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return kernels.dequantize_4bit(self.four_bit_weight(), dtype or self.compute_dtype)
 
+    def grid(self) -> formats.Grid:
+        n = self.in_features * self.out_features
+        scale = self.four_bit_weight().float_absmax().repeat_interleave(self.block_size)[:n].view(self.shape)
+        return formats.Grid.of_values(formats.code_4bit(self.fmt), scale)
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        if self.cpu_layout:
+            self._set_cpu_layout(False)
+        self._set_tensor("weight", formats.pack_codes(codes).to(self.weight.device))
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         steady = self.cpu_layout and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training  # CPU inference
         if not steady and not torch.compiler.is_compiling():
@@ -282,6 +302,13 @@ class SlimLinear8bit(SlimLinear):
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return formats.dequantize_int8_rows(self.weight, self.SCB, dtype or self.compute_dtype)
 
+    def grid(self) -> formats.Grid:
+        return formats.Grid.of_values(torch.arange(-127, 128, dtype=torch.float32), (self.SCB.float() / 127.0).unsqueeze(1))
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        self._set_tensor("weight", (codes.long() - 127).to(torch.int8).to(self.weight.device))  # code i stands for i - 127
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear_int8(x, self.weight, self.SCB, self.threshold)
 
@@ -310,6 +337,16 @@ class SlimLinearInt4(SlimLinear):
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return kernels.dequantize_int4(self.int4_weight(), dtype or self.compute_dtype)
+
+    def grid(self) -> formats.Grid:
+        def per_element(t: torch.Tensor) -> torch.Tensor:
+            return t.float().repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+
+        return formats.Grid.of_values(formats.int4_lut(), per_element(self.weight_scale), per_element(self.weight_zero))
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor) -> None:
+        self._set_tensor("weight", formats.pack_codes(codes).to(self.weight.device))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.linear_int4(x, self.int4_weight(), self.compute_dtype)

@@ -13,9 +13,10 @@
 // through a 16-entry bf16 table held in a register (vpermw) and multiplies with vdpbf16ps, which
 // forms exact products of bf16 values and accumulates in float32. Float32 activations are split
 // into a bf16 high and low part (and the table likewise), which keeps ~16 more bits of precision.
-// Without AVX-512 BF16 but with AVX2 and FMA (most desktop CPUs: AMD Zen, Intel client cores), 8 codes at a
-// time become float32 through the table held in two registers (vpermps) and are multiplied with fused
-// multiply-adds in float32 per group, then scaled. When K is not a multiple of 64, or without AVX2, a scalar
+// Without AVX-512 BF16 but with AVX2 and FMA (most desktop CPUs: AMD Zen, Intel client cores), 32 codes at
+// a time become bf16 through the table's low and high bytes (two vpshufb), widen to float32 and are
+// multiplied with fused multiply-adds in float32 per group, then scaled; float32 activations with a table
+// that bf16 does not hold exactly take the table in float32 through vpermps instead. When K is not a multiple of 64, or without AVX2, a scalar
 // loop computes the same sums.
 //
 // Decode (a few tokens, bf16): gemv_4bit_cpu_layout (NF4/FP4 in bitsandbytes' 32-row CPU layout)

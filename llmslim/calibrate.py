@@ -1,0 +1,208 @@
+"""Calibrated quantization (`SlimConfig(method="gptq")`): GPTQ block by block on calibration text.
+
+`calibrate_(model, config, input_ids)` quantizes a float model in place. The calibration sequences
+run through the decoder blocks one block at a time: the block's selected linear layers collect the
+Hessian of their inputs (`quant.gptq.HessianAccumulator`; layers fed the same tensor share one),
+each is quantized by GPTQ into its format (`quant.gptq.gptq_codes`), then the quantized block runs
+again to give the next block its inputs, so each block is calibrated on what the quantized blocks
+before it produce. Layers outside the blocks (an int8 head) and fused MoE experts are quantized by
+round-to-nearest, as `quantize_` does.
+
+`calibration_ids(tokenizer, ...)`: the calibration sequences, by default from the Tiny Shakespeare
+text shipped with the package (never the evaluation text), seeded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from llmslim.config import SlimConfig
+from llmslim.data import TINY_SHAKESPEARE
+from llmslim.hf import compat
+from llmslim.memory.blocks import find_blocks
+from llmslim.quant.experts import quantize_experts_
+from llmslim.quant.gptq import GptqSettings, HessianAccumulator, gptq_codes, output_error
+from llmslim.quant.mixed import choose_int8_layers, oriented
+from llmslim.quant.modules import SlimLinear, quantization_targets
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_TOKENS = 65536
+CALIBRATION_SEQ_LEN = 512
+
+
+def read_calibration_text(source: str | Path | None = None) -> str:
+    """The text of a UTF-8 file, or of every file in a folder (sorted, joined by blank lines); None: Tiny Shakespeare.
+
+    Raises:
+        FileNotFoundError: `source` does not exist, or is a folder without files.
+        ValueError: a file is not UTF-8 (its name and the byte offset are given).
+    """
+    path = Path(source).expanduser() if source is not None else TINY_SHAKESPEARE
+    if not path.exists():
+        raise FileNotFoundError(f"calibration text {str(path)!r} does not exist: pass a UTF-8 text file or a folder of them")
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise FileNotFoundError(f"calibration folder {str(path)!r} holds no files: put UTF-8 text files in it")
+    texts = []
+    for file in files:
+        try:
+            texts.append(file.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"calibration text {str(file)!r} is not UTF-8 (byte {err.start}): convert it, e.g. `iconv -t UTF-8`, or leave it out"
+            ) from None
+    return "\n\n".join(texts)
+
+
+def calibration_ids(
+    tokenizer, source: str | Path | None = None, tokens: int = CALIBRATION_TOKENS, seq_len: int = CALIBRATION_SEQ_LEN, seed: int = 0
+) -> torch.Tensor:
+    """`tokens // seq_len` sequences of `seq_len` token ids `(n, seq_len)`, windows of the text at seeded random starts.
+
+    Raises:
+        ValueError: `tokens` or `seq_len` is not positive, or the text is shorter than one sequence.
+    """
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"calibration sequence length must be a positive integer, got {seq_len!r}")
+    if not isinstance(tokens, int) or tokens < seq_len:
+        raise ValueError(f"calibration tokens must be an integer of at least one sequence ({seq_len}), got {tokens!r}")
+    text = read_calibration_text(source)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+    if ids.numel() < seq_len:
+        raise ValueError(
+            f"the calibration text holds {ids.numel()} tokens, fewer than one sequence of {seq_len}: give a longer text "
+            "(--calibration-text) or a shorter sequence"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len + 1, (tokens // seq_len,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+class _BlockInputs(Exception):
+    """Raised by the first block's pre-hook once it has its inputs: nothing after it needs to run."""
+
+
+@torch.no_grad()
+def calibrate_(model: torch.nn.Module, config: SlimConfig, input_ids: torch.Tensor, progress: bool = True) -> list[str]:
+    """Quantize the float transformers `model` in place with GPTQ on `input_ids` `(n, seq_len)`; returns the quantized names.
+
+    Settings: `config.damp`, `config.act_order`. Memory: the float model, plus every sequence's hidden states at one
+    block boundary and one block's Hessians.
+    """
+    if config.weights is None:
+        return []
+    compat.untie_int8_head(model, config)
+    selected = quantization_targets(model, config, keep=compat.tied_module_names(model))
+    if config.needs_mixed_choice:
+        config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
+    settings = GptqSettings(damp=config.damp, act_order=config.act_order)
+    blocks_name, blocks = find_blocks(model)
+    states = _first_block_inputs(model, blocks[0], input_ids)
+    targets = dict(selected)
+    replaced: list[str] = []
+    for index in tqdm(range(len(blocks)), desc="GPTQ", unit="block", disable=None if progress else True):
+        prefix = f"{blocks_name}.{index}."
+        in_block = {name: module for name, module in targets.items() if name.startswith(prefix)}
+        hessians = _collect_hessians(blocks[index], {name[len(prefix) :]: m for name, m in in_block.items()}, states)
+        for name, module in in_block.items():
+            model.set_submodule(name, _gptq_layer(name, module, config, hessians[name[len(prefix) :]], settings))
+            replaced.append(name)
+            del targets[name]
+        states = [(_run_block(blocks[index], args, kwargs), kwargs) for args, kwargs in states]
+    for name, module in targets.items():  # outside the blocks: round-to-nearest
+        spec = config.layer_spec(name)
+        layer = spec.module_class().from_linear(module, spec, name)
+        layer.set_float_weight(module.weight.data)
+        _keep_bias(layer, module)
+        model.set_submodule(name, layer)
+        replaced.append(name)
+    replaced += quantize_experts_(model, config)
+    compat.mark_quantized(model, config)
+    return replaced
+
+
+def _first_block_inputs(model: torch.nn.Module, first: torch.nn.Module, input_ids: torch.Tensor) -> list[tuple[tuple, dict]]:
+    """Per sequence, the (args, kwargs) the first block is called with (hidden states, mask, positions, rotary tables)."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def grab(module, args, kwargs):
+        captured.append((args, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}))
+        raise _BlockInputs
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in input_ids.split(1):
+            try:
+                model(input_ids=ids.to(model.device), use_cache=False)
+            except _BlockInputs:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:
+    out = block(*args, **kwargs)
+    hidden = out[0] if isinstance(out, tuple) else out
+    return (hidden, *args[1:])
+
+
+def _collect_hessians(block: torch.nn.Module, layers: dict[str, torch.nn.Module], states: list) -> dict[str, HessianAccumulator]:
+    """Run the float block over every sequence, adding each selected layer's inputs to its Hessian; layers fed the same
+    tensor (q, k and v; gate and up) share one accumulator, computed once."""
+    hessians: dict[str, HessianAccumulator] = {}
+    seen: list[tuple[str, torch.Tensor]] = []
+
+    def record(name):
+        def hook(module, args):
+            seen.append((name, args[0]))
+
+        return hook
+
+    handles = [module.register_forward_pre_hook(record(name)) for name, module in layers.items()]
+    try:
+        for args, kwargs in states:
+            block(*args, **kwargs)
+            by_tensor: dict[int, HessianAccumulator] = {}
+            for name, x in seen:
+                if name not in hessians:
+                    shared = next((hessians[n] for n, y in seen if y is x and n in hessians), None)
+                    hessians[name] = shared or HessianAccumulator(x.shape[-1], x.device)
+                accumulator = hessians[name]
+                if id(accumulator) not in by_tensor:
+                    by_tensor[id(accumulator)] = accumulator
+                    accumulator.add(x)
+            seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = sorted(set(layers) - set(hessians))
+    if missing:
+        raise ValueError(f"GPTQ: layers {missing} were never called in their block's forward: they cannot be calibrated")
+    return hessians
+
+
+def _gptq_layer(name: str, module: torch.nn.Module, config: SlimConfig, hessian: HessianAccumulator, settings: GptqSettings) -> SlimLinear:
+    """`module` quantized in its format with GPTQ's codes, or round-to-nearest's where GPTQ's are not better."""
+    spec = config.layer_spec(name)
+    layer = spec.module_class().from_linear(module, spec, name)
+    weight = oriented(module, module.weight.data).float()  # (out, in)
+    layer.set_float_weight(module.weight.data)  # round-to-nearest: fixes the scales GPTQ rounds against
+    rtn = layer.dequantized_weight(torch.float32)
+    rtn_codes = layer.state_dict()["weight"].clone()
+    layer.set_codes(gptq_codes(weight, hessian.hessian, layer.grid(), settings, name))
+    if output_error(weight, layer.dequantized_weight(torch.float32), hessian.hessian) > output_error(weight, rtn, hessian.hessian):
+        logger.info("GPTQ: %s keeps its round-to-nearest codes (lower output error on the calibration inputs)", name)
+        layer._set_tensor("weight", rtn_codes)
+    _keep_bias(layer, module)
+    return layer
+
+
+def _keep_bias(layer: SlimLinear, module: torch.nn.Module) -> None:
+    if module.bias is not None:
+        layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)

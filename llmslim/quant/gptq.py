@@ -1,0 +1,108 @@
+"""GPTQ (Frantar et al., 2022) into the formats llmslim already stores.
+
+A layer's scales are fixed first, exactly as round-to-nearest chooses them (NF4/FP4 absmax, with
+double quantization where the layer has it; int4 scale and zero per group; int8 row absmax): the
+stored format does not change and nothing about loading it does. GPTQ then chooses the codes, one
+input column at a time, each rounded to its nearest grid value and its rounding error spread over
+the columns not yet quantized through the inverse Hessian of the layer's inputs, `H = 2 X^T X`
+(optimal brain surgeon updates, in blocks of columns with lazy updates of the rest). With
+`act_order` the columns go in order of decreasing `diag(H)`; the scales stay per stored group, so
+the order changes nothing in the format.
+
+A layer keeps its round-to-nearest codes if GPTQ's are not better on the calibration inputs
+(`tr((W - Q) H (W - Q)^T)`, the layer's output error): calibration never makes a layer worse there.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from llmslim.quant.formats import Grid
+
+logger = logging.getLogger(__name__)
+
+DAMP_RETRIES = 4  # dampening x10 each time the Cholesky factorization fails
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """damp: share of the mean of diag(H) added to its diagonal; block: columns per lazy update; act_order: see above."""
+
+    damp: float = 0.01
+    block: int = 128
+    act_order: bool = False
+
+
+class HessianAccumulator:
+    """`H = 2 / n * sum x x^T` over the `n` input rows a layer saw (float32, `(in, in)`), added to batch by batch."""
+
+    def __init__(self, in_features: int, device=None):
+        self.hessian = torch.zeros((in_features, in_features), dtype=torch.float32, device=device)
+        self.rows = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (rows, in)
+        total = self.rows + x.shape[0]
+        self.hessian.mul_(self.rows / total).addmm_(x.t(), x, alpha=2.0 / total)
+        self.rows = total
+
+
+def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the squared error of the layer's outputs on its calibration inputs (up to a factor)."""
+    delta = weight.float() - quantized.float()
+    return float(((delta @ hessian) * delta).sum())
+
+
+def gptq_codes(
+    weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, settings: GptqSettings = GptqSettings(), name: str = ""
+) -> torch.Tensor:
+    """Codes `(out, in)` for `weight` `(out, in)` on `grid`, chosen by GPTQ with the input Hessian `hessian` `(in, in)`.
+
+    Raises:
+        ValueError: the dampened Hessian is not positive definite even after `DAMP_RETRIES` increases of the
+            dampening (the layer named by `name`).
+    """
+    w = weight.detach().float().clone()  # (out, in)
+    h = hessian.detach().float().clone()  # (in, in)
+    columns = w.shape[1]
+    dead = torch.diag(h) == 0  # inputs that were always zero: their columns cannot matter
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(torch.diag(h), descending=True, stable=True) if settings.act_order else torch.arange(columns)
+    w, h = w[:, order], h[order][:, order]
+    upper = _inverse_cholesky(h, settings.damp, name)  # (in, in): the upper Cholesky factor of H^-1
+    codes = torch.empty(w.shape, dtype=torch.long)
+    for start in range(0, columns, settings.block):
+        end = min(start + settings.block, columns)
+        block_w = w[:, start:end].clone()
+        errors = torch.empty_like(block_w)
+        block_inv = upper[start:end, start:end]
+        for i in range(end - start):
+            values, codes[:, start + i] = grid.column(block_w[:, i], int(order[start + i]))
+            error = (block_w[:, i] - values) / block_inv[i, i]
+            block_w[:, i:] -= error.unsqueeze(1) * block_inv[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return codes[:, torch.argsort(order)]
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    mean_diag = float(torch.diag(h).mean())
+    for attempt in range(DAMP_RETRIES + 1):
+        factor = damp * 10**attempt
+        dampened = h + torch.eye(h.shape[0], dtype=h.dtype) * (factor * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(dampened)
+        if info == 0:
+            inverse_lower, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info == 0:
+                if attempt:
+                    logger.warning("GPTQ: %s needed dampening %.3g of the mean diagonal (asked for %.3g)", name or "a layer", factor, damp)
+                return inverse_lower
+    raise ValueError(
+        f"GPTQ: the input Hessian of {name or 'a layer'} is not positive definite even with dampening "
+        f"{damp * 10**DAMP_RETRIES:g} of its mean diagonal: calibrate with more (and more varied) text, or use method='rtn'"
+    )

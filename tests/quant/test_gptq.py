@@ -1,0 +1,245 @@
+"""GPTQ into llmslim's formats: never worse than round-to-nearest on the calibration inputs, the codes on the format's
+own grid (the stored layout unchanged: stock bitsandbytes dequantizes the NF4 export to our weights), a calibrated
+checkpoint that reloads bit-identical without calibrating, determinism, and bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+import llmslim
+from llmslim import SlimConfig
+from llmslim.calibrate import calibrate_, calibration_ids, read_calibration_text
+from llmslim.data import TINY_SHAKESPEARE
+from llmslim.quant.gptq import GptqSettings, HessianAccumulator, _inverse_cholesky, gptq_codes, output_error
+from llmslim.quant.modules import SlimLinear, quantized_layers
+from llmslim.quant.quantize import quantize_
+
+FORMATS = ("nf4", "fp4", "int4", "int8")
+
+
+def _layer(weights: str, weight: torch.Tensor, **config) -> SlimLinear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight.data = weight.clone()
+    spec = SlimConfig(weights=weights, **config).layer_spec("layer")
+    layer = spec.module_class().from_linear(linear, spec, "layer")
+    layer.set_float_weight(weight)
+    return layer
+
+
+def _correlated_inputs(rows: int, features: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 16, generator=g) @ torch.randn(16, features, generator=g) + 0.3 * torch.randn(rows, features, generator=g)
+
+
+@pytest.mark.parametrize("act_order", (False, True))
+@pytest.mark.parametrize("weights", FORMATS)
+def test_gptq_lowers_the_output_error_of_round_to_nearest(weights, act_order):
+    weight = torch.randn(96, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    hessian = HessianAccumulator(128)
+    hessian.add(_correlated_inputs(512, 128, seed=1))
+    layer = _layer(weights, weight, block_size=32)
+    rtn = layer.dequantized_weight(torch.float32)
+    layer.set_codes(gptq_codes(weight, hessian.hessian, layer.grid(), GptqSettings(act_order=act_order)))
+    gptq = layer.dequantized_weight(torch.float32)
+    assert output_error(weight, gptq, hessian.hessian) < 0.5 * output_error(weight, rtn, hessian.hessian)
+
+
+@pytest.mark.parametrize(
+    "weights, config", [("nf4", {"double_quant": False}), ("fp4", {"double_quant": False}), ("int4", {}), ("int4", {"refine": True})]
+)
+def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(weights, config):
+    """H = I spreads no error: GPTQ's codes are then round-to-nearest's on the same scales, code for code (without double
+    quantization: round-to-nearest rounds against the absmax before it is double-quantized, GPTQ against the stored one)."""
+    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    layer = _layer(weights, weight, block_size=32, **config)
+    stored = layer.state_dict()["weight"].clone()
+    layer.set_codes(gptq_codes(weight, torch.eye(96), layer.grid()))
+    assert torch.equal(layer.state_dict()["weight"], stored)
+
+
+def test_hessian_accumulates_batches_as_one():
+    x = torch.randn(300, 24, generator=torch.Generator().manual_seed(3))
+    hessian = HessianAccumulator(24)
+    for part in x.split(70):
+        hessian.add(part)
+    torch.testing.assert_close(hessian.hessian, 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-5)
+
+
+def test_dampening_is_raised_until_the_factorization_succeeds_then_the_layer_is_named(caplog):
+    with caplog.at_level(logging.WARNING, logger="llmslim.quant.gptq"):
+        _inverse_cholesky(torch.diag(torch.tensor([1.0, -0.5])), 0.01, "model.layers.0.mlp.up_proj")
+    assert "model.layers.0.mlp.up_proj needed dampening 10" in caplog.text
+    with pytest.raises(ValueError, match="Hessian of model.layers.3.self_attn.q_proj is not positive definite.*method='rtn'"):
+        _inverse_cholesky(-torch.eye(4), 0.01, "model.layers.3.self_attn.q_proj")
+
+
+# --- models ----------------------------------------------------------------------------------------------------------
+
+
+def _char_tokenizer(folder):
+    """A character-level tokenizer of at most 96 ids (the tiny model's vocabulary) for Tiny Shakespeare's characters."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    chars = sorted(set(TINY_SHAKESPEARE.read_text()))[:95]
+    tokenizer = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["<unk>", *chars])}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("(?m).|\\n"), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>").save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(tmp_path_factory):
+    """A tiny Llama whose rows are 64 long (bitsandbytes' CPU 4-bit kernels need it), with a tokenizer."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=96)
+    path = tmp_path_factory.mktemp("gptq") / "llama"
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    _char_tokenizer(path)
+    return path
+
+
+CALIBRATION = dict(calibration_tokens=1024, progress=False)  # 2 sequences of 512
+
+
+@pytest.mark.parametrize("weights", FORMATS)
+def test_calibrated_model_reloads_bit_identical_without_calibrating(llama_with_tokenizer, tmp_path, weights, monkeypatch, input_ids):
+    config = SlimConfig(weights=weights, method="gptq", block_size=32)
+    model = llmslim.from_pretrained(llama_with_tokenizer, config, **CALIBRATION)
+    assert {n for n, _ in quantized_layers(model)} and all(layer.fmt == weights for _, layer in quantized_layers(model))
+    rtn = llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights=weights, block_size=32), progress=False)
+    pairs = zip(quantized_layers(model), quantized_layers(rtn), strict=True)
+    assert any(not torch.equal(a.state_dict()["weight"], b.state_dict()["weight"]) for (_, a), (_, b) in pairs)  # GPTQ chose other codes
+    llmslim.save_pretrained(model, tmp_path / "q")
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["method"] == "gptq"
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("a quantized checkpoint was calibrated again")
+
+    monkeypatch.setattr("llmslim.load.calibrate_", no_calibration)
+    reloaded = llmslim.from_pretrained(tmp_path / "q", progress=False)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_transformers_door_calibrates_as_llmslims_does(llama_with_tokenizer, tmp_path):
+    config = SlimConfig(weights="nf4", method="gptq")
+    ours = llmslim.from_pretrained(llama_with_tokenizer, config, progress=False)  # the default calibration text and tokens
+    theirs = AutoModelForCausalLM.from_pretrained(llama_with_tokenizer, quantization_config=config)
+    assert [n for n, _ in quantized_layers(theirs)] == [n for n, _ in quantized_layers(ours)]
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    theirs.save_pretrained(tmp_path / "q")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # quantized: loads without calibrating
+    assert reloaded.config.quantization_config.method == "gptq"
+    assert all(torch.equal(b[k], reloaded.state_dict()[k]) for k in b)
+
+
+def test_calibration_is_deterministic_under_its_seed(llama_with_tokenizer):
+    a, b = (llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="nf4", method="gptq"), **CALIBRATION) for _ in range(2))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_gptq_model_is_closer_to_the_float_model_on_held_out_text(llama_with_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_with_tokenizer)
+    float_model = AutoModelForCausalLM.from_pretrained(llama_with_tokenizer, dtype=torch.float32).eval()
+    held_out = calibration_ids(tokenizer, tokens=512, seq_len=128, seed=99)
+    with torch.no_grad():
+        expected = float_model(held_out).logits
+    errors = {}
+    for method in ("rtn", "gptq"):
+        model = AutoModelForCausalLM.from_pretrained(llama_with_tokenizer, dtype=torch.float32).eval()
+        config = SlimConfig(weights="int4", block_size=32, method=method)
+        if method == "gptq":
+            calibrate_(model, config, calibration_ids(tokenizer, tokens=2048, seq_len=256), progress=False)
+        else:
+            quantize_(model, config)
+        with torch.no_grad():
+            errors[method] = float((model(held_out).logits - expected).norm() / expected.norm())
+    assert errors["gptq"] < errors["rtn"]
+
+
+_STOCK_DEQUANTIZE = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+    assert "llmslim" not in sys.modules, "the export must load without llmslim"
+    torch.save({name: dequantize_bnb_weight(m.weight, getattr(m, "state", None)) for name, m in model.named_modules()
+                if type(m).__name__ == "Linear4bit"}, sys.argv[2])
+    """
+)
+
+
+def test_gptq_nf4_export_dequantizes_in_stock_bitsandbytes_to_our_weights(llama_with_tokenizer, tmp_path):
+    model = llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="nf4", method="gptq"), **CALIBRATION)
+    llmslim.save_pretrained(model, tmp_path / "bnb", format="bnb")
+    run = subprocess.run(
+        [sys.executable, "-c", _STOCK_DEQUANTIZE, str(tmp_path / "bnb"), str(tmp_path / "w.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = torch.load(tmp_path / "w.pt", weights_only=True)
+    ours = dict(quantized_layers(model))
+    assert set(theirs) == set(ours)
+    for name, weight in theirs.items():
+        assert torch.equal(weight, ours[name].dequantized_weight(weight.dtype)), name
+
+
+# --- bad input -------------------------------------------------------------------------------------------------------
+
+
+def test_calibration_text_shorter_than_a_sequence_is_refused(llama_with_tokenizer, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be")
+    with pytest.raises(ValueError, match="holds 19 tokens, fewer than one sequence of 512"):
+        llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="nf4", method="gptq"), calibration_text=short, progress=False)
+
+
+def test_non_utf8_calibration_text_is_refused_with_the_file_and_offset(tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("fine")
+    (tmp_path / "texts" / "b.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(ValueError, match="b.txt' is not UTF-8 \\(byte 3\\)"):
+        read_calibration_text(tmp_path / "texts")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_calibration_text(tmp_path / "missing.txt")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"weights": None, "method": "gptq"}, "method='gptq' chooses the codes of quantized weights"),
+        ({"method": "awq"}, "method must be one of \\['rtn', 'gptq'\\], got 'awq'"),
+        ({"method": "gptq", "damp": 0}, "damp must be a number in \\(0, 1\\)"),
+        ({"act_order": "yes"}, "act_order must be True or False"),
+    ],
+)
+def test_bad_gptq_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SlimConfig(**fields)
+
+
+def test_cli_quantizes_with_gptq_and_reloads(llama_with_tokenizer, tmp_path):
+    from llmslim.cli import main
+
+    out = tmp_path / "out"
+    code = main(["quantize", str(llama_with_tokenizer), str(out), "--weights", "int4", "--method", "gptq", "--calibration-tokens", "512"])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "gptq"
+    assert not list(tmp_path.glob(".*"))  # nothing half-written beside it
+    llmslim.from_pretrained(out, progress=False)
