@@ -164,7 +164,8 @@ def test_json_round_trip(cfg):
 def test_repr_names_every_field():
     assert repr(SlimConfig(weights="int8")) == (
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
-        "int8_threshold=1.5, refine=False, method='rtn', damp=0.01, act_order=False, bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'], "
+        "int8_threshold=1.5, refine=False, method='rtn', damp=0.01, act_order=False, "
+        "bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'], "
         "embedding_rank=None, embedding_energy=None, embedding_corpus=None, embedding_weights=None, untie_embeddings=False, "
         "share_layers=None, share_init='mean', share_norms=False, checkpointing='none', allow_nonfinite=False)"
     )
