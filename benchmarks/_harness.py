@@ -206,6 +206,7 @@ def machine_info(extra_packages: Iterable[str] = ()) -> dict:
     mem_kib = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:"))
     return {
         "cpu": cpu or platform.processor(),
+        "simd": simd_flags(),
         "nproc": len(os.sched_getaffinity(0)),
         "total_ram_gib": mem_kib * KIB / GIB,
         "python": platform.python_version(),
@@ -215,6 +216,16 @@ def machine_info(extra_packages: Iterable[str] = ()) -> dict:
         "date": utc_now(),
         "load_average_at_start": os.getloadavg(),
     }
+
+
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16")  # the ones that pick llmslim's CPU kernels
+
+
+def simd_flags() -> list[str]:
+    """Which of `SIMD_FLAGS` this CPU has (from /proc/cpuinfo; empty where it has no flags line)."""
+    line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    flags = set(line.split(":", 1)[-1].split())
+    return [flag for flag in SIMD_FLAGS if flag in flags]
 
 
 def torch_info() -> dict:

@@ -243,3 +243,15 @@ def test_cli_quantizes_with_gptq_and_reloads(llama_with_tokenizer, tmp_path):
     assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "gptq"
     assert not list(tmp_path.glob(".*"))  # nothing half-written beside it
     llmslim.from_pretrained(out, progress=False)
+
+
+def test_gptq_under_a_bit_budget_calibrates_both_int4_and_int8_layers(llama_with_tokenizer):
+    config = SlimConfig(weights="int4", block_size=32, method="gptq", bits_per_param=5.5)
+    model = llmslim.from_pretrained(llama_with_tokenizer, config, **CALIBRATION)
+    rtn = llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="int4", block_size=32, bits_per_param=5.5), progress=False)
+    formats = {name: layer.fmt for name, layer in quantized_layers(model)}
+    assert set(formats.values()) == {"int4", "int8"}
+    assert formats == {name: layer.fmt for name, layer in quantized_layers(rtn)}  # the budget picks the same layers
+    pairs = zip(quantized_layers(model), quantized_layers(rtn), strict=True)
+    changed = {a.fmt for (_, a), (_, b) in pairs if not torch.equal(a.state_dict()["weight"], b.state_dict()["weight"])}
+    assert changed == {"int4", "int8"}  # GPTQ chose other codes in layers of both formats
