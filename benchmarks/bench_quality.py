@@ -7,20 +7,30 @@ layers (the float embedding and norms are reported separately through the footpr
 
     python benchmarks/bench_quality.py [--tokens 20000] [--text PATH]
     python benchmarks/bench_quality.py --cases llmslim-nf4-head8 --merge   # add cases to the last results
+    python benchmarks/bench_quality.py --cases llmslim-nf4-gptq --merge --calibration-cost smollm2,tinyllama
+
+`-gptq` cases calibrate on the Tiny Shakespeare shipped in llmslim.data (never on the evaluation text; 65,536 tokens
+in sequences of 512, seed 0). `--calibration-cost` times llmslim's GPTQ-NF4 load of each model in a fresh process
+(peak RSS from wait4), next to the same model's round-to-nearest NF4 load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+import tempfile
+import time
 from pathlib import Path
 
-from _harness import RESULTS_DIR, publish, pyplot, read_json, save_figure, utc_now
+from _harness import GIB, RESULTS_DIR, finish_child, publish, pyplot, read_json, run_child, save_figure, utc_now
 from _models import bnb_config, load_bf16, load_quanto
 
 README_BLOCKS = {"bench_quality": "bench_quality.json"}  # README marker -> the committed JSON it is rendered from (render.py)
 README_SECTION = "## Perplexity per format (`benchmarks/bench_quality.py`)"
-# llmslim-FORMAT[-gGROUP][-refine][-tTHRESHOLD][-bBITS][-head8]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
-# int8_threshold=THRESHOLD, bits_per_param=BITS; head8: exclude=[], int8_layers=["lm_head"], an int8 copy of the tied head)
+# llmslim-FORMAT[-gGROUP][-refine][-gptq][-tTHRESHOLD][-bBITS][-head8]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
+# method="gptq", int8_threshold=THRESHOLD, bits_per_param=BITS; head8: exclude=[], int8_layers=["lm_head"], an int8 copy of the
+# tied head). bnb-nf4-gptq-export: llmslim's GPTQ-NF4 saved in bitsandbytes' layout, loaded by stock transformers + bitsandbytes.
 CASES = (
     "bf16",
     "llmslim-int8",
@@ -36,8 +46,16 @@ CASES = (
     "llmslim-int4-g64-b5",
     "llmslim-int4-g64-refine-b5",
     "llmslim-int4-g128-refine-b4.6",
+    "llmslim-int8-gptq",
+    "llmslim-nf4-gptq",
+    "llmslim-fp4-gptq",
+    "llmslim-int4-g64-gptq",
+    "llmslim-int4-g128-gptq",
+    "llmslim-int4-g64-gptq-b5",
+    "llmslim-int4-g128-refine-gptq-b4.6",
     "bnb-int8",
     "bnb-nf4",
+    "bnb-nf4-gptq-export",
     "quanto-int8",
     "quanto-int4",
 )
@@ -52,6 +70,8 @@ def slim_config(case: str):
     for option in options:
         if option == "refine":
             kwargs["refine"] = True
+        elif option == "gptq":
+            kwargs["method"] = "gptq"
         elif option.startswith("g") and option[1:].isdigit():
             kwargs["block_size"] = int(option[1:])
         elif option.startswith("b"):
@@ -75,11 +95,29 @@ def load_case(case: str, path: Path):
         return load_bf16(path)
     if case.startswith("llmslim-"):
         return llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
+    if case == "bnb-nf4-gptq-export":
+        return load_gptq_export(path)
     if case.startswith("quanto-"):
         return load_quanto(path, bits=8 if case == "quanto-int8" else 4)
     if case == "bnb-int8":
         return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(8), dtype=torch.bfloat16)
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(4))
+
+
+def load_gptq_export(path: Path):
+    """llmslim's GPTQ-NF4 of `path`, saved in bitsandbytes' layout, then loaded by stock transformers + bitsandbytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llmslim
+
+    model = llmslim.from_pretrained(path, slim_config("llmslim-nf4-gptq"), dtype=torch.bfloat16, progress=False)
+    with tempfile.TemporaryDirectory(prefix="bench_quality-") as tmp:
+        llmslim.save_pretrained(model, Path(tmp) / "bnb", format="bnb")
+        del model
+        config = json.loads((Path(tmp) / "bnb" / "config.json").read_text())["quantization_config"]
+        assert config["quant_method"] == "bitsandbytes", config  # transformers' own bitsandbytes quantizer loads it
+        return AutoModelForCausalLM.from_pretrained(Path(tmp) / "bnb", dtype=torch.bfloat16)
 
 
 def quantized_bits_per_param(model) -> float | None:
@@ -105,13 +143,16 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
     ids = load_tokens(AutoTokenizer.from_pretrained(path), text, tokens)
     rows = {}
     for case in cases:
+        start = time.perf_counter()
         model = load_case(case, path)
+        load_s = time.perf_counter() - start
         with torch.no_grad():  # optimum-quanto's tensors fail under inference_mode
             result = perplexity(model, ids, progress=False)
         rows[case] = {
             "perplexity": result.perplexity,
             "bits_per_param_quantized_layers": quantized_bits_per_param(model),
             "footprint_mib": model_nbytes(model) / 2**20,
+            "load_s": load_s,  # GPTQ cases: calibration included
         }
         print(f"{case:14s} perplexity {result.perplexity:.2f}", flush=True)
         del model
@@ -119,6 +160,29 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
     for row in rows.values():
         row["vs_bf16"] = row["perplexity"] / base if base else None
     return {"date": utc_now(), "tokens": tokens, "text": str(text), "cases": rows}
+
+
+def calibration_cost(model_dir: Path, timeout: float) -> dict:
+    """Seconds and peak RSS of llmslim's GPTQ-NF4 and round-to-nearest NF4 loads of `model_dir`, each in a fresh process."""
+    out = {"model": str(model_dir)}
+    for method in ("rtn", "gptq"):
+        run = run_child(Path(__file__), ["--child-calibrate", method, str(model_dir)], timeout)
+        out[method] = run.merged(peak_rss_gib=run.peak_rss_bytes / GIB)
+        print(f"[calibration] {method}: {out[method]}", file=sys.stderr, flush=True)
+    return out
+
+
+def child_calibrate(method: str, model_dir: str, result_file: str) -> int:
+    """Load `model_dir` in NF4 with `method` (GPTQ on the default calibration text) and write the time and footprint."""
+    import torch
+
+    import llmslim
+    from llmslim.stats import model_nbytes
+
+    start = time.perf_counter()
+    model = llmslim.from_pretrained(model_dir, llmslim.SlimConfig(weights="nf4", method=method), dtype=torch.bfloat16, progress=False)
+    seconds = time.perf_counter() - start
+    return finish_child({"seconds": seconds, "footprint_gib": model_nbytes(model) / GIB, "threads": torch.get_num_threads()}, result_file)
 
 
 def markdown(result: dict) -> str:
@@ -137,6 +201,18 @@ def markdown(result: dict) -> str:
     for again in result.get("remeasured", []):  # later partial runs merged in (`--merge`), each with its own bf16
         cases = ", ".join(again["cases"])
         lines += ["", f"Measured {again['date']}: {cases} (bf16 in that run: {again['bf16_same_run']:.2f}). {again['note']}"]
+    for cost in result.get("calibration", []):
+        rtn, gptq = cost["rtn"], cost["gptq"]
+        if "error" in gptq or "error" in rtn:
+            lines += ["", f"Calibration cost of {cost['name']}: {gptq.get('error') or rtn.get('error')}"]
+            continue
+        lines += [
+            "",
+            f"Calibration cost, {cost['name']} (measured {cost['date']}, {gptq['threads']} threads, fresh process, peak RSS from wait4): "
+            f"GPTQ-NF4 load {gptq['seconds']:.0f} s at {gptq['peak_rss_gib']:.2f} GiB peak RSS, vs round-to-nearest NF4 "
+            f"{rtn['seconds']:.1f} s at {rtn['peak_rss_gib']:.2f} GiB (footprint {gptq['footprint_gib']:.3f} GiB).",
+        ]
+    lines += targets(result)
     lines += [
         "",
         "Bits/param of bitsandbytes' and optimum-quanto's layers are not counted here (their quant state is not in the module's tensors).",
@@ -149,16 +225,63 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def targets(result: dict) -> list[str]:
+    """Issue 18's targets, met or not, from the cases measured."""
+    rows = result["cases"]
+    if "bf16" not in rows or not any("-gptq" in case for case in rows):
+        return []
+
+    def rise(case: str) -> float:
+        return rows[case]["perplexity"] / rows["bf16"]["perplexity"] - 1
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**not met**"
+
+    lines = ["", "Targets (issue 18):", ""]
+    if "bnb-nf4-gptq-export" in rows:
+        value = rise("bnb-nf4-gptq-export")
+        lines.append(f"- GPTQ-NF4 through stock transformers + bitsandbytes within 15% of bf16: {value:+.1%} {verdict(value <= 0.15)}")
+    small = [c for c, r in rows.items() if c.startswith("llmslim-") and (r["bits_per_param_quantized_layers"] or 99) <= 4.6]
+    if small:
+        best = min(small, key=rise)
+        bits = rows[best]["bits_per_param_quantized_layers"]
+        value = rise(best)
+        setting = f"{best} ({bits:.2f} bits)"
+        lines.append(f"- best setting at ≤ 4.6 bits/param within 10% of bf16: {setting} {value:+.1%} {verdict(value <= 0.10)}")
+    for case in ("llmslim-int8", "llmslim-int8-gptq"):
+        if case in rows:
+            lines.append(f"- {case} within 0.3% of bf16: {rise(case):+.2%} {verdict(rise(case) <= 0.003)}")
+    for cost in result.get("calibration", []):
+        limit = {"smollm2": 300, "tinyllama": 1800}.get(cost["name"])
+        seconds = cost["gptq"].get("seconds")
+        if limit and seconds is not None:
+            lines.append(f"- calibration of {cost['name']} ≤ {limit // 60} min: {seconds / 60:.1f} min {verdict(seconds <= limit)}")
+    return lines
+
+
 def plot(result: dict, path: Path) -> None:
-    """Perplexity per case."""
+    """Perplexity per case; perplexity against bits/param of llmslim's cases, round-to-nearest vs GPTQ."""
     plt = pyplot()
     cases = list(result["cases"])
-    fig, ax = plt.subplots(figsize=(8, 4))
-    bars = ax.bar(cases, [result["cases"][c]["perplexity"] for c in cases], color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title(f"SmolLM2-135M-Instruct, WikiText-2 ({result['tokens']} tokens)")
-    fig.autofmt_xdate(rotation=20)
+    fig, (bars_ax, bits_ax) = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    bars = bars_ax.bar(cases, [result["cases"][c]["perplexity"] for c in cases], color="tab:blue")
+    bars_ax.bar_label(bars, fmt="%.1f", fontsize=6)
+    bars_ax.set_ylabel("perplexity (lower is better)")
+    bars_ax.set_title(f"SmolLM2-135M-Instruct, WikiText-2 ({result['tokens']} tokens)")
+    bars_ax.tick_params(axis="x", labelrotation=60, labelsize=6)
+    for method, color in (("rtn", "tab:orange"), ("gptq", "tab:green")):
+        points = [
+            (row["bits_per_param_quantized_layers"], row["perplexity"], case)
+            for case, row in result["cases"].items()
+            if case.startswith("llmslim-") and row["bits_per_param_quantized_layers"] and ("-gptq" in case) == (method == "gptq")
+        ]
+        if points:
+            xs, ys, _ = zip(*points, strict=True)
+            bits_ax.scatter(xs, ys, color=color, label=method)
+    if "bf16" in result["cases"]:
+        bits_ax.axhline(result["cases"]["bf16"]["perplexity"], color="gray", linestyle="--", label="bf16")
+    bits_ax.set(xlabel="bits/param (quantized layers)", ylabel="perplexity", title="round-to-nearest vs GPTQ")
+    bits_ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
@@ -168,7 +291,15 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--merge", action="store_true", help="measure --cases (and bf16) and merge them into the saved results")
+    parser.add_argument(
+        "--calibration-cost", default="", help="comma list of smollm2 or model folders: time and peak RSS of their GPTQ-NF4 load"
+    )
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per calibration-cost child (default 3600)")
+    parser.add_argument("--child-calibrate", nargs=2, help=argparse.SUPPRESS)  # child: METHOD MODEL_DIR
+    parser.add_argument("--result", help=argparse.SUPPRESS)  # child: where to write its result
     args = parser.parse_args()
+    if args.child_calibrate:
+        raise SystemExit(child_calibrate(*args.child_calibrate, args.result))
     if args.text is None:
         from llmslim.data import WIKITEXT2_TEST  # shipped with llmslim (= ../shared/data, byte for byte)
 
@@ -180,13 +311,28 @@ def main() -> None:
         result = merged(cases, args)
     else:
         result = measure(cases, args.tokens, args.text)
+    for name in filter(None, args.calibration_cost.split(",")):
+        cost = calibration_cost(resolve_model(name), args.timeout)
+        costs = [c for c in result.get("calibration", []) if c["name"] != name]
+        result["calibration"] = [*costs, {"name": name, "date": utc_now(), **cost}]
     print(publish("bench_quality", result, RESULTS_DIR, markdown, plot, README_SECTION))
+
+
+def resolve_model(name: str) -> Path:
+    """smollm2 (the embedded default model) or a model folder with a tokenizer."""
+    from llmslim import models
+
+    return Path(models.resolve(None if name == "smollm2" else name))
 
 
 MERGE_NOTES = {
     "llmslim-int8": (
         "int8 after the LLM.int8 prompt path started computing every column in 16 bits when more than half are outliers "
         "(17 of SmolLM2's 210 matmuls on a 512-token window)."
+    ),
+    "llmslim-nf4-gptq": (
+        "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0, damp 0.01); "
+        "`bnb-nf4-gptq-export` is that model saved in bitsandbytes' layout and loaded by stock transformers + bitsandbytes."
     ),
     "llmslim-nf4-head8": (
         "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint)."

@@ -5,7 +5,9 @@ run through the decoder blocks one block at a time: the block's selected linear 
 Hessian of their inputs (`quant.gptq.HessianAccumulator`; layers fed the same tensor share one),
 each is quantized by GPTQ into its format (`quant.gptq.gptq_codes`), then the quantized block runs
 again to give the next block its inputs, so each block is calibrated on what the quantized blocks
-before it produce. Layers outside the blocks (an int8 head) and fused MoE experts are quantized by
+before it produce. On a CPU the blocks run in float32 while they are calibrated (and are put back in
+their own dtypes after): a CPU without native bf16 multiplies float32 several times faster, and the
+Hessians are more precise. Layers outside the blocks (an int8 head) and fused MoE experts are quantized by
 round-to-nearest, as `quantize_` does.
 
 `calibration_ids(tokenizer, ...)`: the calibration sequences, by default from the Tiny Shakespeare
@@ -103,10 +105,16 @@ def calibrate_(model: torch.nn.Module, config: SlimConfig, input_ids: torch.Tens
     settings = GptqSettings(damp=config.damp, act_order=config.act_order)
     blocks_name, blocks = find_blocks(model)
     states = _first_block_inputs(model, blocks[0], input_ids)
+    work_dtype = torch.float32 if next(blocks[0].parameters()).device.type == "cpu" else None
+    if work_dtype is not None:
+        states = [(_cast_floats(args, work_dtype), _cast_floats(kwargs, work_dtype)) for args, kwargs in states]
     targets = dict(selected)
     replaced: list[str] = []
     for index in tqdm(range(len(blocks)), desc="GPTQ", unit="block", disable=None if progress else True):
         prefix = f"{blocks_name}.{index}."
+        dtypes = _tensor_dtypes(blocks[index])
+        if work_dtype is not None:
+            blocks[index].to(work_dtype)
         in_block = {name: module for name, module in targets.items() if name.startswith(prefix)}
         hessians = _collect_hessians(blocks[index], {name[len(prefix) :]: m for name, m in in_block.items()}, states)
         for name, module in in_block.items():
@@ -114,6 +122,7 @@ def calibrate_(model: torch.nn.Module, config: SlimConfig, input_ids: torch.Tens
             replaced.append(name)
             del targets[name]
         states = [(_run_block(blocks[index], args, kwargs), kwargs) for args, kwargs in states]
+        _restore_dtypes(blocks[index], dtypes, lambda name, prefix=prefix: config.layer_spec(prefix + name).compute_dtype)
     for name, module in targets.items():  # outside the blocks: round-to-nearest
         spec = config.layer_spec(name)
         layer = spec.module_class().from_linear(module, spec, name)
@@ -144,6 +153,42 @@ def _first_block_inputs(model: torch.nn.Module, first: torch.nn.Module, input_id
     finally:
         handle.remove()
     return captured
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` (a tensor, or a tuple/list/dict of them, nested) with its floating-point tensors cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(v, dtype) for v in value)
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value
+
+
+def _tensor_dtypes(block: torch.nn.Module) -> dict[str, torch.dtype]:
+    """The dtype of each of `block`'s parameters and buffers, by name."""
+    named = [*block.named_parameters(remove_duplicate=False), *block.named_buffers(remove_duplicate=False)]
+    return {name: tensor.dtype for name, tensor in named}
+
+
+@torch.no_grad()
+def _restore_dtypes(block: torch.nn.Module, dtypes: dict[str, torch.dtype], spec_dtype) -> None:
+    """Put `block`'s float tensors back in the dtypes they had (`_tensor_dtypes`); its new quantized layers compute in
+    their float weight's dtype, unless their spec sets one (`spec_dtype(name)`), and keep their quantized tensors."""
+    for name, module in block.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(module, SlimLinear):
+            module.compute_dtype = spec_dtype(name) or dtypes.get(f"{prefix}weight", module.compute_dtype)
+            if module.bias is not None:
+                module.bias = torch.nn.Parameter(module.bias.data.to(dtypes.get(f"{prefix}bias", module.bias.dtype)), requires_grad=False)
+            continue
+        for key, tensor in module._parameters.items():
+            if tensor is not None and dtypes.get(prefix + key, tensor.dtype) != tensor.dtype:
+                module._parameters[key] = torch.nn.Parameter(tensor.data.to(dtypes[prefix + key]), requires_grad=tensor.requires_grad)
+        for key, tensor in module._buffers.items():
+            if tensor is not None and dtypes.get(prefix + key, tensor.dtype) != tensor.dtype:
+                module._buffers[key] = tensor.to(dtypes[prefix + key])
 
 
 def _run_block(block: torch.nn.Module, args: tuple, kwargs: dict) -> tuple:

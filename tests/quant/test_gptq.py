@@ -255,3 +255,17 @@ def test_gptq_under_a_bit_budget_calibrates_both_int4_and_int8_layers(llama_with
     pairs = zip(quantized_layers(model), quantized_layers(rtn), strict=True)
     changed = {a.fmt for (_, a), (_, b) in pairs if not torch.equal(a.state_dict()["weight"], b.state_dict()["weight"])}
     assert changed == {"int4", "int8"}  # GPTQ chose other codes in layers of both formats
+
+
+def test_blocks_calibrated_in_float32_on_cpu_return_to_their_dtypes(llama_with_tokenizer):
+    model = llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="nf4", method="gptq"), dtype=torch.bfloat16, **CALIBRATION)
+    layers = dict(quantized_layers(model))
+    assert layers and all(layer.compute_dtype == torch.bfloat16 for layer in layers.values())
+    floats = {
+        name: tensor.dtype
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if tensor.is_floating_point() and name.rsplit(".", 1)[0] not in layers
+    }
+    reference = AutoModelForCausalLM.from_pretrained(llama_with_tokenizer, dtype=torch.bfloat16)
+    expected = {name: t.dtype for name, t in [*reference.named_parameters(), *reference.named_buffers()] if name in floats}
+    assert floats == expected and torch.bfloat16 in floats.values()
