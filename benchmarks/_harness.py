@@ -228,6 +228,14 @@ def simd_flags() -> list[str]:
     return [flag for flag in SIMD_FLAGS if flag in flags]
 
 
+def end_of_run(report: dict) -> dict:
+    """`report` stamped at the end of a run: the load average, and this (parent) process's peak RSS, which every
+    child's peak RSS includes at its start (keep it small)."""
+    report["machine"]["load_average_at_end"] = os.getloadavg()
+    report["parent_maxrss_gib"] = self_peak_rss_bytes() / GIB
+    return report
+
+
 def torch_info() -> dict:
     """Platform, torch version, torch threads and the local date: the machine record of benchmarks that run in-process."""
     import torch
@@ -349,6 +357,12 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
     return number
+
+
+def add_threads_argument(parser: argparse.ArgumentParser, what: str = "torch threads of every case") -> None:
+    """--threads, default all the cores this process may use."""
+    cores = len(os.sched_getaffinity(0))
+    parser.add_argument("--threads", type=positive_int, default=cores, help=f"{what} (default: all {cores} cores)")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, name: str, from_json_help: str | None = None) -> None:

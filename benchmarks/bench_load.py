@@ -34,6 +34,7 @@ from _harness import (
     KIB,
     add_child_arguments,
     add_output_arguments,
+    end_of_run,
     finish_child,
     fmt,
     machine_info,
@@ -379,9 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return publish_report(read_json(args.from_json), args, write=False)
     report: dict = {"machine": machine_info(), "repeats": args.repeats, "cases": args.cases}
     report["models"] = run_models(args, lambda name, path: run_model(name, path, args.cases, args.repeats, args.timeout))
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    report["parent_maxrss_gib"] = self_peak_rss_bytes() / GIB  # children's peak RSS is at least this; keep it small
-    return publish_report(report, args)
+    return publish_report(end_of_run(report), args)
 
 
 def publish_report(report: dict, args: argparse.Namespace, write: bool = True) -> int:

@@ -53,18 +53,18 @@ from _harness import (
     REPO,
     add_child_arguments,
     add_output_arguments,
+    add_threads_argument,
+    end_of_run,
     finish_child,
     fmt,
     machine_info,
     parse_list,
-    positive_int,
     publish,
     pyplot,
     ratio,
     read_json,
     recording_errors,
     save_figure,
-    self_peak_rss_bytes,
     vm_kib,
 )
 from _models import (
@@ -787,8 +787,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cases", default=",".join(CASES), type=lambda v: parse_list(v, CASES, "case"), help=f"comma list: {','.join(CASES)}"
     )
     add_timing_arguments(parser, timeout=7200)
-    cores = len(os.sched_getaffinity(0))
-    parser.add_argument("--threads", type=positive_int, default=cores, help=f"torch threads of every case (default: all {cores} cores)")
+    add_threads_argument(parser)
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep the generated checkpoints (default: delete them at the end)")
     parser.add_argument("--save-to", help=argparse.SUPPRESS)  # child: save the loaded model there
     parser.add_argument("--no-prefill", action="store_true", help=argparse.SUPPRESS)  # child: decode only
@@ -810,9 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bandwidth] {report['bandwidth'].get('read_gb_s') or report['bandwidth'].get('error')}", file=sys.stderr, flush=True)
     for name in args.shape:
         report["shapes"][name] = run_shape(name, args, report["bandwidth"].get("read_gb_s"))
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    report["parent_maxrss_gib"] = self_peak_rss_bytes() / GIB
-    return publish_report(report, args)
+    return publish_report(end_of_run(report), args)
 
 
 def publish_report(report: dict, args: argparse.Namespace, write: bool = True) -> int:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import statistics
 import sys
 import time
@@ -49,17 +48,17 @@ from _harness import (
     GIB,
     add_child_arguments,
     add_output_arguments,
+    add_threads_argument,
+    end_of_run,
     finish_child,
     fmt,
     machine_info,
-    positive_int,
     publish,
     pyplot,
     ratio,
     read_json,
     recording_errors,
     save_figure,
-    self_peak_rss_bytes,
 )
 from _llamacpp import prepare_ggufs
 from _models import (
@@ -610,10 +609,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_arguments(parser, CASES)
     add_timing_arguments(parser, timeout=1800)
-    cores = len(os.sched_getaffinity(0))
-    parser.add_argument(
-        "--threads", type=positive_int, default=cores, help=f"threads of every case, torch or llama.cpp (default: all {cores} cores)"
-    )
+    add_threads_argument(parser, "threads of every case, torch or llama.cpp")
     add_output_arguments(parser, "bench_speed")
     add_child_arguments(parser)
     return parser.parse_args(argv)
@@ -632,9 +628,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bandwidth] {report['bandwidth'].get('read_gb_s') or report['bandwidth'].get('error')}", file=sys.stderr, flush=True)
     read_gb_s = report["bandwidth"].get("read_gb_s")
     report["models"] = run_models(args, lambda name, path: run_model(name, path, args, read_gb_s))
-    report["machine"]["load_average_at_end"] = os.getloadavg()
-    report["parent_maxrss_gib"] = self_peak_rss_bytes() / GIB
-    return publish_report(report, args)
+    return publish_report(end_of_run(report), args)
 
 
 def publish_report(report: dict, args: argparse.Namespace, write: bool = True) -> int:
