@@ -8,7 +8,10 @@ again to give the next block its inputs, so each block is calibrated on what the
 before it produce. On a CPU the blocks run in float32 while they are calibrated (and are put back in
 their own dtypes after): a CPU without native bf16 multiplies float32 several times faster, and the
 Hessians are more precise. Layers outside the blocks (an int8 head) and fused MoE experts are quantized by
-round-to-nearest, as `quantize_` does.
+round-to-nearest, as `quantize_` does (the experts first, so the blocks after them see quantized experts).
+
+With `read_block`, the blocks may start empty (on the meta device): `read_block(i)` fills block i just before it
+is calibrated, so only one block is ever in float (`llmslim.from_pretrained` streams them from the checkpoint).
 
 `calibration_ids(tokenizer, ...)`: the calibration sequences, by default from the Tiny Shakespeare
 text shipped with the package (never the evaluation text), seeded.
@@ -17,6 +20,7 @@ text shipped with the package (never the evaluation text), seeded.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -90,10 +94,18 @@ class _BlockInputs(Exception):
 
 
 @torch.no_grad()
-def calibrate_(model: torch.nn.Module, config: SlimConfig, input_ids: torch.Tensor, progress: bool = True) -> list[str]:
+def calibrate_(
+    model: torch.nn.Module,
+    config: SlimConfig,
+    input_ids: torch.Tensor,
+    progress: bool = True,
+    read_block: Callable[[int], None] | None = None,
+) -> list[str]:
     """Quantize the float transformers `model` in place with GPTQ on `input_ids` `(n, seq_len)`; returns the quantized names.
 
-    Settings: `config.damp`, `config.act_order`. Memory: the float model, plus every sequence's hidden states at one
+    Settings: `config.damp`, `config.act_order` (and `config.int8_layers` already chosen when the blocks start empty).
+    `read_block(i)`: fills block i of a model whose blocks start on the meta device. Memory: the model (the float
+    model, or with `read_block` the quantized model and one float block), plus every sequence's hidden states at one
     block boundary and one block's Hessians.
     """
     if config.weights is None:
@@ -102,15 +114,17 @@ def calibrate_(model: torch.nn.Module, config: SlimConfig, input_ids: torch.Tens
     selected = quantization_targets(model, config, keep=compat.tied_module_names(model))
     if config.needs_mixed_choice:
         config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
+    replaced = quantize_experts_(model, config)
     settings = GptqSettings(damp=config.damp, act_order=config.act_order)
     blocks_name, blocks = find_blocks(model)
     states = _first_block_inputs(model, blocks[0], input_ids)
-    work_dtype = torch.float32 if next(blocks[0].parameters()).device.type == "cpu" else None
+    work_dtype = torch.float32 if model.get_input_embeddings().weight.device.type == "cpu" else None
     if work_dtype is not None:
         states = [(_cast_floats(args, work_dtype), _cast_floats(kwargs, work_dtype)) for args, kwargs in states]
     targets = dict(selected)
-    replaced: list[str] = []
     for index in tqdm(range(len(blocks)), desc="GPTQ", unit="block", disable=None if progress else True):
+        if read_block is not None:
+            read_block(index)
         prefix = f"{blocks_name}.{index}."
         dtypes = _tensor_dtypes(blocks[index])
         if work_dtype is not None:
@@ -130,7 +144,6 @@ def calibrate_(model: torch.nn.Module, config: SlimConfig, input_ids: torch.Tens
         _keep_bias(layer, module)
         model.set_submodule(name, layer)
         replaced.append(name)
-    replaced += quantize_experts_(model, config)
     compat.mark_quantized(model, config)
     return replaced
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from llmslim.calibrate import CALIBRATION_TOKENS, calibrate_, calibration_ids
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import checks, compat
+from llmslim.memory.blocks import find_blocks
 from llmslim.memory.trim import release_free_memory
 from llmslim.placement import DevicePlan, plan_devices
 from llmslim.quant import kernels, mixed
@@ -79,13 +82,12 @@ def from_pretrained(
     path = models.resolve(model)
     hf_config = _read_config(path)
     config, pre_quantized = _effective_config(path, hf_config, config)
-    if config.method == "gptq" and not pre_quantized:
-        return _calibrated(path, config, dtype, device_map, force, progress, calibration_text, calibration_tokens)
     dtype = _float_dtype(dtype, hf_config)
+    if config.method == "gptq" and not pre_quantized:
+        return _calibrated(path, hf_config, config, dtype, device_map, force, progress, calibration_text, calibration_tokens)
     files = checkpoint_files(path)
 
-    with init_empty_weights(include_buffers=False):
-        skeleton = compat.auto_class(hf_config).from_config(hf_config, dtype=dtype)
+    skeleton = _empty_model(hf_config, dtype)
     if config.needs_mixed_choice:
         config = _choose_int8_layers(skeleton, config, files)
     copies = compat.untie_int8_head(skeleton, config)  # a tied head named in int8_layers: quantized from the embedding
@@ -112,15 +114,65 @@ def from_pretrained(
     return _finish_model(skeleton, config, plan, path)
 
 
-def _calibrated(path: Path, config: SlimConfig, dtype, device_map, force: bool, progress: bool, text, tokens: int) -> PreTrainedModel:
-    """GPTQ: the float model loaded (streamed, in `dtype`), then quantized in place block by block (`calibrate_`)."""
+def _empty_model(hf_config, dtype: torch.dtype) -> PreTrainedModel:
+    """The model `hf_config` describes, its weights on the meta device (buffers such as rotary tables are real)."""
+    with init_empty_weights(include_buffers=False):
+        return compat.auto_class(hf_config).from_config(hf_config, dtype=dtype)
+
+
+def _calibrated(
+    path: Path, hf_config, config: SlimConfig, dtype: torch.dtype, device_map, force: bool, progress: bool, text, tokens: int
+) -> PreTrainedModel:
+    """GPTQ in bounded memory: everything outside the decoder blocks is read first (MoE experts are quantized by
+    round-to-nearest as they stream in); then each block is read from the checkpoint in float, calibrated and
+    quantized (`calibrate_`) before the next is read. Peak: the quantized model, one float block, and the calibration
+    hidden states at one block boundary."""
     if config.compresses:
         raise ValueError("method='gptq' cannot be combined with embedding factorization or layer sharing yet: use method='rtn'")
     tokenizer = models.load_tokenizer(path, needed_for="method='gptq' (it tokenizes the calibration text)")
     ids = calibration_ids(tokenizer, text, tokens)  # bad text fails here, before the weights are read
-    model = from_pretrained(path, SlimConfig(weights=None), dtype=dtype, device_map=device_map, force=force, progress=progress)
-    calibrate_(model, config, ids, progress=progress)
-    return model.eval()
+    files = checkpoint_files(path)
+    model = _empty_model(hf_config, dtype)
+    if config.needs_mixed_choice:
+        config = _choose_int8_layers(model, config, files)
+    copies = compat.untie_int8_head(model, config)
+    replace_experts(model, config)
+    quantized = _empty_model(hf_config, dtype)  # what the load ends as: planned and checked against free memory
+    compat.untie_int8_head(quantized, config)
+    prepare_skeleton(quantized, config)
+    replace_experts(quantized, config)
+    plan = plan_devices(quantized, device_map, None)
+    from llmslim.plan.preflight import check_fits
+
+    check_fits(quantized, plan, files, None, force, path)
+    del quantized
+    loader = _Loader(model, plan, False, path, False, None, copies)
+    blocks_name, _ = find_blocks(model)
+    block_of = _block_index(model.base_model_prefix, blocks_name)
+    for file in files:
+        loader.load_file(file, keep=lambda key: block_of(key) is None)
+
+    def read_block(index: int) -> None:
+        for file in files:
+            loader.load_file(file, keep=lambda key: block_of(key) == index)
+
+    calibrate_(model, config, ids, progress=progress, read_block=read_block)
+    loader.finish()
+    return _finish_model(model, config, plan, path)
+
+
+def _block_index(prefix: str, blocks_name: str):
+    """A function: checkpoint key -> the index of the decoder block it belongs to, or None (embeddings, norm, head)."""
+    pattern = re.compile(rf"{re.escape(blocks_name)}\.(\d+)\.")
+
+    def index(key: str) -> int | None:
+        for name in (key, f"{prefix}.{key}", key.removeprefix(f"{prefix}.")):
+            match = pattern.match(name)
+            if match:
+                return int(match.group(1))
+        return None
+
+    return index
 
 
 def _read_config(path: Path):
@@ -240,9 +292,13 @@ class _Loader:
         self.experts = None if pre_quantized else ExpertAssembler(model, self._experts_complete)
         self.rename = compat.transformers_renaming(model)  # per-expert float tensors -> stacked quantized
 
-    def load_file(self, file: Path) -> None:
-        self.files.append(file)
+    def load_file(self, file: Path, keep: Callable[[str], bool] | None = None) -> None:
+        """Read the tensors of `file` (only the keys `keep` accepts, when given) into the model."""
+        if file not in self.files:
+            self.files.append(file)
         for key, read in _checked(file, _iter_tensors(file)):
+            if keep is not None and not keep(key):
+                continue
             self.bar.update()
             if self.router is not None and self.router.take(key, read, self.plan.device_for):
                 continue

@@ -19,9 +19,11 @@ import llmslim
 from llmslim import SlimConfig
 from llmslim.calibrate import calibrate_, calibration_ids, read_calibration_text
 from llmslim.data import TINY_SHAKESPEARE
+from llmslim.quant.experts import quantized_experts
 from llmslim.quant.gptq import GptqSettings, HessianAccumulator, _inverse_cholesky, gptq_codes, output_error
 from llmslim.quant.modules import SlimLinear, quantized_layers
 from llmslim.quant.quantize import quantize_
+from quant.tiny_moe import float_moe
 
 FORMATS = ("nf4", "fp4", "int4", "int8")
 
@@ -269,3 +271,44 @@ def test_blocks_calibrated_in_float32_on_cpu_return_to_their_dtypes(llama_with_t
     reference = AutoModelForCausalLM.from_pretrained(llama_with_tokenizer, dtype=torch.bfloat16)
     expected = {name: t.dtype for name, t in [*reference.named_parameters(), *reference.named_buffers()] if name in floats}
     assert floats == expected and torch.bfloat16 in floats.values()
+
+
+def test_only_one_block_is_in_float_while_calibrating(llama_with_tokenizer, monkeypatch):
+    """llmslim's door reads each block from the checkpoint just before calibrating it: the blocks after it are still
+    empty (meta) and the ones before it are quantized, so a model larger than RAM can be calibrated."""
+    from llmslim import load
+
+    seen: dict[int, list[str]] = {}
+
+    def spy(model, config, input_ids, progress=True, read_block=None):
+        def reading(index):
+            read_block(index)
+            floats = [n for n, m in model.model.layers.named_modules() if type(m) is nn.Linear and not m.weight.is_meta]
+            meta = [n for n, m in model.model.layers.named_modules() if type(m) is nn.Linear and m.weight.is_meta]
+            seen[index] = floats, meta
+
+        return calibrate_(model, config, input_ids, progress=progress, read_block=reading)
+
+    monkeypatch.setattr(load, "calibrate_", spy)
+    model = llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="nf4", method="gptq"), **CALIBRATION)
+    assert sorted(seen) == [0, 1]
+    assert len(seen[0][0]) == 7 and all(n.startswith("0.") for n in seen[0][0]) and all(n.startswith("1.") for n in seen[0][1])
+    assert len(seen[1][0]) == 7 and all(n.startswith("1.") for n in seen[1][0]) and not seen[1][1]
+    assert not any(t.is_meta for t in model.state_dict().values()) and len(list(quantized_layers(model))) == 14
+
+
+def test_mixture_of_experts_calibrates_attention_and_quantizes_experts_as_they_stream(tmp_path):
+    path = tmp_path / "moe"
+    float_moe("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    _char_tokenizer(path)
+    model = llmslim.from_pretrained(path, SlimConfig(weights="nf4", method="gptq"), **CALIBRATION)
+    rtn = llmslim.from_pretrained(path, SlimConfig(weights="nf4"), progress=False)
+    experts, rtn_experts = dict(quantized_experts(model)), dict(quantized_experts(rtn))
+    assert len(experts) == 4 and all(
+        torch.equal(a, b) for n in experts for a, b in zip(experts[n].tensors().values(), rtn_experts[n].tensors().values(), strict=True)
+    )
+    pairs = list(zip(quantized_layers(model), quantized_layers(rtn), strict=True))
+    assert {n.rsplit(".", 2)[-2] for (n, _), _ in pairs} == {"self_attn"}  # the routers stay float
+    assert any(not torch.equal(a.state_dict()["weight"], b.state_dict()["weight"]) for (_, a), (_, b) in pairs)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(32)[None]).logits).all()
