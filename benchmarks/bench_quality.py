@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from _harness import GIB, RESULTS_DIR, finish_child, publish, pyplot, read_json, run_child, save_figure, utc_now
-from _models import bnb_config, load_bf16, load_quanto
+from _models import DEFAULT_TINYLLAMA, bnb_config, load_bf16, load_quanto
 
 README_BLOCKS = {"bench_quality": "bench_quality.json"}  # README marker -> the committed JSON it is rendered from (render.py)
 README_SECTION = "## Perplexity per format (`benchmarks/bench_quality.py`)"
@@ -162,27 +162,72 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
     return {"date": utc_now(), "tokens": tokens, "text": str(text), "cases": rows}
 
 
-def calibration_cost(model_dir: Path, timeout: float) -> dict:
-    """Seconds and peak RSS of llmslim's GPTQ-NF4 and round-to-nearest NF4 loads of `model_dir`, each in a fresh process."""
-    out = {"model": str(model_dir)}
-    for method in ("rtn", "gptq"):
-        run = run_child(Path(__file__), ["--child-calibrate", method, str(model_dir)], timeout)
-        out[method] = run.merged(peak_rss_gib=run.peak_rss_bytes / GIB)
-        print(f"[calibration] {method}: {out[method]}", file=sys.stderr, flush=True)
+def calibration_cost(model_dir: Path, timeout: float, tokens: int) -> dict:
+    """Seconds and peak RSS of llmslim's GPTQ-NF4 and round-to-nearest NF4 loads of `model_dir`, each in a fresh process.
+
+    A checkpoint without a tokenizer (the random 1.1B shape) is calibrated through a folder of links to its files
+    beside a byte-level BPE tokenizer trained on the calibration text, no larger than the model's vocabulary."""
+    out = {"model": str(model_dir), "calibration_tokens": tokens}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = with_tokenizer(model_dir, Path(tmp))
+        for method in ("rtn", "gptq"):
+            run = run_child(Path(__file__), ["--child-calibrate", method, str(folder), "--calibration-tokens", str(tokens)], timeout)
+            out[method] = run.merged(peak_rss_gib=run.peak_rss_bytes / GIB)
+            print(f"[calibration] {method}: {out[method]}", file=sys.stderr, flush=True)
     return out
 
 
-def child_calibrate(method: str, model_dir: str, result_file: str) -> int:
-    """Load `model_dir` in NF4 with `method` (GPTQ on the default calibration text) and write the time and footprint."""
+def with_tokenizer(model_dir: Path, tmp: Path) -> Path:
+    """`model_dir` if it has a tokenizer; else a folder in `tmp` linking its files, with a BPE tokenizer written beside."""
+    if any((model_dir / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return model_dir
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    from llmslim.data import TINY_SHAKESPEARE
+
+    folder = tmp / model_dir.name
+    folder.mkdir()
+    for file in model_dir.iterdir():
+        (folder / file.name).symlink_to(file.resolve())
+    vocab = min(AutoConfig.from_pretrained(model_dir).vocab_size, 8192)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train([str(TINY_SHAKESPEARE)], trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    return folder
+
+
+def child_calibrate(method: str, model_dir: str, tokens: int, result_file: str) -> int:
+    """Load `model_dir` in NF4 with `method` (GPTQ on `tokens` of the default calibration text) and write the time, the
+    footprint, and what the bounded calibration may add to it: one decoder block in float32 and the hidden states of
+    the calibration sequences at a block boundary, twice (a block's inputs and outputs)."""
     import torch
 
     import llmslim
+    from llmslim.memory.blocks import find_blocks
+    from llmslim.quant.modules import SlimLinear
     from llmslim.stats import model_nbytes
 
     start = time.perf_counter()
-    model = llmslim.from_pretrained(model_dir, llmslim.SlimConfig(weights="nf4", method=method), dtype=torch.bfloat16, progress=False)
+    model = llmslim.from_pretrained(
+        model_dir, llmslim.SlimConfig(weights="nf4", method=method), dtype=torch.bfloat16, progress=False, calibration_tokens=tokens
+    )
     seconds = time.perf_counter() - start
-    return finish_child({"seconds": seconds, "footprint_gib": model_nbytes(model) / GIB, "threads": torch.get_num_threads()}, result_file)
+    _, blocks = find_blocks(model)
+    block_f32 = 4 * sum(m.in_features * m.out_features for m in blocks[0].modules() if isinstance(m, (SlimLinear, torch.nn.Linear)))
+    hidden_f32 = (tokens // 512) * 512 * model.config.hidden_size * 4
+    return finish_child(
+        {
+            "seconds": seconds,
+            "footprint_gib": model_nbytes(model) / GIB,
+            "block_f32_gib": block_f32 / GIB,
+            "hidden_states_gib": hidden_f32 / GIB,
+            "threads": torch.get_num_threads(),
+        },
+        result_file,
+    )
 
 
 def markdown(result: dict) -> str:
@@ -210,8 +255,16 @@ def markdown(result: dict) -> str:
             "",
             f"Calibration cost, {cost['name']} (measured {cost['date']}, {gptq['threads']} threads, fresh process, peak RSS from wait4): "
             f"GPTQ-NF4 load {gptq['seconds']:.0f} s at {gptq['peak_rss_gib']:.2f} GiB peak RSS, vs round-to-nearest NF4 "
-            f"{rtn['seconds']:.1f} s at {rtn['peak_rss_gib']:.2f} GiB (footprint {gptq['footprint_gib']:.3f} GiB).",
+            f"{rtn['seconds']:.1f} s at {rtn['peak_rss_gib']:.2f} GiB (footprint {gptq['footprint_gib']:.3f} GiB); "
+            f"calibrated on {cost.get('calibration_tokens', 65536)} tokens.",
         ]
+        if "block_f32_gib" in gptq:
+            bound = gptq["block_f32_gib"] + 2 * gptq["hidden_states_gib"]
+            lines[-1] += (
+                f" GPTQ's peak over round-to-nearest's: {gptq['peak_rss_gib'] - rtn['peak_rss_gib']:.2f} GiB, against one float32 "
+                f"block ({gptq['block_f32_gib']:.2f} GiB) + the hidden states twice ({2 * gptq['hidden_states_gib']:.2f} GiB) "
+                f"= {bound:.2f} GiB."
+            )
     lines += targets(result)
     lines += [
         "",
@@ -295,33 +348,43 @@ def main() -> None:
         "--calibration-cost", default="", help="comma list of smollm2 or model folders: time and peak RSS of their GPTQ-NF4 load"
     )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per calibration-cost child (default 3600)")
+    parser.add_argument(
+        "--calibration-tokens", type=int, default=65536, help="calibration tokens of --calibration-cost's GPTQ loads (default 65536)"
+    )
     parser.add_argument("--child-calibrate", nargs=2, help=argparse.SUPPRESS)  # child: METHOD MODEL_DIR
     parser.add_argument("--result", help=argparse.SUPPRESS)  # child: where to write its result
     args = parser.parse_args()
     if args.child_calibrate:
-        raise SystemExit(child_calibrate(*args.child_calibrate, args.result))
+        raise SystemExit(child_calibrate(*args.child_calibrate, args.calibration_tokens, args.result))
     if args.text is None:
         from llmslim.data import WIKITEXT2_TEST  # shipped with llmslim (= ../shared/data, byte for byte)
 
         args.text = WIKITEXT2_TEST
     if not args.text.exists():
         raise SystemExit(f"{args.text} does not exist: pass --text with WikiText-2's wiki.test.raw")
-    cases = tuple(args.cases.split(","))
-    if args.merge:
+    cases = tuple(filter(None, args.cases.split(",")))
+    if args.merge and not cases:  # only --calibration-cost: the saved perplexities are kept as they are
+        result = read_json(RESULTS_DIR / "bench_quality.json")
+    elif args.merge:
         result = merged(cases, args)
     else:
         result = measure(cases, args.tokens, args.text)
     for name in filter(None, args.calibration_cost.split(",")):
-        cost = calibration_cost(resolve_model(name), args.timeout)
+        cost = calibration_cost(resolve_model(name), args.timeout, args.calibration_tokens)
         costs = [c for c in result.get("calibration", []) if c["name"] != name]
         result["calibration"] = [*costs, {"name": name, "date": utc_now(), **cost}]
     print(publish("bench_quality", result, RESULTS_DIR, markdown, plot, README_SECTION))
 
 
 def resolve_model(name: str) -> Path:
-    """smollm2 (the embedded default model) or a model folder with a tokenizer."""
+    """smollm2 (the embedded default model), tinyllama (the random 1.1B checkpoint of scripts/make_random_checkpoint.py)
+    or a model folder."""
     from llmslim import models
 
+    if name == "tinyllama":
+        if not (DEFAULT_TINYLLAMA / "config.json").exists():
+            raise SystemExit(f"{DEFAULT_TINYLLAMA} does not exist: run `python scripts/make_random_checkpoint.py` first")
+        return DEFAULT_TINYLLAMA
     return Path(models.resolve(None if name == "smollm2" else name))
 
 
