@@ -8,13 +8,13 @@ from pathlib import Path
 
 from llmslim.cli._args import add_weights_argument, config_from_args, parse_share_layers
 from llmslim.cli._training import add_data_arguments, add_train_arguments, train_config_from_args
-from llmslim.distill.config import COS_LAYERS, OBJECTIVES, SAVE_DTYPES
+from llmslim.distill.config import COS_LAYERS, DIVERGENCES, OBJECTIVES, RECIPES, SAVE_DTYPES, TEACHER_OFFLOAD
 
 NAME = "distill"
-HELP = "distill a smaller student from a (quantized) teacher, DistilBERT-style"
+HELP = "distill a smaller student from a (quantized, offloaded or cached) teacher"
 EXAMPLES = (
     "llmslim distill --out smollm2-student --student-layers 15 --steps 200   # on Tiny Shakespeare",
-    "llmslim distill --out student-10 --student-layers 10 --teacher-weights nf4 --seq-len 128 --steps 100",
+    "llmslim distill --out student-10 --student-layers 10 --teacher-weights nf4 --teacher-cache cache-nf4 --steps 400",
 )
 
 
@@ -33,10 +33,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_weights_argument(t, flag="--teacher-weights", default="none", help="quantize the teacher through llmslim (default none)")
     t.add_argument("--teacher-dtype", default=None, help="dtype of the float teacher (default: the checkpoint's)")
     t.add_argument("--objective", choices=OBJECTIVES, default="auto", help="causal or masked LM (default: from the teacher)")
-    t.add_argument("--alpha-kd", type=float, default=5.0, help="weight of the soft-target KL loss (default 5.0)")
-    t.add_argument("--alpha-lm", type=float, default=2.0, help="weight of the language-modelling loss (default 2.0)")
-    t.add_argument("--alpha-cos", type=float, default=1.0, help="weight of the hidden-state cosine loss (default 1.0)")
-    t.add_argument("--temperature", type=float, default=2.0, help="soft-target temperature (default 2.0)")
+    t.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="kd",
+        help="kd: forward KL at T=1, 0.75 KL + 0.25 LM (default); distilbert: 5 KL at T=2, 2 LM, 1 cosine",
+    )
+    t.add_argument("--divergence", choices=DIVERGENCES, default="forward", help="KL(teacher||student) forward (default) or reverse")
+    t.add_argument("--kd-ratio", type=float, default=None, help="KL share of a KL + LM mix: --alpha-kd R --alpha-lm 1-R")
+    t.add_argument("--alpha-kd", type=float, default=None, help="weight of the soft-target KL loss (default: the recipe's)")
+    t.add_argument("--alpha-lm", type=float, default=None, help="weight of the language-modelling loss (default: the recipe's)")
+    t.add_argument("--alpha-cos", type=float, default=None, help="weight of the hidden-state cosine loss (default: the recipe's)")
+    t.add_argument("--temperature", type=float, default=None, help="soft-target temperature (default: the recipe's)")
+    t.add_argument("--teacher-cache", default=None, help="folder of cached teacher logits: built once if empty, then read (no teacher)")
+    t.add_argument("--cache-k", type=int, default=64, help="logits kept per position in --teacher-cache (default 64)")
+    t.add_argument("--teacher-offload", choices=TEACHER_OFFLOAD, default=None, help="keep the teacher's blocks in RAM or on disk")
     t.add_argument("--cos-layers", choices=COS_LAYERS, default="last", help="hidden states aligned by the cosine loss (default last)")
     t.add_argument("--mlm-probability", type=float, default=0.15, help="masked-LM masking share (default 0.15)")
     add_data_arguments(p)

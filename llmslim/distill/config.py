@@ -11,6 +11,13 @@ TEACHER_WEIGHTS = weight_choices()  # "none" (float) or any registered format
 OBJECTIVES = ("auto", "causal", "masked")
 COS_LAYERS = ("last", "mapped")
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
+DIVERGENCES = ("forward", "reverse")
+TEACHER_OFFLOAD = ("cpu", "disk")
+# recipe -> (alpha_kd, alpha_lm, alpha_cos, temperature): the values a field left at None takes
+RECIPES = {
+    "kd": (0.75, 0.25, 0.0, 1.0),  # forward KL at T=1 mixed with cross-entropy (torchtune's KD recipe; see docs/distillation.md)
+    "distilbert": (5.0, 2.0, 1.0, 2.0),  # DistilBERT's triple loss
+}
 
 
 @dataclass
@@ -31,9 +38,18 @@ class DistillConfig:
         teacher_dtype: dtype of the float teacher (default: the checkpoint's).
         objective: `"causal"`, `"masked"` (BERT-style, 15% masking 80/10/10) or `"auto"` (from the
             teacher's architecture).
+        recipe: `"kd"` (default: KL at T=1 with `kd_ratio` 0.75 of the weight, no cosine) or `"distilbert"` (KL at
+            T=2 weighted 5, LM 2, hidden cosine 1); it fills the loss fields left at None.
+        divergence: `"forward"` KL(teacher || student) (default) or `"reverse"` KL(student || teacher).
+        kd_ratio: share of the KL in a KL + cross-entropy mix: alpha_kd = r, alpha_lm = 1 - r.
         alpha_kd / alpha_lm / alpha_cos: weights of the soft-target KL, language-modelling and
-            hidden-state cosine losses (DistilBERT: 5, 2, 1).
-        temperature: softmax temperature of the soft targets (DistilBERT: 2).
+            hidden-state cosine losses (None: the recipe's; alpha_cos is 1 when alpha_kd and alpha_lm are both 0).
+        temperature: softmax temperature of the soft targets (None: the recipe's).
+        teacher_cache: folder of a teacher cache (`llmslim.distill.cache`): built once (the teacher runs over the
+            training blocks, then is freed), then read instead of running the teacher.
+        cache_k: logits kept per position in the teacher cache (the rest are kept as one log-sum-exp).
+        teacher_offload: `"cpu"` or `"disk"`: the teacher's blocks stay quantized in RAM or on disk and stream to the
+            compute device (`llmslim.from_pretrained(offload=...)`), for a teacher larger than memory.
         cos_layers: `"last"` aligns the last hidden states; `"mapped"` every student layer with
             the teacher layer it was copied from.
         mlm_probability: share of tokens chosen by masked-LM masking.
@@ -54,10 +70,16 @@ class DistillConfig:
     teacher_weights: str = "none"
     teacher_dtype: str | None = None
     objective: str = "auto"
-    alpha_kd: float = 5.0
-    alpha_lm: float = 2.0
-    alpha_cos: float = 1.0
-    temperature: float = 2.0
+    recipe: str = "kd"
+    divergence: str = "forward"
+    kd_ratio: float | None = None
+    alpha_kd: float | None = None
+    alpha_lm: float | None = None
+    alpha_cos: float | None = None
+    temperature: float | None = None
+    teacher_cache: str | Path | None = None
+    cache_k: int = 64
+    teacher_offload: str | None = None
     cos_layers: str = "last"
     mlm_probability: float = 0.15
     train: str | Path = ""
@@ -74,6 +96,15 @@ class DistillConfig:
         _check_choice("objective", self.objective, OBJECTIVES)
         _check_choice("cos_layers", self.cos_layers, COS_LAYERS)
         _check_choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        _check_choice("recipe", self.recipe, tuple(RECIPES))
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        if self.teacher_offload is not None:
+            _check_choice("teacher_offload", self.teacher_offload, TEACHER_OFFLOAD)
+        self._resolve_loss_weights()
+        if self.teacher_cache is not None:
+            self.teacher_cache = Path(self.teacher_cache).expanduser()
+        if not isinstance(self.cache_k, int) or isinstance(self.cache_k, bool) or self.cache_k < 1:
+            raise ValueError(f"cache_k must be a positive integer, got {self.cache_k!r}")
         for name in ("alpha_kd", "alpha_lm", "alpha_cos"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -90,6 +121,20 @@ class DistillConfig:
         self._check_student_choice()
         if self.student_embedding_rank is not None or self.student_share_layers is not None:
             self.student_compression()  # validates both values
+
+    def _resolve_loss_weights(self) -> None:
+        """Fill the loss fields left at None from `kd_ratio` and the recipe."""
+        if self.kd_ratio is not None:
+            if not 0 <= self.kd_ratio <= 1:
+                raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio!r}")
+            if self.alpha_kd is not None or self.alpha_lm is not None:
+                raise ValueError("give kd_ratio or alpha_kd / alpha_lm, not both (kd_ratio r means alpha_kd = r, alpha_lm = 1 - r)")
+            self.alpha_kd, self.alpha_lm = float(self.kd_ratio), 1.0 - self.kd_ratio
+        if self.alpha_cos is None and self.alpha_kd == 0 and self.alpha_lm == 0:
+            self.alpha_cos = 1.0  # no logits to learn from (a bare encoder): align the hidden states
+        for name, value in zip(("alpha_kd", "alpha_lm", "alpha_cos", "temperature"), RECIPES[self.recipe], strict=True):
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def student_compression(self):
         """The SlimConfig compressing the student (`None` when neither option is given)."""
@@ -111,8 +156,9 @@ class DistillConfig:
     def fingerprint(self) -> dict:
         """The values a resumed run must share with its checkpoint."""
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-        for name in ("out", "overwrite", "eval_tokens", "save_dtype"):
-            values.pop(name)
+        for name in ("out", "overwrite", "eval_tokens", "save_dtype", "teacher_offload", "recipe", "kd_ratio"):
+            values.pop(name)  # where things live, or names of values that are in the fingerprint themselves
+        values["teacher_cache"] = self.teacher_cache is not None  # cached top-k logits or the teacher's full ones
         return values
 
 

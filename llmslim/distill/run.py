@@ -21,11 +21,12 @@ from llmslim.distill.evaluate import make_eval_fn
 from llmslim.distill.losses import DistillLoss, LossWeights, Masking
 from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student
 from llmslim.hf.compat import auto_class, detect_objective
+from llmslim.memory.trim import release_free_memory
 from llmslim.save import atomic_directory, check_output
 from llmslim.train.checkpoint import check_resume, check_run_dir
 from llmslim.train.config import TrainConfig
 from llmslim.train.data import load_splits, prepare_data
-from llmslim.train.loop import Trainer, make_accelerator, run_fingerprint
+from llmslim.train.loop import Trainer, batch_indices, make_accelerator, run_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -93,14 +94,19 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
     fingerprint = {**config.fingerprint(), "layer_map": plan.layer_map}
     if resume is not None:
         check_resume(resume, run_fingerprint(fingerprint, train, accelerator, data.train.shape[0]))
-    student, teacher = load_models(config, plan, accelerator.device)
     masking = _masking(tokenizer, plan, config)
-    weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature)
+    weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature, config.divergence)
+    if config.teacher_cache is not None and config.alpha_kd > 0:
+        cache = _teacher_cache(config, plan, tokenizer, data.train, train, accelerator, progress)
+        student, teacher = load_student(config, plan), None
+    else:
+        cache = None
+        student, teacher = load_models(config, plan, accelerator.device, train.run_dir)
     trainer = Trainer(
         student,
         train,
         data.train,
-        DistillLoss(teacher, weights, plan.hidden_pairs, masking),
+        DistillLoss(teacher, weights, plan.hidden_pairs, masking, cache),
         eval_fn=make_eval_fn(plan.objective, plan.has_head, data, config.eval_tokens, teacher, masking),
         fingerprint=fingerprint,
         accelerator=accelerator,
@@ -111,7 +117,7 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
     if accelerator.is_main_process:
         save_student(student, tokenizer, config.out, overwrite=config.overwrite, inputs=_inputs(config))
     accelerator.wait_for_everyone()
-    n_teacher = _n_params(teacher)
+    n_teacher = _n_params(teacher) if teacher is not None else _n_params_of(plan.teacher_config)
     return DistillResult(
         config.out, result.final_eval, result.history, plan.layer_map, n_teacher, _n_params(student), student, accelerator.is_main_process
     )
@@ -145,24 +151,77 @@ def load_tokenizer(plan: DistillPlan):
     return tokenizer
 
 
-def load_models(config: DistillConfig, plan: DistillPlan, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+def load_models(
+    config: DistillConfig, plan: DistillPlan, device: torch.device, run_dir: Path | None = None
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(student in float32, teacher in inference mode on `device`)."""
-    dtype = config.teacher_dtype or "auto"
-    float_teacher = plan.model_class.from_pretrained(plan.teacher_path, dtype=dtype)
+    float_teacher = _float_teacher(config, plan)
+    student = load_student(config, plan, float_teacher)
+    if config.teacher_weights == "none" and config.teacher_offload is None:
+        return student, float_teacher.to(device).eval().requires_grad_(False)
+    del float_teacher
+    return student, load_teacher(config, plan, device, run_dir)
+
+
+def load_student(config: DistillConfig, plan: DistillPlan, float_teacher: torch.nn.Module | None = None) -> torch.nn.Module:
+    """The student in float32: the given `config.student`, or the teacher's mapped layers (read from `float_teacher`,
+    or from a float teacher loaded for it and freed), compressed if asked."""
     if config.student is not None:
         student = plan.model_class.from_pretrained(models.resolve(config.student), dtype=torch.float32)
     else:
-        student = init_student(float_teacher, plan.layer_map)
+        student = init_student(float_teacher if float_teacher is not None else _float_teacher(config, plan), plan.layer_map)
     compression = config.student_compression()
     if compression is not None:
         from llmslim.compress import compress_
 
         compress_(student, compression)
-    teacher = float_teacher if config.teacher_weights == "none" else _quantized_teacher(plan, config, device)
-    if teacher is not float_teacher:
-        del float_teacher
-    teacher.to(device).eval().requires_grad_(False)
-    return student, teacher
+    return student
+
+
+def load_teacher(config: DistillConfig, plan: DistillPlan, device: torch.device, run_dir: Path | None = None) -> torch.nn.Module:
+    """The teacher in inference mode on `device`: float, or through llmslim when it is quantized or offloaded (its
+    offloaded blocks written under `run_dir`)."""
+    if config.teacher_weights == "none" and config.teacher_offload is None:
+        teacher = _float_teacher(config, plan)
+    else:
+        teacher = _quantized_teacher(plan, config, device, run_dir)
+    return teacher.to(device).eval().requires_grad_(False) if config.teacher_offload is None else teacher.eval().requires_grad_(False)
+
+
+def _float_teacher(config: DistillConfig, plan: DistillPlan) -> torch.nn.Module:
+    return plan.model_class.from_pretrained(plan.teacher_path, dtype=config.teacher_dtype or "auto")
+
+
+def _teacher_cache(config: DistillConfig, plan: DistillPlan, tokenizer, blocks: torch.Tensor, train: TrainConfig, accelerator, progress):
+    """The run's teacher cache, holding every training block the run will use: opened and checked, and the blocks it
+    lacks computed by the main process (the teacher loaded, run over them once, and freed before the student is made)."""
+    from llmslim.distill.cache import CacheKey, TeacherCache
+
+    if plan.objective != "causal":
+        raise ValueError("--teacher-cache holds the logits of a causal LM; the teacher is an encoder: distill it without a cache")
+    key = CacheKey.of(
+        plan.teacher_path, plan.teacher_config, config.teacher_weights, config.teacher_dtype, tokenizer, blocks, config.cache_k,
+        config.temperature,
+    )  # fmt: skip
+    cache = TeacherCache.open(config.teacher_cache, key)  # a mismatch is refused here, before any weight is read
+    needed = used_blocks(blocks.shape[0], train, accelerator.num_processes)
+    if cache.missing(needed) and accelerator.is_main_process:
+        teacher = load_teacher(config, plan, accelerator.device, train.run_dir)
+        cache.fill(blocks, needed, teacher, batch_size=train.batch_size, progress=progress)
+        del teacher
+        release_free_memory()
+    accelerator.wait_for_everyone()
+    return cache if accelerator.is_main_process else TeacherCache.open(config.teacher_cache, key)
+
+
+def used_blocks(n_blocks: int, train: TrainConfig, world: int) -> list[int]:
+    """Every training block a run of `train.steps` steps reads, on any of its `world` processes (sorted)."""
+    used = set()
+    for step in range(train.steps):
+        for micro in range(train.grad_accum):
+            for rank in range(world):
+                used.update(batch_indices(n_blocks, step, micro, rank, world, train).tolist())
+    return sorted(used)
 
 
 def save_student(student: torch.nn.Module, tokenizer, out: Path, overwrite: bool, inputs: dict | None = None) -> Path:
@@ -177,14 +236,20 @@ def _inputs(config: DistillConfig) -> dict:
     return {"teacher model": config.teacher, "student model": config.student}
 
 
-def _quantized_teacher(plan: DistillPlan, config: DistillConfig, device: torch.device) -> torch.nn.Module:
+def _quantized_teacher(plan: DistillPlan, config: DistillConfig, device: torch.device, run_dir: Path | None) -> torch.nn.Module:
     import llmslim
 
+    offload_dir = None
+    if config.teacher_offload == "disk":
+        offload_dir = (run_dir or config.out.with_name(config.out.name + "-run")) / "teacher-offload"
+        offload_dir.mkdir(parents=True, exist_ok=True)
     return llmslim.from_pretrained(
         plan.teacher_path,
-        llmslim.SlimConfig(weights=config.teacher_weights),
+        llmslim.SlimConfig(weights=None if config.teacher_weights == "none" else config.teacher_weights),
         dtype=config.teacher_dtype,
         device_map=str(device),
+        offload=config.teacher_offload,
+        offload_dir=offload_dir,
         progress=False,
     )
 
@@ -230,3 +295,11 @@ def _masking(tokenizer, plan: DistillPlan, config: DistillConfig) -> Masking | N
 
 def _n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def _n_params_of(hf_config) -> int:
+    """Parameters of the model `hf_config` describes, counted on the meta device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        return _n_params(auto_class(hf_config).from_config(hf_config))

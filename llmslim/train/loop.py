@@ -201,7 +201,7 @@ class Trainer:
             self.blocks.shape[0], step, micro, self.accelerator.process_index, self.accelerator.num_processes, self.config
         )
         input_ids = self.blocks[index].to(self.accelerator.device)  # (batch, block)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "block_index": index}  # index: (batch,)
 
     def _evaluate(self, step: int) -> dict[str, float]:
         model = self.unwrapped_model()
