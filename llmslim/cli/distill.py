@@ -47,6 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--temperature", type=float, default=None, help="soft-target temperature (default: the recipe's)")
     t.add_argument("--teacher-cache", default=None, help="folder of cached teacher logits: built once if empty, then read (no teacher)")
     t.add_argument("--cache-k", type=int, default=64, help="logits kept per position in --teacher-cache (default 64)")
+    t.add_argument("--cache-only", action="store_true", help="fill --teacher-cache for this run's blocks and stop (no student)")
     t.add_argument("--teacher-offload", choices=TEACHER_OFFLOAD, default=None, help="keep the teacher's blocks in RAM or on disk")
     t.add_argument("--cos-layers", choices=COS_LAYERS, default="last", help="hidden states aligned by the cosine loss (default last)")
     t.add_argument("--mlm-probability", type=float, default=0.15, help="masked-LM masking share (default 0.15)")
@@ -73,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         student_share_layers=parse_share_layers(args.student_share_layers),
         block_size=args.seq_len,
     )
+    if args.cache_only:
+        from llmslim.distill.run import build_teacher_cache
+
+        cache = build_teacher_cache(config, train_config_from_args(args, run_dir), progress=not args.no_progress)
+        size, tokens = cache.nbytes(), len(cache.rows) * config.block_size
+        print(f"teacher cache {cache.folder}: {len(cache.rows)} blocks, {size / 2**20:.1f} MiB ({size / max(tokens, 1):.0f} B/token)")
+        return 0
     result = distill(config, train_config_from_args(args, run_dir), resume=args.resume, progress=not args.no_progress)
     if result.is_main:
         _report(result, args, run_dir)

@@ -82,14 +82,7 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
     """
     check_output(config.out, overwrite=config.overwrite, inputs=_inputs(config), name="--out")
     check_run_dir(train.run_dir, config.out)
-    plan = plan_distillation(config)
-    tokenizer = load_tokenizer(plan)
-    data = prepare_data(
-        tokenizer,
-        load_splits(config.train, config.eval, config.eval_fraction, config.text_field),
-        config.block_size,
-        encoder=plan.objective == "masked",
-    )
+    plan, tokenizer, data = _prepare(config)
     accelerator = make_accelerator(train)
     fingerprint = {**config.fingerprint(), "layer_map": plan.layer_map}
     if resume is not None:
@@ -121,6 +114,23 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
     return DistillResult(
         config.out, result.final_eval, result.history, plan.layer_map, n_teacher, _n_params(student), student, accelerator.is_main_process
     )
+
+
+def build_teacher_cache(config: DistillConfig, train: TrainConfig, progress: bool = True):
+    """Fill `config.teacher_cache` with the teacher's logits for every training block the run `train` will read, and
+    stop there: no student is made (`llmslim distill --cache-only`). Returns the `TeacherCache`."""
+    if config.teacher_cache is None:
+        raise ValueError("building a teacher cache needs its folder: pass --teacher-cache DIR")
+    plan, tokenizer, data = _prepare(config)
+    return _teacher_cache(config, plan, tokenizer, data.train, train, make_accelerator(train), progress)
+
+
+def _prepare(config: DistillConfig):
+    """(plan, tokenizer, tokenized data): everything decided before a weight is loaded."""
+    plan = plan_distillation(config)
+    tokenizer = load_tokenizer(plan)
+    splits = load_splits(config.train, config.eval, config.eval_fraction, config.text_field)
+    return plan, tokenizer, prepare_data(tokenizer, splits, config.block_size, encoder=plan.objective == "masked")
 
 
 def plan_distillation(config: DistillConfig) -> DistillPlan:

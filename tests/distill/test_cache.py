@@ -206,3 +206,12 @@ def test_teacher_and_student_vocabularies_must_match(teacher_path, text, tmp_pat
     AutoModelForCausalLM.from_config(llama_config(2, vocab=VOCAB + 8)).save_pretrained(other)
     with pytest.raises(ValueError, match=rf"vocabularies differ \(teacher vocab_size {VOCAB}, student {VOCAB + 8}\)"):
         _run(teacher_path, text, tmp_path / "s", student=other, student_layers=None)
+
+
+def test_cache_only_fills_the_cache_and_makes_no_student(teacher_path, text, tmp_path, capsys):
+    argv = [str(teacher_path), "--train", str(text), "--student-layers", "2", "--seq-len", "16", "--steps", "2", "--batch-size", "3"]
+    argv += ["--out", str(tmp_path / "s"), "--teacher-cache", str(tmp_path / "c"), "--cache-only", "--no-progress"]
+    assert script_main("distill", argv) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed.startswith(f"teacher cache {tmp_path / 'c'}: 6 blocks,") and printed.endswith("B/token)")
+    assert not (tmp_path / "s").exists() and (tmp_path / "c" / "shard-00000.safetensors").is_file()
