@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +245,15 @@ def checkpoint_files(path: Path) -> list[Path]:
         if files:
             return files
     raise FileNotFoundError(f"no *.safetensors or *.bin weights in {path}: is it a Hugging Face model folder?")
+
+
+def checkpoint_tensors(path: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor on the CPU) of the tensors of the checkpoint in folder `path` whose key `keep` accepts, read one at
+    a time; a damaged shard raises a ValueError that names it."""
+    for file in checkpoint_files(path):
+        for key, read in _checked(file, _iter_tensors(file)):
+            if keep(key):
+                yield key, read()
 
 
 def _indexed_shards(index: Path) -> list[Path]:

@@ -19,7 +19,7 @@ from llmslim import models
 from llmslim.distill.config import DistillConfig
 from llmslim.distill.evaluate import make_eval_fn
 from llmslim.distill.losses import DistillLoss, LossWeights, Masking
-from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student
+from llmslim.distill.student import check_compatible, check_layer_map, distilbert_layer_map, init_student, student_from_checkpoint
 from llmslim.hf.compat import auto_class, detect_objective
 from llmslim.memory.trim import release_free_memory
 from llmslim.save import atomic_directory, check_output
@@ -174,12 +174,14 @@ def load_models(
 
 
 def load_student(config: DistillConfig, plan: DistillPlan, float_teacher: torch.nn.Module | None = None) -> torch.nn.Module:
-    """The student in float32: the given `config.student`, or the teacher's mapped layers (read from `float_teacher`,
-    or from a float teacher loaded for it and freed), compressed if asked."""
+    """The student in float32: the given `config.student`, or the teacher's mapped layers (copied from `float_teacher`,
+    or read from the teacher's checkpoint, the rest of the teacher never loaded), compressed if asked."""
     if config.student is not None:
         student = plan.model_class.from_pretrained(models.resolve(config.student), dtype=torch.float32)
-    else:
-        student = init_student(float_teacher if float_teacher is not None else _float_teacher(config, plan), plan.layer_map)
+    elif float_teacher is not None:
+        student = init_student(float_teacher, plan.layer_map)
+    else:  # only the layers the student keeps are read
+        student = student_from_checkpoint(plan.model_class, plan.teacher_path, plan.teacher_config, plan.layer_map)
     compression = config.student_compression()
     if compression is not None:
         from llmslim.compress import compress_

@@ -86,6 +86,37 @@ def init_student(teacher: nn.Module, layer_map: list[int], dtype: torch.dtype = 
     return student
 
 
+def student_from_checkpoint(model_class, path, teacher_config, layer_map: list[int], dtype: torch.dtype = torch.float32) -> nn.Module:
+    """`init_student` without loading the teacher: the student built by the Auto class `model_class` from
+    `student_config`, its tensors read from the teacher's checkpoint folder `path` (only the mapped layers' and the
+    shared ones), so the peak is the student's size.
+
+    Raises:
+        ValueError: the checkpoint lacks a tensor the student needs (named).
+    """
+    from llmslim.load import checkpoint_tensors
+
+    check_layer_map(layer_map, teacher_config.num_hidden_layers)
+    student = model_class.from_config(student_config(teacher_config, layer_map)).to(dtype)
+    prefix, _ = find_block_list(student)
+    wanted = set(student.state_dict())
+    needed = set(layer_map)
+
+    def keep(key: str) -> bool:
+        if not key.startswith(prefix + "."):
+            return key in wanted
+        return int(key[len(prefix) + 1 :].split(".", 1)[0]) in needed
+
+    state = mapped_state_dict(dict(checkpoint_tensors(path, keep)), prefix, layer_map)
+    missing = student.load_state_dict(state, strict=False).missing_keys
+    student.tie_weights()
+    loaded = {t.data_ptr() for k, t in student.state_dict().items() if k in state}
+    absent = [k for k in missing if student.state_dict()[k].data_ptr() not in loaded]  # a tied head shares a loaded tensor
+    if absent:
+        raise ValueError(f"the teacher checkpoint {path} has no tensor {absent[0]!r} (of {len(absent)} missing): re-save the teacher")
+    return student
+
+
 def mapped_state_dict(state: dict[str, torch.Tensor], prefix: str, layer_map: list[int]) -> dict[str, torch.Tensor]:
     """The teacher's tensors renamed for the student: `prefix.{layer_map[j]}.*` becomes `prefix.{j}.*`."""
     sources: dict[int, list[int]] = {}

@@ -14,6 +14,7 @@ from llmslim.distill.student import (
     find_block_list,
     init_student,
     parse_layer_map,
+    student_from_checkpoint,
 )
 
 
@@ -90,3 +91,17 @@ def test_vocabulary_and_width_must_match():
     with pytest.raises(ValueError, match="--alpha-cos 0"):
         check_compatible(llama_config(), wide, need_hidden=True)
     check_compatible(llama_config(), wide, need_hidden=False)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_student_read_from_the_checkpoint_equals_the_one_copied_from_the_loaded_teacher(tmp_path, tied):
+    torch.manual_seed(0)
+    config = llama_config(layers=4)
+    config.tie_word_embeddings = tied
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "t")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "t")
+    copied = init_student(teacher, [0, 2, 3])
+    read = student_from_checkpoint(AutoModelForCausalLM, tmp_path / "t", teacher.config, [0, 2, 3])
+    a, b = copied.state_dict(), read.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) and read.config.num_hidden_layers == 3
+    assert (read.lm_head.weight is read.model.embed_tokens.weight) == tied
