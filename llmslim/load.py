@@ -25,6 +25,7 @@ from llmslim.calibrate import CALIBRATION_TOKENS, calibrate_, calibration_ids
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import checks, compat
+from llmslim.hf.quantizer import enable_peft_if_installed
 from llmslim.memory.blocks import find_blocks
 from llmslim.memory.trim import release_free_memory
 from llmslim.placement import DevicePlan, plan_devices
@@ -482,6 +483,7 @@ def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, 
     for _, store in quantized_experts(model):
         store.own_memory()  # aligned as the transformers door leaves them: the same kernels, bit-identical logits
     compat.mark_quantized(model, config)
+    enable_peft_if_installed(model)
     model.config.name_or_path = str(source)
     plan.dispatch(model)
     if config.checkpointing != "none":

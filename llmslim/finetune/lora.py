@@ -1,11 +1,7 @@
-"""LoRA on llmslim's quantized linear layers, through peft's custom-module mechanism.
+"""LoRA targets, adapters and training records of `llmslim finetune`.
 
-peft wraps only layer types it knows; `LoraConfig._register_custom_module({SlimLinear: SlimLoraLinear})`
-(peft's documented way for custom layers) makes it wrap `SlimLinear4bit`, `SlimLinear8bit` and
-`SlimLinearInt4` with `SlimLoraLinear`, a peft `lora.Linear` around the frozen base (whose own
-backward is QLoRA's: grad_x = grad_y @ W, dequantized then, nothing kept between the passes),
-and whose `merge` dequantizes, adds
-B @ A * scaling and quantizes again in the layer's own format.
+The LoRA layer on llmslim's quantized layers (`SlimLoraLinear`) and the hook that lets plain peft
+wrap them are in `llmslim.hf.lora`.
 """
 
 from __future__ import annotations
@@ -14,83 +10,18 @@ import json
 import logging
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, PeftModel
 from torch import nn
 
 from llmslim.config import SlimConfig
-from llmslim.hf import compat
 from llmslim.hf.compat import Conv1D
+from llmslim.hf.lora import register_slim_layers
 from llmslim.quant.modules import SlimLinear
 
 logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
-
-class SlimLoraLinear(compat.peft_lora_linear()):
-    """peft's LoRA `Linear` around a frozen llmslim quantized layer.
-
-    Only vanilla LoRA (no DoRA or other variants): `resolve_lora_variant` raises for the others.
-    """
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, **kwargs) -> None:
-        kwargs.pop("fan_in_fan_out", None)
-        super().__init__(base_layer, adapter_name, config, **kwargs)
-        self.fan_in_fan_out = False  # llmslim layers compute x @ W.T whatever layout they were built from
-
-    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
-        return module.in_features, module.out_features
-
-    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
-        requested = [name for name in ("use_dora", "use_bdlora", "alora_invocation_tokens", "arrow_config") if getattr(config, name, None)]
-        if requested:
-            raise ValueError(f"LoRA variants {requested} are not supported on llmslim's quantized layers: use plain LoRA")
-        return None
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        base = self.get_base_layer()
-        result = base(x)  # differentiable in x: llmslim layers dequantize in backward
-        if self.disable_adapters or self.merged:
-            return result
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            lora_x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
-            delta = self.lora_B[name](self.lora_A[name](self.lora_dropout[name](lora_x))) * self.scaling[name]
-            result = result + delta.to(result.dtype)
-        return result
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Dequantize the base weight, add each adapter's B @ A * scaling, quantize it again in place."""
-        for name in compat.adapters_to_merge(self, adapter_names):
-            if name in self.lora_A:
-                self._requantize(name, sign=1.0, safe=safe_merge)
-                self.merged_adapters.append(name)
-
-    def unmerge(self) -> None:
-        """Subtract merged adapters again (lossy: the weight is quantized once more)."""
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.lora_A:
-                self._requantize(name, sign=-1.0, safe=False)
-
-    @torch.no_grad()
-    def _requantize(self, name: str, sign: float, safe: bool) -> None:
-        base = self.get_base_layer()
-        weight = base.dequantized_weight(torch.float32) + sign * self.get_delta_weight(name).float().to(base.weight.device)  # (out, in)
-        if safe and not torch.isfinite(weight).all():
-            raise ValueError(f"merging adapter {name!r} gives non-finite weights: the adapter is broken; retrain it")
-        base.set_float_weight(weight.t().contiguous() if getattr(base, "source_transposed", False) else weight)
-        if self.lora_bias[name] and base.bias is not None:
-            base.bias.add_(sign * self.lora_B[name].bias.to(base.bias.dtype))
-
-
-def register_slim_layers(config: LoraConfig) -> LoraConfig:
-    """Let peft wrap llmslim's quantized layers (`config` is changed and returned)."""
-    return compat.register_peft_custom_module(config, {SlimLinear: SlimLoraLinear})
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:

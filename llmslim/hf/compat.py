@@ -10,6 +10,7 @@ contract in `pyproject.toml`).
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -260,6 +261,56 @@ def register_peft_custom_module(config, mapping: dict[type, type]):
     `LoraConfig._register_custom_module`); returns `config`."""
     config._register_custom_module(mapping)
     return config
+
+
+# peft versions whose private `LoraModel._create_new_module(lora_config, adapter_name, target, **kwargs)` the
+# hook below was tested against (the installed one is tested by tests/hf/test_plain_peft.py)
+PEFT_DISPATCH_VERSIONS = ("0.13", "1.0")
+
+
+def install_peft_dispatch(dispatch) -> bool:
+    """Make every `get_peft_model` / `PeftModel.from_pretrained` try `dispatch(target, adapter_name, lora_config,
+    **kwargs)` first: it returns the LoRA layer for a target it handles, None for the others (peft's own layers).
+
+    peft chooses a LoRA layer class in the private static `LoraModel._create_new_module`; its public
+    alternative, `LoraConfig._register_custom_module`, needs a call on every config the user makes. Idempotent.
+    Returns False (and logs why) when the installed peft is outside `PEFT_DISPATCH_VERSIONS` or lacks that method.
+    """
+    import inspect
+
+    import peft
+    from peft.tuners.lora.model import LoraModel
+
+    current = getattr(LoraModel, "_create_new_module", None)
+    if getattr(current, "_llmslim_dispatch", None) is dispatch:
+        return True
+    low, high = (version.parse(v) for v in PEFT_DISPATCH_VERSIONS)
+    parameters = list(inspect.signature(current).parameters) if current is not None else []
+    if not low <= version.parse(peft.__version__) < high or parameters[:3] != ["lora_config", "adapter_name", "target"]:
+        logging.getLogger(__name__).warning(
+            "peft %s is outside the versions llmslim hooks into (%s <= peft < %s): plain get_peft_model will not wrap "
+            "llmslim's quantized layers; call llmslim.hf.lora.register_slim_layers(lora_config) on your LoraConfig",
+            peft.__version__,
+            *PEFT_DISPATCH_VERSIONS,
+        )
+        return False
+    original = getattr(current, "_llmslim_original", current)
+
+    def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        module = dispatch(target, adapter_name, lora_config, **kwargs)
+        return module if module is not None else original(lora_config, adapter_name, target, **kwargs)
+
+    _create_new_module._llmslim_dispatch = dispatch
+    _create_new_module._llmslim_original = original
+    LoraModel._create_new_module = staticmethod(_create_new_module)
+    return True
+
+
+def peft_base_layer(target: torch.nn.Module) -> torch.nn.Module:
+    """The layer a peft tuner layer wraps (`target` itself when it is not one)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
 
 
 # ---- mixture of experts (transformers.integrations.moe) -----------------------------------------

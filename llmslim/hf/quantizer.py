@@ -6,6 +6,7 @@ loading, and a checkpoint whose `config.json` says `quant_method: "llmslim"` loa
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -133,6 +134,7 @@ class SlimHfQuantizer(HfQuantizer):
             store.own_memory()
         if self.quantization_config.compresses:
             self.quantization_config = _compress_loaded(model, self.quantization_config, self.pre_quantized)
+        enable_peft_if_installed(model)
         return model
 
     def get_quantize_ops(self):
@@ -150,6 +152,15 @@ class SlimHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def enable_peft_if_installed(model: torch.nn.Module) -> None:
+    """Let plain peft wrap a loaded model's quantized layers (`llmslim.hf.lora.enable_peft`) when peft, the `train`
+    extra, is installed; peft is imported only then."""
+    if importlib.util.find_spec("peft") is not None:
+        from llmslim.hf.lora import enable_peft
+
+        enable_peft(model)
 
 
 def _skip_init_of_shared_members(model: torch.nn.Module) -> None:
