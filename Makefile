@@ -28,13 +28,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check llmslim tests scripts benchmarks
-	$(VENV)/bin/ruff format --check llmslim tests scripts benchmarks
+	$(VENV)/bin/ruff check llmslim tests scripts benchmarks examples
+	$(VENV)/bin/ruff format --check llmslim tests scripts benchmarks examples
 	$(VENV)/bin/lint-imports  # the layer contract in pyproject.toml
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format llmslim tests scripts benchmarks
-	$(VENV)/bin/ruff check --fix llmslim tests scripts benchmarks
+	$(VENV)/bin/ruff format llmslim tests scripts benchmarks examples
+	$(VENV)/bin/ruff check --fix llmslim tests scripts benchmarks examples
 
 bench: $(STAMP)
 	$(PY) scripts/make_random_checkpoint.py

@@ -11,39 +11,15 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import llmslim
-from llmslim import models
 from llmslim.finetune.merge import merged_model
 from llmslim.hf import compat
 from llmslim.hf.lora import SlimLoraLinear
 
 WEIGHTS = ("nf4", "fp4", "int4", "int8")
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A 2-layer random Llama (hidden 64) saved in bf16 with the embedded model's real tokenizer."""
-    folder = tmp_path_factory.mktemp("plain-peft") / "base"
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def _load(base, weights: str, door: str = "transformers"):
