@@ -12,13 +12,14 @@ HELP = "memory and speed of a model in every format on given hardware, from its 
 EXAMPLES = (
     "llmslim plan bloom-176b --gpu 24GiB --cpu 64GiB --disk 2TB --context 2048",
     "llmslim plan llama-2-13b --gpu 24GiB --train --optimizer adamw8bit   # QLoRA fine-tuning: which format fits",
+    "llmslim plan llama-2-70b --gpu 2x24GiB --train --parallel fsdp     # FSDP-QLoRA: memory per GPU",
 )
 BANDWIDTH_DEFAULTS = {"gpu": "1000GB/s", "pcie": "25GB/s", "cpu": "25GB/s", "disk": "3GB/s"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from llmslim.plan.known import KNOWN_CONFIGS
-    from llmslim.plan.memory import OPTIMIZER_BYTES
+    from llmslim.plan.memory import OPTIMIZER_BYTES, PARALLEL_MODES
 
     p.add_argument("model", metavar="MODEL_OR_CONFIG", help=f"model folder, config.json, or a bundled name: {', '.join(KNOWN_CONFIGS)}")
     p.add_argument(
@@ -31,6 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train", action="store_true", help="QLoRA fine-tuning: LoRA state, gradients, optimizer, checkpointed activations")
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank with --train (default 16)")
     p.add_argument("--optimizer", choices=list(OPTIMIZER_BYTES), default="adamw", help="optimizer with --train (default adamw)")
+    p.add_argument(
+        "--parallel",
+        choices=list(PARALLEL_MODES),
+        default="none",
+        help="with --train: none (one process), ddp or fsdp (one process per GPU; per-process memory)",
+    )
+    p.add_argument("--processes", type=int, default=None, help="with --parallel: processes (default one per GPU, else 1)")
     p.add_argument("--dtype", default=None, help="float dtype of unquantized parts (default: the config's)")
     for tier, default in BANDWIDTH_DEFAULTS.items():
         p.add_argument(f"--{tier}-bandwidth", default=default, help=f"{tier} read bandwidth for the tokens/s bound (default {default})")

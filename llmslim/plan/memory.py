@@ -200,3 +200,49 @@ def training_memory(
         policy=policy,
         policies=policies,
     )
+
+
+PARALLEL_MODES = ("none", "ddp", "fsdp")
+
+
+@dataclass
+class ProcessMemory:
+    """Bytes one training process holds when `processes` processes train together.
+
+    `ddp`: every process holds the whole quantized base, its own LoRA state and activations, and DDP's
+    gradient buckets (one more copy of the LoRA gradients). `fsdp` (torch FSDP2, as in
+    examples/qlora_accelerate.py): parameters (quantized codes, float tensors, LoRA matrices), their gradients
+    and optimizer states are split across the processes; the quantization scales and buffers stay whole on
+    each; while a block runs its parameters are gathered (two blocks at a time with prefetch), and the
+    parts outside the blocks (embeddings, head) stay gathered through the step.
+    """
+
+    parallel: str
+    processes: int
+    weights: int
+    training: int
+    gathered: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.training + self.gathered
+
+
+def process_memory(weights: WeightBytes, training: TrainingMemory, parallel: str, processes: int) -> ProcessMemory:
+    """Per-process bytes of QLoRA training under `parallel` ("ddp" or "fsdp") with `processes` processes."""
+    if parallel not in PARALLEL_MODES[1:]:
+        raise ValueError(f"parallel must be one of {list(PARALLEL_MODES[1:])}, got {parallel!r}")
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise ValueError(f"processes must be an integer >= 1, got {processes!r}")
+    state = training.lora_bytes + training.grad_bytes + training.optimizer_bytes
+    if parallel == "ddp":
+        return ProcessMemory(parallel, processes, weights.total, training.total + training.grad_bytes, 0)
+    sharded = -(-(weights.codes + weights.kept) // processes)
+    gathered = weights.outer + 2 * max(weights.per_block, default=0)
+    return ProcessMemory(
+        parallel,
+        processes,
+        sharded + weights.scales + weights.buffers,
+        -(-state // processes) + training.activation_bytes,
+        gathered - gathered // processes,
+    )

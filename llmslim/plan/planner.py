@@ -22,10 +22,13 @@ from llmslim.plan.hardware import CPU_RESERVE, GPU_RESERVE, GiB, Hardware
 from llmslim.plan.known import KNOWN_CONFIGS
 from llmslim.plan.memory import (
     OPTIMIZER_BYTES,
+    PARALLEL_MODES,
+    ProcessMemory,
     TrainingMemory,
     activation_bytes,
     cpu_layout_bytes,
     kv_cache_bytes,
+    process_memory,
     prompt_workspace_bytes,
     training_memory,
 )
@@ -47,6 +50,9 @@ class Workload:
         lora_rank: rank of the LoRA factors.
         optimizer: `adamw` (two float32 moments), `adamw8bit` (bitsandbytes' 8-bit, paged) or `sgd`.
         dtype: float dtype of the tensors kept unquantized and of activations (default: the config's, else bfloat16).
+        parallel: with `train`, "none" (one process; the blocks split across the GPUs), "ddp" or "fsdp" (one
+            process per GPU, or `processes` CPU processes; `batch` is per process).
+        processes: training processes for ddp / fsdp (default: one per GPU, else 1).
     """
 
     context: int = 4096
@@ -55,6 +61,8 @@ class Workload:
     lora_rank: int = 16
     optimizer: str = "adamw"
     dtype: str | None = None
+    parallel: str = "none"
+    processes: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("context", "batch", "lora_rank"):
@@ -65,6 +73,12 @@ class Workload:
             raise ValueError(f"optimizer must be one of {list(OPTIMIZER_BYTES)}, got {self.optimizer!r}")
         if self.dtype is not None:
             dtype_bytes(self.dtype)
+        if self.parallel not in PARALLEL_MODES:
+            raise ValueError(f"parallel must be one of {list(PARALLEL_MODES)}, got {self.parallel!r}")
+        if self.parallel != "none" and not self.train:
+            raise ValueError(f"parallel={self.parallel!r} plans training processes: add train=True (--train)")
+        if self.processes is not None and (isinstance(self.processes, bool) or not isinstance(self.processes, int) or self.processes < 1):
+            raise ValueError(f"processes must be an integer >= 1, got {self.processes!r}")
 
 
 @dataclass
@@ -115,6 +129,7 @@ class FormatPlan:
     device_map: dict
     load_kwargs: dict
     decode_bytes: int = 0
+    process: ProcessMemory | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -133,6 +148,7 @@ class FormatPlan:
             "activation_bytes": self.activation_bytes,
             "workspace_bytes": self.workspace_bytes,
             "training": None if self.training is None else asdict(self.training) | {"total_bytes": self.training.total},
+            "per_process": None if self.process is None else asdict(self.process) | {"total_bytes": self.process.total},
             "total_bytes": self.total_bytes,
             "verdict": self.placement.verdict,
             "fits": self.placement.fits,
@@ -261,6 +277,8 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     placed = replace(weights, per_block=spread) if copy else weights
     workspace += copy
     placement = place(placed, kv_block, fixed, hardware, allow_offload=not workload.train)
+    if training and workload.parallel != "none":
+        return _parallel_plan(shape, fmt, config, weights, training, hardware, workload)
     return FormatPlan(
         format=fmt,
         slim_config=None if config is None else config.to_dict(),
@@ -276,6 +294,50 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
         device_map=device_map(shape, placement),
         load_kwargs=load_kwargs(placement, float_dtype if config is None else None),
         decode_bytes=decode_bytes(shape, weights),
+    )
+
+
+def _parallel_plan(
+    shape: ModelShape, fmt: str, config, weights: WeightBytes, training: TrainingMemory, hardware: Hardware, workload: Workload
+) -> FormatPlan:
+    """Training with `workload.parallel` processes: each holds `process_memory`; it fits when that fits every one's device."""
+    processes = workload.processes or max(1, len(hardware.gpus))
+    memory = process_memory(weights, training, workload.parallel, processes)
+    capacity = _capacity(hardware)
+    mode = workload.parallel.upper()
+    if hardware.gpus:
+        if processes > len(hardware.gpus):
+            verdict, fits, used = f"{processes} processes need {processes} GPUs, {len(hardware.gpus)} given", False, {}
+        else:
+            used = {f"gpu{i}": memory.total for i in range(processes)}
+            fits = all(memory.total <= capacity[device] for device in used)
+            verdict = f"{mode} on {processes} GPUs" if fits else f"does not fit: {mode} needs {memory.total / GiB:.2f} GiB per GPU"
+        compute = "gpu0"
+    else:
+        used = {"cpu": memory.total * processes}
+        fits = used["cpu"] <= capacity["cpu"]
+        verdict = f"{mode} on {processes} CPU processes" if fits else f"does not fit: {processes} {mode} processes need more CPU RAM"
+        compute = "cpu"
+    reference = REFERENCE_GPU - GPU_RESERVE if not hardware.gpus else capacity["gpu0"]
+    smallest = next((n for n in range(1, 257) if process_memory(weights, training, workload.parallel, n).total <= reference), None)
+    if workload.parallel == "ddp" and smallest is not None:
+        smallest = 1  # DDP does not split the model: one GPU that holds it all is the least
+    return FormatPlan(
+        format=fmt,
+        slim_config=None if config is None else config.to_dict(),
+        weights=weights,
+        kv_cache_bytes=0,
+        activation_bytes=0,
+        workspace_bytes=0,
+        training=training,
+        placement=Placement(verdict, fits, compute, [], compute, used, capacity),  # no device map: each process holds its part
+        gpus_without_offload=smallest,
+        gpus_with_offload=None,
+        tokens_per_s=None,
+        device_map={},
+        load_kwargs={},
+        decode_bytes=decode_bytes(shape, weights),
+        process=memory,
     )
 
 

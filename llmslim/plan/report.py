@@ -20,6 +20,8 @@ def _rate(value: float | None) -> str:
 def format_table(plan: Plan) -> str:
     """A markdown table of every format: bytes in GiB, verdict, GPUs needed, tokens/s bound."""
     train = plan.workload.train
+    if plan.workload.parallel != "none":
+        return _process_table(plan)
     extra = "train GiB" if train else "workspace GiB"
     header = (
         f"| format | weights GiB | KV cache GiB | activations GiB | {extra} | total GiB | verdict "
@@ -32,6 +34,23 @@ def format_table(plan: Plan) -> str:
         lines.append(
             f"| {name} | {gib(fp.weights.total)} | {gib(fp.kv_cache_bytes)} | {gib(acts)} | {gib(extra_bytes)} | {gib(fp.total_bytes)} | "
             f"{fp.placement.verdict} | {_count(fp.gpus_without_offload)} / {_count(fp.gpus_with_offload)} | {_rate(fp.tokens_per_s)} |"
+        )
+    return "\n".join(lines)
+
+
+def _process_table(plan: Plan) -> str:
+    """Training processes (DDP / FSDP): what each one holds."""
+    mode = plan.workload.parallel.upper()
+    header = (
+        f"| format | weights GiB (all) | {mode} processes | weights GiB / process | train GiB / process | gathered GiB / process "
+        f"| total GiB / process | verdict | least 24 GiB GPUs |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for name, fp in plan.formats.items():
+        p = fp.process
+        lines.append(
+            f"| {name} | {gib(fp.weights.total)} | {p.processes} | {gib(p.weights)} | {gib(p.training)} | {gib(p.gathered)} | "
+            f"{gib(p.total)} | {fp.placement.verdict} | {_count(fp.gpus_without_offload)} |"
         )
     return "\n".join(lines)
 
@@ -75,6 +94,9 @@ def _suggestion(plan: Plan) -> list[str]:
         return ["does not fit in any format on this hardware: add GPU or CPU memory, or disk space for offload", ""]
     fp: FormatPlan = plan.formats[plan.recommended]
     lines = [f"suggested: {plan.recommended} ({fp.placement.verdict})", f"  {_call(fp)}"]
+    if fp.process is not None:
+        preset = "fsdp2_gpu.yaml" if fp.process.parallel == "fsdp" else "ddp_cpu.yaml"
+        lines.append(f"  launch: accelerate launch --config_file examples/accelerate/{preset} YOUR_SCRIPT (see examples/qlora_accelerate.py)")
     if fp.placement.experts_device is not None:
         lines += _experts_apart(fp.placement)
     if fp.training:

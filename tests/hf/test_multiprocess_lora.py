@@ -13,6 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmslim.plan import Hardware, Workload, plan_model
+from llmslim.plan.hardware import GiB
+
 ROOT = Path(__file__).parents[2]
 SCRIPT = ROOT / "examples" / "qlora_accelerate.py"
 PRESET = ROOT / "examples" / "accelerate" / "ddp_cpu.yaml"
@@ -44,6 +47,13 @@ def test_ddp_and_fsdp2_on_two_processes_save_the_one_process_adapter(base, tmp_p
 
     held = [tuple(map(int, m)) for m in re.findall(r"FSDP2 holds (\d+) of the (\d+) bytes", fsdp)]
     assert len(held) == 2 and all(0 < part <= whole // 2 + 64 for part, whole in held)  # each process: about half
+    # the planner counts the same codes, and gives each process its half
+    workload = Workload(train=True, context=32, parallel="fsdp", processes=2)
+    planned = plan_model(base, Hardware([], 24 * GiB, 10**12), workload).formats[weights]
+    assert planned.weights.codes == held[0][1]
+    assert planned.process.weights - planned.weights.scales - planned.weights.buffers == pytest.approx(
+        (planned.weights.codes + planned.weights.kept) / 2, abs=1
+    )
 
     reference = _adapter(tmp_path / "one")
     for run in ("ddp", "fsdp"):

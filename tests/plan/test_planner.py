@@ -167,3 +167,42 @@ def test_factorized_embedding_row_saves_the_embedding_factors_difference():
     assert format_config("nf4+dq+emb/4", plan.shape).embedding_rank == rank
     with pytest.raises(ValueError, match="pass its shape"):
         format_config("nf4+dq+emb/4")
+
+
+def test_fsdp_splits_the_weights_and_lora_state_across_processes_and_ddp_does_not():
+    gpus = Hardware([24 * GiB] * 4, 64 * GiB, 10**12)
+
+    def plan(parallel, processes):
+        workload = Workload(train=True, context=1024, parallel=parallel, processes=processes)
+        return plan_model("llama-2-70b", gpus, workload).formats["nf4+dq"]
+
+    one, two, four = plan("fsdp", 1), plan("fsdp", 2), plan("fsdp", 4)
+    w = one.weights
+    assert two.process.weights == -(-(w.codes + w.kept) // 2) + w.scales + w.buffers  # scales stay whole on each
+    assert one.process.total > two.process.total > four.process.total
+    assert one.process.training - two.process.training == pytest.approx((one.training.total - one.training.activation_bytes) / 2, abs=2)
+    # Answer.AI's FSDP-QLoRA: a 70B model trains on two 24 GB GPUs
+    assert not one.placement.fits and two.placement.fits and two.placement.verdict == "FSDP on 2 GPUs"
+    assert two.gpus_without_offload == 2  # the least 24 GiB GPUs whose per-process share fits
+    ddp = plan("ddp", 2)
+    assert ddp.process.weights == w.total and ddp.process.training == ddp.training.total + ddp.training.grad_bytes
+    assert not ddp.placement.fits and ddp.gpus_without_offload is None
+    assert plan("fsdp", 8).placement.verdict == "8 processes need 8 GPUs, 4 given"
+
+
+def test_parallel_plans_need_training_and_sane_process_counts():
+    with pytest.raises(ValueError, match=r"parallel='fsdp' plans training processes: add train=True"):
+        Workload(parallel="fsdp")
+    with pytest.raises(ValueError, match=r"parallel must be one of \['none', 'ddp', 'fsdp'\], got 'zero3'"):
+        Workload(train=True, parallel="zero3")
+    with pytest.raises(ValueError, match=r"processes must be an integer >= 1, got 0"):
+        Workload(train=True, parallel="ddp", processes=0)
+
+
+def test_plan_command_prints_the_per_process_table(capsys):
+    from llmslim.cli import main
+
+    assert main(["plan", "llama-2-7b", "--gpu", "2x24GiB", "--cpu", "64GiB", "--train", "--parallel", "fsdp", "--context", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "| format | weights GiB (all) | FSDP processes | weights GiB / process |" in out
+    assert "FSDP on 2 GPUs" in out and "accelerate launch --config_file examples/accelerate/fsdp2_gpu.yaml" in out
