@@ -96,7 +96,8 @@ def _suggestion(plan: Plan) -> list[str]:
     lines = [f"suggested: {plan.recommended} ({fp.placement.verdict})", f"  {_call(fp)}"]
     if fp.process is not None:
         preset = "fsdp2_gpu.yaml" if fp.process.parallel == "fsdp" else "ddp_cpu.yaml"
-        lines.append(f"  launch: accelerate launch --config_file examples/accelerate/{preset} YOUR_SCRIPT (see examples/qlora_accelerate.py)")
+        script = "YOUR_SCRIPT (see examples/qlora_accelerate.py)"
+        lines.append(f"  launch: accelerate launch --config_file examples/accelerate/{preset} {script}")
     if fp.placement.experts_device is not None:
         lines += _experts_apart(fp.placement)
     if fp.training:
