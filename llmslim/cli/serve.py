@@ -28,6 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together per step (default 16)")
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=1024, help="server cap on new tokens per request (default 1024)")
+    p.add_argument("--max-n", type=int, default=8, help="most choices (n) per request, each a slot of --max-batch (default 8)")
     p.add_argument("--max-context", type=int, default=None, help="tokens per sequence, prompt included (default: the model's)")
     p.add_argument(
         "--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body; a bigger one gets 413 (default 2 MiB)"

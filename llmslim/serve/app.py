@@ -32,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmslim import __version__
-from llmslim.serve.engine import ContextLengthError, Engine, EngineStoppedError, QueueFullError, RequestHandle
+from llmslim.serve.engine import ContextLengthError, Engine, EngineStoppedError, Event, QueueFullError, RequestHandle, TooManyChoicesError
+from llmslim.serve.logprobs import TokenText
 from llmslim.serve.metrics import CONTENT_TYPE, Metrics
 from llmslim.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, error_body
 from llmslim.serve.sampling import SamplingParams
@@ -55,6 +56,7 @@ class ServerState:
     api_key: str | None
     metrics: Metrics
     created: int
+    tokens: TokenText
 
 
 def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> FastAPI:
@@ -70,7 +72,7 @@ def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> Fas
         The FastAPI app, to run with uvicorn.
     """
     metrics = Metrics(engine)
-    state = ServerState(engine, model_id, api_key or None, metrics, int(time.time()))
+    state = ServerState(engine, model_id, api_key or None, metrics, int(time.time()), TokenText(engine.tokenizer))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -177,12 +179,14 @@ async def _generate(request: Request, state: ServerState, body, prompt_ids: list
         raise APIError(503, str(err), type="server_error", code="engine_stopped") from err
     except ContextLengthError as err:
         raise APIError(400, str(err), param="messages" if kind == "chat" else "prompt", code="context_length_exceeded") from err
+    except TooManyChoicesError as err:
+        raise APIError(400, str(err), param="n") from err
     except ValueError as err:
         raise APIError(400, str(err), param="prompt") from err
     except QueueFullError as err:
         raise APIError(429, str(err), type="rate_limit_error", code="queue_full") from err
     request.state.prompt_tokens = len(prompt_ids)
-    formatter = Formatter(kind, request_id, state.model_id)
+    formatter = Formatter(kind, request_id, state.model_id, state.tokens)
     if body.stream:
         stream = _sse(request, handle, formatter, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -192,41 +196,51 @@ async def _generate(request: Request, state: ServerState, body, prompt_ids: list
 async def _collect(request: Request, handle: RequestHandle, formatter: Formatter) -> dict:
     """The whole generation as one response body; a client that disconnects cancels it."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
-    parts, last = [], None
+    n = handle.params.n
+    texts, logprobs, finals = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
     try:
         async for event in handle.events():
-            parts.append(event.text)
-            last = event
+            texts[event.index].append(event.text)
+            logprobs[event.index].extend(event.logprobs)
+            if event.finish_reason is not None:
+                finals[event.index] = event
     finally:
         watcher.cancel()
         if not handle.finished:
             handle.cancel()
-    _record(request, last)
-    if last.finish_reason == "cancelled":  # only the disconnect watcher cancels: nobody will read this answer
+    _record(request, finals)
+    if any(e.finish_reason == "cancelled" for e in finals):  # only the disconnect watcher cancels: nobody will read this
         request.state.finish_reason = "disconnected"
         raise APIError(CLIENT_CLOSED, "the client closed the connection before the answer was ready", code="client_closed_request")
-    if last.finish_reason == "error":
-        raise APIError(500, f"generation failed: {last.error}", type="server_error")
-    return formatter.response("".join(parts), last.finish_reason, last.prompt_tokens, last.completion_tokens)
+    failed = next((e for e in finals if e.finish_reason == "error"), None)
+    if failed is not None:
+        raise APIError(500, f"generation failed: {failed.error}", type="server_error")
+    wanted = handle.params.logprobs is not None
+    choices = [("".join(t), e.finish_reason, lp if wanted else None) for t, e, lp in zip(texts, finals, logprobs, strict=True)]
+    return formatter.response(choices, finals[0].prompt_tokens, sum(e.completion_tokens for e in finals))
 
 
 async def _sse(request: Request, handle: RequestHandle, formatter: Formatter, include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per text delta, a last chunk with the finish reason, then `[DONE]`."""
+    """Server-sent events: chunks of text (and logprobs) per choice, a last chunk per choice with its finish reason, then `[DONE]`."""
+    wanted, finals = handle.params.logprobs is not None, []
     try:
         if formatter.kind == "chat":
-            yield _data(formatter.chunk("", role=True))
+            for index in range(handle.params.n):
+                yield _data(formatter.chunk("", role=True, index=index))
         async for event in handle.events():
             if event.finish_reason in ("error", "cancelled"):
-                _record(request, event)
+                _record(request, [*finals, event])
                 yield _data(error_body(f"generation failed: {event.error or event.finish_reason}", "server_error"))
                 break
-            if event.text:
-                yield _data(formatter.chunk(event.text))
+            if event.text or (wanted and event.logprobs):
+                yield _data(formatter.chunk(event.text, index=event.index, logprobs=event.logprobs if wanted else None))
             if event.finish_reason is not None:
-                _record(request, event)
-                yield _data(formatter.chunk(None if formatter.kind == "chat" else "", event.finish_reason))
-                if include_usage:
-                    yield _data(formatter.usage_chunk(event.prompt_tokens, event.completion_tokens))
+                finals.append(event)
+                yield _data(formatter.chunk(None if formatter.kind == "chat" else "", event.finish_reason, index=event.index))
+        else:
+            _record(request, finals)
+            if include_usage:
+                yield _data(formatter.usage_chunk(finals[0].prompt_tokens, sum(e.completion_tokens for e in finals)))
         yield "data: [DONE]\n\n"
     finally:
         if not handle.finished:  # the client went away (or the server is stopping): free the slot
@@ -238,11 +252,12 @@ def _data(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _record(request: Request, event) -> None:
-    """Put the usage of a finished generation where the request log reads it."""
-    if event is not None:
-        request.state.completion_tokens = event.completion_tokens
-        request.state.finish_reason = event.finish_reason
+def _record(request: Request, finals: list[Event | None]) -> None:
+    """Put the usage of a finished generation (all its choices) where the request log reads it."""
+    finals = [e for e in finals if e is not None]
+    if finals:
+        request.state.completion_tokens = sum(e.completion_tokens for e in finals)
+        request.state.finish_reason = "/".join(dict.fromkeys(e.finish_reason for e in finals))
 
 
 async def _cancel_on_disconnect(request: Request, handle: RequestHandle) -> None:

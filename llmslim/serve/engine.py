@@ -2,9 +2,11 @@
 
     submit() --bounded queue--> [engine thread]  loop:
                                    drop cancelled sequences
+                                   run queued jobs (embedding forwards) between steps
                                    admit waiting requests while slots are free: prefill each alone
+                                     (a request for n choices: one prefill, its KV copied to n sequences)
                                    one decode step for every active sequence together
-                                   per sequence: sample, detokenize, stop? -> events to its client
+                                   per sequence: penalties, sample, logprobs, detokenize, stop? -> events
 
 Requests join and leave the running batch between steps, so a short request never waits for a
 long one to finish. Each sequence keeps its own KV cache (`kvcache.SequenceKV`); the linear layers
@@ -20,6 +22,7 @@ anything else ends the running sequences; the thread itself keeps serving until 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -30,8 +33,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from llmslim.serve.kvcache import BatchKV, SequenceKV, use_row_attention
-from llmslim.serve.sampling import SamplingParams, sample_token
+from llmslim.serve.kvcache import BatchKV, SequenceKV, cache_keyword, use_row_attention
+from llmslim.serve.logprobs import TokenLogprob, token_logprob
+from llmslim.serve.sampling import SamplingParams, apply_penalties, sample_token
 from llmslim.serve.textstream import Delta, TextStream
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,10 @@ class QueueFullError(RuntimeError):
 
 class ContextLengthError(ValueError):
     """The prompt does not fit the model's context (HTTP 400)."""
+
+
+class TooManyChoicesError(ValueError):
+    """A request asks for more choices (`n`) than the server allows (HTTP 400)."""
 
 
 class EngineStoppedError(RuntimeError):
@@ -63,6 +71,8 @@ class EngineConfig:
         context_length: most tokens (prompt + generated) per sequence; None = the model's maximum.
         max_body_bytes: largest HTTP request body the server reads (a bigger one gets 413); the bound on
             what is parsed and tokenized before the context length can be checked.
+        max_n: most choices (`n`) one request may ask for; each takes a generation slot, so the cap is
+            also at most `max_batch`.
     """
 
     max_batch: int = 16
@@ -70,9 +80,10 @@ class EngineConfig:
     max_tokens: int = 1024
     context_length: int | None = None
     max_body_bytes: int = 2 * 1024 * 1024
+    max_n: int = 8
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes"):
+        for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.context_length is not None and self.context_length < 2:
@@ -81,10 +92,12 @@ class EngineConfig:
 
 @dataclass
 class Event:
-    """A piece of a generation sent to the client; the last one has a `finish_reason`.
+    """A piece of one choice of a generation sent to the client; the last one of each choice has a `finish_reason`.
 
     `finish_reason` is "stop" (end-of-sequence token or stop string), "length" (max_tokens or the
-    context), "cancelled" or "error" (with `error` saying what happened).
+    context), "cancelled" or "error" (with `error` saying what happened). `logprobs` holds the tokens
+    generated since the last event of this choice (when the request asked for logprobs): every
+    generated token is in exactly one event, the end-of-sequence token included.
     """
 
     text: str
@@ -92,6 +105,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    index: int = 0
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -125,10 +140,12 @@ class RequestHandle:
         self._cancelled.set()
 
     async def events(self) -> AsyncIterator[Event]:
-        """The events of this generation, ending with the one that has a `finish_reason`."""
-        while not self.finished:
+        """The events of this generation's choices, until every choice has had its event with a `finish_reason`."""
+        open_choices = self.params.n
+        while open_choices:
             event = await self._events.get()
-            self.finished = event.finish_reason is not None
+            open_choices -= event.finish_reason is not None
+            self.finished = not open_choices
             yield event
 
     def emit(self, event: Event) -> None:
@@ -151,16 +168,28 @@ def _deliver(loop: asyncio.AbstractEventLoop, events: list[tuple[RequestHandle, 
 
 @dataclass
 class _Sequence:
+    """One choice of a request being generated."""
+
     handle: RequestHandle
     kv: SequenceKV
     stream: TextStream
     generator: torch.Generator
+    index: int = 0
     last_token: int = -1
-    completion_tokens: int = field(default=0)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.handle.prompt_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.output_ids)
+
+    def take_logprobs(self) -> list[TokenLogprob]:
+        taken, self.logprobs = self.logprobs, []
+        return taken
 
 
 class Engine:
@@ -178,10 +207,13 @@ class Engine:
         self.config = config or EngineConfig()
         self.context_length = _context_length(model, self.config)
         self._cache_kwarg = use_row_attention(model)
+        self._base_cache_kwarg = cache_keyword(model.base_model)
         self._num_layers = model.config.num_hidden_layers
         self._eos = _eos_ids(model, tokenizer)
         self._device = next(model.parameters()).device
-        self._pending: queue.Queue[RequestHandle] = queue.Queue(maxsize=self.config.max_queue)
+        self._pending: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=self.config.max_queue)  # None: a wake-up
+        self._waiting: RequestHandle | None = None  # taken from the queue, waiting for n free slots
+        self._jobs: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue(maxsize=self.config.max_queue)
         self._active: list[_Sequence] = []
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -193,7 +225,7 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         """Requests waiting for a slot."""
-        return self._pending.qsize()
+        return self._pending.qsize() + (self._waiting is not None)
 
     @property
     def active_count(self) -> int:
@@ -204,6 +236,11 @@ class Engine:
     def running(self) -> bool:
         """Whether the engine thread is alive and accepting work."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    @property
+    def max_choices(self) -> int:
+        """The most choices (`n`) one request may ask for."""
+        return min(self.config.max_n, self.config.max_batch)
 
     @property
     def vocab_size(self) -> int:
@@ -232,10 +269,16 @@ class Engine:
             EngineStoppedError: the engine thread is not running.
             ContextLengthError: the prompt is empty or leaves no room in the context.
             ValueError: a token id is outside the vocabulary.
+            TooManyChoicesError: `params.n` is over `max_choices`.
             QueueFullError: `max_queue` requests are already waiting.
         """
         if not self.running:
             raise EngineStoppedError("the generation engine is not running: the server is stopping or failed; see its log")
+        if params.n > self.max_choices:
+            raise TooManyChoicesError(
+                f"n must be at most {self.max_choices} on this server, got {params.n}: ask for fewer choices, "
+                "or start the server with a larger --max-n (and --max-batch)"
+            )
         if not prompt_ids:
             raise ContextLengthError("the prompt is empty: give at least one token of text")
         if not all(0 <= i < self.vocab_size for i in prompt_ids):
@@ -255,6 +298,38 @@ class Engine:
             raise QueueFullError(f"the server is busy: {self.config.max_queue} requests are already waiting; retry later") from None
         return handle
 
+    def run_job(self, job: Callable[[], object]) -> concurrent.futures.Future:
+        """Run `job()` on the engine thread between two decode steps (the thread that owns the model); its future.
+
+        Raises:
+            EngineStoppedError: the engine thread is not running.
+            QueueFullError: `max_queue` jobs are already waiting.
+        """
+        if not self.running:
+            raise EngineStoppedError("the generation engine is not running: the server is stopping or failed; see its log")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            self._jobs.put_nowait((job, future))
+        except queue.Full:
+            raise QueueFullError(f"the server is busy: {self.config.max_queue} jobs are already waiting; retry later") from None
+        try:
+            self._pending.put_nowait(None)  # wakes an idle engine at once; a full queue means it is not idle
+        except queue.Full:
+            pass
+        return future
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """The base model's last hidden states, (batch, seq, hidden), of the right-padded rows `ids` (batch, seq).
+
+        Call it on the engine thread (through `run_job`). Attention is causal and per row, so a row's
+        real tokens never see its padding: each row's states equal those of the row alone.
+        """
+        kvs = BatchKV([SequenceKV(self._num_layers) for _ in range(ids.shape[0])])  # thrown away afterwards
+        positions = torch.arange(ids.shape[1]).expand(ids.shape[0], -1)  # (batch, seq)
+        kwargs = {self._base_cache_kwarg: kvs, "use_cache": True}
+        out = self.model.base_model(input_ids=ids.to(self._device), position_ids=positions.to(self._device), **kwargs)
+        return out.last_hidden_state
+
     # ----------------------------------------------------------------- engine thread
 
     def _run(self) -> None:
@@ -269,48 +344,83 @@ class Engine:
                 self._end_all("the generation engine stopped unexpectedly")
 
     def _iteration(self) -> None:
+        self._run_jobs()
         self._drop_cancelled()
         self._admit(block=not self._active)
         if self._active:
             self._decode_step()
+
+    def _run_jobs(self) -> None:
+        while True:
+            try:
+                job, future = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if not future.set_running_or_notify_cancel():  # its client left
+                continue
+            try:
+                future.set_result(job())
+            except Exception as err:  # the job's caller answers for it; the engine goes on
+                future.set_exception(err)
 
     def _drop_cancelled(self) -> None:
         for sequence in [s for s in self._active if s.handle.cancelled]:
             self._finish(sequence, Delta(""), "cancelled")
 
     def _admit(self, block: bool) -> None:
-        """Prefill waiting requests into free slots; wait briefly for one if nothing is running."""
+        """Prefill waiting requests into free slots; wait briefly for one if nothing is running.
+
+        A request for n choices waits, at the head of the line, until n slots are free.
+        """
         while len(self._active) < self.config.max_batch:
-            try:
-                handle = self._pending.get(timeout=_IDLE_POLL_S) if block else self._pending.get_nowait()
-            except queue.Empty:
+            handle = self._next_waiting(block)
+            if handle is None:
                 return
             block = False
             if handle.cancelled:  # its client left while it waited
-                self.stats.finished["cancelled"] += 1
-                handle.emit(Event("", "cancelled", prompt_tokens=len(handle.prompt_ids)))
+                self._answer(handle, "cancelled")
                 continue
-            try:
-                sequence = self._new_sequence(handle)
-            except Exception as err:
-                logger.exception("could not start generation %s", handle.id)
-                self.stats.finished["error"] += 1
-                handle.emit(Event("", "error", prompt_tokens=len(handle.prompt_ids), error=f"{type(err).__name__}: {err}"))
-                continue
-            self._active.append(sequence)
-            self._guarded([sequence], self._prefill, sequence)
-            self._flush()  # its first token goes out now, not after the other admissions
+            if handle.params.n > self.config.max_batch - len(self._active):
+                self._waiting = handle
+                return
+            self._start(handle)
+            self._flush()  # its first tokens go out now, not after the other admissions
 
-    def _new_sequence(self, handle: RequestHandle) -> _Sequence:
+    def _next_waiting(self, block: bool) -> RequestHandle | None:
+        if self._waiting is not None:
+            handle, self._waiting = self._waiting, None
+            return handle
+        try:
+            return self._pending.get(timeout=_IDLE_POLL_S) if block else self._pending.get_nowait()  # None: a job woke us
+        except queue.Empty:
+            return None
+
+    def _start(self, handle: RequestHandle) -> None:
+        """Start the n choices of `handle`: one prefill, then each choice samples its first token."""
+        try:
+            sequences = [self._new_sequence(handle, index) for index in range(handle.params.n)]
+        except Exception as err:
+            logger.exception("could not start generation %s", handle.id)
+            self._answer(handle, "error", f"{type(err).__name__}: {err}")
+            return
+        self._active.extend(sequences)
+        self._guarded(sequences, self._prefill, sequences)  # a failed prefill ends all n choices
+
+    def _new_sequence(self, handle: RequestHandle, index: int) -> _Sequence:
         stream = TextStream(self.tokenizer, handle.params.stop)
-        return _Sequence(handle, SequenceKV(self._num_layers), stream, handle.params.generator())
+        return _Sequence(handle, SequenceKV(self._num_layers), stream, handle.params.choice_generator(index), index)
 
-    def _prefill(self, sequence: _Sequence) -> None:
-        ids = torch.tensor([sequence.handle.prompt_ids])  # (1, prompt)
+    def _prefill(self, sequences: list[_Sequence]) -> None:
+        first = sequences[0]
+        ids = torch.tensor([first.handle.prompt_ids])  # (1, prompt)
         positions = torch.arange(ids.shape[1]).unsqueeze(0)  # (1, prompt)
-        logits = self._forward([sequence.kv], ids, positions)  # (1, vocab)
+        logits = self._forward([first.kv], ids, positions)  # (1, vocab)
         self.stats.prefill_tokens += ids.shape[1]
-        self._advance(sequence, logits[0], int(logits[0].argmax()))
+        for other in sequences[1:]:
+            other.kv = first.kv.copy()  # the prompt's keys and values, computed once
+        greedy = int(logits[0].argmax())
+        for sequence in sequences:
+            self._guarded([sequence], self._advance, sequence, logits[0], greedy)
 
     def _decode_step(self) -> None:
         batch = list(self._active)
@@ -335,10 +445,12 @@ class Engine:
         return out.logits[:, -1, :]
 
     def _advance(self, sequence: _Sequence, logits: torch.Tensor, greedy_token: int) -> None:
-        """Choose the next token of `sequence`, send its text, and end the sequence if it is done."""
+        """Choose the next token of `sequence` from its raw `logits` (vocab,), send its text, and end it if it is done."""
         params = sequence.handle.params
-        token = greedy_token if params.greedy else sample_token(logits, params, sequence.generator)
-        sequence.completion_tokens += 1
+        token = self._choose(sequence, logits, greedy_token)
+        if params.logprobs is not None:
+            sequence.logprobs.append(token_logprob(logits, token, params.logprobs))  # of the raw logits
+        sequence.output_ids.append(token)
         if token in self._eos and not params.ignore_eos:
             self._finish(sequence, sequence.stream.finish(), "stop")
             return
@@ -350,15 +462,29 @@ class Engine:
             self._finish(sequence, Delta(delta.text + rest.text), "length")
         else:
             sequence.last_token = token
-            if delta.text:
-                self._outbox.append((sequence.handle, Event(delta.text)))
+            if delta.text:  # logprobs of tokens whose text is held back go out with the next text
+                self._outbox.append((sequence.handle, Event(delta.text, index=sequence.index, logprobs=sequence.take_logprobs())))
+
+    def _choose(self, sequence: _Sequence, logits: torch.Tensor, greedy_token: int) -> int:
+        params = sequence.handle.params
+        if params.penalized:
+            logits = apply_penalties(logits, params, sequence.handle.prompt_ids, sequence.output_ids)  # (vocab,)
+            greedy_token = int(logits.argmax())
+        return greedy_token if params.greedy else sample_token(logits, params, sequence.generator)
 
     def _finish(self, sequence: _Sequence, delta: Delta, reason: str, error: str | None = None) -> None:
         if sequence in self._active:
             self._active.remove(sequence)  # its KV cache goes with it
         self.stats.finished[reason] += 1
         usage = {"prompt_tokens": sequence.prompt_tokens, "completion_tokens": sequence.completion_tokens}
-        self._outbox.append((sequence.handle, Event(delta.text, reason, error=error, **usage)))
+        event = Event(delta.text, reason, error=error, index=sequence.index, logprobs=sequence.take_logprobs(), **usage)
+        self._outbox.append((sequence.handle, event))
+
+    def _answer(self, handle: RequestHandle, reason: str, error: str | None = None) -> None:
+        """End every choice of a request that never started (cancelled while waiting, failed to start, shut down)."""
+        self.stats.finished[reason] += handle.params.n
+        events = [(handle, Event("", reason, len(handle.prompt_ids), error=error, index=i)) for i in range(handle.params.n)]
+        _deliver(handle._loop, events)
 
     def _guarded(self, sequences: list[_Sequence], step: Callable, *args):
         """`step(*args)`; if it raises, end `sequences` with an error event (the others keep going) and return None."""
@@ -376,13 +502,23 @@ class Engine:
         for sequence in list(self._active):
             self._finish(sequence, Delta(""), "error", error=message)
         self._flush()
+        if self._waiting is not None:
+            handle, self._waiting = self._waiting, None
+            self._answer(handle, "error", message)
         while True:
             try:
                 handle = self._pending.get_nowait()
             except queue.Empty:
+                break
+            if handle is not None:
+                self._answer(handle, "error", message)
+        while True:
+            try:
+                _, future = self._jobs.get_nowait()
+            except queue.Empty:
                 return
-            self.stats.finished["error"] += 1
-            handle.emit(Event("", "error", prompt_tokens=len(handle.prompt_ids), error=message))
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStoppedError(message))
 
     def _flush(self) -> None:
         """Send the events collected since the last flush: one event-loop wake-up per loop, not per token."""

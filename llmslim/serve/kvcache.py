@@ -53,6 +53,14 @@ class SequenceKV:
         self._lengths[layer] = start + new
         return self._keys[layer][:, :, : start + new], self._values[layer][:, :, : start + new]
 
+    def copy(self) -> SequenceKV:
+        """An independent copy (for the other choices of an n > 1 request: one prefill, then each its own cache)."""
+        twin = SequenceKV(len(self._keys))
+        twin._keys = [None if k is None else k.clone() for k in self._keys]
+        twin._values = [None if v is None else v.clone() for v in self._values]
+        twin._lengths = list(self._lengths)
+        return twin
+
     def _reserve(self, layer: int, key: torch.Tensor, value: torch.Tensor, needed: int) -> None:
         old_k, old_v, used = self._keys[layer], self._values[layer], self._lengths[layer]
         if old_k is not None and old_k.shape[2] >= needed:
@@ -102,5 +110,10 @@ def use_row_attention(model: PreTrainedModel) -> str:
             f"{type(model).__name__} does not support pluggable attention (AttentionInterface), which serving needs; "
             "serve a model whose transformers implementation does (Llama, Mistral, Qwen2, ...)"
         )
+    return cache_keyword(model)
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The keyword `model.forward` takes the cache under."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x

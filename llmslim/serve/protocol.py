@@ -7,9 +7,11 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from llmslim.serve.sampling import SEED_RANGE, SamplingParams
+from llmslim.serve.logprobs import TokenLogprob, TokenText, chat_logprobs, completion_logprobs
+from llmslim.serve.sampling import MAX_TOP_LOGPROBS, PENALTY_RANGE, SEED_RANGE, SamplingParams
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
+MAX_COMPLETION_LOGPROBS = 5  # legacy completions' `logprobs`, as in the OpenAI API
 
 
 class APIError(Exception):
@@ -66,14 +68,16 @@ class _GenerationRequest(BaseModel):
     seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])  # what torch.Generator.manual_seed takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Float = 0.0
-    frequency_penalty: Float = 0.0
-    logprobs: bool | int | None = None
-    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    presence_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    frequency_penalty: Float | None = Field(None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])
+    # extensions (vLLM's names and meanings)
+    repetition_penalty: Float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: all tokens
+    min_p: Float | None = Field(None, ge=0, le=1)
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """The engine's parameters; raises `APIError` for options this server does not implement."""
-        self._check_supported()
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         if len(stop) > MAX_STOP_STRINGS or any(not s for s in stop):
             raise APIError(400, f"stop must be up to {MAX_STOP_STRINGS} non-empty strings, got {list(stop)!r}", param="stop")
@@ -81,23 +85,25 @@ class _GenerationRequest(BaseModel):
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             seed=self.seed,
             stop=stop,
             ignore_eos=self.ignore_eos,
+            n=self.n,
+            logprobs=self.top_logprob_count(),
         )
+
+    def top_logprob_count(self) -> int | None:
+        """None for no logprobs, else the number of alternatives per token."""
+        raise NotImplementedError
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-    def _check_supported(self) -> None:
-        if self.n != 1:
-            raise APIError(400, f"n must be 1 on this server (one choice per request), got {self.n}: send n requests", param="n")
-        if self.logprobs:
-            raise APIError(400, "logprobs are not supported by this server: leave logprobs unset", param="logprobs")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise APIError(400, f"{name} is not supported by this server: leave it at 0, got {getattr(self, name)}", param=name)
 
 
 class CompletionRequest(_GenerationRequest):
@@ -106,6 +112,10 @@ class CompletionRequest(_GenerationRequest):
     prompt: Text | list[Text] | list[int]
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for completions
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)  # the chosen token's and this many alternatives
+
+    def top_logprob_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_text_or_ids(self) -> str | list[int]:
         if self.echo:
@@ -138,6 +148,14 @@ class ChatCompletionRequest(_GenerationRequest):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprob_count(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            message = f"top_logprobs ({self.top_logprobs}) needs logprobs: true; set it, or drop top_logprobs"
+            raise APIError(400, message, param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -155,33 +173,50 @@ class Formatter:
         kind: "completion" or "chat".
         request_id: the server's id of the request (the response id is derived from it).
         model: the model id echoed back.
+        tokens: token strings and bytes, for logprobs (needed only when the request asks for them).
     """
 
-    def __init__(self, kind: Literal["completion", "chat"], request_id: str, model: str):
-        self.kind, self.model = kind, model
+    def __init__(self, kind: Literal["completion", "chat"], request_id: str, model: str, tokens: TokenText | None = None):
+        self.kind, self.model, self.tokens = kind, model, tokens
         self.id = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request_id}"
         self.created = int(time.time())
+        self._offsets: dict[int, int] = {}  # per choice: where the next token starts in its text (completion logprobs)
 
-    def response(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish_reason}
-            return self._envelope("chat.completion", [choice], usage=usage(prompt_tokens, completion_tokens))
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice], usage=usage(prompt_tokens, completion_tokens))
+    def response(self, choices: list[tuple[str, str, list[TokenLogprob] | None]], prompt_tokens: int, completion_tokens: int) -> dict:
+        """The whole answer; `choices[i]` is choice i's (text, finish_reason, logprobs or None when not asked for)."""
+        bodies = []
+        for index, (text, finish_reason, logprobs) in enumerate(choices):
+            content = {"message": {"role": "assistant", "content": text}} if self.kind == "chat" else {"text": text}
+            bodies.append({"index": index} | content | {"logprobs": self.logprobs(index, logprobs), "finish_reason": finish_reason})
+        kind = "chat.completion" if self.kind == "chat" else "text_completion"
+        return self._envelope(kind, bodies, usage=usage(prompt_tokens, completion_tokens))
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
-        """A stream chunk with new text (`role=True` on the first chat chunk), or the last one with a finish reason."""
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, role: bool = False, index: int = 0, logprobs: list | None = None
+    ) -> dict:
+        """A stream chunk of choice `index` with new text (`role=True` on the first chat chunk), or its last one with a finish reason."""
+        lp = self.logprobs(index, logprobs) if logprobs else None
         if self.kind == "chat":
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice])
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
         """The extra last chunk sent when `stream_options.include_usage` is set."""
         kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return self._envelope(kind, [], usage=usage(prompt_tokens, completion_tokens))
+
+    def logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
+        """`choices[index].logprobs` for `entries` (the next tokens of that choice), or None."""
+        if entries is None:
+            return None
+        if self.kind == "chat":
+            return chat_logprobs(entries, self.tokens)
+        body = completion_logprobs(entries, self.tokens, self._offsets.get(index, 0))
+        self._offsets[index] = self._offsets.get(index, 0) + sum(len(token) for token in body["tokens"])
+        return body
 
     def _envelope(self, object_type: str, choices: list[dict], **extra) -> dict:
         return {"id": self.id, "object": object_type, "created": self.created, "model": self.model, "choices": choices, **extra}

@@ -29,9 +29,9 @@ CHAT = {"model": MODEL_ID, "messages": [{"role": "user", "content": "Hi"}], "max
 COMPLETION = {"model": MODEL_ID, "prompt": "Hello", "max_tokens": 2}
 COMMON_FIELDS = [
     "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
-    "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "user",
+    "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "user", "repetition_penalty", "top_k", "min_p",
 ]  # fmt: skip
-CHAT_FIELDS = [*COMMON_FIELDS, "messages", "max_completion_tokens"]
+CHAT_FIELDS = [*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"]
 COMPLETION_FIELDS = [*COMMON_FIELDS, "prompt", "echo"]
 
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
@@ -68,9 +68,13 @@ NEARLY_RIGHT = {  # values of the right type, in and out of range: more requests
     "stop": text | st.lists(text, max_size=5),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "logprobs": st.booleans() | st.none(),
+    "logprobs": st.booleans() | st.none() | st.integers(-1, 21),
+    "top_logprobs": st.integers(-1, 21),
+    "repetition_penalty": st.floats(-0.5, 3) | st.sampled_from([0, 1e-300, 1]),
+    "top_k": st.integers(-3, 60_000),
+    "min_p": st.floats(-0.5, 1.5),
     "ignore_eos": st.booleans(),
-    "presence_penalty": st.sampled_from([0, 0.0, 0.5, -2]),
+    "presence_penalty": st.sampled_from([0, 0.0, 0.5, -2, 2.5]),
     "prompt": text | st.lists(st.integers(-5, 60_000), max_size=5) | st.lists(text, max_size=2),
     "messages": messages,
     "echo": st.booleans(),

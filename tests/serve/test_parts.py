@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from llmslim.cli import main
-from llmslim.serve.sampling import MIN_TEMPERATURE, SamplingParams, sample_token
+from llmslim.serve.kvcache import SequenceKV
+from llmslim.serve.logprobs import TokenText, token_logprob
+from llmslim.serve.sampling import MIN_TEMPERATURE, SamplingParams, apply_penalties, sample_token
 from llmslim.serve.server import check_bind, free_port, is_loopback
 from llmslim.serve.textstream import TextStream
 
@@ -75,9 +77,94 @@ def test_top_p_keeps_only_the_nucleus():
     assert {sample_token(logits, params, generator) for _ in range(50)} == {0}  # token 0 alone holds > 0.5
 
 
+def test_presence_and_frequency_penalties_by_hand():
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])
+    params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25)
+    # token 1 generated twice, token 2 once; token 3 is only in the prompt, which these penalties ignore
+    out = apply_penalties(logits, params, prompt_ids=[3, 3], output_ids=[1, 2, 1])
+    assert out.tolist() == [1.0, 2.0 - 2 * 0.25 - 0.5, -1.0 - 0.25 - 0.5, 0.5, 3.0]
+    assert logits.tolist() == [1.0, 2.0, -1.0, 0.5, 3.0]  # the input is left alone
+
+
+def test_repetition_penalty_by_hand_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])
+    out = apply_penalties(logits, SamplingParams(max_tokens=1, repetition_penalty=2.0), prompt_ids=[3, 2], output_ids=[1, 1])
+    assert out.tolist() == [1.0, 1.0, -2.0, 0.25, 3.0]  # once per token, however often it occurs
+
+
+def test_no_penalty_returns_the_logits_unchanged():
+    logits = torch.tensor([1.0, 2.0])
+    assert apply_penalties(logits, SamplingParams(max_tokens=1), [0], [1, 1]) is logits
+
+
+def test_top_k_and_min_p_restrict_sampling():
+    logits = torch.tensor([2.0, 1.9, 1.8, -9.0, 0.0])
+    top2 = SamplingParams(max_tokens=1, temperature=2.0, top_k=2, seed=0)
+    generator = top2.generator()
+    assert {sample_token(logits, top2, generator) for _ in range(200)} == {0, 1}
+    min_p = SamplingParams(max_tokens=1, temperature=1.0, min_p=0.5, seed=0)  # keeps p >= half of p(token 0)
+    generator = min_p.generator()
+    assert {sample_token(logits, min_p, generator) for _ in range(200)} == {0, 1, 2}
+
+
+def test_choice_generators_are_seeded_apart_and_choice_0_is_the_request_s():
+    params = SamplingParams(max_tokens=1, seed=2**64 - 1)
+    draws = [torch.rand(4, generator=params.choice_generator(i)).tolist() for i in range(3)]
+    assert draws[0] == torch.rand(4, generator=params.generator()).tolist()
+    assert len({tuple(d) for d in draws}) == 3
+    assert draws == [torch.rand(4, generator=params.choice_generator(i)).tolist() for i in range(3)]
+
+
+def test_token_logprob_is_the_log_softmax_with_its_top_alternatives():
+    logits = torch.tensor([0.0, 1.0, 3.0, 2.0])
+    entry = token_logprob(logits, 1, top=2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert entry.token == 1 and entry.logprob == pytest.approx(float(expected[1]))
+    assert [i for i, _ in entry.top] == [2, 3] and [v for _, v in entry.top] == pytest.approx(expected[[2, 3]].tolist())
+    assert token_logprob(torch.tensor([0.0, -1e30]), 1, top=0).logprob == -9999.0  # JSON has no -inf
+
+
+def test_token_text_gives_exact_bytes_of_byte_level_tokens():
+    from transformers import AutoTokenizer
+
+    from llmslim import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
+    names, text = TokenText(tokenizer), "héllo 日本\n"
+    ids = tokenizer(text).input_ids
+    assert b"".join(names.bytes(i) for i in ids).decode() == text
+    assert any(names.text(i) == "\ufffd" for i in ids)  # a token holding part of a character
+    assert names.text(tokenizer.eos_token_id) == tokenizer.eos_token
+
+
+def test_kv_copy_is_independent():
+    kv = SequenceKV(1)
+    kv.append(0, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    twin = kv.copy()
+    twin.append(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    assert (kv.length, twin.length) == (3, 4)
+    keys, _ = kv.append(0, torch.full((1, 2, 1, 4), 5.0), torch.full((1, 2, 1, 4), 5.0))
+    assert keys[0, 0, :, 0].tolist() == [1, 1, 1, 5]
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_tokens", 0), ("temperature", 3.0), ("temperature", float("nan")), ("top_p", 1.5), ("seed", 2**64), ("seed", -(2**63) - 1)],
+    [
+        ("max_tokens", 0),
+        ("temperature", 3.0),
+        ("temperature", float("nan")),
+        ("top_p", 1.5),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("top_k", -2),
+        ("min_p", 1.1),
+        ("presence_penalty", 2.1),
+        ("frequency_penalty", -2.1),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", float("inf")),
+        ("n", 0),
+        ("logprobs", 21),
+    ],
 )
 def test_sampling_params_validate(field, value):
     with pytest.raises(ValueError, match=f"{field} must be"):

@@ -86,7 +86,7 @@ def one_request(url: str, seed: int) -> tuple[str, int]:
     if kind == "chat":
         return kind, send(url, "/v1/chat/completions", chat(rng, ignore_eos=True)).status_code
     if kind == "invalid":
-        bad = rng.choice([{"seed": 2**64}, {"temperature": -1}, {"top_p": 2}, {"max_tokens": 0}, {"n": 3}, {"stop": ["a"] * 9}])
+        bad = rng.choice([{"seed": 2**64}, {"temperature": -1}, {"top_p": 2}, {"max_tokens": 0}, {"n": 100}, {"stop": ["a"] * 9}])
         return kind, send(url, "/v1/completions", completion(rng, **bad)).status_code
     if kind == "surrogate":
         return kind, send(url, "/v1/chat/completions", chat(rng, messages=[{"role": "user", "content": "x\ud800"}])).status_code
