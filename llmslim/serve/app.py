@@ -5,6 +5,9 @@ GET  /metrics                Prometheus text format
 GET  /v1/models              the one served model
 POST /v1/completions         text prompt -> text (stream: server-sent events)
 POST /v1/chat/completions    messages -> chat template -> text (stream: server-sent events)
+POST /v1/embeddings          texts or token ids -> normalized vectors (an encoder, or a causal LM's last token)
+
+A server for an encoder (no generation engine) answers /v1/embeddings, and 400 to the generation routes.
 
 Every error is an OpenAI-style body `{"error": {...}}`: 400 invalid request, 401 key, 404 model or
 route, 413 body over `EngineConfig.max_body_bytes`, 429 queue full, 500 generation failed, 503 engine
@@ -32,10 +35,28 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmslim import __version__
-from llmslim.serve.engine import ContextLengthError, Engine, EngineStoppedError, Event, QueueFullError, RequestHandle, TooManyChoicesError
+from llmslim.serve.embeddings import MAX_INPUTS, Embedder, causal_embedder, encode_vector
+from llmslim.serve.engine import (
+    ContextLengthError,
+    Engine,
+    EngineConfig,
+    EngineStoppedError,
+    Event,
+    QueueFullError,
+    RequestHandle,
+    TooManyChoicesError,
+)
 from llmslim.serve.logprobs import TokenText
 from llmslim.serve.metrics import CONTENT_TYPE, Metrics
-from llmslim.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest, Formatter, error_body
+from llmslim.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    Formatter,
+    embedding_response,
+    error_body,
+)
 from llmslim.serve.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -44,14 +65,16 @@ _DISCONNECT_POLL_S = 0.25
 _ECHO_CHARS = 200  # how much of a bad value an error message quotes
 _FIELD_NAME = re.compile(r"(?!(str|int|float|bool|list|dict)$)[a-z_][a-z0-9_]*")  # not a union member's tag: "str", "list[int]"
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer"
-_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
+_ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
 
 @dataclass
 class ServerState:
-    """What the routes share."""
+    """What the routes share (`engine` is None on a server for an encoder, which only embeds)."""
 
-    engine: Engine
+    engine: Engine | None
+    embedder: Embedder
+    tokenizer: object
     model_id: str
     api_key: str | None
     metrics: Metrics
@@ -59,31 +82,50 @@ class ServerState:
     tokens: TokenText
 
 
-def create_app(engine: Engine, model_id: str, api_key: str | None = None) -> FastAPI:
-    """An OpenAI-compatible app serving `engine` under the name `model_id`.
+def create_app(
+    engine: Engine | None,
+    model_id: str,
+    api_key: str | None = None,
+    embedder: Embedder | None = None,
+    tokenizer=None,
+    config: EngineConfig | None = None,
+) -> FastAPI:
+    """An OpenAI-compatible app serving `engine` (or, for an encoder, `embedder` alone) under the name `model_id`.
 
     Args:
-        engine: the generation engine; started when the app starts, stopped when it shuts down. Its
-            `config.max_body_bytes` caps request bodies (413 above).
+        engine: the generation engine; started when the app starts, stopped when it shuts down. None for
+            an encoder, whose server answers only /v1/embeddings.
         model_id: the model name clients must send (`model` field); any other name gets 404.
         api_key: when set, every /v1 route and /metrics need `Authorization: Bearer <api_key>` (else 401).
+        embedder: what answers /v1/embeddings; default: the engine's causal LM pooled at its last token.
+        tokenizer: the tokenizer of the embedder's inputs; default: the engine's.
+        config: limits when there is no engine (its `max_body_bytes` caps request bodies, 413 above); default:
+            the engine's config.
 
     Returns:
         The FastAPI app, to run with uvicorn.
     """
+    if engine is None and (embedder is None or tokenizer is None):
+        raise ValueError("create_app needs a generation engine, or an embedder and its tokenizer")
+    embedder = embedder or causal_embedder(engine)
+    tokenizer = tokenizer or engine.tokenizer
+    config = engine.config if engine is not None else config or EngineConfig()
     metrics = Metrics(engine)
-    state = ServerState(engine, model_id, api_key or None, metrics, int(time.time()), TokenText(engine.tokenizer))
+    state = ServerState(engine, embedder, tokenizer, model_id, api_key or None, metrics, int(time.time()), TokenText(tokenizer))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine.start()
+        if engine is not None:
+            engine.start()
         yield
-        engine.stop()
+        if engine is not None:
+            engine.stop()
+        embedder.close()
         logger.info("stopped: every open request has been answered or ended")
 
     app = FastAPI(title="llmslim", version=__version__, lifespan=lifespan)
     app.state.llmslim = state
-    app.add_middleware(BodyLimit, max_bytes=engine.config.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(RequestLog, metrics=metrics)  # added last: the outermost, so it also logs 413s
     _add_error_handlers(app)
     _add_routes(app, state)
@@ -95,9 +137,13 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        alive = state.engine.running
+        engine = state.engine
+        alive = engine.running if engine is not None else state.embedder.running
         body = {"status": "ok" if alive else "engine stopped", "model": state.model_id}
-        body |= {"active": state.engine.active_count, "queued": state.engine.queue_depth}
+        if engine is not None:
+            body |= {"active": engine.active_count, "queued": engine.queue_depth}
+        else:
+            body |= {"embedding_requests": state.embedder.waiting}
         return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/metrics", dependencies=auth)
@@ -116,6 +162,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         _check_model(state, body.model)
+        _check_generates(state, "/v1/completions")
         params = body.sampling(body.max_tokens or state.engine.config.max_tokens)  # cheap checks before tokenizing
         prompt = body.prompt_text_or_ids()
         ids = prompt if isinstance(prompt, list) else await run_in_threadpool(_prompt_ids, state.engine.tokenizer, prompt)
@@ -124,9 +171,28 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
+        _check_generates(state, "/v1/chat/completions")
         params = body.sampling(body.requested_max_tokens or state.engine.config.max_tokens)
         ids = await run_in_threadpool(_chat_prompt_ids, state.engine.tokenizer, body)
         return await _generate(request, state, body, ids, params, "chat")
+
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+        _check_model(state, body.model)
+        embedder = state.embedder
+        if body.dimensions is not None and body.dimensions != embedder.dimension:
+            message = f"this model's embeddings have {embedder.dimension} dimensions and cannot be shortened to {body.dimensions}"
+            raise APIError(400, f"{message}: leave dimensions unset", param="dimensions")
+        inputs = body.texts_or_ids(MAX_INPUTS)
+        rows = inputs if isinstance(inputs[0], list) else await run_in_threadpool(_embedding_ids, state.tokenizer, inputs)
+        try:
+            embedder.check(rows)
+        except ValueError as err:
+            raise APIError(400, str(err), param="input") from err
+        request.state.prompt_tokens = sum(len(row) for row in rows)
+        vectors = await _embed(embedder, rows)
+        data = [encode_vector(vector, body.encoding_format) for vector in vectors]
+        return JSONResponse(embedding_response(data, state.model_id, request.state.prompt_tokens))
 
 
 def _model_card(state: ServerState) -> dict:
@@ -147,6 +213,34 @@ def _check_model(state: ServerState, model: str) -> None:
         raise APIError(
             404, f"the model {model!r} does not exist: this server serves {state.model_id!r}", param="model", code="model_not_found"
         )
+
+
+def _check_generates(state: ServerState, route: str) -> None:
+    if state.engine is None:
+        message = (
+            f"the model {state.model_id!r} is an encoder: it makes embeddings but cannot generate text, so {route} is not "
+            "available on this server; use /v1/embeddings, or serve a causal LM for completions"
+        )
+        raise APIError(400, message, param="model", code="model_not_supported")
+
+
+def _embedding_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    try:
+        return [list(ids) for ids in tokenizer(texts).input_ids]
+    except Exception as err:  # text the tokenizer cannot encode is the request's fault, not the server's
+        raise APIError(400, f"the tokenizer could not encode the input: {err}", param="input") from err
+
+
+async def _embed(embedder: Embedder, rows: list[list[int]]):
+    try:
+        return await embedder.embed(rows)
+    except EngineStoppedError as err:
+        raise APIError(503, str(err), type="server_error", code="engine_stopped") from err
+    except QueueFullError as err:
+        raise APIError(429, str(err), type="rate_limit_error", code="queue_full") from err
+    except Exception as err:  # this request's forward failed; the model's thread goes on serving the others
+        logger.exception("embedding failed")
+        raise APIError(500, f"embedding failed: {type(err).__name__}: {err}", type="server_error") from err
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:

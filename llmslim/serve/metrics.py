@@ -49,7 +49,8 @@ class Metrics:
     """Everything `/metrics` reports.
 
     Args:
-        engine: has `queue_depth`, `active_count` and `stats` (decode_steps, decoded_tokens, finished), like `Engine`.
+        engine: has `queue_depth`, `active_count` and `stats` (decode_steps, decoded_tokens, finished), like `Engine`;
+            None for a server without one (an encoder that only embeds).
     """
 
     def __init__(self, engine):
@@ -60,12 +61,12 @@ class Metrics:
         self._latency = Histogram()
 
     def record(self, endpoint: str, status: int, latency_s: float, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-        """Count one finished request; its latency is observed for generation endpoints that succeeded."""
+        """Count one finished request; its latency is observed for generation and embedding endpoints that succeeded."""
         with self._lock:
             self._requests[(endpoint, status)] += 1
             self._tokens["prompt"] += prompt_tokens
             self._tokens["generated"] += completion_tokens
-            if status == 200 and endpoint.endswith("completions"):
+            if status == 200 and endpoint.startswith("/v1/") and endpoint != "/v1/models":
                 self._latency.observe(endpoint, latency_s)
 
     def render(self) -> str:
@@ -77,11 +78,13 @@ class Metrics:
             lines.append(f"llmslim_prompt_tokens_total {self._tokens['prompt']}")
             lines += _header("llmslim_generation_tokens_total", "counter", "tokens generated")
             lines.append(f"llmslim_generation_tokens_total {self._tokens['generated']}")
-            lines += _header("llmslim_request_latency_seconds", "histogram", "generation request latency, arrival to last byte")
+            lines += _header("llmslim_request_latency_seconds", "histogram", "generation and embedding latency, arrival to last byte")
             lines += self._latency.lines("llmslim_request_latency_seconds", "endpoint")
         return "\n".join(lines + self._engine_lines()) + "\n"
 
     def _engine_lines(self) -> list[str]:
+        if self._engine is None:  # an encoder: no generation engine
+            return []
         engine, stats = self._engine, self._engine.stats
         lines = _header("llmslim_queue_depth", "gauge", "requests waiting for a generation slot")
         lines.append(f"llmslim_queue_depth {engine.queue_depth}")

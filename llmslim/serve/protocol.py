@@ -162,6 +162,37 @@ class ChatCompletionRequest(_GenerationRequest):
         return self.max_completion_tokens or self.max_tokens
 
 
+class EmbeddingRequest(BaseModel):
+    """`POST /v1/embeddings`: a text, a list of texts, a list of token ids, or a list of such lists."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Text
+    input: Text | list[Text] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+
+    def texts_or_ids(self, max_inputs: int) -> list[str] | list[list[int]]:
+        """The inputs as a list of texts or of token-id lists; an empty input (or too many) is an `APIError`."""
+        inputs = self.input
+        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
+            inputs = [inputs]
+        if not inputs or inputs == [""]:
+            raise APIError(400, "input must not be empty: give a text, a list of texts or a list of token ids", param="input")
+        if len(inputs) > max_inputs:
+            raise APIError(400, f"input holds {len(inputs)} items, more than this server's {max_inputs}: split the request", param="input")
+        empty = next((i for i, item in enumerate(inputs) if not item), None)
+        if empty is not None:
+            raise APIError(400, f"input {empty} is empty: every input needs at least one character or token", param="input")
+        return list(inputs)
+
+
+def embedding_response(vectors: list, model: str, prompt_tokens: int) -> dict:
+    """The body of `/v1/embeddings`: one `{"object": "embedding", "index", "embedding"}` per input, and the usage."""
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 

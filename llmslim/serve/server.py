@@ -72,7 +72,8 @@ def serve(
     """Serve `model` over HTTP until interrupted (Ctrl-C or SIGTERM: requests still open after `GRACEFUL_SHUTDOWN_S` are cancelled).
 
     Args:
-        model: a loaded causal LM.
+        model: a loaded causal LM (completions, chat and embeddings), or an encoder such as a BertModel
+            (embeddings only).
         tokenizer: its tokenizer (with a chat template for /v1/chat/completions).
         name: the model id clients send.
         host: address to bind; see `check_bind`.
@@ -82,11 +83,22 @@ def serve(
     """
     import uvicorn
 
-    from llmslim.serve.app import create_app
-
-    app = create_app(Engine(model, tokenizer, config), name, api_key)
+    app = build_app(model, tokenizer, name, api_key, config)
     # our middleware logs one line per request, so uvicorn's access log and logging setup stay off
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+
+
+def build_app(model, tokenizer, name: str, api_key: str | None = None, config: EngineConfig | None = None):
+    """The FastAPI app for `model`: a generation engine for a causal LM, an embedder alone for an encoder."""
+    from llmslim.serve.app import create_app
+    from llmslim.serve.embeddings import encoder_embedder
+
+    if model.can_generate():
+        return create_app(Engine(model, tokenizer, config), name, api_key)
+    config = config or EngineConfig()
+    logger.info("%s cannot generate text: serving /v1/embeddings only", type(model).__name__)
+    embedder = encoder_embedder(model, tokenizer, max_waiting=config.max_queue)
+    return create_app(None, name, api_key, embedder=embedder, tokenizer=tokenizer, config=config)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -26,7 +26,7 @@ class Server:
     """A running server: its base URL, the engine behind it, and the uvicorn instance."""
 
     url: str
-    engine: Engine
+    engine: Engine | None  # None: a server for an encoder
     uvicorn: uvicorn.Server
     thread: threading.Thread
 
@@ -42,8 +42,12 @@ class Server:
 def _start_server(model, tokenizer, model_id: str, api_key: str | None, config: EngineConfig) -> Server:
     """Run the app with uvicorn in a thread on a free loopback port; return once it accepts connections."""
     engine = Engine(model, tokenizer, config)
+    return _start_app(create_app(engine, model_id, api_key), engine)
+
+
+def _start_app(app, engine: Engine | None = None) -> Server:
+    """Run `app` with uvicorn in a thread on a free loopback port; return once it accepts connections."""
     port = free_port()
-    app = create_app(engine, model_id, api_key)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
@@ -89,3 +93,9 @@ def loaded(tiny_chat_model):
 def start_server():
     """`start_server(model, tokenizer, model_id, api_key, engine_config) -> Server`; the caller stops it."""
     return _start_server
+
+
+@pytest.fixture(scope="session")
+def start_app():
+    """`start_app(app, engine=None) -> Server` for an app built otherwise (an encoder's); the caller stops it."""
+    return _start_app
