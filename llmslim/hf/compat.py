@@ -268,25 +268,30 @@ def register_peft_custom_module(config, mapping: dict[type, type]):
 PEFT_DISPATCH_VERSIONS = ("0.13", "1.0")
 
 
-def install_peft_dispatch(dispatch) -> bool:
+def install_peft_dispatch(dispatch, linear_names) -> bool:
     """Make every `get_peft_model` / `PeftModel.from_pretrained` try `dispatch(target, adapter_name, lora_config,
-    **kwargs)` first: it returns the LoRA layer for a target it handles, None for the others (peft's own layers).
+    **kwargs)` first (it returns the LoRA layer for a target it handles, None for the others: peft's own layers),
+    and make `target_modules="all-linear"` also select the layers `linear_names(model)` names.
 
-    peft chooses a LoRA layer class in the private static `LoraModel._create_new_module`; its public
-    alternative, `LoraConfig._register_custom_module`, needs a call on every config the user makes. Idempotent.
-    Returns False (and logs why) when the installed peft is outside `PEFT_DISPATCH_VERSIONS` or lacks that method.
+    peft chooses a LoRA layer class in the private static `LoraModel._create_new_module` (its public alternative,
+    `LoraConfig._register_custom_module`, needs a call on every config the user makes), and resolves "all-linear"
+    in the private `tuners_utils._maybe_include_all_linear_layers`, which takes `nn.Linear` subclasses only.
+    Idempotent. Returns False (and logs why) when the installed peft is outside `PEFT_DISPATCH_VERSIONS` or lacks
+    either function.
     """
     import inspect
 
     import peft
+    from peft.tuners import tuners_utils
     from peft.tuners.lora.model import LoraModel
 
     current = getattr(LoraModel, "_create_new_module", None)
     if getattr(current, "_llmslim_dispatch", None) is dispatch:
         return True
+    include = getattr(tuners_utils, "_maybe_include_all_linear_layers", None)
     low, high = (version.parse(v) for v in PEFT_DISPATCH_VERSIONS)
-    parameters = list(inspect.signature(current).parameters) if current is not None else []
-    if not low <= version.parse(peft.__version__) < high or parameters[:3] != ["lora_config", "adapter_name", "target"]:
+    fits = current is not None and include is not None and low <= version.parse(peft.__version__) < high
+    if not fits or list(inspect.signature(current).parameters)[:3] != ["lora_config", "adapter_name", "target"]:
         logging.getLogger(__name__).warning(
             "peft %s is outside the versions llmslim hooks into (%s <= peft < %s): plain get_peft_model will not wrap "
             "llmslim's quantized layers; call llmslim.hf.lora.register_slim_layers(lora_config) on your LoraConfig",
@@ -295,14 +300,25 @@ def install_peft_dispatch(dispatch) -> bool:
         )
         return False
     original = getattr(current, "_llmslim_original", current)
+    original_include = getattr(include, "_llmslim_original", include)
 
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
         module = dispatch(target, adapter_name, lora_config, **kwargs)
         return module if module is not None else original(lora_config, adapter_name, target, **kwargs)
 
+    def _maybe_include_all_linear_layers(peft_config, model):
+        targets = getattr(peft_config, "target_modules", None)
+        all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+        peft_config = original_include(peft_config, model)
+        if all_linear:
+            peft_config.target_modules = set(peft_config.target_modules) | set(linear_names(model))
+        return peft_config
+
     _create_new_module._llmslim_dispatch = dispatch
     _create_new_module._llmslim_original = original
+    _maybe_include_all_linear_layers._llmslim_original = original_include
     LoraModel._create_new_module = staticmethod(_create_new_module)
+    tuners_utils._maybe_include_all_linear_layers = _maybe_include_all_linear_layers
     return True
 
 

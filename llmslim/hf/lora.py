@@ -92,6 +92,14 @@ def _dispatch(target: nn.Module, adapter_name: str, config: LoraConfig, **kwargs
     return None
 
 
+def _all_linear(model: nn.Module) -> list[str]:
+    """What `target_modules="all-linear"` adds to peft's choice: llmslim's quantized layers, but the output head and
+    layers inside LoRA wrappers (peft leaves those out of its own choice too)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    wrapped = {id(m.get_base_layer()) for m in model.modules() if isinstance(m, SlimLoraLinear)}
+    return [name for name, layer in quantized_layers(model) if layer is not head and id(layer) not in wrapped]
+
+
 def enable_peft(model: nn.Module) -> None:
     """Let plain peft wrap `model`'s quantized layers, and mark the model as k-bit loaded the way bitsandbytes does
     (`is_loaded_in_4bit` / `is_loaded_in_8bit`), which `prepare_model_for_kbit_training` and transformers' Trainer
@@ -101,4 +109,4 @@ def enable_peft(model: nn.Module) -> None:
         return
     model.is_loaded_in_8bit = any(isinstance(layer, SlimLinear8bit) for layer in layers)
     model.is_loaded_in_4bit = any(not isinstance(layer, SlimLinear8bit) for layer in layers)
-    compat.install_peft_dispatch(_dispatch)
+    compat.install_peft_dispatch(_dispatch, _all_linear)

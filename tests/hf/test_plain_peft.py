@@ -17,6 +17,7 @@ import llmslim
 from llmslim.finetune.merge import merged_model
 from llmslim.hf import compat
 from llmslim.hf.lora import SlimLoraLinear
+from llmslim.quant.modules import SlimLinear
 
 WEIGHTS = ("nf4", "fp4", "int4", "int8")
 LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
@@ -180,3 +181,16 @@ def test_trl_sft_trainer_trains_an_llmslim_model_with_lora(base, tmp_path):
     assert isinstance(trainer.model, PeftModel)
     assert any(isinstance(m, SlimLoraLinear) for m in trainer.model.modules())
     assert (tmp_path / "sft" / "checkpoint-5" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("door", ["transformers", "llmslim"])
+def test_all_linear_targets_every_quantized_layer_but_the_head(base, door):
+    if door == "llmslim":  # the head quantized too (an int8 copy of the tied embedding): still left out
+        model = llmslim.from_pretrained(base, llmslim.SlimConfig(weights="nf4", exclude=[], int8_layers=["lm_head"]), progress=False)
+        assert isinstance(model.lm_head, SlimLinear)
+    else:
+        model = _load(base, "nf4")
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    wrapped = sorted(name.rsplit(".", 1)[1] for name, m in peft_model.named_modules() if isinstance(m, SlimLoraLinear))
+    per_block = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert wrapped == sorted(per_block * 2)
