@@ -249,6 +249,14 @@ def peft_lora_linear() -> type:
     return Linear
 
 
+def peft_dora() -> tuple[type, type]:
+    """peft's DoRA pieces: the magnitude layer of a linear layer, and the LoRA variant that uses it."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    return DoraLinearLayer, DoraLinearVariant
+
+
 def adapters_to_merge(layer: torch.nn.Module, adapter_names: list[str] | None) -> list[str]:
     """The adapters of `layer` a merge applies to (peft's own selection and warnings)."""
     from peft.tuners.tuners_utils import check_adapters_to_merge

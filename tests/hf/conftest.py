@@ -30,3 +30,13 @@ def base(tmp_path_factory):
     AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """transformers' and TRL's trainers set accelerate's process-wide state (TRL: bf16 on this CPU); later tests
+    build their own `Accelerator`, which refuses a state set with other options."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)

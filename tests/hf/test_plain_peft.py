@@ -92,9 +92,46 @@ def test_adapter_saves_and_loads_with_peft_and_merge_and_unload_equals_llmslim_m
     assert (merged_logits - adapted).abs().mean() < (base_logits - adapted).abs().mean()
 
 
-def test_dora_is_refused_with_the_reason(base):
-    with pytest.raises(ValueError, match=r"LoRA variants \['use_dora'\] are not supported on llmslim's quantized layers"):
-        get_peft_model(_load(base, "nf4"), LoraConfig(**LORA, use_dora=True))
+def _float_twin(base, quantized):
+    """The float model whose quantized layers hold exactly `quantized`'s dequantized weights."""
+    twin = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    for name, module in quantized.named_modules():
+        if isinstance(module, SlimLinear):
+            twin.get_submodule(name).weight.data = module.dequantized_weight(torch.float32)
+    return twin
+
+
+@pytest.mark.parametrize("weights", ["nf4", "int8"])
+def test_dora_on_llmslim_layers_equals_peft_dora_on_the_dequantized_weights(base, weights):
+    dora = dict(LORA, use_dora=True, init_lora_weights=False)
+    config = llmslim.SlimConfig(weights=weights, compute_dtype="float32")  # float32 throughout, as the twin
+    quantized = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, dtype=torch.float32)
+    twin = _float_twin(base, quantized)
+    torch.manual_seed(5)
+    ours = get_peft_model(quantized, LoraConfig(**dora))
+    torch.manual_seed(5)
+    theirs = get_peft_model(twin, LoraConfig(**dora))
+    ids = _ids(rows=1)
+    for model in (ours, theirs):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in grads)
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param.grad, grads[name], rtol=2e-3, atol=1e-5, msg=name)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        adapted = theirs(input_ids=ids).logits
+        torch.testing.assert_close(ours(input_ids=ids).logits.float(), adapted, rtol=1e-3, atol=1e-3)
+        base_logits = _load(base, weights)(input_ids=ids).logits.float()
+        merged = ours.merge_and_unload()(input_ids=ids).logits.float()
+    assert (merged - adapted).abs().mean() < (base_logits - adapted).abs().mean()
+
+
+def test_other_lora_variants_are_refused_by_name(base):
+    with pytest.raises(ValueError, match=r"LoRA variants \['alora_invocation_tokens'\] are not supported on llmslim's quantized layers"):
+        get_peft_model(_load(base, "nf4"), LoraConfig(**LORA, alora_invocation_tokens=[5]))
 
 
 def test_the_dispatch_hook_fits_the_installed_peft(base):
