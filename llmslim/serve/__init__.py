@@ -1,8 +1,10 @@
 """`llmslim serve`: an OpenAI-compatible HTTP server with continuous batching.
 
-    engine.py      one thread owns the model; iteration-level batching over a bounded queue
+    engine.py      one thread owns the model; iteration-level batching over a bounded queue; n choices
     kvcache.py     a KV cache per sequence and per-sequence attention (batching without padding)
-    sampling.py    greedy / temperature / top-p, a seeded generator per request
+    sampling.py    penalties; greedy / temperature / top-k / min-p / top-p, a seeded generator per choice
+    logprobs.py    log-softmax of the raw logits, token strings and bytes, the OpenAI logprobs shapes
+    embeddings.py  /v1/embeddings: batching, pooling (mean / CLS / last token), normalization; encoder or causal LM
     textstream.py  token ids -> streamed text deltas, stop strings
     protocol.py    OpenAI request models, response / chunk / error bodies
     metrics.py     Prometheus text format

@@ -163,6 +163,20 @@ def test_generation_on_an_encoder_is_a_clear_400(client, encoder_server):
     assert 'llmslim_requests_total{endpoint="/v1/embeddings",status="200"}' in metrics
 
 
+def test_a_failed_encoder_forward_fails_only_that_request(client, encoder_server, monkeypatch):
+    embedder = encoder_server.uvicorn.config.app.state.llmslim.embedder
+    forward = embedder._forward
+
+    def broken(ids, mask):
+        raise RuntimeError("injected encoder failure")
+
+    monkeypatch.setattr(embedder, "_forward", broken)
+    with pytest.raises(openai.InternalServerError, match="injected encoder failure"):
+        client.with_options(max_retries=0).embeddings.create(model=MODEL_ID, input="hi")
+    monkeypatch.setattr(embedder, "_forward", forward)
+    assert len(client.embeddings.create(model=MODEL_ID, input="hi").data) == 1 and embedder.waiting == 0
+
+
 def test_pooling_equals_sentence_transformers(encoder_folder):
     st = pytest.importorskip("sentence_transformers")
     model, tokenizer = AutoModel.from_pretrained(encoder_folder), AutoTokenizer.from_pretrained(encoder_folder)

@@ -173,11 +173,33 @@ def test_any_completion_request_is_200_or_a_4xx(server, data):
     check_http(server, "/v1/completions", data)
 
 
+EMBEDDING = {"model": MODEL_ID, "input": "Hello"}
+EMBEDDING_FIELDS = {
+    "model": st.just(MODEL_ID) | text,
+    "input": text
+    | st.lists(text, max_size=3)
+    | st.lists(st.integers(-5, 60_000) | st.sampled_from([2**64, -(2**70)]), max_size=4)
+    | st.lists(st.lists(st.integers(-5, 60_000), max_size=3), max_size=3),
+    "encoding_format": st.sampled_from(["float", "base64", "int8", ""]),
+    "dimensions": st.integers(-2, 100),
+}
+
+
+embedding_change = st.sampled_from(list(EMBEDDING_FIELDS)).flatmap(lambda f: st.tuples(st.just(f), EMBEDDING_FIELDS[f] | json_values))
+
+
+@FUZZ
+@given(st.lists(embedding_change, max_size=3))
+def test_any_embedding_request_is_200_or_a_4xx(server, changes):
+    check_http(server, "/v1/embeddings", EMBEDDING | dict(changes))
+
+
 @settings(FUZZ, max_examples=30)
 @given(json_values)
 def test_any_json_body_is_200_or_a_4xx(server, body):
     check_http(server, "/v1/chat/completions", body)
     check_http(server, "/v1/completions", body)
+    check_http(server, "/v1/embeddings", body)
 
 
 def test_after_the_fuzzing_the_server_still_serves(server):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -302,3 +303,84 @@ def test_pathological_bodies_are_400(server, raw):
     response = httpx.post(f"{server.url}/v1/completions", content=raw, headers=HEADERS, timeout=TIMEOUT_S)
     openai_error(response, 400)
     assert_serving(server)
+
+
+# ----------------------------------------------------------------------------- n choices and embedding jobs
+
+
+def test_a_failure_in_one_choice_fails_only_its_request(server, monkeypatch):
+    calls, sample_token = [], engine_module.sample_token
+
+    def flaky(logits, params, generator):
+        if params.seed == BAD_SEED:
+            calls.append(1)
+            if len(calls) == 5:  # one choice, mid-decode, while the other choices and requests share the step
+                raise RuntimeError("injected choice failure")
+        return sample_token(logits, params, generator)
+
+    monkeypatch.setattr(engine_module, "sample_token", flaky)
+    bodies = [completion(seed=seed, temperature=1.0, max_tokens=6, ignore_eos=True, n=3) for seed in (1, BAD_SEED, 2)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        with paused(server.engine, monkeypatch):
+            futures = [pool.submit(post, server, "/v1/completions", body) for body in bodies]
+            assert wait_until(lambda: server.engine.queue_depth == len(bodies))
+        responses = [future.result() for future in futures]
+    assert "injected choice failure" in openai_error(responses.pop(1), 500)["message"]
+    assert [r.status_code for r in responses] == [200, 200], [r.text for r in responses]
+    assert all(r.json()["usage"]["completion_tokens"] == 18 and len(r.json()["choices"]) == 3 for r in responses)
+    assert wait_until(lambda: server.engine.active_count == 0)  # the failed request's other choices were ended too
+    assert_serving(server)
+
+
+def test_a_cancelled_n_stream_frees_all_its_slots(server):
+    before = scrape(server)['llmslim_generations_total{reason="cancelled"}']
+    body = completion(max_tokens=64, ignore_eos=True, n=3, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=HEADERS, timeout=TIMEOUT_S) as response:
+        lines = response.iter_lines()
+        for _ in range(4):
+            next(lines)
+    assert wait_until(lambda: server.engine.active_count == 0)
+    assert scrape(server)['llmslim_generations_total{reason="cancelled"}'] == before + 3
+    assert_serving(server)
+
+
+@pytest.fixture(scope="module")
+def two_slot_server(loaded, start_server):
+    model, tokenizer = loaded
+    running = start_server(model, tokenizer, MODEL_ID, API_KEY, EngineConfig(max_batch=2, max_queue=4, max_tokens=400))
+    yield running
+    running.stop()
+
+
+def test_n_choices_wait_for_n_free_slots(two_slot_server, monkeypatch):
+    server, batch_logits = two_slot_server, two_slot_server.engine._batch_logits
+
+    def slow(batch):  # 400 steps take seconds: the stream holds its slot while the test looks
+        time.sleep(0.02)
+        return batch_logits(batch)
+
+    monkeypatch.setattr(server.engine, "_batch_logits", slow)
+    running_body = completion(max_tokens=400, ignore_eos=True, stream=True)
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=running_body, headers=HEADERS, timeout=TIMEOUT_S) as running:
+        lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+        next(lines)  # it holds one of the two slots
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(post, server, "/v1/completions", completion(n=2, max_tokens=3, ignore_eos=True))
+            assert wait_until(lambda: server.engine._waiting is not None)  # one slot is free, but it needs two
+            assert server.engine.active_count == 1 and server.engine.queue_depth == 1
+    response = waiting.result()  # the stream closed: both slots freed
+    assert response.status_code == 200 and len(response.json()["choices"]) == 2
+    error = openai_error(post(server, "/v1/completions", completion(n=3)), 400)  # more than --max-batch can ever hold
+    assert error["param"] == "n" and "at most 2" in error["message"]
+
+
+def test_a_failed_embedding_job_fails_only_that_request(server, monkeypatch):
+    def broken(ids):
+        raise RuntimeError("injected embedding failure")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(server.engine, "hidden_states", broken)
+        error = openai_error(post(server, "/v1/embeddings", {"model": MODEL_ID, "input": ["a", "b"]}), 500)
+    assert "injected embedding failure" in error["message"] and error["type"] == "server_error"
+    assert_serving(server)
+    assert post(server, "/v1/embeddings", {"model": MODEL_ID, "input": "a"}).status_code == 200
