@@ -74,11 +74,11 @@ class TokenText:
 
 def _decoder_types(tokenizer) -> set[str]:
     """The `type`s of the fast tokenizer's decoder (and of its parts, for a `Sequence`)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if decoder is None:
         return set()
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    return {decoder.get("type")} | {part.get("type") for part in decoder.get("decoders", [])}
+    state = json.loads(decoder.__getstate__())  # the decoder's own JSON, not the whole tokenizer's
+    return {state.get("type")} | {part.get("type") for part in state.get("decoders", [])}
 
 
 def _bytes_to_unicode() -> dict[str, int]:

@@ -137,6 +137,18 @@ def test_token_text_gives_exact_bytes_of_byte_level_tokens():
     assert names.text(tokenizer.eos_token_id) == tokenizer.eos_token
 
 
+def test_token_text_gives_exact_bytes_of_sentencepiece_byte_fallback_tokens():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<0x0A>": 1, "<0xC3>": 2, "<0xA9>": 3, "\u2581hi": 4}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    names = TokenText(PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>"))
+    assert [names.bytes(i) for i in (4, 2, 3, 1)] == [b" hi", b"\xc3", b"\xa9", b"\n"]
+    assert names.text(2) == "\ufffd" and b"".join(names.bytes(i) for i in (4, 2, 3)).decode() == " hié"
+
+
 def test_kv_copy_is_independent():
     kv = SequenceKV(1)
     kv.append(0, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
@@ -232,6 +244,19 @@ def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
     monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
     assert main(["serve", "--port", str(free_port()), "--max-body-bytes", "1000"]) == 0
     assert served["config"].max_body_bytes == 1000
+
+
+def test_cli_serve_passes_the_choice_cap_to_the_server(monkeypatch):
+    served = {}
+    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
+    assert main(["serve", "--port", str(free_port()), "--max-n", "3"]) == 0
+    assert served["config"].max_n == 3
+
+
+def test_cli_serve_rejects_a_bad_choice_cap_before_loading(capsys, no_model_load):
+    assert main(["serve", "--port", str(free_port()), "--max-n", "0"]) == 2
+    assert "max_n must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_serve_rejects_a_bad_body_limit_before_loading(capsys, no_model_load):
