@@ -303,12 +303,12 @@ async def _collect(request: Request, handle: RequestHandle, formatter: Formatter
         if not handle.finished:
             handle.cancel()
     _record(request, finals)
-    if any(e.finish_reason == "cancelled" for e in finals):  # only the disconnect watcher cancels: nobody will read this
+    failed = next((e for e in finals if e.finish_reason == "error"), None)
+    if failed is not None:  # (a failed choice cancels its siblings, so this comes first)
+        raise APIError(500, f"generation failed: {failed.error}", type="server_error")
+    if any(e.finish_reason == "cancelled" for e in finals):  # else only the disconnect watcher cancels: nobody will read this
         request.state.finish_reason = "disconnected"
         raise APIError(CLIENT_CLOSED, "the client closed the connection before the answer was ready", code="client_closed_request")
-    failed = next((e for e in finals if e.finish_reason == "error"), None)
-    if failed is not None:
-        raise APIError(500, f"generation failed: {failed.error}", type="server_error")
     wanted = handle.params.logprobs is not None
     choices = [("".join(t), e.finish_reason, lp if wanted else None) for t, e, lp in zip(texts, finals, logprobs, strict=True)]
     return formatter.response(choices, finals[0].prompt_tokens, sum(e.completion_tokens for e in finals))

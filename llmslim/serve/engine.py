@@ -15,7 +15,8 @@ back to the asyncio side through `loop.call_soon_threadsafe`, so model compute n
 event loop.
 
 A failure is contained: an error while starting, sampling or detokenizing one sequence ends only that
-sequence, a failed batched forward ends that step's batch (their KV caches may be half-written),
+sequence's request (its other choices are cancelled), a failed batched forward ends that step's batch
+(their KV caches may be half-written), a failed job (an embedding forward) fails only its future,
 anything else ends the running sequences; the thread itself keeps serving until `stop()`.
 """
 
@@ -495,6 +496,7 @@ class Engine:
             logger.exception("generation failed for %d sequence(s): %s", len(failed), ", ".join(s.handle.id for s in failed))
             for sequence in failed:
                 self._finish(sequence, Delta(""), "error", error=f"{type(err).__name__}: {err}")
+                sequence.handle.cancel()  # the request has failed: its other choices stop before the next step
             return None
 
     def _end_all(self, message: str) -> None:
