@@ -313,10 +313,11 @@ class Engine:
             self._jobs.put_nowait((job, future))
         except queue.Full:
             raise QueueFullError(f"the server is busy: {self.config.max_queue} jobs are already waiting; retry later") from None
-        try:
-            self._pending.put_nowait(None)  # wakes an idle engine at once; a full queue means it is not idle
-        except queue.Full:
-            pass
+        if not self._active:  # an idle engine waits on the request queue: wake it (a busy one runs jobs every step)
+            try:
+                self._pending.put_nowait(None)
+            except queue.Full:
+                pass
         return future
 
     def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
