@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -177,7 +177,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         return await _generate(request, state, body, ids, params, "chat")
 
     @app.post("/v1/embeddings", dependencies=auth)
-    async def embeddings(body: EmbeddingRequest, request: Request) -> JSONResponse:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
         _check_model(state, body.model)
         embedder = state.embedder
         if body.dimensions is not None and body.dimensions != embedder.dimension:
@@ -191,8 +191,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, str(err), param="input") from err
         request.state.prompt_tokens = sum(len(row) for row in rows)
         vectors = await _embed(embedder, rows)
-        data = [encode_vector(vector, body.encoding_format) for vector in vectors]
-        return JSONResponse(embedding_response(data, state.model_id, request.state.prompt_tokens))
+        content = await run_in_threadpool(_embedding_body, vectors, body.encoding_format, state.model_id, request.state.prompt_tokens)
+        return Response(content, media_type="application/json")  # serialized off the event loop: thousands of floats per input
 
 
 def _model_card(state: ServerState) -> dict:
@@ -229,6 +229,11 @@ def _embedding_ids(tokenizer, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in tokenizer(texts).input_ids]
     except Exception as err:  # text the tokenizer cannot encode is the request's fault, not the server's
         raise APIError(400, f"the tokenizer could not encode the input: {err}", param="input") from err
+
+
+def _embedding_body(vectors, encoding_format: str, model_id: str, prompt_tokens: int) -> bytes:
+    data = [encode_vector(vector, encoding_format) for vector in vectors]
+    return json.dumps(embedding_response(data, model_id, prompt_tokens), separators=(",", ":")).encode()
 
 
 async def _embed(embedder: Embedder, rows: list[list[int]]):
