@@ -16,12 +16,13 @@ Writes benchmarks/results/bench_finetune.json and .png (eval perplexity over ste
 `--vs-bnb`: QLoRA written the usual way, TRL's `SFTTrainer` + peft LoRA (r 8, alpha 16, every linear
 layer but the head, gradient checkpointing), on SmolLM2 quantized to NF4 with double quantization by
 llmslim (`quantization_config=SlimConfig(weights="nf4")`) and by transformers + bitsandbytes
-(`BitsAndBytesConfig(load_in_4bit=True, ...)`), same data (Tiny Shakespeare's first 90%, pre-tokenized
-rows of --sft-seq-len tokens in one seeded order), steps and settings; each case in a fresh process:
-median step time and tokens/s, peak RSS of the whole process (`wait4`), perplexity on the first
---eval-tokens of the held-out 10% after the run. Targets: llmslim's peak memory <= bitsandbytes', its
-tokens/s >= bitsandbytes', eval perplexity within 2%. Writes bench_finetune_sft.json / .png and the
-README block.
+(`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`),
+each with its defaults (both compute in float32 while training on a CPU without bf16 GEMMs), the same
+data (Tiny Shakespeare's first 90%, pre-tokenized rows of --sft-seq-len tokens in one seeded order),
+steps and settings; each case in a fresh process: median step time and tokens/s, peak RSS of the
+whole process (`wait4`), perplexity on the first --eval-tokens of the held-out 10% after the run.
+Targets: llmslim's peak memory <= bitsandbytes', its tokens/s >= bitsandbytes', eval perplexity
+within 2%. Writes bench_finetune_sft.json / .png and the README block.
 
     python benchmarks/bench_finetune.py --steps 200           # the full run (about 30 minutes here)
     python benchmarks/bench_finetune.py --steps 2 --batch-size 1 --block-size 64 --eval-tokens 256 \
@@ -267,12 +268,10 @@ def sft_case(case: str, args: argparse.Namespace) -> dict:
     path = models.resolve(args.base)
     tokenizer = AutoTokenizer.from_pretrained(path)
     data, held_out = sft_data(tokenizer, args)
-    if case == "llmslim":
-        quantization = llmslim.SlimConfig(weights="nf4", compute_dtype="bfloat16")
+    if case == "llmslim":  # each library's defaults otherwise (compute dtype: float32 in both while training on this CPU)
+        quantization = llmslim.SlimConfig(weights="nf4")
     else:
-        quantization = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
-        )
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=torch.bfloat16, device_map="cpu")
     load_s = time.perf_counter() - start

@@ -116,11 +116,27 @@ class SlimLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, format={self.fmt}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xc = x.to(self.compute_dtype)
         # the weight is frozen; an input that needs a gradient (LoRA, a trained layer below) goes
         # through a Function whose backward dequantizes the weight then, keeping nothing alive
-        out = _FrozenWeightMatmul.apply(xc, self) if torch.is_grad_enabled() and xc.requires_grad else self._matmul(xc)
+        backpropagates = torch.is_grad_enabled() and x.requires_grad
+        xc = x.to(self._training_dtype(x) if backpropagates or self.training else self.compute_dtype)
+        out = _FrozenWeightMatmul.apply(xc, self) if backpropagates else self._matmul_in(xc)
         return self._add_bias(out).to(x.dtype)
+
+    def _training_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The compute dtype while training (a pass that backpropagates, or its checkpointed forward): float32 instead of
+        bf16 / fp16 on a CPU that only emulates half-precision GEMMs (about 15x slower there; bitsandbytes' own default
+        compute dtype is float32)."""
+        half = self.compute_dtype in (torch.bfloat16, torch.float16)
+        if half and x.device.type == "cpu" and not kernels.CPU_HALF_MATMUL_IS_NATIVE:
+            return torch.float32
+        return self.compute_dtype
+
+    def _matmul_in(self, x: torch.Tensor) -> torch.Tensor:
+        """`x @ W.T` in `x`'s dtype: the layer's kernel in its compute dtype, else the weight dequantized to that dtype."""
+        if x.dtype != self.compute_dtype:
+            return x @ self.dequantized_weight(x.dtype).t()
+        return self._matmul(x)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """`x @ W.T` with `x` in the compute dtype, no bias."""
@@ -166,7 +182,7 @@ class _FrozenWeightMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, layer: SlimLinear) -> torch.Tensor:
         ctx.layer = layer
         with torch.no_grad():
-            return layer._matmul(x)
+            return layer._matmul_in(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

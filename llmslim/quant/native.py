@@ -26,6 +26,15 @@ _SOURCES = ("quant4.c",)
 _FLAGS = ("-O3", "-march=native", "-pthread", "-shared", "-fPIC", "-std=c11")
 
 
+def cpu_flags() -> list[str]:
+    """This CPU's feature flags as /proc/cpuinfo lists them (empty where there is none)."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return line.partition(":")[2].split()
+
+
 def _cpu_fingerprint() -> str:
     """What -march=native depends on: the CPU's flags (a cached build is only reused on the same kind)."""
     try:

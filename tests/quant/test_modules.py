@@ -331,7 +331,32 @@ def test_input_gradient_is_that_of_the_dequantized_weight(weights, tokens):
     grad_out = torch.randn(tokens, 24, dtype=torch.bfloat16)
     layer(x).backward(grad_out)
     assert x.grad is not None and not any(p.requires_grad for p in layer.parameters())
-    torch.testing.assert_close(x.grad, grad_out @ layer.dequantized_weight(torch.bfloat16))
+    dtype = layer._training_dtype(x)  # float32 on a CPU that emulates bf16 GEMMs
+    torch.testing.assert_close(x.grad, (grad_out.to(dtype) @ layer.dequantized_weight(dtype)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("weights", ["int8", "nf4", "int4"])
+def test_training_on_a_cpu_without_half_gemms_computes_in_float32(weights, native, monkeypatch):
+    """bf16 GEMMs are emulated without AVX-512 BF16 / AMX (~15x slower): a layer in train mode (the checkpointed forward
+    too) and a pass that backpropagates compute in float32 there; inference keeps the compute dtype's kernels."""
+    monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", native)
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 24).to(torch.bfloat16)
+    layer = _quantized(linear, SlimConfig(weights=weights))
+    x = torch.randn(40, 128, dtype=torch.bfloat16)
+    in_float32 = (x.float() @ layer.dequantized_weight(torch.float32).t() + linear.bias.float()).to(torch.bfloat16)
+    inference = layer.eval()(x)
+    layer.train()
+    with torch.no_grad():
+        checkpointed = layer(x)
+    trained = layer(x.clone().requires_grad_(True))
+    for out in (checkpointed, trained):
+        assert out.dtype == torch.bfloat16
+        if native:
+            torch.testing.assert_close(out, inference, rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(out, in_float32, rtol=0, atol=0)
 
 
 # --- NF4/FP4 layers in bitsandbytes' CPU layout ---------------------------------------------------
