@@ -39,6 +39,23 @@ def write_tiny_model(folder: Path, arch: str, dtype: torch.dtype = torch.bfloat1
     return folder
 
 
+def write_chat_llama(folder: Path, **config) -> Path:
+    """A 2-layer random Llama (hidden 64) saved in bf16 with the embedded model's real tokenizer and chat template;
+    `config` overrides LlamaConfig fields."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmslim import models
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    fields |= dict(vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**fields, eos_token_id=tokenizer.eos_token_id, **config))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """One saved tiny model per architecture, shared by the whole session (read-only)."""

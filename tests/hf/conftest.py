@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-from llmslim import models
+from conftest import write_chat_llama
 
 
 @pytest.fixture(scope="session")
 def base(tmp_path_factory):
-    """A 2-layer random Llama (hidden 64) saved in bf16 with SmolLM2's tokenizer (read-only)."""
-    folder = tmp_path_factory.mktemp("hf") / "base"
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    """A 2-layer random Llama (hidden 64, tied head) saved in bf16 with SmolLM2's tokenizer (read-only)."""
+    return write_chat_llama(tmp_path_factory.mktemp("hf") / "base", tie_word_embeddings=True)
 
 
 @pytest.fixture(autouse=True)

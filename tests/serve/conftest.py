@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from conftest import write_chat_llama
+from transformers import AutoTokenizer
 
 import llmslim
-from llmslim import models
 from llmslim.serve import Engine, EngineConfig, create_app
 from llmslim.serve.server import free_port
 
@@ -62,24 +61,8 @@ def _start_app(app, engine: Engine | None = None) -> Server:
 @pytest.fixture(scope="session")
 def tiny_chat_model(tmp_path_factory) -> Path:
     """A 2-layer random Llama (hidden 64) saved with the embedded model's real tokenizer and chat template."""
-    folder = tmp_path_factory.mktemp("tiny-chat")
-    tokenizer = AutoTokenizer.from_pretrained(models.resolve(None))
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=0.2,  # spread-out logits: a random model that still says varied things
-    )
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    # spread-out logits: a random model that still says varied things
+    return write_chat_llama(tmp_path_factory.mktemp("tiny-chat"), initializer_range=0.2)
 
 
 @pytest.fixture(scope="module")
