@@ -30,10 +30,11 @@ from llmslim.config import SlimConfig
 from llmslim.data import TINY_SHAKESPEARE
 from llmslim.hf import compat
 from llmslim.memory.blocks import find_blocks
+from llmslim.quant import formats
 from llmslim.quant.experts import quantize_experts_
-from llmslim.quant.gptq import GptqSettings, HessianAccumulator, gptq_codes, output_error
+from llmslim.quant.gptq import GptqSettings, HessianAccumulator, clipped_absmax, gptq_codes, output_error
 from llmslim.quant.mixed import choose_int8_layers, oriented
-from llmslim.quant.modules import SlimLinear, quantization_targets
+from llmslim.quant.modules import SlimLinear, SlimLinear4bit, quantization_targets
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +251,7 @@ def _gptq_layer(name: str, module: torch.nn.Module, config: SlimConfig, hessian:
     spec = config.layer_spec(name)
     layer = spec.module_class().from_linear(module, spec, name)
     weight = oriented(module, module.weight.data).float()  # (out, in)
-    layer.set_float_weight(module.weight.data)  # round-to-nearest: fixes the scales GPTQ rounds against
+    layer.set_float_weight(_clipped_weight(layer, weight, hessian, settings))  # fixes the scales GPTQ rounds against
     rtn = layer.dequantized_weight(torch.float32)
     rtn_codes = layer.state_dict()["weight"].clone()
     layer.set_codes(gptq_codes(weight, hessian.hessian, layer.grid(), settings, name))
@@ -259,6 +260,20 @@ def _gptq_layer(name: str, module: torch.nn.Module, config: SlimConfig, hessian:
         layer._set_tensor("weight", rtn_codes)
     _keep_bias(layer, module)
     return layer
+
+
+def _clipped_weight(layer: SlimLinear, weight: torch.Tensor, hessian: HessianAccumulator, settings: GptqSettings) -> torch.Tensor:
+    """The weight whose round-to-nearest quantization sets the scales: for a blockwise 4-bit layer, each block clipped to
+    its searched absmax (`clipped_absmax`; the format then stores that absmax, double-quantized as it would be);
+    the weight itself otherwise. Returned in the layout `set_float_weight` takes."""
+    block = getattr(layer, "block_size", 0)
+    if not isinstance(layer, SlimLinear4bit) or not settings.clip or weight.shape[1] % block:
+        return weight.t() if getattr(layer, "source_transposed", False) else weight
+    levels = formats.code_4bit(layer.fmt).float().sort().values
+    absmax = clipped_absmax(weight, torch.diag(hessian.hessian), levels, block, settings.clip)  # (out, groups)
+    bound = absmax.repeat_interleave(block, dim=1)  # (out, in)
+    clipped = torch.maximum(torch.minimum(weight, bound), -bound)
+    return clipped.t() if getattr(layer, "source_transposed", False) else clipped
 
 
 def _keep_bias(layer: SlimLinear, module: torch.nn.Module) -> None:

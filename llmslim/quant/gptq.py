@@ -29,11 +29,42 @@ DAMP_RETRIES = 4  # dampening x10 each time the Cholesky factorization fails
 
 @dataclass(frozen=True)
 class GptqSettings:
-    """damp: share of the mean of diag(H) added to its diagonal; block: columns per lazy update; act_order: see above."""
+    """damp: share of the mean of diag(H) added to its diagonal; block: columns per lazy update; act_order: see above;
+    clip: the shrink factors of a 4-bit block's absmax to search (`clipped_absmax`), () for absmax as RTN has it."""
 
     damp: float = 0.01
     block: int = 128
     act_order: bool = False
+    clip: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 down to 0.7
+
+
+def clipped_absmax(
+    weight: torch.Tensor, hessian_diag: torch.Tensor, levels: torch.Tensor, block: int, shrink: tuple[float, ...]
+) -> torch.Tensor:
+    """Per-block absmax `(out, in // block)` for a blockwise 4-bit format: each block's max |w| times the factor of
+    `shrink` that minimises the block's round-to-nearest output error, sum_j H_jj (w_j - Q(w_j))^2 (diagonal of the
+    input Hessian). A smaller absmax clips the block's largest weights and rounds all the others more finely.
+
+    Args:
+        weight: `(out, in)` float, `in` a multiple of `block`; hessian_diag: `(in,)`; levels: the format's code values
+            (sorted, in [-1, 1]).
+    """
+    out_features, in_features = weight.shape
+    w = weight.float().view(out_features, in_features // block, block)
+    d = hessian_diag.float().view(1, in_features // block, block)
+    top = w.abs().amax(dim=2, keepdim=True)  # (out, groups, 1)
+    bounds = (levels[1:] + levels[:-1]) / 2
+    best_error = torch.full(top.shape[:2], float("inf"))
+    best = top.squeeze(2).clone()
+    for factor in shrink:
+        absmax = top * factor
+        scaled = torch.where(absmax > 0, w / absmax, torch.zeros_like(w))
+        rounded = levels[torch.bucketize(scaled.clamp(-1, 1), bounds)] * absmax
+        error = (d * (w - rounded) ** 2).sum(dim=2)  # (out, groups)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best = torch.where(better, absmax.squeeze(2), best)
+    return best
 
 
 class HessianAccumulator:

@@ -19,8 +19,9 @@ import llmslim
 from llmslim import SlimConfig
 from llmslim.calibrate import calibrate_, calibration_ids, read_calibration_text
 from llmslim.data import TINY_SHAKESPEARE
+from llmslim.quant import formats
 from llmslim.quant.experts import quantized_experts
-from llmslim.quant.gptq import GptqSettings, HessianAccumulator, _inverse_cholesky, gptq_codes, output_error
+from llmslim.quant.gptq import GptqSettings, HessianAccumulator, _inverse_cholesky, clipped_absmax, gptq_codes, output_error
 from llmslim.quant.modules import SlimLinear, quantized_layers
 from llmslim.quant.quantize import quantize_
 from quant.tiny_moe import float_moe
@@ -53,6 +54,27 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest(weights, act_order):
     layer.set_codes(gptq_codes(weight, hessian.hessian, layer.grid(), GptqSettings(act_order=act_order)))
     gptq = layer.dequantized_weight(torch.float32)
     assert output_error(weight, gptq, hessian.hessian) < 0.5 * output_error(weight, rtn, hessian.hessian)
+
+
+@pytest.mark.parametrize("fmt", ("nf4", "fp4"))
+def test_clipped_absmax_never_raises_a_blocks_weighted_error_and_clips_outlier_blocks(fmt):
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(32, 128, generator=g) * 0.02
+    weight[:, ::37] *= 8  # a few outliers: their blocks round everything else coarsely
+    diag = torch.rand(128, generator=g) + 0.1
+    levels = formats.code_4bit(fmt).float().sort().values
+    top = weight.abs().view(32, 4, 32).amax(dim=2)
+    torch.testing.assert_close(clipped_absmax(weight, diag, levels, 32, (1.0,)), top)
+    chosen = clipped_absmax(weight, diag, levels, 32, GptqSettings().clip)
+
+    def block_errors(absmax):
+        bound = absmax.repeat_interleave(32, dim=1)
+        rounded = levels[torch.bucketize((weight / bound).clamp(-1, 1), (levels[1:] + levels[:-1]) / 2)] * bound
+        return (diag * (weight - rounded) ** 2).view(32, 4, 32).sum(dim=2)
+
+    assert (block_errors(chosen) <= block_errors(top) + 1e-12).all()
+    assert block_errors(chosen).sum() < 0.97 * block_errors(top).sum()
+    assert ((chosen >= 0.7 * top - 1e-7) & (chosen <= top)).all() and (chosen < top).any()
 
 
 @pytest.mark.parametrize(
