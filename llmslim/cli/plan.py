@@ -11,8 +11,7 @@ NAME = "plan"
 HELP = "memory and speed of a model in every format on given hardware, from its config.json alone"
 EXAMPLES = (
     "llmslim plan bloom-176b --gpu 24GiB --cpu 64GiB --disk 2TB --context 2048",
-    "llmslim plan llama-2-13b --gpu 24GiB --train --optimizer adamw8bit   # QLoRA fine-tuning: which format fits",
-    "llmslim plan llama-2-70b --gpu 2x24GiB --train --parallel fsdp     # FSDP-QLoRA: memory per GPU",
+    "llmslim plan llama-2-70b --gpu 2x24GiB --train --parallel fsdp --context 1024   # QLoRA on two GPUs: memory per GPU",
 )
 BANDWIDTH_DEFAULTS = {"gpu": "1000GB/s", "pcie": "25GB/s", "cpu": "25GB/s", "disk": "3GB/s"}
 
