@@ -32,16 +32,16 @@ WARMUP_NEW_TOKENS = 8
 # ----------------------------------------------------------------------------- model folders (parent side)
 
 
-def prepare_tinyllama(path: Path, timeout: float) -> Path:
-    """The random 1.1B checkpoint, written by scripts/make_random_checkpoint.py's function if missing."""
+def prepare_tinyllama(path: Path, timeout: float, shape: str = "tinyllama") -> Path:
+    """The random 1.1B checkpoint (or another of scripts/make_random_checkpoint.py's shapes), written by its function if missing."""
     if (path / "config.json").exists():
         return path
-    print(f"writing the random 1.1B checkpoint to {path} (once) ...", file=sys.stderr, flush=True)
+    print(f"writing the random {shape} checkpoint to {path} (once) ...", file=sys.stderr, flush=True)
     scripts = str(REPO / "scripts")
     code = (
         f"import sys; sys.path.insert(0, {scripts!r})\n"
         f"from make_random_checkpoint import make_checkpoint\n"
-        f"print(make_checkpoint({str(path)!r}))"
+        f"print(make_checkpoint({str(path)!r}, shape={shape!r}))"
     )
     return Path(run_python(code, timeout))
 
@@ -311,6 +311,7 @@ def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Calla
     produced = out.shape[1] - prompt.shape[1]  # (1, prompt + new) -> new tokens
     seconds, first = statistics.median(times), statistics.median(first_times)
     return {
+        "tokens": out[0, prompt.shape[1] :].tolist(),
         "decode_s": seconds,
         "decode_s_runs": times,
         "first_token_s": first,

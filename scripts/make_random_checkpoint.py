@@ -34,6 +34,18 @@ SHAPES: dict[str, dict] = {
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     ),
+    # SmolLM2-135M's shape (its config.json): speed and memory only, never quality
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        intermediate_size=1536,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+    ),
 }
 
 

@@ -67,3 +67,96 @@ def test_int8_outlier_decomposition_on_cuda():
     x[:, 7] = 40.0  # an outlier feature column
     rel = (slim(x) - layer(x)).abs().max() / layer(x).abs().max()
     assert rel < 0.02
+
+
+# ---- the CUDA decode paths: direct operators, PyTorch's int4 kernel, compiled decode (issue 22) ----
+
+
+def _layer(weights: str, in_features: int = 256, out_features: int = 128):
+    from llmslim.quant.modules import replace_linear_modules
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False)).to(torch.bfloat16)
+    reference = model[0].weight.detach().clone()
+    replace_linear_modules(model, SlimConfig(weights=weights, exclude=[]))
+    layer = model[0]
+    layer.set_float_weight(reference)
+    return layer.cuda().eval()
+
+
+@pytest.mark.parametrize("weights", ["nf4", "fp4", "int8", "int4"])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_cuda_layer_equals_its_dequantized_weight(weights, tokens):
+    layer = _layer(weights)
+    x = torch.randn(1, tokens, 256, dtype=torch.bfloat16, device="cuda")
+    with torch.no_grad():
+        out = layer(x).float()
+        state = layer.state_dict()  # the stored layout, even with int4's codes repacked for the kernel
+        expected = x.float() @ layer.dequantized_weight(torch.float32).t()
+    assert (out - expected).abs().max() <= 0.02 * expected.abs().max()
+    assert state["weight"].dtype != torch.int32
+
+
+def test_int4_cuda_layout_saves_the_stored_codes(tmp_path):
+    layer = _layer("int4")
+    stored = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer(torch.randn(1, 1, 256, dtype=torch.bfloat16, device="cuda"))
+    assert layer.cuda_layout  # repacked for PyTorch's CUDA int4 kernel at the first call
+    assert torch.equal(layer.state_dict()["weight"], stored)
+    assert torch.equal(layer.int4_weight().codes, stored)
+
+
+def test_cuda_calls_build_no_bitsandbytes_state(monkeypatch):
+    import bitsandbytes.functional as bnb_f
+
+    layers = [_layer(w) for w in ("nf4", "int8")]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a QuantState was built per call")
+
+    monkeypatch.setattr(bnb_f.QuantState, "__init__", refuse)
+    with torch.no_grad():
+        for layer in layers:
+            for tokens in (1, 16):
+                layer(torch.randn(1, tokens, 256, dtype=torch.bfloat16, device="cuda"))
+
+
+@pytest.fixture(scope="module")
+def kernel_sized_llama_cuda(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=96
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("cuda_llama")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("weights", ["nf4", "fp4", "int8", "int4"])
+def test_compiled_decode_on_cuda_equals_eager_without_graph_breaks(kernel_sized_llama_cuda, weights):
+    from torch._dynamo.utils import counters
+
+    model = llmslim.from_pretrained(
+        kernel_sized_llama_cuda, SlimConfig(weights=weights), dtype=torch.bfloat16, device_map="cuda", progress=False
+    )
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def generate():
+        out = model.generate(
+            prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0
+        )
+        return out.sequences, torch.stack(out.logits).float()
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.inference_mode():
+        eager_tokens, eager_logits = generate()
+        llmslim.compile_decode(model, max_cache_len=16)
+        compiled_tokens, compiled_logits = generate()
+        generate()  # replays the captured graphs
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert torch.equal(compiled_tokens, eager_tokens)
+    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0.02 * eager_logits.abs().max().item())

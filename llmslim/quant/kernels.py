@@ -320,9 +320,7 @@ def _scale_args(w: formats.FourBitWeight) -> tuple:
 def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tensor:
     """`x @ W.T` for an NF4/FP4 weight (no bias); `x` is already in `dtype`."""
     if x.device.type == "cuda" and bnb_functional() is not None:
-        import bitsandbytes as bnb
-
-        return bnb.matmul_4bit(x, w.codes.t(), quant_state=quant_state(w, dtype))
+        return linear_4bit_bnb_ops(x, w, formats.code_4bit(w.fmt).to(x.device), formats.dynamic_map().to(x.device), dtype)
     out_features, in_features = w.shape
     if _ops_usable(x, in_features):
         flat = x.reshape(-1, in_features)
@@ -458,19 +456,13 @@ def int8_decomposed_matmul(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
-    CUDA: bitsandbytes' LLM.int8 matmul, with activation outlier columns (|x| > threshold) in 16
-    bits. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: llmslim's `gemv_int8_rows` for bfloat16 `x`
+    CUDA: `linear_int8_bnb_ops`. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: llmslim's `gemv_int8_rows` for bfloat16 `x`
     (exact int8 products with 16-bit activations), else PyTorch's weight-only int8 kernel; neither
     materialises a float weight. CPU, more tokens (prompts): the LLM.int8
     decomposition on `torch._int_mm` (VNNI), several times faster than a bf16 GEMM.
     """
-    if x.device.type == "cuda" and bnb_functional() is not None:
-        import bitsandbytes as bnb
-
-        state = bnb.MatmulLtState()
-        state.CB, state.SCB, state.threshold = weight, row_absmax, threshold
-        state.has_fp16_weights, state.is_training = False, False
-        return bnb.matmul(x, weight, state=state)
+    if x.device.type == "cuda" and (torch.compiler.is_compiling() or bnb_functional() is not None):
+        return linear_int8_bnb_ops(x, weight, row_absmax, threshold)
     tokens = x.numel() // x.shape[-1]
     if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and int_mm_usable(x, weight):
         out = int8_decomposed_matmul(x.reshape(-1, x.shape[-1]), weight, row_absmax, threshold)
@@ -506,3 +498,132 @@ def int8_decode_usable(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.
 def int_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `torch._int_mm` takes these shapes on CPU (it wants K and N multiples of 8)."""
     return hasattr(torch, "_int_mm") and x.shape[-1] % 8 == 0 and weight.shape[0] % 8 == 0 and x.dtype != torch.float32
+
+
+# ---- CUDA: bitsandbytes' operators called directly, and PyTorch's int4 kernel -------------------
+#
+# bitsandbytes' Python entry points (`matmul_4bit`, `matmul` with a `MatmulLtState`) build their state
+# objects and run autograd Functions on every call: tens of microseconds per layer, which at batch 1
+# is most of a token's time on a GPU, and Python that a compiled decode step would have to trace.
+# Its operators (`torch.ops.bitsandbytes.*`, registered with shape functions) do the same math
+# with nothing around them, trace without graph breaks, and replay inside CUDA graphs. The tables
+# they read (the 4-bit code, the 8-bit map of double quantization) are passed in by the layer,
+# which keeps device copies (`SlimLinear4bit.cuda_tables`), so no call builds or copies one.
+
+
+def linear_4bit_bnb_ops(x: torch.Tensor, w: formats.FourBitWeight, code: torch.Tensor, nested_map: torch.Tensor, dtype: torch.dtype):
+    """`x @ W.T` for an NF4/FP4 weight on bitsandbytes' operators (its CUDA kernels on a GPU).
+
+    One token: its GEMV kernel (`gemv_4bit`, the fast path of `bitsandbytes.matmul_4bit`); more:
+    the weight dequantized by its kernel, then the dense GEMM. `code` is the format's 16 values and
+    `nested_map` the 8-bit dynamic map, both float32 on x's device. Any device with the operators
+    (bitsandbytes' default implementations run them on CPU, which the tests use).
+    """
+    out_features, in_features = w.shape
+    if x.numel() == in_features and in_features % w.block_size == 0:
+        absmax = _float_absmax_bnb_ops(w, nested_map)
+        return torch.ops.bitsandbytes.gemv_4bit(x, w.codes, [out_features, in_features], absmax, code, w.block_size)
+    return torch.nn.functional.linear(x, dequantize_4bit_bnb_ops(w, nested_map, dtype))
+
+
+def dequantize_4bit_bnb_ops(w: formats.FourBitWeight, nested_map: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An NF4/FP4 weight dequantized by bitsandbytes' operator, `(out, in)` in `dtype`."""
+    return torch.ops.bitsandbytes.dequantize_4bit(w.codes, _float_absmax_bnb_ops(w, nested_map), w.block_size, w.fmt, list(w.shape), dtype)
+
+
+def _float_absmax_bnb_ops(w: formats.FourBitWeight, nested_map: torch.Tensor) -> torch.Tensor:
+    """The per-block float32 absmax, undoing double quantization with bitsandbytes' operator."""
+    if w.nested_absmax is None:
+        return w.absmax
+    absmax = torch.ops.bitsandbytes.dequantize_blockwise(w.absmax, w.nested_absmax, nested_map, formats.NESTED_BLOCK_SIZE, torch.float32)
+    return absmax + w.nested_offset
+
+
+def linear_int8_bnb_ops(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
+    """`x @ W.T` for a row-wise int8 weight on bitsandbytes' operators (its CUDA kernels on a GPU).
+
+    Up to `INT8_DECODE_MAX_TOKENS` tokens (decode), every column takes the 16-bit product: the
+    weight in x's dtype (int8 values are exact in bf16 / fp16) times x, rescaled per row in float32.
+    That is LLM.int8's decomposition with every column an outlier column, its most precise case, as
+    the CPU decode kernels do; at this size reading the weight, not the arithmetic, costs the time.
+    More tokens: LLM.int8 as bitsandbytes computes it, on its operators: the activations quantized
+    per row in float16 with the columns holding any |x| >= `threshold` set aside, the int8 GEMM
+    rescaled by both absmaxes, plus the outlier columns' 16-bit product with the matching weight
+    columns dequantized.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] <= INT8_DECODE_MAX_TOKENS:
+        out = (torch.nn.functional.linear(flat, weight.to(x.dtype)).float() * (row_absmax / 127.0)).to(x.dtype)
+    else:
+        quantized, row_stats, outlier_cols = torch.ops.bitsandbytes.int8_vectorwise_quant(flat.to(torch.float16), threshold)
+        out, _ = torch.ops.bitsandbytes.int8_mixed_scaled_mm(flat, quantized, weight, row_stats, row_absmax, outlier_cols, None)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+INT4PACK_INNER_K_TILES = 8  # PyTorch's tinygemm layout: K in tiles of 8 x 16
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def int4pack_usable(shape: tuple[int, int], group_size: int, device: torch.device) -> bool:
+    """Whether PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`, gpt-fast's and torchao's tinygemm) takes this weight."""
+    out_features, in_features = shape
+    return (
+        device.type == "cuda"
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+        and group_size in INT4PACK_GROUP_SIZES
+        and in_features % (INT4PACK_INNER_K_TILES * 16) == 0
+        and in_features % group_size == 0
+        and out_features % 8 == 0
+    )
+
+
+def pack_int4_for_cuda(w: formats.Int4Weight) -> torch.Tensor:
+    """The codes of an int4 weight in PyTorch's CUDA int4 layout.
+
+    That kernel computes `(q - 8) * scale + zero` per group, llmslim int4's own formula, and takes its
+    input as (out, in / 2) bytes with the even column in the high nibble: exactly the stored codes
+    (`formats.pack_nibbles`, row-major) viewed as rows, so only its tiling changes.
+    """
+    out_features, in_features = w.shape
+    rows = w.codes.view(out_features, in_features // 2)
+    return torch.ops.aten._convert_weight_to_int4pack(rows.contiguous(), INT4PACK_INNER_K_TILES)
+
+
+def int4pack_scales_and_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The kernel's (groups, out, 2) bfloat16 scale-and-zero tensor from the stored float16 (out, groups) ones."""
+    return torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16)
+
+
+def linear_int4_cuda(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int, out_features: int):
+    """`x @ W.T` for an int4 weight whose codes are in PyTorch's CUDA int4 layout (`pack_int4_for_cuda`); bf16 `x`.
+
+    The kernel reads scale and zero in bfloat16: the stored float16 values rounded to 8 significant
+    bits (a relative change of at most 2^-9 per group, far below the 4-bit rounding of the weight).
+    """
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.ops.aten._weight_int4pack_mm(flat, packed, group_size, int4pack_scales_and_zeros(scale, zero))
+    return out.view(*x.shape[:-1], out_features)
+
+
+def unpack_int4_from_cuda(packed: torch.Tensor, w: formats.Int4Weight) -> torch.Tensor:
+    """The stored (row-major, `formats.pack_nibbles`) codes of a weight in the CUDA int4 layout.
+
+    PyTorch has no inverse of its packing, so the kernel itself reads the codes out: with scale 1 and
+    zero 8 every group's formula gives back `q`, a small integer that bfloat16 holds exactly, and an
+    identity input returns them column by column.
+    """
+    out_features, in_features = w.shape
+    groups = in_features // w.group_size
+    unit = torch.stack(
+        [torch.ones(groups, out_features, device=packed.device), torch.full((groups, out_features), 8.0, device=packed.device)], dim=-1
+    ).to(torch.bfloat16)
+    eye = torch.eye(in_features, dtype=torch.bfloat16, device=packed.device)
+    codes = []
+    for start in range(0, in_features, _INT4_UNPACK_ROWS):
+        rows = eye[start : start + _INT4_UNPACK_ROWS]
+        codes.append(torch.ops.aten._weight_int4pack_mm(rows, packed, w.group_size, unit).round().to(torch.uint8))  # (rows, out)
+    q = torch.cat(codes).t()  # (out, in)
+    return formats.pack_codes(q)
+
+
+_INT4_UNPACK_ROWS = 1024  # input columns read out per kernel call when unpacking

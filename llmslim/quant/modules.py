@@ -228,7 +228,25 @@ class SlimLinear4bit(SlimLinear):
         )
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if self.weight.is_cuda and kernels.bnb_functional() is not None:
+            return kernels.dequantize_4bit_bnb_ops(self.four_bit_weight(), self.cuda_tables()[1], dtype or self.compute_dtype)
         return kernels.dequantize_4bit(self.four_bit_weight(), dtype or self.compute_dtype)
+
+    def cuda_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The format's 16 code values and the 8-bit map of double quantization, float32 on the weight's device.
+
+        Kept as non-persistent buffers, made at the first call on the device (not saved; they follow
+        the module's `.to()`), so that no call copies a table to the GPU and a compiled step reads them
+        as the module's tensors.
+        """
+        code = self._buffers.get("weight_code_table")
+        device = self.weight.device
+        if code is None or code.device != device:
+            if torch.compiler.is_compiling():  # a step compiled before any eager call: constants
+                return formats.code_4bit(self.fmt).to(device), formats.dynamic_map().to(device)
+            self.register_buffer("weight_code_table", formats.code_4bit(self.fmt).to(device), persistent=False)
+            self.register_buffer("weight_nested_map", formats.dynamic_map().to(device), persistent=False)
+        return self.weight_code_table, self.weight_nested_map
 
     def grid(self) -> formats.Grid:
         n = self.in_features * self.out_features
@@ -242,6 +260,9 @@ class SlimLinear4bit(SlimLinear):
         self._set_tensor("weight", formats.pack_codes(codes).to(self.weight.device))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and (torch.compiler.is_compiling() or kernels.bnb_functional() is not None):
+            code, nested_map = self.cuda_tables()
+            return kernels.linear_4bit_bnb_ops(x, self.four_bit_weight(), code, nested_map, self.compute_dtype)
         steady = self.cpu_layout and x.device.type == "cpu" and x.dtype == torch.bfloat16 and not self.training  # CPU inference
         if not steady and not torch.compiler.is_compiling():
             want, stale = self._want_cpu_layout(x), "weight_absmax_cpu" in self._buffers and not self.cpu_layout
@@ -348,8 +369,12 @@ class SlimLinearInt4(SlimLinear):
         return {"weight": w.codes, "weight_scale": w.scale, "weight_zero": w.zero}
 
     def int4_weight(self) -> formats.Int4Weight:
-        """A view of this layer's tensors as the format's container (no copies)."""
-        return formats.Int4Weight(self.weight, self.weight_scale, self.weight_zero, (self.out_features, self.in_features), self.group_size)
+        """This layer's weight in the format's container: views of its tensors, except the codes while they are in
+        PyTorch's CUDA int4 layout (then a row-major copy read back out of it)."""
+        w = formats.Int4Weight(self.weight, self.weight_scale, self.weight_zero, (self.out_features, self.in_features), self.group_size)
+        if self.cuda_layout:
+            w.codes = kernels.unpack_int4_from_cuda(self.weight, w)
+        return w
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return kernels.dequantize_int4(self.int4_weight(), dtype or self.compute_dtype)
@@ -362,10 +387,95 @@ class SlimLinearInt4(SlimLinear):
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor) -> None:
+        if self.cuda_layout:
+            self._set_cuda_layout(False)
         self._set_tensor("weight", formats.pack_codes(codes).to(self.weight.device))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            want = self._want_cuda_layout(x)
+            if want != self.cuda_layout:
+                self._set_cuda_layout(want)
+        if self.cuda_layout:
+            return kernels.linear_int4_cuda(x, self.weight, self.weight_scale, self.weight_zero, self.group_size, self.out_features)
         return kernels.linear_int4(x, self.int4_weight(), self.compute_dtype)
+
+    # ---- PyTorch's CUDA int4 layout (see kernels.pack_int4_for_cuda) ---------------------------
+
+    _cuda_layout_failed = False  # set for the process when the kernel disagreed with the reference math once
+
+    @property
+    def cuda_layout(self) -> bool:
+        """Whether `weight` holds its codes in PyTorch's CUDA int4 layout (set by `_set_cuda_layout`, which remembers the
+        parameter it packed: a weight put in its place since is in the stored layout)."""
+        packed = getattr(self, "_cuda_packed", None)
+        return packed is not None and packed is self.weight
+
+    def _want_cuda_layout(self, x: torch.Tensor) -> bool:
+        """Inference in bfloat16 on a GPU whose kernel takes this shape, on a weight that stays in this module."""
+        return (
+            x.is_cuda
+            and x.dtype == torch.bfloat16
+            and not self.training
+            and not getattr(self, "streamed", False)
+            and not hasattr(self, "_hf_hook")
+            and self.weight.is_cuda
+            and not SlimLinearInt4._cuda_layout_failed
+            and kernels.int4pack_usable((self.out_features, self.in_features), self.group_size, self.weight.device)
+        )
+
+    @torch.no_grad()
+    def _set_cuda_layout(self, packed: bool) -> None:
+        if packed:
+            w = self.int4_weight()
+            codes = kernels.pack_int4_for_cuda(w)
+            if not _int4_kernel_agrees(codes, w):
+                SlimLinearInt4._cuda_layout_failed = True
+                return
+            self.weight = nn.Parameter(codes, requires_grad=False)
+        elif self.cuda_layout:
+            self.weight = nn.Parameter(self.int4_weight().codes, requires_grad=False)
+        self.__dict__["_cuda_packed"] = self.weight if packed else None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.cuda_layout:  # saved, exported and compared in the stored layout
+            destination[prefix + "weight"] = self.int4_weight().codes
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.cuda_layout:
+            self._set_cuda_layout(False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+_INT4_KERNEL_CHECKED: set[tuple[int, int, int]] = set()  # shapes (out, in, group) whose CUDA int4 kernel result was checked
+
+
+def _int4_kernel_agrees(packed: torch.Tensor, w: formats.Int4Weight) -> bool:
+    """Whether PyTorch's CUDA int4 kernel on `packed` computes what the reference math does, and gives the codes back.
+
+    Checked once per shape per process (a layout PyTorch changed under us would otherwise compute garbage silently);
+    on a mismatch the layer keeps the stored layout and the reference path, with a warning.
+    """
+    key = (*w.shape, w.group_size)
+    if key in _INT4_KERNEL_CHECKED:
+        return True
+    x = torch.randn(3, w.shape[1], dtype=torch.bfloat16, device=packed.device)
+    expected = x.float() @ formats.dequantize_int4(w, torch.float32).t()
+    got = kernels.linear_int4_cuda(x, packed, w.scale, w.zero, w.group_size, w.shape[0]).float()
+    error = ((got - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+    round_trip = torch.equal(kernels.unpack_int4_from_cuda(packed, w), w.codes.reshape(-1, 1))
+    if error > 0.02 or not round_trip:
+        logger.warning(
+            "PyTorch's CUDA int4 kernel disagrees with llmslim's int4 math on a %s weight (relative error %.3g, codes read back "
+            "equal: %s): int4 layers keep the reference dequantize-then-matmul path on this GPU",
+            tuple(w.shape),
+            error,
+            round_trip,
+        )
+        return False
+    _INT4_KERNEL_CHECKED.add(key)
+    return True
 
 
 def quantizable(module: nn.Module) -> bool:

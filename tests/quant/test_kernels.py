@@ -517,3 +517,36 @@ def test_gemv_4bit_cpu_layout_rejects_bad_operands():
         torch.ops.llmslim.gemv_4bit_cpu_layout(_randn((1, 64)), packed, absmax, code, 32, 64, 64)
     with pytest.raises(RuntimeError, match="N % 32"):
         torch.ops.llmslim.gemv_4bit_cpu_layout(_randn((1, 128), torch.bfloat16), packed, absmax, code, 16, 128, 64)
+
+
+# ---- bitsandbytes' operators called directly (the CUDA path; their CPU implementations here) ----
+
+
+@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
+@pytest.mark.parametrize("double_quant", (False, True))
+@pytest.mark.parametrize("tokens", (1, 5))
+def test_linear_4bit_on_bitsandbytes_operators_equals_reference(fmt, double_quant, tokens):
+    torch.manual_seed(0)
+    w = kernels.quantize_4bit(torch.randn(96, 256), fmt, 64, double_quant)
+    x = torch.randn(1, tokens, 256, dtype=torch.bfloat16)
+    out = kernels.linear_4bit_bnb_ops(x, w, formats.code_4bit(fmt), formats.dynamic_map(), torch.bfloat16)
+    expected = x.float() @ formats.dequantize_4bit(w, torch.float32).t()
+    assert out.shape == (1, tokens, 96) and out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() <= 0.01 * expected.abs().max()
+    dequantized = kernels.dequantize_4bit_bnb_ops(w, formats.dynamic_map(), torch.float32)
+    assert torch.equal(dequantized, formats.dequantize_4bit(w, torch.float32))
+
+
+@pytest.mark.parametrize("tokens", (1, kernels.INT8_DECODE_MAX_TOKENS, 16))
+def test_linear_int8_on_bitsandbytes_operators_keeps_outliers(tokens):
+    # decode sizes: every column in 16 bits; prompts: LLM.int8 with the outlier column in 16 bits
+    torch.manual_seed(0)
+    weight, absmax = kernels.quantize_int8_rows(torch.randn(64, 128))
+    x = torch.randn(tokens, 128, dtype=torch.bfloat16)
+    x[:, 3] = 40.0
+    out = kernels.linear_int8_bnb_ops(x, weight, absmax, 6.0)
+    expected = x.float() @ formats.dequantize_int8_rows(weight, absmax, torch.float32).t()
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() <= 0.01 * expected.abs().max()
+    if tokens <= kernels.INT8_DECODE_MAX_TOKENS:  # no activation quantization: bf16 rounding of the output only
+        assert (out.float() - expected).abs().max() <= 0.004 * expected.abs().max()
