@@ -158,5 +158,17 @@ def test_compiled_decode_on_cuda_equals_eager_without_graph_breaks(kernel_sized_
         compiled_tokens, compiled_logits = generate()
         generate()  # replays the captured graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert torch.equal(compiled_tokens, eager_tokens)
-    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0.02 * eager_logits.abs().max().item())
+    # the same greedy tokens up to the first step whose two best eager logits are within rounding of each other
+    # (this random model's logits are nearly flat: seen on an H200, nf4 decoded token 92 five times eagerly and six
+    # times compiled, a tie that fused bf16 arithmetic breaks the other way); the logits agree all along the steps
+    # both took
+    tolerance = 0.02 * eager_logits.abs().max().item()
+    top2 = eager_logits[:, 0].topk(2, dim=-1).values  # (steps, 2)
+    near_tie = (top2[:, 0] - top2[:, 1] <= 2 * tolerance).nonzero()
+    steps = int(near_tie[0, 0]) if near_tie.numel() else eager_logits.shape[0]
+    new_tokens = slice(prompt.shape[1], prompt.shape[1] + steps)
+    assert steps >= 4, "the eager logits tie too early for the check to mean anything"
+    assert torch.equal(compiled_tokens[:, new_tokens], eager_tokens[:, new_tokens])
+    diverged = (compiled_tokens != eager_tokens).nonzero()
+    same = int(diverged[0, 1]) - prompt.shape[1] + 1 if diverged.numel() else eager_logits.shape[0]
+    torch.testing.assert_close(compiled_logits[:same], eager_logits[:same], rtol=0, atol=tolerance)
