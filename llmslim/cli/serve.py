@@ -29,6 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=64, help="requests that may wait for a slot before 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=1024, help="server cap on new tokens per request (default 1024)")
     p.add_argument("--max-n", type=int, default=8, help="most choices (n) per request, each a slot of --max-batch (default 8)")
+    p.add_argument(
+        "--prefix-cache-mib", type=float, default=256.0, help="memory for reused prompt prefixes (prefix caching; 0 = off, default 256)"
+    )
     p.add_argument("--max-context", type=int, default=None, help="tokens per sequence, prompt included (default: the model's)")
     p.add_argument(
         "--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body; a bigger one gets 413 (default 2 MiB)"

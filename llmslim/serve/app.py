@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,6 +46,7 @@ from llmslim.serve.engine import (
     RequestHandle,
     TooManyChoicesError,
 )
+from llmslim.serve.grammar import GrammarError, is_llguidance_available
 from llmslim.serve.logprobs import TokenText
 from llmslim.serve.metrics import CONTENT_TYPE, Metrics
 from llmslim.serve.protocol import (
@@ -58,6 +59,7 @@ from llmslim.serve.protocol import (
     error_body,
 )
 from llmslim.serve.sampling import SamplingParams
+from llmslim.serve.tools import ToolError, ToolOutput, ToolPlan, plan_tools, render_messages, supports_tools
 
 logger = logging.getLogger(__name__)
 
@@ -165,16 +167,18 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         _check_generates(state, "/v1/completions")
         params = body.sampling(body.max_tokens or state.engine.config.max_tokens)  # cheap checks before tokenizing
         prompt = body.prompt_text_or_ids()
+        _, grammar = await run_in_threadpool(_constraints, state, body)
         ids = prompt if isinstance(prompt, list) else await run_in_threadpool(_prompt_ids, state.engine.tokenizer, prompt)
-        return await _generate(request, state, body, ids, params, "completion")
+        return await _generate(request, state, body, ids, replace(params, grammar=grammar), "completion")
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(state, body.model)
         _check_generates(state, "/v1/chat/completions")
         params = body.sampling(body.requested_max_tokens or state.engine.config.max_tokens)
-        ids = await run_in_threadpool(_chat_prompt_ids, state.engine.tokenizer, body)
-        return await _generate(request, state, body, ids, params, "chat")
+        plan, grammar = await run_in_threadpool(_constraints, state, body)
+        ids = await run_in_threadpool(_chat_prompt_ids, state.engine.tokenizer, body, plan)
+        return await _generate(request, state, body, ids, replace(params, grammar=grammar), "chat", plan)
 
     @app.post("/v1/embeddings", dependencies=auth)
     async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
@@ -255,21 +259,50 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
         raise APIError(400, f"the tokenizer could not encode the prompt: {err}", param="prompt") from err
 
 
-def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest) -> list[int]:
+def _chat_prompt_ids(tokenizer, body: ChatCompletionRequest, plan: ToolPlan | None) -> list[int]:
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model's tokenizer has no chat template: use /v1/completions with a plain prompt", param="messages")
-    messages = [m.for_template() for m in body.messages]
+    messages, tools = render_messages(body.messages, plan, native=supports_tools(tokenizer))
     try:
-        encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        encoded = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)
     except Exception as err:  # the template itself raises on conversations it does not accept
         raise APIError(400, f"the chat template rejected these messages: {err}", param="messages") from err
     return list(encoded["input_ids"])
 
 
+def _constraints(state: ServerState, body) -> tuple[ToolPlan | None, str | None]:
+    """The request's tools and the grammar its output must follow (a forced tool call's, or `response_format`'s), or a 400."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if getattr(body, "tools", None) else None
+    choice = getattr(body, "tool_choice", None)
+    choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
+    schema, field = body.response_format.schema() if body.response_format is not None else (None, "response_format")
+    if (schema is not None or choice not in (None, "none", "auto")) and not is_llguidance_available():
+        message = "structured output and forced tool calls need the llguidance package on the server: pip install 'llmslim[serve]'"
+        raise APIError(400, message, param="response_format" if schema is not None else "tool_choice")
+    grammars = state.engine.grammars
+    try:
+        plan = plan_tools(tools, choice, grammars)
+    except (ToolError, GrammarError) as err:
+        raise APIError(400, str(err), param=getattr(err, "param", "tools")) from err
+    if plan is not None and plan.mode == "forced":
+        if schema is not None:
+            message = "response_format and a forced tool_choice both constrain the answer: send one of them"
+            raise APIError(400, message, param="response_format")
+        return plan, plan.grammar
+    if schema is None:
+        return plan, None
+    try:
+        return plan, grammars.compile_json_schema(schema, field)
+    except GrammarError as err:
+        raise APIError(400, str(err), param=field) from err
+
+
 # ----------------------------------------------------------------------------- generation
 
 
-async def _generate(request: Request, state: ServerState, body, prompt_ids: list[int], params: SamplingParams, kind: str):
+async def _generate(
+    request: Request, state: ServerState, body, prompt_ids: list[int], params: SamplingParams, kind: str, tools: ToolPlan | None = None
+):
     """Submit to the engine and answer as one JSON body or as server-sent events."""
     request_id = request.state.request_id
     try:
@@ -286,23 +319,27 @@ async def _generate(request: Request, state: ServerState, body, prompt_ids: list
         raise APIError(429, str(err), type="rate_limit_error", code="queue_full") from err
     request.state.prompt_tokens = len(prompt_ids)
     formatter = Formatter(kind, request_id, state.model_id, state.tokens)
+    outputs = [ToolOutput(tools) for _ in range(params.n)]
     if body.stream:
-        stream = _sse(request, handle, formatter, body.include_usage)
+        stream = _sse(request, handle, formatter, body.include_usage, outputs)
         return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    return JSONResponse(await _collect(request, handle, formatter))
+    return JSONResponse(await _collect(request, handle, formatter, outputs))
 
 
-async def _collect(request: Request, handle: RequestHandle, formatter: Formatter) -> dict:
+async def _collect(request: Request, handle: RequestHandle, formatter: Formatter, outputs: list[ToolOutput]) -> dict:
     """The whole generation as one response body; a client that disconnects cancels it."""
     watcher = asyncio.create_task(_cancel_on_disconnect(request, handle))
     n = handle.params.n
     texts, logprobs, finals = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+    reasons, calls = [None] * n, [None] * n
     try:
         async for event in handle.events():
-            texts[event.index].append(event.text)
+            texts[event.index].append(outputs[event.index].push(event.text))
             logprobs[event.index].extend(event.logprobs)
             if event.finish_reason is not None:
                 finals[event.index] = event
+                rest, calls[event.index], reasons[event.index] = outputs[event.index].finish(event.finish_reason)
+                texts[event.index].append(rest)
     finally:
         watcher.cancel()
         if not handle.finished:
@@ -315,11 +352,13 @@ async def _collect(request: Request, handle: RequestHandle, formatter: Formatter
         request.state.finish_reason = "disconnected"
         raise APIError(CLIENT_CLOSED, "the client closed the connection before the answer was ready", code="client_closed_request")
     wanted = handle.params.logprobs is not None
-    choices = [("".join(t), e.finish_reason, lp if wanted else None) for t, e, lp in zip(texts, finals, logprobs, strict=True)]
-    return formatter.response(choices, finals[0].prompt_tokens, sum(e.completion_tokens for e in finals))
+    choices = [("".join(t), reason, lp if wanted else None) for t, reason, lp in zip(texts, reasons, logprobs, strict=True)]
+    return formatter.response(choices, finals[0].prompt_tokens, sum(e.completion_tokens for e in finals), calls)
 
 
-async def _sse(request: Request, handle: RequestHandle, formatter: Formatter, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(
+    request: Request, handle: RequestHandle, formatter: Formatter, include_usage: bool, outputs: list[ToolOutput]
+) -> AsyncIterator[str]:
     """Server-sent events: chunks of text (and logprobs) per choice, a last chunk per choice with its finish reason, then `[DONE]`."""
     wanted, finals = handle.params.logprobs is not None, []
     try:
@@ -331,11 +370,16 @@ async def _sse(request: Request, handle: RequestHandle, formatter: Formatter, in
                 _record(request, [*finals, event])
                 yield _data(error_body(f"generation failed: {event.error or event.finish_reason}", "server_error"))
                 break
-            if event.text or (wanted and event.logprobs):
-                yield _data(formatter.chunk(event.text, index=event.index, logprobs=event.logprobs if wanted else None))
+            output = outputs[event.index]
+            text = output.push(event.text)
+            if text or (wanted and event.logprobs):
+                yield _data(formatter.chunk(text, index=event.index, logprobs=event.logprobs if wanted else None))
             if event.finish_reason is not None:
                 finals.append(event)
-                yield _data(formatter.chunk(None if formatter.kind == "chat" else "", event.finish_reason, index=event.index))
+                rest, calls, reason = output.finish(event.finish_reason)
+                if rest or calls:
+                    yield _data(formatter.chunk(rest or None, index=event.index, tool_calls=calls))
+                yield _data(formatter.chunk(None if formatter.kind == "chat" else "", reason, index=event.index))
         else:
             _record(request, finals)
             if include_usage:

@@ -4,9 +4,11 @@
                                    drop cancelled sequences
                                    run queued jobs (embedding forwards) between steps
                                    admit waiting requests while slots are free: prefill each alone
+                                     (the longest cached prefix of its prompt is reused: only the rest is computed)
                                      (a request for n choices: one prefill, its KV copied to n sequences)
                                    one decode step for every active sequence together
-                                   per sequence: penalties, sample, logprobs, detokenize, stop? -> events
+                                   the grammar masks of the constrained rows (one parallel call for the batch)
+                                   per sequence: mask, penalties, sample, logprobs, detokenize, stop? -> events
 
 Requests join and leave the running batch between steps, so a short request never waits for a
 long one to finish. Each sequence keeps its own KV cache (`kvcache.SequenceKV`); the linear layers
@@ -34,8 +36,10 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from llmslim.serve.grammar import Constraint, Grammars, apply_mask
 from llmslim.serve.kvcache import BatchKV, SequenceKV, cache_keyword, use_row_attention
 from llmslim.serve.logprobs import TokenLogprob, token_logprob
+from llmslim.serve.prefixcache import PrefixCache
 from llmslim.serve.sampling import SamplingParams, apply_penalties, sample_token
 from llmslim.serve.textstream import Delta, TextStream
 
@@ -74,6 +78,8 @@ class EngineConfig:
             what is parsed and tokenized before the context length can be checked.
         max_n: most choices (`n`) one request may ask for; each takes a generation slot, so the cap is
             also at most `max_batch`.
+        prefix_cache_mib: memory for the keys and values of prompt prefixes that later prompts reuse (prefix caching,
+            least recently used out); 0 turns it off.
     """
 
     max_batch: int = 16
@@ -82,11 +88,14 @@ class EngineConfig:
     context_length: int | None = None
     max_body_bytes: int = 2 * 1024 * 1024
     max_n: int = 8
+    prefix_cache_mib: float = 256.0
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.prefix_cache_mib >= 0:
+            raise ValueError(f"prefix_cache_mib must be 0 (off) or more, got {self.prefix_cache_mib}")
         if self.context_length is not None and self.context_length < 2:
             raise ValueError(f"context_length must be at least 2, got {self.context_length}")
 
@@ -176,6 +185,7 @@ class _Sequence:
     stream: TextStream
     generator: torch.Generator
     index: int = 0
+    constraint: Constraint | None = None  # structured output: the grammar the tokens must follow
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
@@ -212,6 +222,8 @@ class Engine:
         self._num_layers = model.config.num_hidden_layers
         self._eos = _eos_ids(model, tokenizer)
         self._device = next(model.parameters()).device
+        self.prefix_cache = PrefixCache(int(self.config.prefix_cache_mib * 2**20))  # used on the engine thread only
+        self.grammars = Grammars(tokenizer, self.vocab_size, self._eos)  # llguidance loads on the first constrained request
         self._pending: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=self.config.max_queue)  # None: a wake-up
         self._waiting: RequestHandle | None = None  # taken from the queue, waiting for n free slots
         self._jobs: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue(maxsize=self.config.max_queue)
@@ -409,20 +421,26 @@ class Engine:
         self._guarded(sequences, self._prefill, sequences)  # a failed prefill ends all n choices
 
     def _new_sequence(self, handle: RequestHandle, index: int) -> _Sequence:
-        stream = TextStream(self.tokenizer, handle.params.stop)
-        return _Sequence(handle, SequenceKV(self._num_layers), stream, handle.params.choice_generator(index), index)
+        params = handle.params
+        stream = TextStream(self.tokenizer, params.stop)
+        constraint = self.grammars.constraint(params.grammar) if params.grammar is not None else None
+        return _Sequence(handle, SequenceKV(self._num_layers), stream, params.choice_generator(index), index, constraint)
 
     def _prefill(self, sequences: list[_Sequence]) -> None:
-        first = sequences[0]
-        ids = torch.tensor([first.handle.prompt_ids])  # (1, prompt)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)  # (1, prompt)
+        first, prompt = sequences[0], sequences[0].handle.prompt_ids
+        cached, start = self.prefix_cache.lookup(prompt)
+        first.kv = cached or first.kv
+        ids = torch.tensor([prompt[start:]])  # (1, prompt - cached)
+        positions = torch.arange(start, len(prompt)).unsqueeze(0)  # (1, prompt - cached)
         logits = self._forward([first.kv], ids, positions)  # (1, vocab)
         self.stats.prefill_tokens += ids.shape[1]
+        self.prefix_cache.store(prompt, first.kv)
         for other in sequences[1:]:
             other.kv = first.kv.copy()  # the prompt's keys and values, computed once
         greedy = int(logits[0].argmax())
+        masks = self._masks(sequences)
         for sequence in sequences:
-            self._guarded([sequence], self._advance, sequence, logits[0], greedy)
+            self._guarded([sequence], self._advance, sequence, logits[0], greedy, masks.get(id(sequence)))
 
     def _decode_step(self) -> None:
         batch = list(self._active)
@@ -432,8 +450,18 @@ class Engine:
         self.stats.decode_steps += 1
         self.stats.decoded_tokens += len(batch)
         greedy = logits.argmax(dim=-1).tolist()  # one call for the batch: argmax is exact, so per row it is the same
+        masks = self._masks(batch)
         for row, sequence in enumerate(batch):
-            self._guarded([sequence], self._advance, sequence, logits[row], greedy[row])  # a failure here ends this sequence only
+            if sequence in self._active:  # (a failed mask ended it); a failure here ends this sequence only
+                self._guarded([sequence], self._advance, sequence, logits[row], greedy[row], masks.get(id(sequence)))
+
+    def _masks(self, batch: list[_Sequence]) -> dict[int, torch.Tensor]:
+        """The allowed next tokens of each constrained sequence of `batch`, by id(sequence): one parallel call for all of them."""
+        constrained = [s for s in batch if s.constraint is not None]
+        if not constrained:
+            return {}
+        allowed = self._guarded(constrained, self.grammars.masks, [s.constraint for s in constrained])  # (rows, vocab) bool
+        return {} if allowed is None else {id(s): allowed[row] for row, s in enumerate(constrained)}
 
     def _batch_logits(self, batch: list[_Sequence]) -> torch.Tensor:
         ids = torch.tensor([[s.last_token] for s in batch])  # (batch, 1)
@@ -446,18 +474,23 @@ class Engine:
         out = self.model(input_ids=ids.to(self._device), position_ids=positions.to(self._device), **kwargs)
         return out.logits[:, -1, :]
 
-    def _advance(self, sequence: _Sequence, logits: torch.Tensor, greedy_token: int) -> None:
-        """Choose the next token of `sequence` from its raw `logits` (vocab,), send its text, and end it if it is done."""
+    def _advance(self, sequence: _Sequence, logits: torch.Tensor, greedy_token: int, allowed: torch.Tensor | None = None) -> None:
+        """Choose the next token of `sequence` from its raw `logits` (vocab,) (among `allowed` ones, for a constrained
+        sequence), send its text, and end it if it is done."""
         params = sequence.handle.params
-        token = self._choose(sequence, logits, greedy_token)
+        token = self._choose(sequence, logits, greedy_token, allowed)
         if params.logprobs is not None:
             sequence.logprobs.append(token_logprob(logits, token, params.logprobs))  # of the raw logits
         sequence.output_ids.append(token)
-        if token in self._eos and not params.ignore_eos:
+        if sequence.constraint is not None:
+            sequence.constraint.consume(token)
+        if token in self._eos and (not params.ignore_eos or sequence.constraint is not None):
             self._finish(sequence, sequence.stream.finish(), "stop")
             return
         delta = sequence.stream.push(token)
-        if delta.stopped:
+        if sequence.constraint is not None and sequence.constraint.complete:  # the document is whole: nothing may follow
+            self._finish(sequence, Delta(delta.text + sequence.stream.finish().text), "stop")
+        elif delta.stopped:
             self._finish(sequence, delta, "stop")
         elif sequence.completion_tokens >= params.max_tokens:
             rest = sequence.stream.finish()
@@ -467,10 +500,13 @@ class Engine:
             if delta.text:  # logprobs of tokens whose text is held back go out with the next text
                 self._outbox.append((sequence.handle, Event(delta.text, index=sequence.index, logprobs=sequence.take_logprobs())))
 
-    def _choose(self, sequence: _Sequence, logits: torch.Tensor, greedy_token: int) -> int:
+    def _choose(self, sequence: _Sequence, logits: torch.Tensor, greedy_token: int, allowed: torch.Tensor | None) -> int:
         params = sequence.handle.params
         if params.penalized:
             logits = apply_penalties(logits, params, sequence.handle.prompt_ids, sequence.output_ids)  # (vocab,)
+            greedy_token = int(logits.argmax())
+        if allowed is not None:  # after the penalties: they make every logit finite again
+            logits = apply_mask(logits, allowed)  # (vocab,)
             greedy_token = int(logits.argmax())
         return greedy_token if params.greedy else sample_token(logits, params, sequence.generator)
 

@@ -61,6 +61,21 @@ class SequenceKV:
         twin._lengths = list(self._lengths)
         return twin
 
+    def prefix(self, length: int) -> SequenceKV:
+        """An independent copy of the first `length` tokens, in buffers of exactly that size (prefix caching)."""
+        if not 0 < length <= self.length:
+            raise ValueError(f"a prefix must hold 1 to {self.length} tokens, got {length}")
+        twin = SequenceKV(len(self._keys))
+        twin._keys = [k[:, :, :length].clone() for k in self._keys]  # (1, kv_heads, length, head_dim) per layer
+        twin._values = [v[:, :, :length].clone() for v in self._values]
+        twin._lengths = [length] * len(self._keys)
+        return twin
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (capacity, not just the tokens held)."""
+        return sum(t.numel() * t.element_size() for t in self._keys + self._values if t is not None)
+
     def _reserve(self, layer: int, key: torch.Tensor, value: torch.Tensor, needed: int) -> None:
         old_k, old_v, used = self._keys[layer], self._values[layer], self._lengths[layer]
         if old_k is not None and old_k.shape[2] >= needed:
@@ -95,10 +110,21 @@ def row_attention(module, query: torch.Tensor, key, value, attention_mask, **kwa
     if isinstance(key, torch.Tensor):
         raise TypeError(f"{ROW_ATTENTION} attention needs llmslim.serve.kvcache.BatchKV as the cache, got a plain tensor")
     outputs = [
-        sdpa_attention_forward(module, query[row : row + 1], k, v, None, **kwargs)[0]  # (1, q_len, heads, head_dim)
+        sdpa_attention_forward(module, query[row : row + 1], k, v, _suffix_mask(query.shape[2], k.shape[2], query.device), **kwargs)[0]
         for row, (k, v) in enumerate(zip(key, value, strict=True))
-    ]
+    ]  # each (1, q_len, heads, head_dim)
     return torch.cat(outputs), None  # (batch, q_len, heads, head_dim)
+
+
+def _suffix_mask(q_len: int, k_len: int, device) -> torch.Tensor | None:
+    """None (plain causal attention) unless several new tokens follow cached ones (a prompt whose prefix was cached):
+    then query i sees the cached keys and the new ones up to itself, (1, 1, q_len, k_len) bool. SDPA's own causal mask
+    is aligned top-left, so it cannot say this."""
+    if q_len == 1 or k_len == q_len:
+        return None
+    cached = k_len - q_len
+    keys = torch.arange(k_len, device=device)  # (k_len,)
+    return (keys[None, :] <= cached + torch.arange(q_len, device=device)[:, None])[None, None]  # (1, 1, q_len, k_len)
 
 
 def use_row_attention(model: PreTrainedModel) -> str:

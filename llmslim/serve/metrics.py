@@ -96,7 +96,22 @@ class Metrics:
         lines.append(f"llmslim_decoded_tokens_total {stats.decoded_tokens}")
         lines += _header("llmslim_generations_total", "counter", "generations ended, by finish reason")
         lines += [f'llmslim_generations_total{{reason="{r}"}} {n}' for r, n in sorted(dict(stats.finished).items())]
-        return lines
+        return lines + _prefix_cache_lines(engine.prefix_cache)
+
+
+def _prefix_cache_lines(cache) -> list[str]:
+    stats = cache.stats
+    lines = _header("llmslim_prefix_cache_lookups_total", "counter", "prompts looked up in the prefix cache")
+    lines.append(f"llmslim_prefix_cache_lookups_total {stats.lookups}")
+    lines += _header("llmslim_prefix_cache_hits_total", "counter", "prompts whose prefix was cached (its keys and values reused)")
+    lines.append(f"llmslim_prefix_cache_hits_total {stats.hits}")
+    lines += _header("llmslim_prefix_cache_hit_tokens_total", "counter", "prompt tokens reused from the prefix cache, not recomputed")
+    lines.append(f"llmslim_prefix_cache_hit_tokens_total {stats.hit_tokens}")
+    lines += _header("llmslim_prefix_cache_evictions_total", "counter", "prefixes evicted (least recently used) to stay in memory")
+    lines.append(f"llmslim_prefix_cache_evictions_total {stats.evictions}")
+    lines += _header("llmslim_prefix_cache_bytes", "gauge", "bytes of keys and values held by the prefix cache")
+    lines.append(f"llmslim_prefix_cache_bytes {cache.nbytes}")
+    return lines
 
 
 def _header(name: str, kind: str, help_text: str) -> list[str]:

@@ -54,6 +54,34 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JSONSchemaSpec(BaseModel):
+    """`response_format.json_schema`: the schema the answer must validate against."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: Text = "response"
+    description: Text | None = None
+    schema_: object = Field(None, alias="schema")  # any JSON: the grammar engine says what it cannot use
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON valid under a schema (constrained decoding)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+    def schema(self) -> tuple[dict | None, str]:
+        """The JSON schema to enforce (None for free text) and the request field it came from."""
+        if self.type == "text":
+            return None, "response_format"
+        if self.type == "json_object":
+            return {"type": "object"}, "response_format"
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise APIError(400, "response_format.json_schema.schema is required with type json_schema", param="response_format")
+        return self.json_schema.schema_, "response_format.json_schema.schema"
+
+
 class _GenerationRequest(BaseModel):
     """Fields shared by completions and chat completions."""
 
@@ -75,6 +103,7 @@ class _GenerationRequest(BaseModel):
     top_k: int | None = Field(None, ge=-1)  # -1 or 0: all tokens
     min_p: Float | None = Field(None, ge=0, le=1)
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks)
+    response_format: ResponseFormat | None = None
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """The engine's parameters; raises `APIError` for options this server does not implement."""
@@ -132,15 +161,57 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    name: Text
+    arguments: Text  # a JSON object, as text (the OpenAI wire format)
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")  # as in the OpenAI API
+    description: Text | None = None
+    parameters: object = None  # a JSON schema of type object (checked in tools.py, which says what is wrong)
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class FunctionName(BaseModel):
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = None
+    name: Text | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: Text | None = None  # a tool's answer: to which call
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
 
     def for_template(self) -> dict:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
 
 
 class ChatCompletionRequest(_GenerationRequest):
@@ -150,6 +221,9 @@ class ChatCompletionRequest(_GenerationRequest):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def top_logprob_count(self) -> int | None:
         if self.top_logprobs and not self.logprobs:
@@ -193,6 +267,12 @@ def embedding_response(vectors: list, model: str, prompt_tokens: int) -> dict:
     return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
 
 
+def _message(text: str, tool_calls: list[dict] | None) -> dict:
+    if not tool_calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": tool_calls}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
@@ -213,22 +293,39 @@ class Formatter:
         self.created = int(time.time())
         self._offsets: dict[int, int] = {}  # per choice: where the next token starts in its text (completion logprobs)
 
-    def response(self, choices: list[tuple[str, str, list[TokenLogprob] | None]], prompt_tokens: int, completion_tokens: int) -> dict:
-        """The whole answer; `choices[i]` is choice i's (text, finish_reason, logprobs or None when not asked for)."""
+    def response(
+        self,
+        choices: list[tuple[str, str, list[TokenLogprob] | None]],
+        prompt_tokens: int,
+        completion_tokens: int,
+        tool_calls: list[list[dict] | None] | None = None,
+    ) -> dict:
+        """The whole answer; `choices[i]` is choice i's (text, finish_reason, logprobs or None when not asked for), `tool_calls[i]`
+        its tool calls (OpenAI's `message.tool_calls` entries) or None."""
         bodies = []
-        for index, (text, finish_reason, logprobs) in enumerate(choices):
-            content = {"message": {"role": "assistant", "content": text}} if self.kind == "chat" else {"text": text}
+        tool_calls = tool_calls or [None] * len(choices)
+        for index, ((text, finish_reason, logprobs), calls) in enumerate(zip(choices, tool_calls, strict=True)):
+            content = {"message": _message(text, calls)} if self.kind == "chat" else {"text": text}
             bodies.append({"index": index} | content | {"logprobs": self.logprobs(index, logprobs), "finish_reason": finish_reason})
         kind = "chat.completion" if self.kind == "chat" else "text_completion"
         return self._envelope(kind, bodies, usage=usage(prompt_tokens, completion_tokens))
 
     def chunk(
-        self, text: str | None, finish_reason: str | None = None, role: bool = False, index: int = 0, logprobs: list | None = None
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        role: bool = False,
+        index: int = 0,
+        logprobs: list | None = None,
+        tool_calls: list[dict] | None = None,
     ) -> dict:
-        """A stream chunk of choice `index` with new text (`role=True` on the first chat chunk), or its last one with a finish reason."""
+        """A stream chunk of choice `index` with new text (`role=True` on the first chat chunk) or tool calls (whole, each with
+        its `index`), or its last one with a finish reason."""
         lp = self.logprobs(index, logprobs) if logprobs else None
         if self.kind == "chat":
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            if tool_calls:
+                delta["tool_calls"] = [{"index": i} | call for i, call in enumerate(tool_calls)]
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             return self._envelope("chat.completion.chunk", [choice])
         choice = {"index": index, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}

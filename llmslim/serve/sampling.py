@@ -44,6 +44,8 @@ class SamplingParams:
         n: choices generated for the prompt (one prefill, decoded together).
         logprobs: None for no logprobs; k >= 0 for the chosen token's log-probability and the k most likely
             alternatives at each step (at most `MAX_TOP_LOGPROBS`).
+        grammar: structured output: an llguidance grammar (from `grammar.Grammars.compile_json_schema`) every
+            choice's tokens must follow; the choice ends ("stop") as soon as its output is complete.
     """
 
     max_tokens: int
@@ -59,6 +61,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         if self.max_tokens < 1:

@@ -153,7 +153,7 @@ def test_n_greedy_choices_equal_each_other_and_one_choice(server, client, tokeni
         create, args = client.completions.create, dict(prompt=PROMPT, **common)
     single = create(**args)
     one = single.choices[0].message.content if kind == "chat" else single.choices[0].text
-    prefilled = server.engine.stats.prefill_tokens
+    prefilled, reused = server.engine.stats.prefill_tokens, server.engine.prefix_cache.stats.hit_tokens
     if stream:
         texts, _ = stream_pieces(create(n=3, stream=True, **args), kind, n=3)
     else:
@@ -162,7 +162,9 @@ def test_n_greedy_choices_equal_each_other_and_one_choice(server, client, tokeni
         assert result.usage.completion_tokens == 30 and result.usage.prompt_tokens == single.usage.prompt_tokens
         texts = [c.message.content if kind == "chat" else c.text for c in result.choices]
     assert texts == [one] * 3
-    assert server.engine.stats.prefill_tokens - prefilled == single.usage.prompt_tokens  # one prefill for the three
+    computed = server.engine.stats.prefill_tokens - prefilled
+    assert computed + server.engine.prefix_cache.stats.hit_tokens - reused == single.usage.prompt_tokens  # one prefill for the three
+    assert computed >= 1
 
 
 def test_seeded_n_sampling_is_reproducible_and_the_choices_differ(client):
