@@ -34,6 +34,7 @@ benchmarks/README.md between `<!-- bench_gpu:start -->` and `<!-- bench_gpu:end 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -250,6 +251,9 @@ def timed_steps(step, count: int) -> tuple[list[float], list[float]]:
 
 
 def child_main(case: str, model_dir: str, args: argparse.Namespace) -> int:
+    # transformers >= 5.25 swaps in layers from the Hugging Face kernels hub by default where it can download them (an
+    # H200 here has no network: every bf16 and bitsandbytes load failed on it); llmslim's loads use none, so none do
+    os.environ.setdefault("USE_HUB_KERNELS", "0")
     result: dict = {}
     with recording_errors(result):
         if case == BANDWIDTH:
@@ -278,8 +282,9 @@ def add_derived(cases: dict[str, dict], read_gb_s: float | None) -> None:
         entry["top1_vs_bf16"] = agreement(entry.get("prefill_top1"), base.get("prefill_top1"))
         entry["top1_vs_peer"] = agreement(entry.get("prefill_top1"), cases.get(PEERS.get(case), {}).get("prefill_top1"))
         eager = cases.get(case.removesuffix(COMPILED), {}) if case.endswith(COMPILED) else {}
-        if eager.get("tokens") and entry.get("tokens"):
-            entry["tokens_equal_eager"] = eager["tokens"] == entry["tokens"]
+        if eager.get("tokens") and entry.get("tokens"):  # greedy tokens equal to the eager case's before the first difference
+            same = [a == b for a, b in zip(eager["tokens"], entry["tokens"], strict=True)]
+            entry["tokens_same_as_eager"] = same.index(False) if False in same else len(same)
 
 
 def targets(cases: dict[str, dict]) -> list[dict]:
@@ -402,20 +407,24 @@ def markdown(report: dict) -> str:
             "",
             "Compiled decode (static cache, `torch.compile` mode reduce-overhead: CUDA graphs): `llmslim.compile_decode` for llmslim, "
             "transformers' own compiled generation for the others. First call: the seconds of the first `generate` (compiling). "
-            "Graph breaks: torch.compile's count over the run. Greedy = eager: the 128 decoded tokens equal the eager case's.",
+            "Graph breaks: torch.compile's count over the run. Same as eager: how many of the decoded tokens equal the eager "
+            "case's before the first difference. The random weights make the logits nearly flat, and the compiled case rounds "
+            "differently (attention over the static cache, fused kernels), which flips near-ties early; tests/test_gpu.py "
+            "checks compiled against eager logits step by step instead.",
             "",
-            "| case | first call s | decode tok/s | × bf16 eager | % roofline | graph breaks | greedy = eager |",
+            "| case | first call s | decode tok/s | × bf16 eager | % roofline | graph breaks | same as eager |",
             "|---|---:|---:|---:|---:|---:|---|",
         ]
         for entry in compiled.values():
             if "error" in entry:
                 lines.append(f"| {entry['label']} | error: {entry['error'][:120]} | | | | | |")
                 continue
-            same = entry.get("tokens_equal_eager")
+            same = entry.get("tokens_same_as_eager")
+            same = "–" if same is None else f"{same}/{len(entry['tokens'])}"
             lines.append(
                 f"| {entry['label']} | {entry['compile_s']:.1f} | {entry['decode_tok_s']:.1f} | {fmt(entry['decode_vs_bf16'])} | "
                 f"{fmt(entry['roofline_fraction'] and 100 * entry['roofline_fraction'], '.1f', '%')} | {entry['graph_breaks']} | "
-                f"{'–' if same is None else 'yes' if same else 'no'} |"
+                f"{same} |"
             )
     if qlora:
         lines += [
@@ -437,10 +446,13 @@ def markdown(report: dict) -> str:
                 f"{entry['losses'][0]:.3f} → {entry['losses'][-1]:.3f} |"
             )
     if report.get("targets"):
-        lines += ["", "| target | measured | met |", "|---|---:|---|"]
+        lines += ["", "Issue 22's targets (– where a case it needs is missing from this run):", ""]
+        lines += ["| target | measured | met |", "|---|---:|---|"]
         for row in report["targets"]:
             met = "–" if row["met"] is None else "MET" if row["met"] else "not met"
             lines.append(f"| {row['target']} | {fmt(row['value'])} | {met} |")
+    if report.get("notes"):
+        lines += ["", *(f"- {note}" for note in report["notes"])]
     return "\n".join(lines)
 
 

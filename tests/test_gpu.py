@@ -155,20 +155,19 @@ def test_compiled_decode_on_cuda_equals_eager_without_graph_breaks(kernel_sized_
     with torch.inference_mode():
         eager_tokens, eager_logits = generate()
         llmslim.compile_decode(model, max_cache_len=16)
-        compiled_tokens, compiled_logits = generate()
-        generate()  # replays the captured graphs
+        generate()
+        compiled_tokens, compiled_logits = generate()  # the second call replays the captured graphs
     assert not counters["graph_break"], dict(counters["graph_break"])
-    # the same greedy tokens up to the first step whose two best eager logits are within rounding of each other
-    # (this random model's logits are nearly flat: seen on an H200, nf4 decoded token 92 five times eagerly and six
-    # times compiled, a tie that fused bf16 arithmetic breaks the other way); the logits agree all along the steps
-    # both took
+    # the same greedy tokens, except where the eager logits tie within rounding: this random model's logits are nearly
+    # flat (a first H200 run saw nf4 choose token 92 five times eagerly and six times compiled, a tie that fused bf16
+    # arithmetic breaks the other way). The logits agree at every step up to the first different token, and there the
+    # two tokens' eager logits are within rounding of each other.
     tolerance = 0.02 * eager_logits.abs().max().item()
-    top2 = eager_logits[:, 0].topk(2, dim=-1).values  # (steps, 2)
-    near_tie = (top2[:, 0] - top2[:, 1] <= 2 * tolerance).nonzero()
-    steps = int(near_tie[0, 0]) if near_tie.numel() else eager_logits.shape[0]
-    new_tokens = slice(prompt.shape[1], prompt.shape[1] + steps)
-    assert steps >= 4, "the eager logits tie too early for the check to mean anything"
-    assert torch.equal(compiled_tokens[:, new_tokens], eager_tokens[:, new_tokens])
-    diverged = (compiled_tokens != eager_tokens).nonzero()
-    same = int(diverged[0, 1]) - prompt.shape[1] + 1 if diverged.numel() else eager_logits.shape[0]
-    torch.testing.assert_close(compiled_logits[:same], eager_logits[:same], rtol=0, atol=tolerance)
+    start = prompt.shape[1]
+    differ = (compiled_tokens[0, start:] != eager_tokens[0, start:]).nonzero()
+    steps = int(differ[0, 0]) + 1 if differ.numel() else eager_logits.shape[0]
+    torch.testing.assert_close(compiled_logits[:steps], eager_logits[:steps], rtol=0, atol=tolerance)
+    if differ.numel():
+        step = int(differ[0, 0])
+        scores = eager_logits[step, 0]
+        assert scores[eager_tokens[0, start + step]] - scores[compiled_tokens[0, start + step]] <= 2 * tolerance

@@ -521,33 +521,11 @@ def linear_4bit_bnb_ops(x: torch.Tensor, w: formats.FourBitWeight, code: torch.T
     """
     out_features, in_features = w.shape
     if x.numel() == in_features and in_features % w.block_size == 0:
-        if torch.compiler.is_compiling():
-            return gemv_4bit_fusable(x, w, code, nested_map)
+        # also in a compiled step: the same product as plain tensor operations, which inductor fuses into one
+        # reduction kernel, decoded the 1.1B shape at 204 tok/s on an H200 against 250 for these three launches
         absmax = _float_absmax_bnb_ops(w, nested_map)
         return torch.ops.bitsandbytes.gemv_4bit(x, w.codes, [out_features, in_features], absmax, code, w.block_size)
     return torch.nn.functional.linear(x, dequantize_4bit_bnb_ops(w, nested_map, dtype))
-
-
-def gemv_4bit_fusable(x: torch.Tensor, w: formats.FourBitWeight, code: torch.Tensor, nested_map: torch.Tensor) -> torch.Tensor:
-    """One token times an NF4/FP4 weight as plain tensor operations, for a compiled step.
-
-    Inductor fuses them into one reduction kernel that reads the packed codes and the (double-quantized)
-    absmax once and never writes a dequantized weight: one launch per layer where bitsandbytes'
-    operators take three (absmax dequantization, its offset, the GEMV), which at batch 1 under CUDA
-    graphs is what a token costs. Needs whole blocks per row (`in % block_size == 0`). float32
-    products and sums, as bitsandbytes' kernel.
-    """
-    out_features, in_features = w.shape
-    blocks = in_features // w.block_size  # per row
-    absmax = w.absmax
-    if w.nested_absmax is not None:
-        nested_index = torch.arange(absmax.numel(), device=absmax.device) // formats.NESTED_BLOCK_SIZE
-        absmax = nested_map[absmax.long()] * w.nested_absmax[nested_index] + w.nested_offset
-    pairs = w.codes.view(out_features, blocks, w.block_size // 2)  # two codes per byte, the first in the high nibble
-    xb = x.reshape(blocks, w.block_size // 2, 2).float()
-    products = code[(pairs >> 4).long()] * xb[..., 0] + code[(pairs & 15).long()] * xb[..., 1]  # (out, blocks, block / 2)
-    out = (products * absmax.view(out_features, blocks, 1)).sum(dim=(-1, -2))
-    return out.to(x.dtype).view(*x.shape[:-1], out_features)
 
 
 def dequantize_4bit_bnb_ops(w: formats.FourBitWeight, nested_map: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -578,7 +556,8 @@ def linear_int8_bnb_ops(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] == 1 and torch.compiler.is_compiling():
         # a compiled step: multiply and sum as plain operations, which inductor fuses into one reduction kernel reading
-        # the int8 weight once (a bf16 copy of it, as F.linear needs, would move five bytes per weight instead of one)
+        # the int8 weight once (a bf16 copy of it, as F.linear needs, moves five bytes per weight instead of one): the
+        # 1.1B shape decoded at 279 tok/s on an H200 this way, 245 through F.linear
         out = ((weight.float() * flat.float()).sum(dim=-1, keepdim=True).t() * (row_absmax / 127.0)).to(x.dtype)
     elif flat.shape[0] <= INT8_DECODE_MAX_TOKENS:
         out = (torch.nn.functional.linear(flat, weight.to(x.dtype)).float() * (row_absmax / 127.0)).to(x.dtype)

@@ -552,19 +552,6 @@ def test_linear_int8_on_bitsandbytes_operators_keeps_outliers(tokens):
         assert (out.float() - expected).abs().max() <= 0.004 * expected.abs().max()
 
 
-@pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
-@pytest.mark.parametrize("double_quant", (False, True))
-def test_fusable_4bit_gemv_equals_reference(fmt, double_quant):
-    # the compiled step's one-token NF4/FP4 product on a GPU, as plain tensor operations
-    torch.manual_seed(0)
-    w = kernels.quantize_4bit(torch.randn(96, 256), fmt, 64, double_quant)
-    x = torch.randn(1, 1, 256, dtype=torch.bfloat16)
-    out = kernels.gemv_4bit_fusable(x, w, formats.code_4bit(fmt), formats.dynamic_map())
-    expected = x.float() @ formats.dequantize_4bit(w, torch.float32).t()
-    assert out.shape == (1, 1, 96) and out.dtype == torch.bfloat16
-    assert (out.float() - expected).abs().max() <= 0.01 * expected.abs().max()
-
-
 def test_one_token_int8_in_a_compiled_step_equals_reference():
     torch.manual_seed(0)
     weight, absmax = kernels.quantize_int8_rows(torch.randn(64, 128))
