@@ -268,6 +268,18 @@ def dequantize_int8_rows(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dty
     return (q.float() * (absmax / 127.0).unsqueeze(1)).to(dtype)
 
 
+ACTIVATION_BLOCK = 32  # activations quantized to int8 per this many elements at decode (llama.cpp's Q8_0 block)
+
+
+def quantize_activations_q8(x: torch.Tensor, block: int = ACTIVATION_BLOCK) -> torch.Tensor:
+    """What the integer-dot decode kernels multiply instead of `x` (last dim a multiple of `block`): each block of
+    `block` elements rounded to int8 steps of its absmax / 127, returned dequantized in float32."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, block)
+    step = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
+    inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
+    return (torch.round(blocks * inverse) * step).reshape(x.shape)
+
+
 def quantized_nbytes(tensors: list[torch.Tensor | None]) -> int:
     """Bytes held by a list of tensors (None entries are skipped)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

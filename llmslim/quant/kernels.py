@@ -301,6 +301,17 @@ def _vnni_kernel() -> bool:
 
 
 @torch.compiler.assume_constant_result
+def _has_int4_q8_kernel() -> bool:
+    return _int4_q8_kernel()
+
+
+@lru_cache(maxsize=1)
+def _int4_q8_kernel() -> bool:
+    """Whether `mm_int4_q8` (int4 x int8 activations) is built here: AVX-512 VNNI or AVX2."""
+    return bool(torch.ops.llmslim.int4_q8_available().item())
+
+
+@torch.compiler.assume_constant_result
 def decode_kernels() -> bool:
     """Whether llmslim's AVX-512 BF16/VNNI decode operators (`gemv_4bit_cpu_layout`, `gemv_int8_rows`) run here."""
     return _ops_loaded() and _vnni_kernel()
@@ -358,14 +369,14 @@ def dequantize_int4(w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
 def linear_int4(x: torch.Tensor, w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """`x @ W.T` for an int4 weight (no bias); `x` is already in `dtype`.
 
-    One token on a CPU with AVX-512 VNNI: activations quantized to int8 per 32 (as llama.cpp does)
-    times the unpacked codes, exact otherwise; a few tokens: the bf16 table kernel (exact products);
+    One token on a CPU with AVX-512 VNNI or AVX2: activations quantized to int8 per 32 (as llama.cpp
+    does) times the unpacked codes in integer dot products, exact otherwise; a few tokens: the bf16 table kernel (exact products);
     more: dequantize once, dense GEMM.
     """
     out_features, in_features = w.shape
     if _ops_usable(x, in_features):
         flat = x.reshape(-1, in_features)
-        if flat.shape[0] == 1 and _has_vnni_kernel():
+        if flat.shape[0] == 1 and _has_int4_q8_kernel():
             out = torch.ops.llmslim.mm_int4_q8(flat, w.codes, w.scale, w.zero, out_features, w.group_size)
         else:
             out = torch.ops.llmslim.mm_4bit(

@@ -561,3 +561,41 @@ def test_one_token_int8_in_a_compiled_step_equals_reference():
     expected = x.float() @ formats.dequantize_int8_rows(weight, absmax, torch.float32).t()
     assert out.shape == (1, 1, 64)
     assert (out.float() - expected).abs().max() <= 0.004 * expected.abs().max()
+
+
+# ---- int4 x int8 activations (AVX-512 VNNI or AVX2) --------------------------------------------
+
+
+needs_int4_q8 = pytest.mark.skipif(
+    not (native.load_ops() and kernels._int4_q8_kernel()), reason="mm_int4_q8 is not built here (needs AVX2 or AVX-512 VNNI)"
+)
+
+
+@needs_int4_q8
+@pytest.mark.parametrize(("n", "k", "group"), [(96, 256, 64), (40, 192, 32), (33, 320, 64), (8, 512, 128), (16, 2048, 256), (7, 64, 32)])
+@pytest.mark.parametrize("threads", (1, 2))
+def test_int4_q8_equals_reference_with_quantized_activations(n, k, group, threads):
+    # the kernel's math exactly: formats' int4 weight times the activations rounded to int8 per 32 elements
+    torch.manual_seed(n + k)
+    w = formats.quantize_int4(torch.randn(n, k), group)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    x[1, 5] = 30.0  # an outlier inside one block
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.llmslim.mm_int4_q8(x, w.codes, w.scale, w.zero, n, group).float()
+    finally:
+        torch.set_num_threads(previous)
+    expected = formats.quantize_activations_q8(x) @ formats.dequantize_int4(w, torch.float32).t()
+    assert (out - expected).abs().max() <= 2**-7 * expected.abs().max()  # the bf16 output's rounding
+    exact = x.float() @ formats.dequantize_int4(w, torch.float32).t()
+    assert (out - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+@needs_int4_q8
+def test_one_int4_decode_token_takes_the_integer_dot_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.ops.llmslim, "mm_int4_q8", lambda *args: calls.append(args) or torch.zeros(1, 64, dtype=torch.bfloat16))
+    w = formats.quantize_int4(torch.randn(64, 128), 64)
+    kernels.linear_int4(torch.randn(1, 1, 128, dtype=torch.bfloat16), w, torch.bfloat16)
+    assert len(calls) == 1

@@ -237,6 +237,64 @@ void mm_scalar(const float* x, int64_t m, const uint8_t* codes, const float* lut
   });
 }
 
+// ---- int4 x int8 activations (AVX-512 VNNI, or AVX2) --------------------------------------------
+//
+// For llmslim's int4 (w = (q - 8) * scale + zero), decode can skip the table entirely: the codes
+// are unsigned bytes once unpacked, and an integer dot product multiplies them by int8 activations
+// (vpdpbusd: 64 per instruction; on AVX2, vpmaddubsw then vpmaddwd: 32, as llama.cpp's Q4_0 x Q8_0).
+// Activations are quantized per 32 elements (absmax / 127, as llama.cpp's Q8_0), which adds a
+// relative error of about 1e-3 to each output; everything else is exact.
+
+struct QuantizedX {
+  std::vector<int8_t> even, odd;  // per 128-chunk (or 64-tail): x[0], x[2], ... and x[1], x[3], ...
+  std::vector<float> lane_scale;  // per chunk, 16 lanes: the scale of the 32-block each lane covers
+  std::vector<int32_t> lane_bias; // per chunk, 16 lanes: -8 * sum of the 8 quantized x of that lane
+  std::vector<float> group_sum;   // per group of the weight: sum of x (float), for the zero term
+};
+
+void quantize_x(const float* x, int64_t k, int64_t group, int64_t groups_per_row, QuantizedX& q) {
+  const int64_t chunks = (k + 127) / 128;
+  q.even.assign(k / 2, 0);
+  q.odd.assign(k / 2, 0);
+  q.lane_scale.assign(chunks * 16, 0.f);
+  q.lane_bias.assign(chunks * 16, 0);
+  q.group_sum.assign(groups_per_row, 0.f);
+  for (int64_t col = 0; col < k; col++) q.group_sum[col / group] += x[col];
+  for (int64_t c = 0; c < chunks; c++) {
+    const int64_t base = c * 128, len = std::min<int64_t>(128, k - base);
+    for (int64_t b = 0; b < len / 32; b++) {
+      float amax = 0.f;
+      for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(x[base + b * 32 + j]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      for (int lane = 0; lane < 4; lane++) {
+        int32_t sum = 0;
+        for (int j = 0; j < 8; j++) {
+          const int64_t e = b * 32 + lane * 8 + j;  // element within the chunk
+          const int v = static_cast<int>(std::nearbyint(x[base + e] * inv));
+          sum += v;
+          (e & 1 ? q.odd : q.even)[base / 2 + e / 2] = static_cast<int8_t>(v);
+        }
+        // for a 64-tail the 256-bit lanes cover 8 elements each as well: lanes 0-7 only
+        q.lane_scale[c * 16 + b * 4 + lane] = scale;
+        q.lane_bias[c * 16 + b * 4 + lane] = -8 * sum;
+      }
+    }
+  }
+}
+
+Scales check_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                     int64_t group) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_int4_q8 takes a 2-D CPU input, got ", x.sizes());
+  const int64_t k = x.size(1);
+  TORCH_CHECK(k % 64 == 0, "llmslim: mm_int4_q8 needs K % 64 == 0, got ", k);
+  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0, "llmslim: group must be a power of two >= 32, got ", group);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad int4 codes");
+  const int64_t groups_per_row = (k + group - 1) / group;
+  Scales s = make_scales(scales, zeros, c10::nullopt, c10::nullopt, 0.0, n * groups_per_row);
+  TORCH_CHECK(s.mode == 2 && s.zeros, "llmslim: int4 scales and zeros must be float16");
+  return s;
+}
+
 #ifdef LLMSLIM_AVX512_BF16
 
 inline uint16_t bf16_bits(float v) { return c10::BFloat16(v).x; }  // round to nearest even
@@ -422,60 +480,11 @@ void mm_avx512(const std::vector<uint16_t>* xs, int64_t m, const float* xsum, co
   });
 }
 
-// ---- int4 x int8 activations (VNNI) -----------------------------------------------------------
-//
-// For llmslim's int4 (w = (q - 8) * scale + zero), decode can skip the table entirely: the codes
-// are unsigned bytes once unpacked, and vpdpbusd multiplies 64 of them by int8 activations per
-// instruction. Activations are quantized per 32 elements (absmax / 127, as llama.cpp's Q8_0),
-// which adds a relative error of about 1e-3 to each output; everything else is exact.
-
-struct QuantizedX {
-  std::vector<int8_t> even, odd;  // per 128-chunk (or 64-tail): x[0], x[2], ... and x[1], x[3], ...
-  std::vector<float> lane_scale;  // per chunk, 16 lanes: the scale of the 32-block each lane covers
-  std::vector<int32_t> lane_bias; // per chunk, 16 lanes: -8 * sum of the 8 quantized x of that lane
-  std::vector<float> group_sum;   // per group of the weight: sum of x (float), for the zero term
-};
-
-void quantize_x(const float* x, int64_t k, int64_t group, int64_t groups_per_row, QuantizedX& q) {
-  const int64_t chunks = (k + 127) / 128;
-  q.even.assign(k / 2, 0);
-  q.odd.assign(k / 2, 0);
-  q.lane_scale.assign(chunks * 16, 0.f);
-  q.lane_bias.assign(chunks * 16, 0);
-  q.group_sum.assign(groups_per_row, 0.f);
-  for (int64_t col = 0; col < k; col++) q.group_sum[col / group] += x[col];
-  for (int64_t c = 0; c < chunks; c++) {
-    const int64_t base = c * 128, len = std::min<int64_t>(128, k - base);
-    for (int64_t b = 0; b < len / 32; b++) {
-      float amax = 0.f;
-      for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(x[base + b * 32 + j]));
-      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      for (int lane = 0; lane < 4; lane++) {
-        int32_t sum = 0;
-        for (int j = 0; j < 8; j++) {
-          const int64_t e = b * 32 + lane * 8 + j;  // element within the chunk
-          const int v = static_cast<int>(std::nearbyint(x[base + e] * inv));
-          sum += v;
-          (e & 1 ? q.odd : q.even)[base / 2 + e / 2] = static_cast<int8_t>(v);
-        }
-        // for a 64-tail the 256-bit lanes cover 8 elements each as well: lanes 0-7 only
-        q.lane_scale[c * 16 + b * 4 + lane] = scale;
-        q.lane_bias[c * 16 + b * 4 + lane] = -8 * sum;
-      }
-    }
-  }
-}
-
 at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
                       int64_t group) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_int4_q8 takes a 2-D CPU input, got ", x.sizes());
   const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(k % 64 == 0, "llmslim: mm_int4_q8 needs K % 64 == 0, got ", k);
-  TORCH_CHECK(group >= 32 && (group & (group - 1)) == 0, "llmslim: group must be a power of two >= 32, got ", group);
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad int4 codes");
   const int64_t groups_per_row = (k + group - 1) / group, row_stride = groups_per_row * group;
-  Scales s = make_scales(scales, zeros, c10::nullopt, c10::nullopt, 0.0, n * groups_per_row);
-  TORCH_CHECK(s.mode == 2 && s.zeros, "llmslim: int4 scales and zeros must be float16");
+  const Scales s = check_int4_q8(x, codes, scales, zeros, n, group);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
   float* po = out.data_ptr<float>();
@@ -885,6 +894,60 @@ void mm_avx2(const Table& table, const float* x, int64_t m, const float* xsum, i
   });
 }
 
+inline void halves_to_floats(const at::Half* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < count; i++) dst[i] = static_cast<float>(src[i]);
+}
+
+// int4 x int8 activations on AVX2 (see mm_int4_q8 above): 32 bytes of codes (64 weights) per step, their high and
+// low nibbles times the even and odd quantized activations through vpmaddubsw (unsigned x signed bytes, pairs summed to
+// int16: at most 2 x 15 x 127 each, twice, so no saturation) and vpmaddwd with ones (int32 per 4 bytes, the lanes of
+// quantize_x's layout), plus the lane's -8 x sum(x) bias, then times both scales in float32.
+at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
+                      int64_t group) {
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t groups_per_row = (k + group - 1) / group;
+  const Scales s = check_int4_q8(x, codes, scales, zeros, n, group);
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  float* po = out.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group));
+  const int64_t halves = k / 64;  // steps of 64 weights (32 bytes)
+  for (int64_t i = 0; i < m; i++) {
+    QuantizedX q;
+    quantize_x(xf.data_ptr<float>() + i * k, k, group, groups_per_row, q);
+    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+      const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+      std::vector<float> row_scale(groups_per_row), row_zero(groups_per_row);  // the row's float16 scales and zeros, in float32
+      for (int64_t row = begin; row < end; row++) {
+        const uint8_t* rc = c + row * k / 2;
+        halves_to_floats(s.f16 + row * groups_per_row, groups_per_row, row_scale.data());
+        halves_to_floats(s.zeros + row * groups_per_row, groups_per_row, row_zero.data());
+        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (int64_t h = 0; h < halves; h++) {
+          // half h covers bytes 32h.. of the row's codes: chunk h / 2, lanes 8 (h % 2).. of its 16
+          const int64_t chunk = h >> 1, lane = chunk * 16 + (h & 1) * 8, byte = chunk * 64 + (h & 1) * 32;
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc + h * 32));
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), lo = _mm256_and_si256(v, low4);
+          const __m256i pairs = _mm256_add_epi16(
+              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.even.data() + byte))),
+              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.odd.data() + byte))));
+          const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.lane_bias.data() + lane)));
+          const int64_t col = h * 64;  // groups are per row (row_stride a multiple of the group)
+          const __m256 wscale = _mm256_insertf128_ps(_mm256_set1_ps(row_scale[col >> shift]), _mm_set1_ps(row_scale[(col + 32) >> shift]), 1);
+          acc[h & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wscale, _mm256_loadu_ps(q.lane_scale.data() + lane)), acc[h & 1]);
+        }
+        float total = hsum_avx2(_mm256_add_ps(acc[0], acc[1]));
+        for (int64_t g = 0; g < groups_per_row; g++) total += row_zero[g] * q.group_sum[g];
+        po[i * n + row] = total;
+      }
+    });
+  }
+  return out.to(x.scalar_type());
+}
+
 #endif  // LLMSLIM_AVX2
 
 at::Tensor mm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
@@ -961,6 +1024,15 @@ bool has_simd() {
 
 at::Tensor simd_available() { return at::scalar_tensor(has_simd() ? 1 : 0, at::kInt); }
 
+// Whether mm_int4_q8 is built (AVX-512 VNNI or AVX2)
+at::Tensor int4_q8_available() {
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+  return at::scalar_tensor(1, at::kInt);
+#else
+  return at::scalar_tensor(0, at::kInt);
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(llmslim, m) {
@@ -975,13 +1047,17 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
   m.def("simd_available() -> Tensor");
+  m.def("int4_q8_available() -> Tensor");
   m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
-#ifdef LLMSLIM_AVX512_BF16
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
   m.impl("mm_int4_q8", c10::DispatchKey::CPU, mm_int4_q8);
+#endif
+#ifdef LLMSLIM_AVX512_BF16
   m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
   m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
 #endif
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
+  m.impl("int4_q8_available", c10::DispatchKey::CompositeExplicitAutograd, int4_q8_available);
 }
