@@ -153,3 +153,29 @@ def _llg_tokenizer(hf_tokenizer, vocab_size: int, eos: list[int]):
 def _quote(value, limit: int = 200) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def close_objects(schema):
+    """`schema` with `"additionalProperties": false` on every object schema that lists `properties` and says nothing about
+    others (OpenAI's strict mode; a function cannot take arguments it does not declare). Composition under `allOf` is
+    left as it is (closing its branches would let nothing through)."""
+    if isinstance(schema, list):
+        return [close_objects(item) for item in schema]
+    if not isinstance(schema, dict) or "allOf" in schema:
+        return schema
+    out = {key: _close_children(key, value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SCHEMA_VALUES = ("items", "additionalItems", "prefixItems", "anyOf", "oneOf", "not", "if", "then", "else", "contains")
+
+
+def _close_children(key: str, value):
+    if key in _SCHEMA_MAPS and isinstance(value, dict):
+        return {name: close_objects(sub) for name, sub in value.items()}
+    if key in _SCHEMA_VALUES:
+        return close_objects(value)
+    return value

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from llmslim.serve.grammar import close_objects
 from llmslim.serve.logprobs import TokenLogprob, TokenText, chat_logprobs, completion_logprobs
 from llmslim.serve.sampling import MAX_TOP_LOGPROBS, PENALTY_RANGE, SEED_RANGE, SamplingParams
 
@@ -79,7 +80,8 @@ class ResponseFormat(BaseModel):
             return {"type": "object"}, "response_format"
         if self.json_schema is None or self.json_schema.schema_ is None:
             raise APIError(400, "response_format.json_schema.schema is required with type json_schema", param="response_format")
-        return self.json_schema.schema_, "response_format.json_schema.schema"
+        schema = close_objects(self.json_schema.schema_) if self.json_schema.strict else self.json_schema.schema_  # OpenAI's strict
+        return schema, "response_format.json_schema.schema"
 
 
 class _GenerationRequest(BaseModel):

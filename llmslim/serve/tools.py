@@ -20,7 +20,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from llmslim.serve.grammar import JSON_LAYOUT, GrammarError, Grammars
+from llmslim.serve.grammar import JSON_LAYOUT, GrammarError, Grammars, close_objects
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL_BLOCK = re.compile(re.escape(CALL_OPEN) + r"(.*?)(?:" + re.escape(CALL_CLOSE) + r"|\Z)", re.DOTALL)
@@ -119,6 +119,7 @@ def _call_grammar(tools: list[dict], called: list[str], grammars: Grammars) -> s
     rules, alternatives = [], []
     for k, name in enumerate(called):
         index, parameters = by_name[name]
+        parameters = close_objects(parameters)  # only the declared arguments: the function takes no others
         field_name = f"tools[{index}].function.parameters"
         try:
             grammars.compile_json_schema(parameters, field_name)  # a clear message for this one function

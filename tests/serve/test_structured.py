@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 import llmslim
 from llmslim.serve import EngineConfig
+from llmslim.serve.grammar import close_objects
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("llguidance")
@@ -270,3 +271,36 @@ def test_response_format_and_a_forced_call_together_are_refused(client):
     with pytest.raises(openai.BadRequestError, match="both constrain") as caught:
         chat(client, max_tokens=8, tools=[ADD], tool_choice="required", response_format={"type": "json_object"})
     assert caught.value.body["param"] == "response_format"
+
+
+def test_forced_arguments_and_strict_schemas_hold_only_declared_properties(client):
+    """A function takes only the arguments it declares, and `strict: true` means what OpenAI means: objects that list
+    their properties are closed (the schemas here say nothing about other properties)."""
+    declared = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": declared}}
+    strict = {"type": "json_schema", "json_schema": {"name": "a", "schema": declared, "strict": True}}
+    for seed in range(3):
+        sampled = dict(max_tokens=60, temperature=1.0, seed=seed)
+        call = chat(client, tools=[tool], tool_choice="required", **sampled).choices[0].message.tool_calls[0]
+        assert set(json.loads(call.function.arguments)) <= {"a"}
+        choice = chat(client, response_format=strict, **sampled).choices[0]
+        assert choice.finish_reason == "stop" and set(json.loads(choice.message.content)) <= {"a"}
+
+
+def test_close_objects():
+    schema = {
+        "type": "object",
+        "properties": {
+            "x": {"type": "object", "properties": {"y": {"type": "string"}}},
+            "z": {"type": "array", "items": {"$ref": "#/$defs/p"}},
+        },
+        "$defs": {"p": {"type": "object", "properties": {"q": {}}, "additionalProperties": True}},
+        "anyOf": [{"properties": {"x": {}}}],
+    }
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["x"]["additionalProperties"] is False
+    assert closed["$defs"]["p"]["additionalProperties"] is True  # said: kept
+    assert closed["anyOf"][0]["additionalProperties"] is False
+    assert "additionalProperties" not in schema  # a copy
+    combined = {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
+    assert close_objects(combined) == combined  # closing allOf branches would let nothing through
