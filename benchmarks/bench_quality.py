@@ -17,6 +17,7 @@ in sequences of 512, seed 0). `--calibration-cost` times llmslim's GPTQ-NF4 load
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -40,6 +41,7 @@ CASES = (
     "llmslim-fp4",
     "llmslim-int4-g32",
     "llmslim-int4-g64",
+    "llmslim-int4-g64-q8",
     "llmslim-int4-g64-refine",
     "llmslim-int4-g128",
     "llmslim-int4-g128-refine",
@@ -80,6 +82,8 @@ def slim_config(case: str):
             kwargs["int8_threshold"] = float(option[1:])
         elif option == "head8":
             kwargs.update(exclude=[], int8_layers=["lm_head"])
+        elif option == "q8":
+            pass  # not a quantization setting: `measure` scores every token with decode's int8 activations
         else:
             raise ValueError(f"unknown option {option!r} in case {case!r}")
     return llmslim.SlimConfig(weights=weights, **kwargs)
@@ -146,7 +150,7 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
         start = time.perf_counter()
         model = load_case(case, path)
         load_s = time.perf_counter() - start
-        with torch.no_grad():  # optimum-quanto's tensors fail under inference_mode
+        with torch.no_grad(), decode_numerics(case.endswith("-q8")):  # optimum-quanto's tensors fail under inference_mode
             result = perplexity(model, ids, progress=False)
         rows[case] = {
             "perplexity": result.perplexity,
@@ -160,6 +164,20 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
     for row in rows.values():
         row["vs_bf16"] = row["perplexity"] / base if base else None
     return {"date": utc_now(), "tokens": tokens, "text": str(text), "cases": rows}
+
+
+@contextlib.contextmanager
+def decode_numerics(on: bool):
+    """With `on`, every token of an int4 window through the integer-dot decode kernel (activations rounded to int8
+    per 32, as one decoded token is): the perplexity cost of that rounding, which scoring a window would not pay."""
+    from llmslim.quant import kernels
+
+    previous = kernels.INT4_Q8_MAX_TOKENS
+    kernels.INT4_Q8_MAX_TOKENS = 1 << 40 if on else previous
+    try:
+        yield
+    finally:
+        kernels.INT4_Q8_MAX_TOKENS = previous
 
 
 def calibration_cost(model_dir: Path, timeout: float, tokens: int) -> dict:
@@ -396,6 +414,10 @@ MERGE_NOTES = {
     "llmslim-nf4-gptq": (
         "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0, damp 0.01); "
         "`bnb-nf4-gptq-export` is that model saved in bitsandbytes' layout and loaded by stock transformers + bitsandbytes."
+    ),
+    "llmslim-int4-g64-q8": (
+        "`-q8`: every token scored with decode's numerics, the activations rounded to int8 per 32 elements for the integer-dot "
+        "int4 kernel (`mm_int4_q8`), against the same weights with 16-bit activations (`llmslim-int4-g64`)."
     ),
     "llmslim-nf4-head8": (
         "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint)."

@@ -276,6 +276,9 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 DECODE_MAX_TOKENS = 32  # up to this many rows (tiles of 4) the packed 4-bit kernels beat dequantize + GEMM
 INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm beats the weight-only int8 kernel
+# up to this many rows int4 takes the integer-dot kernel (activations quantized per 32); benchmarks/bench_quality.py's
+# `-q8` cases raise it to score whole windows with decode's numerics
+INT4_Q8_MAX_TOKENS = 1
 
 
 def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
@@ -369,19 +372,21 @@ def dequantize_int4(w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
 def linear_int4(x: torch.Tensor, w: formats.Int4Weight, dtype: torch.dtype) -> torch.Tensor:
     """`x @ W.T` for an int4 weight (no bias); `x` is already in `dtype`.
 
-    One token on a CPU with AVX-512 VNNI or AVX2: activations quantized to int8 per 32 (as llama.cpp
-    does) times the unpacked codes in integer dot products, exact otherwise; a few tokens: the bf16 table kernel (exact products);
-    more: dequantize once, dense GEMM.
+    One 16-bit token (decode) on a CPU with AVX-512 VNNI or AVX2: activations quantized to int8 per 32
+    (as llama.cpp does) times the unpacked codes in integer dot products, exact otherwise; a few
+    tokens: the bf16 table kernel (exact products); more: dequantize once, dense GEMM.
     """
     out_features, in_features = w.shape
+    tokens = x.numel() // in_features
+    q8 = tokens <= INT4_Q8_MAX_TOKENS and x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+    if q8 and in_features % 64 == 0 and _ops_loaded() and _has_int4_q8_kernel():
+        out = torch.ops.llmslim.mm_int4_q8(x.reshape(-1, in_features), w.codes, w.scale, w.zero, out_features, w.group_size)
+        return out.view(*x.shape[:-1], out_features)
     if _ops_usable(x, in_features):
         flat = x.reshape(-1, in_features)
-        if flat.shape[0] == 1 and _has_int4_q8_kernel():
-            out = torch.ops.llmslim.mm_int4_q8(flat, w.codes, w.scale, w.zero, out_features, w.group_size)
-        else:
-            out = torch.ops.llmslim.mm_4bit(
-                flat, w.codes, formats.int4_lut(), w.scale, w.zero, None, None, 0.0, out_features, w.group_size, w.groups * w.group_size
-            )
+        out = torch.ops.llmslim.mm_4bit(
+            flat, w.codes, formats.int4_lut(), w.scale, w.zero, None, None, 0.0, out_features, w.group_size, w.groups * w.group_size
+        )
         return out.view(*x.shape[:-1], out_features)
     return torch.nn.functional.linear(x, dequantize_int4(w, dtype))
 

@@ -119,14 +119,16 @@ class SlimLinear(nn.Module):
         # the weight is frozen; an input that needs a gradient (LoRA, a trained layer below) goes
         # through a Function whose backward dequantizes the weight then, keeping nothing alive
         backpropagates = torch.is_grad_enabled() and x.requires_grad
-        xc = x.to(self._training_dtype(x) if backpropagates or self.training else self.compute_dtype)
+        dense = backpropagates or self.training or x.numel() // max(x.shape[-1], 1) > kernels.DECODE_MAX_TOKENS
+        xc = x.to(self._gemm_dtype(x) if dense else self.compute_dtype)
         out = _FrozenWeightMatmul.apply(xc, self) if backpropagates else self._matmul_in(xc)
         return self._add_bias(out).to(x.dtype)
 
-    def _training_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The compute dtype while training (a pass that backpropagates, or its checkpointed forward): float32 instead of
-        bf16 / fp16 on a CPU that only emulates half-precision GEMMs (about 15x slower there; bitsandbytes' own default
-        compute dtype is float32)."""
+    def _gemm_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The compute dtype of a pass that multiplies by a dense weight (training, its checkpointed forward, a prompt):
+        float32 instead of bf16 / fp16 on a CPU that only emulates half-precision GEMMs (about 15x slower there;
+        bitsandbytes' own default compute dtype is float32). Decode keeps the compute dtype (its kernels never build a
+        dense weight)."""
         half = self.compute_dtype in (torch.bfloat16, torch.float16)
         if half and x.device.type == "cpu" and not kernels.CPU_HALF_MATMUL_IS_NATIVE:
             return torch.float32

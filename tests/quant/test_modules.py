@@ -331,15 +331,15 @@ def test_input_gradient_is_that_of_the_dequantized_weight(weights, tokens):
     grad_out = torch.randn(tokens, 24, dtype=torch.bfloat16)
     layer(x).backward(grad_out)
     assert x.grad is not None and not any(p.requires_grad for p in layer.parameters())
-    dtype = layer._training_dtype(x)  # float32 on a CPU that emulates bf16 GEMMs
+    dtype = layer._gemm_dtype(x)  # float32 on a CPU that emulates bf16 GEMMs
     torch.testing.assert_close(x.grad, (grad_out.to(dtype) @ layer.dequantized_weight(dtype)).to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("native", [False, True])
 @pytest.mark.parametrize("weights", ["int8", "nf4", "int4"])
-def test_training_on_a_cpu_without_half_gemms_computes_in_float32(weights, native, monkeypatch):
+def test_dense_passes_on_a_cpu_without_half_gemms_compute_in_float32(weights, native, monkeypatch):
     """bf16 GEMMs are emulated without AVX-512 BF16 / AMX (~15x slower): a layer in train mode (the checkpointed forward
-    too) and a pass that backpropagates compute in float32 there; inference keeps the compute dtype's kernels."""
+    too), a pass that backpropagates and a prompt compute in float32 there; decode keeps the compute dtype's kernels."""
     monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", native)
     torch.manual_seed(0)
     linear = nn.Linear(128, 24).to(torch.bfloat16)
@@ -351,12 +351,16 @@ def test_training_on_a_cpu_without_half_gemms_computes_in_float32(weights, nativ
     with torch.no_grad():
         checkpointed = layer(x)
     trained = layer(x.clone().requires_grad_(True))
-    for out in (checkpointed, trained):
+    for out in (checkpointed, trained, inference):
         assert out.dtype == torch.bfloat16
         if native:
             torch.testing.assert_close(out, inference, rtol=0, atol=0)
         else:
             torch.testing.assert_close(out, in_float32, rtol=0, atol=0)
+    token = x[:1]
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(token), layer._add_bias(layer._matmul(token)).to(torch.bfloat16))  # the decode kernels
 
 
 # --- NF4/FP4 layers in bitsandbytes' CPU layout ---------------------------------------------------
