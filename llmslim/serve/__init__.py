@@ -2,6 +2,9 @@
 
     engine.py      one thread owns the model; iteration-level batching over a bounded queue; n choices
     kvcache.py     a KV cache per sequence and per-sequence attention (batching without padding)
+    prefixcache.py prompt prefixes' KV caches reused by later prompts (prefix caching), LRU within a memory cap
+    grammar.py     structured output: JSON schemas -> llguidance grammars -> a token mask per step
+    tools.py       tool calls: tools in the prompt, forced calls under the functions' schemas, calls found in text
     sampling.py    penalties; greedy / temperature / top-k / min-p / top-p, a seeded generator per choice
     logprobs.py    log-softmax of the raw logits, token strings and bytes, the OpenAI logprobs shapes
     embeddings.py  /v1/embeddings: batching, pooling (mean / CLS / last token), normalization; encoder or causal LM
