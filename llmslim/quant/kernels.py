@@ -320,14 +320,19 @@ def decode_kernels() -> bool:
     return _ops_loaded() and _vnni_kernel()
 
 
+# bitsandbytes' 8-bit map as a module constant: a compiled step reads it as one (tracing formats.dynamic_map(), which
+# builds it with tolist(), breaks the graph)
+DYNAMIC_MAP = formats.dynamic_map()
+
+
 def _scale_args(w: formats.FourBitWeight) -> tuple:
     nested = w.nested_absmax is not None
     return (
         w.absmax,
         None,
         w.nested_absmax if nested else None,
-        formats.dynamic_map() if nested else None,
-        float(w.nested_offset) if nested else 0.0,
+        DYNAMIC_MAP if nested else None,
+        w.nested_offset if nested else None,  # a tensor: float() of it would break a compiled graph
     )
 
 
@@ -385,7 +390,7 @@ def linear_int4(x: torch.Tensor, w: formats.Int4Weight, dtype: torch.dtype) -> t
     if _ops_usable(x, in_features):
         flat = x.reshape(-1, in_features)
         out = torch.ops.llmslim.mm_4bit(
-            flat, w.codes, formats.int4_lut(), w.scale, w.zero, None, None, 0.0, out_features, w.group_size, w.groups * w.group_size
+            flat, w.codes, formats.int4_lut(), w.scale, w.zero, None, None, None, out_features, w.group_size, w.groups * w.group_size
         )
         return out.view(*x.shape[:-1], out_features)
     return torch.nn.functional.linear(x, dequantize_int4(w, dtype))

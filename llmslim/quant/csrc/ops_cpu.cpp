@@ -952,11 +952,14 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
 
 at::Tensor mm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
                    const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& nested_absmax,
-                   const c10::optional<at::Tensor>& nested_code, double nested_offset, int64_t n, int64_t group, int64_t row_stride) {
+                   const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& nested_offset, int64_t n, int64_t group,
+                   int64_t row_stride) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_4bit takes a 2-D CPU input, got ", x.sizes());
   const int64_t m = x.size(0), k = x.size(1);
   check_common(codes, lut, n, k, group, row_stride);
-  Scales s = make_scales(scales, zeros, nested_absmax, nested_code, nested_offset, n_groups_for(n, k, group, row_stride));
+  // the offset as a tensor (read here): a compiled step passes the layer's buffer without a graph break
+  const double offset = nested_offset.has_value() ? nested_offset->item<double>() : 0.0;
+  Scales s = make_scales(scales, zeros, nested_absmax, nested_code, offset, n_groups_for(n, k, group, row_stride));
   TORCH_CHECK(!zeros.has_value() || row_stride % group == 0, "llmslim: zeros need per-row groups (row_stride a multiple of group)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "llmslim: mm_4bit supports float32, bfloat16 and float16 inputs, got ", x.scalar_type());
@@ -1038,7 +1041,7 @@ at::Tensor int4_q8_available() {
 TORCH_LIBRARY(llmslim, m) {
   m.def(
       "mm_4bit(Tensor x, Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
-      "float nested_offset, int n, int group, int row_stride) -> Tensor");
+      "Tensor? nested_offset, int n, int group, int row_stride) -> Tensor");
   m.def(
       "dequantize_4bit(Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
       "float nested_offset, int n, int k, int group, int row_stride, ScalarType dtype) -> Tensor");
