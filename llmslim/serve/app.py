@@ -276,7 +276,11 @@ def _constraints(state: ServerState, body) -> tuple[ToolPlan | None, str | None]
     choice = getattr(body, "tool_choice", None)
     choice = choice.model_dump() if hasattr(choice, "model_dump") else choice
     schema, field = body.response_format.schema() if body.response_format is not None else (None, "response_format")
-    if (schema is not None or choice not in (None, "none", "auto")) and not is_llguidance_available():
+    constrained = schema is not None or choice not in (None, "none", "auto")
+    if constrained and body.stop:  # a stop string would cut the document short while its finish_reason says "stop"
+        message = "stop cannot be combined with response_format or a forced tool_choice: the answer ends when its JSON is complete"
+        raise APIError(400, message, param="stop")
+    if constrained and not is_llguidance_available():
         message = "structured output and forced tool calls need the llguidance package on the server: pip install 'llmslim[serve]'"
         raise APIError(400, message, param="response_format" if schema is not None else "tool_choice")
     grammars = state.engine.grammars

@@ -304,3 +304,11 @@ def test_close_objects():
     assert "additionalProperties" not in schema  # a copy
     combined = {"allOf": [{"properties": {"a": {}}}, {"properties": {"b": {}}}]}
     assert close_objects(combined) == combined  # closing allOf branches would let nothing through
+
+
+def test_stop_strings_cannot_cut_a_constrained_answer(client):
+    """A stop string could end the document half-written under finish_reason "stop": refused, naming stop."""
+    for constraint in ({"response_format": person_format()}, {"tools": [ADD], "tool_choice": "required"}):
+        with pytest.raises(openai.BadRequestError, match="stop cannot be combined") as caught:
+            chat(client, max_tokens=8, stop=["}"], **constraint)
+        assert caught.value.body["param"] == "stop"
