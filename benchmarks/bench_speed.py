@@ -130,6 +130,14 @@ CASES: dict[str, Case] = {
         partial(load_compiled, load=partial(load_llmslim, weights="nf4", exclude=[], int8_layers=["lm_head"])),
     ),
     "llmslim-int4": Case("llmslim int4", ("llmslim",), partial(load_llmslim, weights="int4")),
+    "llmslim-int4-head8": Case(
+        "llmslim int4, lm_head int8", ("llmslim",), partial(load_llmslim, weights="int4", exclude=[], int8_layers=["lm_head"])
+    ),
+    "llmslim-int4-head8-compiled": Case(
+        "llmslim int4, lm_head int8, compile_decode",
+        ("llmslim",),
+        partial(load_compiled, load=partial(load_llmslim, weights="int4", exclude=[], int8_layers=["lm_head"])),
+    ),
     "llmslim-int8-t6": Case("llmslim int8, int8_threshold 6", ("llmslim",), partial(load_llmslim, weights="int8", int8_threshold=6.0)),
     "bnb-int8": Case("transformers+bnb int8", ("bitsandbytes",), partial(load_bnb, bits=8)),
     "bnb-nf4": Case("transformers+bnb nf4", ("bitsandbytes",), partial(load_bnb, bits=4)),
@@ -145,6 +153,8 @@ LLMSLIM_4BIT = (
     "llmslim-nf4-head8",
     "llmslim-nf4-head8-compiled",
     "llmslim-int4",
+    "llmslim-int4-head8",
+    "llmslim-int4-head8-compiled",
 )  # head8: the output head in int8 (llama.cpp keeps it at 6-8 bits)
 BEST_4BIT = "best llmslim 4-bit"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_greedy_decode
 
 import llmslim
 from llmslim import SlimConfig
@@ -72,8 +73,11 @@ def test_compiled_decode_matches_eager(kernel_sized_llama, weights):
         counters.clear()
         compiled_tokens, compiled_logits = generate()
     assert not counters["graph_break"], list(counters["graph_break"])  # one graph per step (a float() of the nested offset broke it)
-    assert torch.equal(compiled_tokens, eager_tokens)
-    torch.testing.assert_close(compiled_logits, eager_logits, rtol=0, atol=0.02 * eager_logits.abs().max().item())
+    # nf4 and int4 decode with int8 activations on CPUs with the integer-dot kernels: fused bf16 arithmetic can move an
+    # activation across a rounding step, which flips near-ties of this random model's logits
+    assert_same_greedy_decode(
+        (eager_tokens, eager_logits), (compiled_tokens, compiled_logits), prompt.shape[1], 0.02 * eager_logits.abs().max().item()
+    )
 
 
 def test_compile_decode_refuses_a_streamed_model(tmp_path):

@@ -280,6 +280,11 @@ def quantize_activations_q8(x: torch.Tensor, block: int = ACTIVATION_BLOCK) -> t
     return (torch.round(blocks * inverse) * step).reshape(x.shape)
 
 
+def int8_levels(fmt: str) -> torch.Tensor:
+    """A 4-bit format's 16 values times 127, rounded: the int8 table an integer-dot kernel multiplies (int8, CPU)."""
+    return torch.round(code_4bit(fmt) * 127.0).to(torch.int8)
+
+
 def quantized_nbytes(tensors: list[torch.Tensor | None]) -> int:
     """Bytes held by a list of tensors (None entries are skipped)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)

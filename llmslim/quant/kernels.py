@@ -276,9 +276,9 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 DECODE_MAX_TOKENS = 32  # up to this many rows (tiles of 4) the packed 4-bit kernels beat dequantize + GEMM
 INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm beats the weight-only int8 kernel
-# up to this many rows int4 takes the integer-dot kernel (activations quantized per 32); benchmarks/bench_quality.py's
-# `-q8` cases raise it to score whole windows with decode's numerics
-INT4_Q8_MAX_TOKENS = 1
+# up to this many 16-bit rows int4 takes the integer-dot kernel (activations quantized per 32, each row alone);
+# benchmarks/bench_quality.py's `-q8` cases raise it to score whole windows with decode's numerics
+INT4_Q8_MAX_TOKENS = DECODE_MAX_TOKENS
 
 
 def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
@@ -320,6 +320,39 @@ def decode_kernels() -> bool:
     return _ops_loaded() and _vnni_kernel()
 
 
+NF4_INT8_LEVELS = formats.int8_levels("nf4")  # NF4's values x 127, rounded (at most 0.5 / 127 of the absmax off)
+# up to this many 16-bit rows (decode, batched or not) NF4 takes the integer-dot kernel where it is built (AVX2): each
+# row quantized alone, so a row's result does not depend on the rows batched with it
+NF4_Q8_MAX_TOKENS = DECODE_MAX_TOKENS
+
+
+def _nf4_q8_usable(x: torch.Tensor, w: formats.FourBitWeight) -> bool:
+    """Whether `mm_4bit_q8` takes this decode step: NF4, a 16-bit token on CPU, whole blocks per row, the AVX2 build."""
+    out_features, in_features = w.shape
+    tokens = x.numel() // in_features
+    return (
+        w.fmt == "nf4"
+        and tokens <= NF4_Q8_MAX_TOKENS
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cpu"
+        and in_features % 64 == 0
+        and in_features % w.block_size == 0
+        and _ops_loaded()
+        and _has_nf4_q8_kernel()
+    )
+
+
+@torch.compiler.assume_constant_result
+def _has_nf4_q8_kernel() -> bool:
+    return _nf4_q8_kernel()
+
+
+@lru_cache(maxsize=1)
+def _nf4_q8_kernel() -> bool:
+    """Whether `mm_4bit_q8` is built here (the AVX2 build; AVX-512 BF16 machines decode NF4 in bitsandbytes' CPU layout)."""
+    return bool(torch.ops.llmslim.nf4_q8_available().item())
+
+
 # bitsandbytes' 8-bit map as a module constant: a compiled step reads it as one (tracing formats.dynamic_map(), which
 # builds it with tolist(), breaks the graph)
 DYNAMIC_MAP = formats.dynamic_map()
@@ -341,6 +374,13 @@ def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -
     if x.device.type == "cuda" and bnb_functional() is not None:
         return linear_4bit_bnb_ops(x, w, formats.code_4bit(w.fmt).to(x.device), formats.dynamic_map().to(x.device), dtype)
     out_features, in_features = w.shape
+    if _nf4_q8_usable(x, w):
+        absmax, _, nested_absmax, nested_map, nested_offset = _scale_args(w)
+        flat = x.reshape(-1, in_features)
+        out = torch.ops.llmslim.mm_4bit_q8(
+            flat, w.codes, NF4_INT8_LEVELS, absmax, nested_absmax, nested_map, nested_offset, out_features, w.block_size
+        )
+        return out.view(*x.shape[:-1], out_features)
     if _ops_usable(x, in_features):
         flat = x.reshape(-1, in_features)
         out = torch.ops.llmslim.mm_4bit(flat, w.codes, formats.code_4bit(w.fmt), *_scale_args(w), out_features, w.block_size, in_features)

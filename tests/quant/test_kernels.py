@@ -593,9 +593,74 @@ def test_int4_q8_equals_reference_with_quantized_activations(n, k, group, thread
 
 
 @needs_int4_q8
-def test_one_int4_decode_token_takes_the_integer_dot_kernel(monkeypatch):
+def test_int4_decode_rows_take_the_integer_dot_kernel(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch.ops.llmslim, "mm_int4_q8", lambda *args: calls.append(args) or torch.zeros(1, 64, dtype=torch.bfloat16))
+    fake = lambda x, *args: calls.append(x.shape[0]) or torch.zeros(x.shape[0], 64, dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(torch.ops.llmslim, "mm_int4_q8", fake)
     w = formats.quantize_int4(torch.randn(64, 128), 64)
-    kernels.linear_int4(torch.randn(1, 1, 128, dtype=torch.bfloat16), w, torch.bfloat16)
-    assert len(calls) == 1
+    for tokens in (1, 5, kernels.DECODE_MAX_TOKENS + 1):
+        kernels.linear_int4(torch.randn(1, tokens, 128, dtype=torch.bfloat16), w, torch.bfloat16)
+    assert calls == [1, 5]
+
+
+needs_nf4_q8 = pytest.mark.skipif(not (native.load_ops() and kernels._nf4_q8_kernel()), reason="mm_4bit_q8 is built for AVX2 only")
+
+
+@needs_nf4_q8
+@pytest.mark.parametrize(("n", "k", "block"), [(96, 256, 64), (40, 192, 64), (33, 512, 128), (8, 256, 32), (7, 64, 64)])
+@pytest.mark.parametrize("double_quant", (False, True))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_nf4_q8_equals_reference_with_int8_levels_and_quantized_activations(n, k, block, double_quant, threads):
+    # the kernel's math exactly: NF4's values rounded to int8 steps of 1/127, times the activations rounded per 32
+    torch.manual_seed(n + k)
+    w = kernels.quantize_4bit(torch.randn(n, k), "nf4", block, double_quant)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    x[2, 7] = -25.0
+    absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(w)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.llmslim.mm_4bit_q8(x, w.codes, kernels.NF4_INT8_LEVELS, absmax, nested_absmax, nested_map, nested_offset, n, block)
+    finally:
+        torch.set_num_threads(previous)
+    codes = formats.unpack_nibbles(w.codes, n * k).long()
+    levels = kernels.NF4_INT8_LEVELS.float()[codes] / 127.0
+    weight = (levels * w.float_absmax().repeat_interleave(block)[: n * k]).view(n, k)
+    expected = formats.quantize_activations_q8(x) @ weight.t()
+    assert (out.float() - expected).abs().max() <= 2**-7 * expected.abs().max()
+    exact = x.float() @ formats.dequantize_4bit(w, torch.float32).t()
+    assert (out.float() - exact).abs().max() <= 0.03 * exact.abs().max()
+
+
+@needs_nf4_q8
+def test_nf4_decode_rows_take_the_integer_dot_kernel_and_fp4_and_prompts_do_not(monkeypatch):
+    calls = []
+    fake = lambda x, *args: calls.append(x.shape[0]) or torch.zeros(x.shape[0], 64, dtype=torch.bfloat16)  # noqa: E731
+    monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_q8", fake)
+    nf4 = kernels.quantize_4bit(torch.randn(64, 128), "nf4", 64, True)
+    for tokens in (1, 3, kernels.DECODE_MAX_TOKENS, kernels.DECODE_MAX_TOKENS + 1):
+        kernels.linear_4bit(torch.randn(1, tokens, 128, dtype=torch.bfloat16), nf4, torch.bfloat16)
+    kernels.linear_4bit(torch.randn(1, 1, 128), nf4, torch.float32)  # float32 input: exact
+    fp4 = kernels.quantize_4bit(torch.randn(64, 128), "fp4", 64, True)  # its levels are not near int8 steps
+    kernels.linear_4bit(torch.randn(1, 1, 128, dtype=torch.bfloat16), fp4, torch.bfloat16)
+    assert calls == [1, 3, kernels.DECODE_MAX_TOKENS]
+
+
+@needs_nf4_q8
+@needs_int4_q8
+@pytest.mark.parametrize("fmt", ("nf4", "int4"))
+def test_integer_dot_kernels_give_each_row_what_it_gets_alone(fmt):
+    # a server batches decode rows: a row's result must not depend on which rows share its step
+    torch.manual_seed(0)
+    x = torch.randn(6, 256, dtype=torch.bfloat16)
+    if fmt == "nf4":
+        w = kernels.quantize_4bit(torch.randn(40, 256), "nf4", 64, True)
+        absmax, _, nested_absmax, nested_map, offset = kernels._scale_args(w)
+        levels = kernels.NF4_INT8_LEVELS
+        run = lambda rows: torch.ops.llmslim.mm_4bit_q8(rows, w.codes, levels, absmax, nested_absmax, nested_map, offset, 40, 64)  # noqa: E731
+    else:
+        w = formats.quantize_int4(torch.randn(40, 256), 64)
+        run = lambda rows: torch.ops.llmslim.mm_int4_q8(rows, w.codes, w.scale, w.zero, 40, 64)  # noqa: E731
+    together = run(x)
+    for i in range(6):
+        assert torch.equal(together[i : i + 1], run(x[i : i + 1]))

@@ -900,10 +900,92 @@ inline void halves_to_floats(const at::Half* src, int64_t count, float* dst) {
   for (; i < count; i++) dst[i] = static_cast<float>(src[i]);
 }
 
-// int4 x int8 activations on AVX2 (see mm_int4_q8 above): 32 bytes of codes (64 weights) per step, their high and
-// low nibbles times the even and odd quantized activations through vpmaddubsw (unsigned x signed bytes, pairs summed to
-// int16: at most 2 x 15 x 127 each, twice, so no saturation) and vpmaddwd with ones (int32 per 4 bytes, the lanes of
-// quantize_x's layout), plus the lane's -8 x sum(x) bias, then times both scales in float32.
+// 4-bit codes x int8 activations on AVX2 (see mm_int4_q8 above): 32 bytes of codes (64 weights) per step, their high
+// and low nibbles against the even and odd quantized activations (quantize_x's layout), summed to int32 per 4 bytes of
+// codes (one lane of 8 weights), then times the weight's and the activations' scales in float32. The levels:
+//  - int4: the codes themselves (0..15, unsigned) through vpmaddubsw (pairs summed to int16: at most 2 x 15 x 127 per
+//    product pair, twice, so no saturation), the -8 in the lane bias;
+//  - a 16-entry int8 table (NF4's values x 127, rounded) looked up with vpshufb, signed: vpmaddubsw takes |level| and
+//    the activation with the level's sign (vpsignb, as llama.cpp multiplies two signed blocks), each product pair up to
+//    2 x 127 x 127, so the two nibbles' pairs are widened to int32 separately.
+struct Int4Levels {
+  static constexpr bool biased = true;
+  inline __m256i dot(__m256i hi, __m256i lo, __m256i xe, __m256i xo, __m256i ones) const {
+    return _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(hi, xe), _mm256_maddubs_epi16(lo, xo)), ones);
+  }
+};
+
+struct TableLevels {
+  static constexpr bool biased = false;
+  __m256i table;  // the 16 int8 levels in both 128-bit lanes
+  explicit TableLevels(const int8_t* levels) {
+    const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(levels));
+    table = _mm256_set_m128i(t, t);
+  }
+  inline __m256i dot(__m256i hi, __m256i lo, __m256i xe, __m256i xo, __m256i ones) const {
+    const __m256i wh = _mm256_shuffle_epi8(table, hi), wl = _mm256_shuffle_epi8(table, lo);
+    const __m256i ph = _mm256_maddubs_epi16(_mm256_sign_epi8(wh, wh), _mm256_sign_epi8(xe, wh));
+    const __m256i pl = _mm256_maddubs_epi16(_mm256_sign_epi8(wl, wl), _mm256_sign_epi8(xo, wl));
+    return _mm256_add_epi32(_mm256_madd_epi16(ph, ones), _mm256_madd_epi16(pl, ones));
+  }
+};
+
+// MI input rows (quantized) x every weight row: each step of codes is unpacked once for all MI rows. `row_setup(row,
+// scales, extra, MI)` fills the weight row's per-group scales (group = 1 << shift, whole groups per row) and adds what
+// each input row gets besides (int4's zero term) to extra[0..MI).
+template <int MI, typename Levels, typename RowSetup>
+void rows_q8(const Levels& levels, const QuantizedX* q, const uint8_t* c, int64_t k, int64_t n, int shift, int64_t groups_per_row,
+             const RowSetup& row_setup, float* out) {
+  const int64_t halves = k / 64;  // steps of 64 weights (32 bytes)
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    std::vector<float> row_scale(groups_per_row);
+    for (int64_t row = begin; row < end; row++) {
+      const uint8_t* rc = c + row * k / 2;
+      float extra[4] = {0.f, 0.f, 0.f, 0.f};
+      row_setup(row, row_scale.data(), extra, MI);
+      __m256 acc[MI];
+      for (int t = 0; t < MI; t++) acc[t] = _mm256_setzero_ps();
+      for (int64_t h = 0; h < halves; h++) {
+        // half h covers bytes 32h.. of the row's codes: chunk h / 2, lanes 8 (h % 2).. of its 16
+        const int64_t chunk = h >> 1, lane = chunk * 16 + (h & 1) * 8, byte = chunk * 64 + (h & 1) * 32;
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc + h * 32));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), lo = _mm256_and_si256(v, low4);
+        const int64_t col = h * 64;
+        const __m256 wscale = _mm256_insertf128_ps(_mm256_set1_ps(row_scale[col >> shift]), _mm_set1_ps(row_scale[(col + 32) >> shift]), 1);
+        for (int t = 0; t < MI; t++) {
+          __m256i dot = levels.dot(hi, lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[t].even.data() + byte)),
+                                   _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[t].odd.data() + byte)), ones);
+          if (Levels::biased) dot = _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q[t].lane_bias.data() + lane)));
+          acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wscale, _mm256_loadu_ps(q[t].lane_scale.data() + lane)), acc[t]);
+        }
+      }
+      for (int t = 0; t < MI; t++) out[t * n + row] = hsum_avx2(acc[t]) + extra[t];
+    }
+  });
+}
+
+// every input row of x (m of them, quantized here) in tiles of up to 4 through rows_q8
+template <typename Levels, typename RowSetup>
+void mm_q8(const Levels& levels, const float* x, int64_t m, int64_t k, int64_t n, int64_t group, const uint8_t* c, const RowSetup& row_setup,
+           float* out) {
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group));
+  const int64_t groups_per_row = (k + group - 1) / group;
+  std::vector<QuantizedX> q(m);
+  for (int64_t i = 0; i < m; i++) quantize_x(x + i * k, k, group, groups_per_row, q[i]);
+  for (int64_t i0 = 0; i0 < m; i0 += 4) {
+    const QuantizedX* qi = q.data() + i0;
+    const auto setup = [&](int64_t row, float* row_scale, float* extra, int count) { row_setup(row, row_scale, qi, extra, count); };
+    float* oi = out + i0 * n;
+    switch (std::min<int64_t>(4, m - i0)) {
+      case 1: rows_q8<1>(levels, qi, c, k, n, shift, groups_per_row, setup, oi); break;
+      case 2: rows_q8<2>(levels, qi, c, k, n, shift, groups_per_row, setup, oi); break;
+      case 3: rows_q8<3>(levels, qi, c, k, n, shift, groups_per_row, setup, oi); break;
+      default: rows_q8<4>(levels, qi, c, k, n, shift, groups_per_row, setup, oi); break;
+    }
+  }
+}
+
 at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& zeros, int64_t n,
                       int64_t group) {
   const int64_t m = x.size(0), k = x.size(1);
@@ -911,40 +993,38 @@ at::Tensor mm_int4_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const Scales s = check_int4_q8(x, codes, scales, zeros, n, group);
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
-  float* po = out.data_ptr<float>();
-  const uint8_t* c = codes.data_ptr<uint8_t>();
-  const int shift = __builtin_ctzll(static_cast<unsigned long long>(group));
-  const int64_t halves = k / 64;  // steps of 64 weights (32 bytes)
-  for (int64_t i = 0; i < m; i++) {
-    QuantizedX q;
-    quantize_x(xf.data_ptr<float>() + i * k, k, group, groups_per_row, q);
-    at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-      const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-      std::vector<float> row_scale(groups_per_row), row_zero(groups_per_row);  // the row's float16 scales and zeros, in float32
-      for (int64_t row = begin; row < end; row++) {
-        const uint8_t* rc = c + row * k / 2;
-        halves_to_floats(s.f16 + row * groups_per_row, groups_per_row, row_scale.data());
-        halves_to_floats(s.zeros + row * groups_per_row, groups_per_row, row_zero.data());
-        __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (int64_t h = 0; h < halves; h++) {
-          // half h covers bytes 32h.. of the row's codes: chunk h / 2, lanes 8 (h % 2).. of its 16
-          const int64_t chunk = h >> 1, lane = chunk * 16 + (h & 1) * 8, byte = chunk * 64 + (h & 1) * 32;
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc + h * 32));
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), lo = _mm256_and_si256(v, low4);
-          const __m256i pairs = _mm256_add_epi16(
-              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.even.data() + byte))),
-              _mm256_maddubs_epi16(lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.odd.data() + byte))));
-          const __m256i dot = _mm256_add_epi32(_mm256_madd_epi16(pairs, ones), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.lane_bias.data() + lane)));
-          const int64_t col = h * 64;  // groups are per row (row_stride a multiple of the group)
-          const __m256 wscale = _mm256_insertf128_ps(_mm256_set1_ps(row_scale[col >> shift]), _mm_set1_ps(row_scale[(col + 32) >> shift]), 1);
-          acc[h & 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(wscale, _mm256_loadu_ps(q.lane_scale.data() + lane)), acc[h & 1]);
-        }
-        float total = hsum_avx2(_mm256_add_ps(acc[0], acc[1]));
-        for (int64_t g = 0; g < groups_per_row; g++) total += row_zero[g] * q.group_sum[g];
-        po[i * n + row] = total;
-      }
-    });
-  }
+  const auto setup = [&](int64_t row, float* row_scale, const QuantizedX* q, float* extra, int count) {
+    halves_to_floats(s.f16 + row * groups_per_row, groups_per_row, row_scale);
+    for (int64_t g = 0; g < groups_per_row; g++) {  // the zero term: zero x sum(x) over the row's groups
+      const float zero = static_cast<float>(s.zeros[row * groups_per_row + g]);
+      for (int t = 0; t < count; t++) extra[t] += zero * q[t].group_sum[g];
+    }
+  };
+  mm_q8(Int4Levels(), xf.data_ptr<float>(), m, k, n, group, codes.data_ptr<uint8_t>(), setup, out.data_ptr<float>());
+  return out.to(x.scalar_type());
+}
+
+// NF4 (any 16-entry table whose levels x 127 are near integers) x int8 activations, on bitsandbytes' stored layout:
+// blocks over the flattened weight, whole blocks per row (K % block == 0), absmax float32 or double-quantized.
+at::Tensor mm_4bit_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& levels, const at::Tensor& scales,
+                      const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                      const c10::optional<at::Tensor>& nested_offset, int64_t n, int64_t block) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_4bit_q8 takes a 2-D CPU input, got ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(k % 64 == 0 && k % block == 0, "llmslim: mm_4bit_q8 needs K % 64 == 0 and whole blocks per row, got K ", k, ", block ", block);
+  TORCH_CHECK(block >= 32 && (block & (block - 1)) == 0, "llmslim: block must be a power of two >= 32, got ", block);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad 4-bit codes");
+  TORCH_CHECK(levels.scalar_type() == at::kChar && levels.numel() == 16 && levels.is_contiguous(), "llmslim: levels must be 16 int8");
+  const double offset = nested_offset.has_value() ? nested_offset->item<double>() : 0.0;
+  const int64_t blocks_per_row = k / block;
+  const Scales s = make_scales(scales, c10::nullopt, nested_absmax, nested_code, offset, n * blocks_per_row);
+  TORCH_CHECK(s.mode != 2, "llmslim: mm_4bit_q8 takes float32 or double-quantized absmax");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  const auto setup = [&](int64_t row, float* row_scale, const QuantizedX*, float*, int) {
+    for (int64_t b = 0; b < blocks_per_row; b++) row_scale[b] = s.scale(row * blocks_per_row + b) * (1.f / 127.f);
+  };
+  mm_q8(TableLevels(levels.data_ptr<int8_t>()), xf.data_ptr<float>(), m, k, n, block, codes.data_ptr<uint8_t>(), setup, out.data_ptr<float>());
   return out.to(x.scalar_type());
 }
 
@@ -1027,6 +1107,15 @@ bool has_simd() {
 
 at::Tensor simd_available() { return at::scalar_tensor(has_simd() ? 1 : 0, at::kInt); }
 
+// Whether mm_4bit_q8 is built (AVX2; AVX-512 BF16 machines decode NF4 in bitsandbytes' CPU layout instead)
+at::Tensor nf4_q8_available() {
+#ifdef LLMSLIM_AVX2
+  return at::scalar_tensor(1, at::kInt);
+#else
+  return at::scalar_tensor(0, at::kInt);
+#endif
+}
+
 // Whether mm_int4_q8 is built (AVX-512 VNNI or AVX2)
 at::Tensor int4_q8_available() {
 #if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
@@ -1046,14 +1135,21 @@ TORCH_LIBRARY(llmslim, m) {
       "dequantize_4bit(Tensor codes, Tensor lut, Tensor scales, Tensor? zeros, Tensor? nested_absmax, Tensor? nested_code, "
       "float nested_offset, int n, int k, int group, int row_stride, ScalarType dtype) -> Tensor");
   m.def("mm_int4_q8(Tensor x, Tensor codes, Tensor scales, Tensor zeros, int n, int group) -> Tensor");
+  m.def(
+      "mm_4bit_q8(Tensor x, Tensor codes, Tensor levels, Tensor scales, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int n, int block) -> Tensor");
   m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.def("int4_q8_available() -> Tensor");
+  m.def("nf4_q8_available() -> Tensor");
   m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
 #if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
   m.impl("mm_int4_q8", c10::DispatchKey::CPU, mm_int4_q8);
+#endif
+#ifdef LLMSLIM_AVX2
+  m.impl("mm_4bit_q8", c10::DispatchKey::CPU, mm_4bit_q8);
 #endif
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
@@ -1063,4 +1159,5 @@ TORCH_LIBRARY(llmslim, m) {
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
   m.impl("int4_q8_available", c10::DispatchKey::CompositeExplicitAutograd, int4_q8_available);
+  m.impl("nf4_q8_available", c10::DispatchKey::CompositeExplicitAutograd, nf4_q8_available);
 }
