@@ -31,8 +31,8 @@ COMMON_FIELDS = [
     "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
     "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos", "user", "repetition_penalty", "top_k", "min_p",
 ]  # fmt: skip
-CHAT_FIELDS = [*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs"]
-COMPLETION_FIELDS = [*COMMON_FIELDS, "prompt", "echo"]
+CHAT_FIELDS = [*COMMON_FIELDS, "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools", "tool_choice"]
+COMPLETION_FIELDS = [*COMMON_FIELDS, "prompt", "echo", "response_format"]
 
 SURROGATES = ["\ud800", "\udbff", "\udc00", "\udfff"]
 # not st.text: it never generates surrogates, and a lone surrogate is exactly what used to give a 500
@@ -57,6 +57,31 @@ messages = st.lists(
     | st.fixed_dictionaries({"role": st.just("user"), "content": st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": text}))}),
     max_size=3,
 )
+SCHEMA_TYPES = ["string", "integer", "number", "boolean", "null", "object", "array", "objekt"]
+schemas = st.recursive(  # JSON schemas, right and wrong: what the grammar engine accepts gives 200, the rest 400
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(SCHEMA_TYPES) | json_values},
+        optional={
+            "minLength": numbers,
+            "maxLength": numbers,
+            "pattern": text | st.sampled_from(["((", "[a-", "^\\d{3}$", "(?=x)"]),
+            "enum": st.lists(json_values, max_size=3),
+            "minimum": numbers,
+            "$ref": text | st.just("#/$defs/x"),
+        },
+    )  # fmt: skip
+    | json_values,
+    lambda inner: (
+        st.fixed_dictionaries(
+            {"type": st.just("object"), "properties": st.dictionaries(text, inner, max_size=3)},
+            optional={"required": st.lists(text, max_size=2), "additionalProperties": st.booleans() | inner},
+        )
+        | st.fixed_dictionaries({"type": st.just("array"), "items": inner}, optional={"minItems": numbers, "maxItems": numbers})
+        | st.fixed_dictionaries({"anyOf": st.lists(inner, max_size=3)})
+    ),
+    max_leaves=6,
+)
+function_names = st.just("f") | text
 NEARLY_RIGHT = {  # values of the right type, in and out of range: more requests get past validation
     "model": st.just(MODEL_ID) | text,
     "max_tokens": st.integers(-2, 2**70),
@@ -78,6 +103,16 @@ NEARLY_RIGHT = {  # values of the right type, in and out of range: more requests
     "prompt": text | st.lists(st.integers(-5, 60_000), max_size=5) | st.lists(text, max_size=2),
     "messages": messages,
     "echo": st.booleans(),
+    "response_format": st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema"])})
+    | st.fixed_dictionaries({"type": st.just("json_schema"), "json_schema": st.fixed_dictionaries({"name": text, "schema": schemas})}),
+    "tools": st.lists(
+        st.fixed_dictionaries(
+            {"type": st.just("function"), "function": st.fixed_dictionaries({"name": function_names, "parameters": schemas})}
+        ),
+        max_size=2,
+    ),
+    "tool_choice": st.sampled_from(["none", "auto", "required"])
+    | st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries({"name": function_names})}),
 }
 
 
@@ -171,6 +206,17 @@ def test_any_chat_request_is_200_or_a_4xx(server, data):
 @given(requests(COMPLETION, COMPLETION_FIELDS))
 def test_any_completion_request_is_200_or_a_4xx(server, data):
     check_http(server, "/v1/completions", data)
+
+
+CONSTRAINT_FIELDS = ("response_format", "tools", "tool_choice")
+constraints = st.fixed_dictionaries({}, optional={f: NEARLY_RIGHT[f] | json_values for f in CONSTRAINT_FIELDS})
+
+
+@FUZZ
+@given(constraints, st.booleans())
+def test_any_schema_tool_or_tool_choice_is_200_or_a_4xx(server, changes, stream):
+    """Structured output and tools: schemas the grammar engine cannot use are 400s, never a 500 or a stalled engine."""
+    check_http(server, "/v1/chat/completions", CHAT | changes | {"stream": stream})
 
 
 EMBEDDING = {"model": MODEL_ID, "input": "Hello"}
