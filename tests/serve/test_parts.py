@@ -267,3 +267,16 @@ def test_cli_serve_rejects_a_bad_body_limit_before_loading(capsys, no_model_load
 def test_import_llmslim_does_not_import_fastapi():
     code = "import sys, llmslim; sys.exit(int(any(m in sys.modules for m in ('fastapi', 'uvicorn', 'llmslim.serve'))))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_cli_serve_passes_the_prefix_cache_size_to_the_server(monkeypatch):
+    served = {}
+    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
+    assert main(["serve", "--port", str(free_port()), "--prefix-cache-mib", "0"]) == 0
+    assert served["config"].prefix_cache_mib == 0
+
+
+def test_cli_serve_rejects_a_negative_prefix_cache_before_loading(capsys, no_model_load):
+    assert main(["serve", "--port", str(free_port()), "--prefix-cache-mib", "-1"]) == 2
+    assert "prefix_cache_mib must be 0 (off) or more, got -1.0" in capsys.readouterr().err
