@@ -37,6 +37,7 @@ CASES = (
     "llmslim-int8",
     "llmslim-int8-t6",
     "llmslim-nf4",
+    "llmslim-nf4-q8",
     "llmslim-nf4-head8",
     "llmslim-fp4",
     "llmslim-int4-g32",
@@ -168,16 +169,21 @@ def measure(cases: tuple[str, ...], tokens: int, text: Path) -> dict:
 
 @contextlib.contextmanager
 def decode_numerics(on: bool):
-    """With `on`, every token of an int4 window through the integer-dot decode kernel (activations rounded to int8
-    per 32, as one decoded token is): the perplexity cost of that rounding, which scoring a window would not pay."""
+    """With `on`, every token of an int4 or NF4 window through the integer-dot decode kernels (activations rounded to
+    int8 per 32, NF4's values to int8 steps, as a decoded token is): the perplexity cost of that rounding, which
+    scoring a window would not pay."""
     from llmslim.quant import kernels
 
-    previous = kernels.INT4_Q8_MAX_TOKENS
-    kernels.INT4_Q8_MAX_TOKENS = 1 << 40 if on else previous
+    names = ("DECODE_MAX_TOKENS", "INT4_Q8_MAX_TOKENS", "NF4_Q8_MAX_TOKENS")  # a window is decode-sized, then integer-dot
+    previous = {name: getattr(kernels, name) for name in names}
+    if on:
+        for name in names:
+            setattr(kernels, name, 1 << 40)
     try:
         yield
     finally:
-        kernels.INT4_Q8_MAX_TOKENS = previous
+        for name, value in previous.items():
+            setattr(kernels, name, value)
 
 
 def calibration_cost(model_dir: Path, timeout: float, tokens: int) -> dict:
@@ -263,7 +269,8 @@ def markdown(result: dict) -> str:
         )
     for again in result.get("remeasured", []):  # later partial runs merged in (`--merge`), each with its own bf16
         cases = ", ".join(again["cases"])
-        lines += ["", f"Measured {again['date']}: {cases} (bf16 in that run: {again['bf16_same_run']:.2f}). {again['note']}"]
+        bf16 = "bf16 not measured again" if again["bf16_same_run"] is None else f"bf16 in that run: {again['bf16_same_run']:.2f}"
+        lines += ["", f"Measured {again['date']}: {cases} ({bf16}). {again['note']}"]
     for cost in result.get("calibration", []):
         rtn, gptq = cost["rtn"], cost["gptq"]
         if "error" in gptq or "error" in rtn:
@@ -362,6 +369,7 @@ def main() -> None:
     parser.add_argument("--text", type=Path, default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
     parser.add_argument("--merge", action="store_true", help="measure --cases (and bf16) and merge them into the saved results")
+    parser.add_argument("--no-bf16", action="store_true", help="with --merge: do not measure bf16 again (ratios use the saved one)")
     parser.add_argument(
         "--calibration-cost", default="", help="comma list of smollm2 or model folders: time and peak RSS of their GPTQ-NF4 load"
     )
@@ -419,6 +427,10 @@ MERGE_NOTES = {
         "`-q8`: every token scored with decode's numerics, the activations rounded to int8 per 32 elements for the integer-dot "
         "int4 kernel (`mm_int4_q8`), against the same weights with 16-bit activations (`llmslim-int4-g64`)."
     ),
+    "llmslim-nf4-q8": (
+        "`llmslim-nf4-q8`: every token scored with decode's numerics on a CPU with AVX2 (`mm_4bit_q8`: NF4's values as "
+        "int8 steps of 1/127, activations rounded per 32), against the same weights with 16-bit activations (`llmslim-nf4`)."
+    ),
     "llmslim-nf4-head8": (
         "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint)."
     ),
@@ -430,12 +442,13 @@ def merged(cases: tuple[str, ...], args: argparse.Namespace) -> dict:
     previous = read_json(RESULTS_DIR / "bench_quality.json")
     if previous["tokens"] != args.tokens:
         raise SystemExit(f"--merge needs the same --tokens as the saved results ({previous['tokens']}), got {args.tokens}")
-    run = measure(tuple(dict.fromkeys(("bf16", *cases))), args.tokens, args.text)
+    run = measure(tuple(dict.fromkeys((*(() if args.no_bf16 else ("bf16",)), *cases))), args.tokens, args.text)
     base = previous["cases"]["bf16"]["perplexity"]
     for case in cases:
         previous["cases"][case] = {**run["cases"][case], "vs_bf16": run["cases"][case]["perplexity"] / base}
     notes = " ".join(MERGE_NOTES.get(case, "") for case in cases).strip()
-    entry = {"date": run["date"], "cases": list(cases), "bf16_same_run": run["cases"]["bf16"]["perplexity"], "note": notes}
+    bf16_same_run = run["cases"]["bf16"]["perplexity"] if "bf16" in run["cases"] else None  # None: --no-bf16
+    entry = {"date": run["date"], "cases": list(cases), "bf16_same_run": bf16_same_run, "note": notes}
     previous.setdefault("remeasured", []).append(entry)
     return previous
 

@@ -276,9 +276,11 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 DECODE_MAX_TOKENS = 32  # up to this many rows (tiles of 4) the packed 4-bit kernels beat dequantize + GEMM
 INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm beats the weight-only int8 kernel
-# up to this many 16-bit rows int4 takes the integer-dot kernel (activations quantized per 32, each row alone);
-# benchmarks/bench_quality.py's `-q8` cases raise it to score whole windows with decode's numerics
-INT4_Q8_MAX_TOKENS = DECODE_MAX_TOKENS
+# up to this many 16-bit rows int4 takes the integer-dot kernel (activations quantized per 32, each row alone). Off (0):
+# it costs SmolLM2 +0.40% perplexity (41.90 vs 41.73 on 20k tokens, bench_quality's llmslim-int4-g64-q8), over issue
+# 21's 0.1% budget for a fast path; DECODE_MAX_TOKENS turns it on (int4 decode ~2.4x faster per matmul on AVX2).
+# bench_quality's `-q8` cases raise it to score whole windows with decode's numerics
+INT4_Q8_MAX_TOKENS = 0
 
 
 def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
@@ -321,9 +323,11 @@ def decode_kernels() -> bool:
 
 
 NF4_INT8_LEVELS = formats.int8_levels("nf4")  # NF4's values x 127, rounded (at most 0.5 / 127 of the absmax off)
-# up to this many 16-bit rows (decode, batched or not) NF4 takes the integer-dot kernel where it is built (AVX2): each
-# row quantized alone, so a row's result does not depend on the rows batched with it
-NF4_Q8_MAX_TOKENS = DECODE_MAX_TOKENS
+# up to this many 16-bit rows (decode, batched or not) NF4 takes the integer-dot kernel where it is built (AVX2), each
+# row quantized alone. Off (0): it costs SmolLM2 +1.0% perplexity (37.81 vs 37.44 on 20k tokens, bench_quality's
+# llmslim-nf4-q8; the int8 activations alone cost int4 +0.40%, so NF4's values rounded to int8 steps add the rest),
+# over issue 21's 0.1% budget; DECODE_MAX_TOKENS turns it on (NF4 decode ~1.5x faster per matmul)
+NF4_Q8_MAX_TOKENS = 0
 
 
 def _nf4_q8_usable(x: torch.Tensor, w: formats.FourBitWeight) -> bool:

@@ -594,6 +594,7 @@ def test_int4_q8_equals_reference_with_quantized_activations(n, k, group, thread
 
 @needs_int4_q8
 def test_int4_decode_rows_take_the_integer_dot_kernel(monkeypatch):
+    monkeypatch.setattr(kernels, "INT4_Q8_MAX_TOKENS", kernels.DECODE_MAX_TOKENS)  # off by default (its perplexity cost)
     calls = []
     fake = lambda x, *args: calls.append(x.shape[0]) or torch.zeros(x.shape[0], 64, dtype=torch.bfloat16)  # noqa: E731
     monkeypatch.setattr(torch.ops.llmslim, "mm_int4_q8", fake)
@@ -634,6 +635,7 @@ def test_nf4_q8_equals_reference_with_int8_levels_and_quantized_activations(n, k
 
 @needs_nf4_q8
 def test_nf4_decode_rows_take_the_integer_dot_kernel_and_fp4_and_prompts_do_not(monkeypatch):
+    monkeypatch.setattr(kernels, "NF4_Q8_MAX_TOKENS", kernels.DECODE_MAX_TOKENS)  # off by default (its perplexity cost)
     calls = []
     fake = lambda x, *args: calls.append(x.shape[0]) or torch.zeros(x.shape[0], 64, dtype=torch.bfloat16)  # noqa: E731
     monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_q8", fake)
