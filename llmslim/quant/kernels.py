@@ -586,8 +586,8 @@ def linear_4bit_bnb_ops(x: torch.Tensor, w: formats.FourBitWeight, code: torch.T
     """
     out_features, in_features = w.shape
     if x.numel() == in_features and in_features % w.block_size == 0:
-        # also in a compiled step: the same product as plain tensor operations, which inductor fuses into one
-        # reduction kernel, decoded the 1.1B shape at 204 tok/s on an H200 against 250 for these three launches
+        # compiled steps too: writing this product as plain tensor operations for inductor to fuse into one reduction
+        # kernel decoded the 1.1B shape at 204 tok/s on an H200, against 250 for these three launches
         absmax = _float_absmax_bnb_ops(w, nested_map)
         return torch.ops.bitsandbytes.gemv_4bit(x, w.codes, [out_features, in_features], absmax, code, w.block_size)
     return torch.nn.functional.linear(x, dequantize_4bit_bnb_ops(w, nested_map, dtype))
