@@ -7,6 +7,8 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
+from llmslim.quant.native import cpu_half_matmul_is_native
+
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
@@ -62,12 +64,15 @@ class Hardware:
         cpu: host memory llmslim may use.
         disk: free disk space for offloaded layers.
         bandwidth: bytes/s of `gpu` memory, the `pcie` link, `cpu` memory and `disk` reads.
+        cpu_half_gemm: whether the CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); without it
+            llmslim's prompts and training run their dense products in float32 (default: this machine's CPU).
     """
 
     gpus: list[int]
     cpu: int
     disk: int
     bandwidth: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_BANDWIDTH))
+    cpu_half_gemm: bool = field(default_factory=cpu_half_matmul_is_native)
 
     def __post_init__(self) -> None:
         if isinstance(self.cpu, bool) or not isinstance(self.cpu, int) or self.cpu <= 0:

@@ -93,14 +93,22 @@ def cpu_layout_bytes(w: WeightBytes, weights: str | None, block_size: int) -> in
 
 
 def prompt_workspace_bytes(
-    w: WeightBytes, dtype_bytes: int, weights: str | None, tokens: int, block_size: int = 64, cpu: bool = False
+    w: WeightBytes,
+    dtype_bytes: int,
+    weights: str | None,
+    tokens: int,
+    block_size: int = 64,
+    cpu: bool = False,
+    half_gemm: bool = True,
 ) -> int:
     """Temporaries of the largest quantized layer on a prompt of `tokens` rows (batch included).
 
     NF4/FP4 inference on a CPU (`cpu`): the layers run in bitsandbytes' CPU layout
     (`quant.kernels.pack_4bit_for_cpu`; its bf16 absmax copy is `cpu_layout_bytes`); a prompt of
-    more than `PACKED_GEMV_MAX_TOKENS` rows dequantizes the layer to bfloat16 for a dense GEMM.
+    more than `PACKED_GEMV_MAX_TOKENS` rows dequantizes the layer for a dense GEMM.
     Other 4-bit: dequantize once, dense GEMM (a float weight in the compute dtype).
+    On a CPU without hardware bf16 GEMMs (not `half_gemm`) a 16-bit prompt's dense product runs in
+    float32 (`SlimLinear._gemm_dtype`): a float32 weight and a float32 copy of the layer's input.
     int8 (LLM.int8 on CPU): an upper bound, as if the int8 weight were transposed for `torch._int_mm`
     and every column were an outlier dequantized in float32 at once (the kernel goes in chunks of
     weight rows, `quant.kernels.INT8_PROMPT_CHUNK_ELEMENTS`, so it needs less); per token, the
@@ -109,13 +117,13 @@ def prompt_workspace_bytes(
     if weights is None:
         return 0
     fmt = FORMATS[weights]
-    if cpu and fmt.blockwise_absmax:
-        return w.largest_linear * 2 if tokens > PACKED_GEMV_MAX_TOKENS else 0
-    if tokens <= fmt.decode_max_tokens:
+    if tokens <= (PACKED_GEMV_MAX_TOKENS if cpu and fmt.blockwise_absmax else fmt.decode_max_tokens):
         return 0
     if fmt.bits == 8:
         return w.largest_linear * (1 + FP32) + tokens * (w.max_in * (FP32 + 1) + w.max_out * FP32)
-    return w.largest_linear * dtype_bytes
+    if cpu and not half_gemm and dtype_bytes < FP32:
+        return w.largest_linear * FP32 + tokens * w.max_in * FP32
+    return w.largest_linear * (2 if cpu and fmt.blockwise_absmax else dtype_bytes)
 
 
 @dataclass

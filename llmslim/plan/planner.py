@@ -266,7 +266,9 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     training = _training(shape, config, workload, size) if workload.train else None
     acts = 0 if training else activation_bytes(shape, workload.context, workload.batch, size)  # a whole prompt: the widest forward
     cpu_inference = not hardware.gpus and not workload.train
-    workspace = prompt_workspace_bytes(weights, size, config and config.weights, workload.context * workload.batch, cpu=cpu_inference)
+    workspace = prompt_workspace_bytes(
+        weights, size, config and config.weights, workload.context * workload.batch, cpu=cpu_inference, half_gemm=hardware.cpu_half_gemm
+    )
     fixed = acts + (training.total if training else workspace)
     kv_block = kv // max(shape.n_layers, 1)
     # resident NF4/FP4 layers on a CPU also hold their CPU layout's absmax copy (routed experts never do): spread it

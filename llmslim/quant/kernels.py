@@ -182,7 +182,7 @@ CPU_PACK_ROWS = 32  # output rows whose codes the CPU layout interleaves
 # Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX). Without it PyTorch's bf16 / fp16 GEMMs
 # are emulated: a QLoRA step of SmolLM2 (4 x 128 tokens, nf4, checkpointing) took 77 s in bf16 and 5.2 s in float32 on
 # the AVX2 EPYC this was measured on. A constant (read once), so that compiled code reads it without tracing a file read.
-CPU_HALF_MATMUL_IS_NATIVE = bool({"avx512_bf16", "amx_bf16"} & set(native.cpu_flags()))
+CPU_HALF_MATMUL_IS_NATIVE = native.cpu_half_matmul_is_native()
 
 
 @lru_cache(maxsize=1)

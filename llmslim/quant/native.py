@@ -35,6 +35,11 @@ def cpu_flags() -> list[str]:
     return line.partition(":")[2].split()
 
 
+def cpu_half_matmul_is_native() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); elsewhere torch emulates them."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
+
+
 def _cpu_fingerprint() -> str:
     """What -march=native depends on: the CPU's flags (a cached build is only reused on the same kind)."""
     try:
