@@ -19,7 +19,8 @@ API_KEY = "test-key"
 FIXED = {"ignore_eos": True}
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 PROMPT = "The capital of France is"
-TOLERANCE = 1e-4  # float32: the served model decodes with its KV cache, the reference recomputes the whole sequence
+TOLERANCE = 5e-4  # float32: the served model decodes with its KV cache, the reference recomputes the whole sequence
+# (different GEMM kernels for 1 row and many: 1.4e-4 apart on an AMX Xeon)
 
 
 def load_float32(folder):
