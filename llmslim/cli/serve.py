@@ -32,6 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefix-cache-mib", type=float, default=256.0, help="memory for reused prompt prefixes (prefix caching; 0 = off, default 256)"
     )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="most prompt tokens computed between two decode steps (chunked prefill; 0 = whole prompts, default 256)",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads the model computes on (default: $OMP_NUM_THREADS, else CPU cores - 1)"
+    )
     p.add_argument("--max-context", type=int, default=None, help="tokens per sequence, prompt included (default: the model's)")
     p.add_argument(
         "--max-body-bytes", type=int, default=2 * 1024 * 1024, help="largest request body; a bigger one gets 413 (default 2 MiB)"
@@ -40,17 +49,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llmslim.serve.engine import EngineConfig
-    from llmslim.serve.server import API_KEY_ENV, check_bind, check_port, model_id, serve
+    from llmslim.serve.server import API_KEY_ENV, check_bind, check_port, compute_threads, model_id, serve
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_bind(args.host, api_key, args.insecure)  # before the model loads: fail fast
     check_port(args.host, args.port)
     config = config_from_args(EngineConfig, args, context_length=args.max_context)
+    threads = compute_threads(args.threads)  # bad values fail before the model loads
     model, tokenizer, path = _model.load(args.model, args)
     name = args.model_name or model_id(args.model, path)
     logging.getLogger("llmslim.serve").setLevel(logging.INFO)  # one line per request, even without -v
     host = f"[{args.host}]" if ":" in args.host else args.host
     key_note = " (API key required)" if api_key else ""
-    print(f"serving {name} ({args.weights or 'as saved'}) at http://{host}:{args.port}/v1{key_note}", flush=True)
-    serve(model, tokenizer, name, args.host, args.port, api_key, config)
+    where = f"http://{host}:{args.port}/v1{key_note}"
+    print(f"serving {name} ({args.weights or 'as saved'}) at {where}, {threads} compute thread(s)", flush=True)
+    serve(model, tokenizer, name, args.host, args.port, api_key, config, threads=threads)
     return 0

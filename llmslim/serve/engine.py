@@ -3,10 +3,13 @@
     submit() --bounded queue--> [engine thread]  loop:
                                    drop cancelled sequences
                                    run queued jobs (embedding forwards) between steps
-                                   admit waiting requests while slots are free: prefill each alone
-                                     (the longest cached prefix of its prompt is reused: only the rest is computed)
+                                   admit waiting requests while slots are free (the longest cached prefix of a
+                                     prompt is reused: only the rest will be computed)
+                                   prefill: up to `prefill_chunk` prompt tokens of the admitted requests, oldest
+                                     first, each request alone (chunked prefill: a long prompt takes several
+                                     iterations, so the running sequences are never paused for all of it)
                                      (a request for n choices: one prefill, its KV copied to n sequences)
-                                   one decode step for every active sequence together
+                                   one decode step for every sequence whose prompt is done, together
                                    the grammar masks of the constrained rows (tens of microseconds a row)
                                    per sequence: mask, penalties, sample, logprobs, detokenize, stop? -> events
 
@@ -25,6 +28,7 @@ anything else ends the running sequences; the thread itself keeps serving until 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -80,6 +84,8 @@ class EngineConfig:
             also at most `max_batch`.
         prefix_cache_mib: memory for the keys and values of prompt prefixes that later prompts reuse (prefix caching,
             least recently used out); 0 turns it off.
+        prefill_chunk: most prompt tokens computed between two decode steps of the running sequences (chunked
+            prefill); a longer prompt is computed over several steps. 0: each admitted prompt whole at once.
     """
 
     max_batch: int = 16
@@ -89,11 +95,14 @@ class EngineConfig:
     max_body_bytes: int = 2 * 1024 * 1024
     max_n: int = 8
     prefix_cache_mib: float = 256.0
+    prefill_chunk: int = 256
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if isinstance(self.prefill_chunk, bool) or not isinstance(self.prefill_chunk, int) or self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be a whole number of tokens >= 0 (0: whole prompts), got {self.prefill_chunk!r}")
         if not self.prefix_cache_mib >= 0:
             raise ValueError(f"prefix_cache_mib must be 0 (off) or more, got {self.prefix_cache_mib}")
         if self.context_length is not None and self.context_length < 2:
@@ -186,6 +195,7 @@ class _Sequence:
     generator: torch.Generator
     index: int = 0
     constraint: Constraint | None = None  # structured output: the grammar the tokens must follow
+    ready: bool = False  # its prompt is computed: it decodes with the batch
     last_token: int = -1
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # not yet sent
@@ -201,6 +211,18 @@ class _Sequence:
     def take_logprobs(self) -> list[TokenLogprob]:
         taken, self.logprobs = self.logprobs, []
         return taken
+
+
+@dataclass
+class _Prefill:
+    """The prompt of one admitted request, computed a chunk at a time into its first choice's cache."""
+
+    sequences: list[_Sequence]  # the request's choices; the others copy the first one's cache at the end
+    done: int  # prompt tokens already in sequences[0].kv (a cached prefix counts)
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.sequences[0].handle.prompt_ids
 
 
 class Engine:
@@ -227,7 +249,8 @@ class Engine:
         self._pending: queue.Queue[RequestHandle | None] = queue.Queue(maxsize=self.config.max_queue)  # None: a wake-up
         self._waiting: RequestHandle | None = None  # taken from the queue, waiting for n free slots
         self._jobs: queue.Queue[tuple[Callable, concurrent.futures.Future]] = queue.Queue(maxsize=self.config.max_queue)
-        self._active: list[_Sequence] = []
+        self._active: list[_Sequence] = []  # every started choice, prefilling or decoding (each holds a slot)
+        self._prefilling: collections.deque[_Prefill] = collections.deque()  # admitted prompts not yet computed, oldest first
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self.stats = EngineStats()
@@ -361,7 +384,9 @@ class Engine:
         self._run_jobs()
         self._drop_cancelled()
         self._admit(block=not self._active)
-        if self._active:
+        if self._prefilling:
+            self._prefill_step()
+        if any(s.ready for s in self._active):
             self._decode_step()
 
     def _run_jobs(self) -> None:
@@ -418,7 +443,7 @@ class Engine:
             self._answer(handle, "error", f"{type(err).__name__}: {err}")
             return
         self._active.extend(sequences)
-        self._guarded(sequences, self._prefill, sequences)  # a failed prefill ends all n choices
+        self._guarded(sequences, self._queue_prefill, sequences)
 
     def _new_sequence(self, handle: RequestHandle, index: int) -> _Sequence:
         params = handle.params
@@ -426,24 +451,56 @@ class Engine:
         constraint = self.grammars.constraint(params.grammar) if params.grammar is not None else None
         return _Sequence(handle, SequenceKV(self._num_layers), stream, params.choice_generator(index), index, constraint)
 
-    def _prefill(self, sequences: list[_Sequence]) -> None:
-        first, prompt = sequences[0], sequences[0].handle.prompt_ids
-        cached, start = self.prefix_cache.lookup(prompt)
-        first.kv = cached or first.kv
-        ids = torch.tensor([prompt[start:]])  # (1, prompt - cached)
-        positions = torch.arange(start, len(prompt)).unsqueeze(0)  # (1, prompt - cached)
+    def _queue_prefill(self, sequences: list[_Sequence]) -> None:
+        """Reuse the longest cached prefix of the prompt; the rest waits for `_prefill_step`."""
+        cached, start = self.prefix_cache.lookup(sequences[0].handle.prompt_ids)
+        sequences[0].kv = cached or sequences[0].kv
+        self._prefilling.append(_Prefill(sequences, start))
+
+    def _prefill_step(self) -> None:
+        """Compute up to `prefill_chunk` prompt tokens (all of them with 0), oldest request first; a request whose
+        prompt is done samples its first tokens. A failure ends that request's choices only."""
+        budget = self.config.prefill_chunk or None
+        while self._prefilling and (budget is None or budget > 0):
+            job = self._prefilling[0]
+            if not any(s in self._active for s in job.sequences):  # cancelled or failed
+                self._prefilling.popleft()
+                continue
+            computed = self._guarded(job.sequences, self._prefill_chunk, job, budget)
+            if computed is None or job.done == len(job.prompt):
+                self._prefilling.popleft()
+                self._flush()  # its first tokens go out now, not after the other prefills
+            if computed is not None and budget is not None:
+                budget -= computed
+
+    def _prefill_chunk(self, job: _Prefill, budget: int | None) -> int:
+        """Compute the next `budget` tokens (or all the rest) of `job`'s prompt; return how many."""
+        first, prompt = job.sequences[0], job.prompt
+        end = len(prompt) if budget is None else min(len(prompt), job.done + budget)
+        ids = torch.tensor([prompt[job.done : end]])  # (1, chunk)
+        positions = torch.arange(job.done, end).unsqueeze(0)  # (1, chunk)
         logits = self._forward([first.kv], ids, positions)  # (1, vocab)
-        self.stats.prefill_tokens += ids.shape[1]
-        self.prefix_cache.store(prompt, first.kv)
+        self.stats.prefill_tokens += end - job.done
+        computed, job.done = end - job.done, end
+        if end == len(prompt):
+            self._first_tokens(job.sequences, logits[0])
+        return computed
+
+    def _first_tokens(self, sequences: list[_Sequence], logits: torch.Tensor) -> None:
+        """The prompt of `sequences` is computed (`logits` (vocab,) of its last position): cache it, give every choice
+        its own copy, sample each choice's first token."""
+        first = sequences[0]
+        self.prefix_cache.store(first.handle.prompt_ids, first.kv)
         for other in sequences[1:]:
             other.kv = first.kv.copy()  # the prompt's keys and values, computed once
-        greedy = int(logits[0].argmax())
+        greedy = int(logits.argmax())
         masks = self._masks(sequences)
         for sequence in sequences:
-            self._guarded([sequence], self._advance, sequence, logits[0], greedy, masks.get(id(sequence)))
+            sequence.ready = True
+            self._guarded([sequence], self._advance, sequence, logits, greedy, masks.get(id(sequence)))
 
     def _decode_step(self) -> None:
-        batch = list(self._active)
+        batch = [s for s in self._active if s.ready]
         logits = self._guarded(batch, self._batch_logits, batch)  # (batch, vocab); a failed forward ends the whole batch
         if logits is None:
             return
@@ -538,6 +595,7 @@ class Engine:
 
     def _end_all(self, message: str) -> None:
         """End every running and waiting request with an error event."""
+        self._prefilling.clear()
         for sequence in list(self._active):
             self._finish(sequence, Delta(""), "error", error=message)
         self._flush()

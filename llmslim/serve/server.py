@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -15,6 +16,26 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "LLMSLIM_API_KEY"
 GRACEFUL_SHUTDOWN_S = 5  # on SIGTERM, open requests get this long to finish; then they are cancelled and the engine stops
+
+
+def compute_threads(threads: int | None = None) -> int:
+    """Threads the model's operators get in a server process: `threads`, else torch's count (OMP_NUM_THREADS where set)
+    less one core left to the HTTP side.
+
+    Every operator splits its work over all its threads and waits for the last one, so one thread descheduled by the
+    event loop (or by clients on the same machine) stalls them all. Measured on 2 cores (SmolLM2 nf4, one streaming
+    client): 22 tok/s with both cores computing, 37 with one; 16 clients 119 against 162 tok/s. vLLM's CPU backend
+    reserves a core for its front end the same way.
+    """
+    import torch
+
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+        return threads
+    if os.environ.get("OMP_NUM_THREADS"):  # the user chose
+        return torch.get_num_threads()
+    return max(1, torch.get_num_threads() - 1)
 
 
 def is_loopback(host: str) -> bool:
@@ -67,7 +88,14 @@ def model_id(model_arg: str | None, path: Path) -> str:
 
 
 def serve(
-    model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, config: EngineConfig | None = None
+    model,
+    tokenizer,
+    name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    config: EngineConfig | None = None,
+    threads: int | None = None,
 ) -> None:
     """Serve `model` over HTTP until interrupted (Ctrl-C or SIGTERM: requests still open after `GRACEFUL_SHUTDOWN_S` are cancelled).
 
@@ -80,8 +108,12 @@ def serve(
         port: TCP port.
         api_key: when set, requests need `Authorization: Bearer <api_key>`.
         config: engine limits (and the request body cap, `max_body_bytes`).
+        threads: threads of the model's operators, for the whole process (default: `compute_threads`).
     """
+    import torch
     import uvicorn
+
+    torch.set_num_threads(compute_threads(threads))
 
     app = build_app(model, tokenizer, name, api_key, config)
     # our middleware logs one line per request, so uvicorn's access log and logging setup stay off

@@ -14,7 +14,7 @@ from llmslim.cli import main
 from llmslim.serve.kvcache import SequenceKV
 from llmslim.serve.logprobs import TokenText, token_logprob
 from llmslim.serve.sampling import MIN_TEMPERATURE, SamplingParams, apply_penalties, sample_token
-from llmslim.serve.server import check_bind, free_port, is_loopback
+from llmslim.serve.server import check_bind, compute_threads, free_port, is_loopback
 from llmslim.serve.textstream import TextStream
 
 
@@ -241,7 +241,7 @@ def test_cli_serve_refuses_a_port_in_use_before_loading(capsys, no_model_load):
 def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
     served = {}
     monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
-    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
     assert main(["serve", "--port", str(free_port()), "--max-body-bytes", "1000"]) == 0
     assert served["config"].max_body_bytes == 1000
 
@@ -249,7 +249,7 @@ def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
 def test_cli_serve_passes_the_choice_cap_to_the_server(monkeypatch):
     served = {}
     monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
-    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
     assert main(["serve", "--port", str(free_port()), "--max-n", "3"]) == 0
     assert served["config"].max_n == 3
 
@@ -272,7 +272,7 @@ def test_import_llmslim_does_not_import_fastapi():
 def test_cli_serve_passes_the_prefix_cache_size_to_the_server(monkeypatch):
     served = {}
     monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
-    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args: served.update(config=args[-1]))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
     assert main(["serve", "--port", str(free_port()), "--prefix-cache-mib", "0"]) == 0
     assert served["config"].prefix_cache_mib == 0
 
@@ -280,3 +280,30 @@ def test_cli_serve_passes_the_prefix_cache_size_to_the_server(monkeypatch):
 def test_cli_serve_rejects_a_negative_prefix_cache_before_loading(capsys, no_model_load):
     assert main(["serve", "--port", str(free_port()), "--prefix-cache-mib", "-1"]) == 2
     assert "prefix_cache_mib must be 0 (off) or more, got -1.0" in capsys.readouterr().err
+
+
+def test_cli_serve_passes_the_thread_count_to_the_server(monkeypatch):
+    served = {}
+    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
+    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
+    assert main(["serve", "--port", str(free_port()), "--threads", "3"]) == 0
+    assert served["threads"] == 3
+
+
+def test_cli_serve_rejects_a_bad_thread_count_before_loading(capsys, no_model_load):
+    assert main(["serve", "--port", str(free_port()), "--threads", "0"]) == 2
+    assert "threads must be a whole number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_compute_threads_leave_a_core_to_the_http_side_unless_told(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert compute_threads() == 7 and compute_threads(8) == 8
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert compute_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert compute_threads() == 4  # the user's own setting stands
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+            compute_threads(bad)
