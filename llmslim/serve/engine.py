@@ -95,7 +95,7 @@ class EngineConfig:
     max_body_bytes: int = 2 * 1024 * 1024
     max_n: int = 8
     prefix_cache_mib: float = 256.0
-    prefill_chunk: int = 256
+    prefill_chunk: int = 512
 
     def __post_init__(self):
         for name in ("max_batch", "max_queue", "max_tokens", "max_body_bytes", "max_n"):
