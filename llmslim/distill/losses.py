@@ -140,7 +140,8 @@ class DistillLoss:
         teacher: the teacher, in eval mode, on the student's device; None with a cache (and no cosine loss).
         weights: loss weights, temperature and divergence.
         hidden_pairs: (student index, teacher index) pairs into `hidden_states` for the cosine loss.
-        masking: set for a masked LM (BERT); None for a causal LM.
+        masking: set for a masked LM (BERT); None for a causal LM. Inputs are masked only for a loss on the
+            logits (a bare encoder learns from its teacher's states on the text itself, as it is used).
         cache: a teacher cache (`llmslim.distill.cache.TeacherCache`) read by the batch's `block_index`.
     """
 
@@ -180,7 +181,7 @@ class DistillLoss:
         return LossOutput(loss, parts)
 
     def _corrupt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.masking is None:
+        if self.masking is None or (self.weights.kd == 0 and self.weights.lm == 0):
             return input_ids, None
         m = self.masking
         return mask_tokens(input_ids, special_tokens_mask(input_ids, m.special_ids), m.mask_token_id, m.vocab_size, m.probability)
