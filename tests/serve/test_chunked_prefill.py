@@ -12,10 +12,10 @@ from transformers import AutoTokenizer
 import llmslim
 from llmslim.serve import EngineConfig
 
-from ._helpers import wait_until
+from ._helpers import SYSTEM, wait_until
+from ._helpers import ask as ask_as
 
 MODEL_ID = "tiny-llama"
-SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: answer in plain words about topic {i}." for i in range(12))
 QUESTIONS = ["Tell me about the sea.", "What is a cat?"]
 TOLERANCE = 1e-4  # float32: chunks multiply smaller matrices than one whole prompt
 CHUNK = 8
@@ -37,31 +37,22 @@ def servers(tiny_chat_model, start_server):
 
 
 def ask(server, question: str, stream: bool = False, **kwargs):
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    args = dict(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
-    client = server.client(api_key="unused")
-    if not stream:
-        result = client.chat.completions.create(**args, **kwargs)
-        return [c.message.content for c in result.choices], [e.logprob for e in result.choices[0].logprobs.content]
-    text, logprobs = "", []
-    for chunk in client.chat.completions.create(stream=True, **args, **kwargs):
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            logprobs += [e.logprob for e in (choice.logprobs.content if choice.logprobs else [])]
-    return [text], logprobs
+    return ask_as(server, MODEL_ID, question, stream, **kwargs)
 
 
 def test_chunks_answer_as_a_whole_prompt_does(servers):
     chunked, whole = servers
     prefilled = chunked.engine.stats.prefill_tokens
     for i, question in enumerate(QUESTIONS):
-        texts, logprobs = ask(chunked, question, stream=i == 1)
-        expected_texts, expected = ask(whole, question)
-        assert texts == expected_texts
+        text, logprobs = ask(chunked, question, stream=i == 1)
+        expected_text, expected = ask(whole, question)
+        assert text == expected_text
         assert logprobs == pytest.approx(expected, abs=TOLERANCE)
     assert chunked.engine.stats.prefill_tokens - prefilled > 2 * 100  # the ~150-token prompts were computed, in chunks
-    texts, _ = ask(chunked, QUESTIONS[0], n=2)  # n choices wait for their one chunked prefill
-    assert texts == [ask(whole, QUESTIONS[0])[0][0]] * 2
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]}]
+    args = dict(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    result = chunked.client(api_key="unused").chat.completions.create(n=2, **args)  # n choices wait for their one prefill
+    assert [c.message.content for c in result.choices] == [ask(whole, QUESTIONS[0])[0]] * 2
 
 
 @pytest.mark.parametrize("chunk", [CHUNK, 0], ids=["chunked", "whole"])

@@ -14,10 +14,10 @@ from llmslim.serve import EngineConfig
 from llmslim.serve.kvcache import SequenceKV
 from llmslim.serve.prefixcache import PrefixCache
 
-from ._helpers import scrape_metrics
+from ._helpers import SYSTEM, scrape_metrics
+from ._helpers import ask as ask_as
 
 MODEL_ID = "tiny-llama"
-SYSTEM = "You are a careful assistant. " + " ".join(f"Rule {i}: answer in plain words about topic {i}." for i in range(12))
 QUESTIONS = ["Tell me about the sea.", "What is a cat?", "Why is the sky blue?"]
 TOLERANCE = 1e-4
 
@@ -92,18 +92,7 @@ def servers(tiny_chat_model, start_server):
 
 
 def ask(server, question: str, stream: bool = False, **kwargs):
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    args = dict(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0, logprobs=True, extra_body={"ignore_eos": True})
-    client = server.client(api_key="unused")
-    if not stream:
-        choice = client.chat.completions.create(**args, **kwargs).choices[0]
-        return choice.message.content, [e.logprob for e in choice.logprobs.content]
-    text, logprobs = "", []
-    for chunk in client.chat.completions.create(stream=True, **args, **kwargs):
-        for choice in chunk.choices:
-            text += choice.delta.content or ""
-            logprobs += [e.logprob for e in (choice.logprobs.content if choice.logprobs else [])]
-    return text, logprobs
+    return ask_as(server, MODEL_ID, question, stream, **kwargs)
 
 
 def test_hits_answer_as_misses_do(servers):
