@@ -108,7 +108,8 @@ def prompt_workspace_bytes(
     more than `PACKED_GEMV_MAX_TOKENS` rows dequantizes the layer for a dense GEMM.
     Other 4-bit: dequantize once, dense GEMM (a float weight in the compute dtype).
     On a CPU without hardware bf16 GEMMs (not `half_gemm`) a 16-bit prompt's dense product runs in
-    float32 (`SlimLinear._gemm_dtype`): a float32 weight and a float32 copy of the layer's input.
+    float32 (`SlimLinear._gemm_dtype`) from `decode_max_tokens` rows on, NF4/FP4 included: a float32 weight and a
+    float32 copy of the layer's input.
     int8 (LLM.int8 on CPU): an upper bound, as if the int8 weight were transposed for `torch._int_mm`
     and every column were an outlier dequantized in float32 at once (the kernel goes in chunks of
     weight rows, `quant.kernels.INT8_PROMPT_CHUNK_ELEMENTS`, so it needs less); per token, the
@@ -117,13 +118,15 @@ def prompt_workspace_bytes(
     if weights is None:
         return 0
     fmt = FORMATS[weights]
-    if tokens <= (PACKED_GEMV_MAX_TOKENS if cpu and fmt.blockwise_absmax else fmt.decode_max_tokens):
+    float32_product = cpu and not half_gemm and dtype_bytes < FP32 and fmt.bits == 4  # past decode_max_tokens rows
+    packed = cpu and fmt.blockwise_absmax and not float32_product  # bitsandbytes' CPU layout, up to its own row limit
+    if tokens <= (PACKED_GEMV_MAX_TOKENS if packed else fmt.decode_max_tokens):
         return 0
     if fmt.bits == 8:
         return w.largest_linear * (1 + FP32) + tokens * (w.max_in * (FP32 + 1) + w.max_out * FP32)
-    if cpu and not half_gemm and dtype_bytes < FP32:
+    if float32_product:
         return w.largest_linear * FP32 + tokens * w.max_in * FP32
-    return w.largest_linear * (2 if cpu and fmt.blockwise_absmax else dtype_bytes)
+    return w.largest_linear * (2 if packed else dtype_bytes)
 
 
 @dataclass

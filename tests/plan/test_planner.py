@@ -93,14 +93,17 @@ def small_llama(tmp_path_factory):
     return folder
 
 
+@pytest.mark.parametrize("context", [48, 128])  # 48: past the packed kernels' decode rows, within bitsandbytes' CPU layout's
 @pytest.mark.parametrize("half_gemm", [True, False], ids=["bf16-gemm", "emulated-bf16"])
 @pytest.mark.parametrize("fmt", list(PLAN_FORMATS))
-def test_total_and_kv_cache_match_a_measured_prompt(small_llama, fmt, half_gemm, monkeypatch):
+def test_total_and_kv_cache_match_a_measured_prompt(small_llama, fmt, half_gemm, context, monkeypatch, request):
     """Both CPU kinds on any machine: without hardware bf16 GEMMs (AVX-512 BF16 / AMX) prompts multiply in float32."""
+    if fmt == "int8" and context == 48:  # a known gap, not yet fixed: the int8 prompt workspace at short prompts
+        request.applymarker(pytest.mark.xfail(reason="int8 at 48 tokens: planned 11.54 MB, measured 13.16-13.27 MB (AMX Xeon)"))
     if half_gemm and not kernels.CPU_HALF_MATMUL_IS_NATIVE:
         pytest.skip("this CPU has no hardware bf16 GEMM")
     monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", half_gemm)
-    batch, context = 1, 128
+    batch = 1
     hardware = Hardware(gpus=[], cpu=24 * GiB, disk=10**12, cpu_half_gemm=half_gemm)
     planned = plan_model(small_llama, hardware, Workload(context=context, batch=batch)).formats[fmt]
     total, kv = _measured_total(_load(small_llama, fmt), batch, context)
