@@ -238,19 +238,22 @@ def test_cli_serve_refuses_a_port_in_use_before_loading(capsys, no_model_load):
     assert "serving" not in out.out
 
 
-def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
+def run_serve(monkeypatch, *flags: str) -> dict:
+    """`llmslim serve FLAGS` with the model load and the server stubbed: what reached `serve` (its config and threads)."""
     served = {}
     monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
     monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
-    assert main(["serve", "--port", str(free_port()), "--max-body-bytes", "1000"]) == 0
+    assert main(["serve", "--port", str(free_port()), *flags]) == 0
+    return served
+
+
+def test_cli_serve_passes_the_body_limit_to_the_server(monkeypatch):
+    served = run_serve(monkeypatch, "--max-body-bytes", "1000")
     assert served["config"].max_body_bytes == 1000
 
 
 def test_cli_serve_passes_the_choice_cap_to_the_server(monkeypatch):
-    served = {}
-    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
-    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
-    assert main(["serve", "--port", str(free_port()), "--max-n", "3"]) == 0
+    served = run_serve(monkeypatch, "--max-n", "3")
     assert served["config"].max_n == 3
 
 
@@ -270,10 +273,7 @@ def test_import_llmslim_does_not_import_fastapi():
 
 
 def test_cli_serve_passes_the_prefix_cache_size_to_the_server(monkeypatch):
-    served = {}
-    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
-    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
-    assert main(["serve", "--port", str(free_port()), "--prefix-cache-mib", "0"]) == 0
+    served = run_serve(monkeypatch, "--prefix-cache-mib", "0")
     assert served["config"].prefix_cache_mib == 0
 
 
@@ -283,10 +283,7 @@ def test_cli_serve_rejects_a_negative_prefix_cache_before_loading(capsys, no_mod
 
 
 def test_cli_serve_passes_the_thread_count_to_the_server(monkeypatch):
-    served = {}
-    monkeypatch.setattr("llmslim.cli._model.load", lambda model, args: ("model", "tokenizer", Path("tiny")))
-    monkeypatch.setattr("llmslim.serve.server.serve", lambda *args, threads: served.update(config=args[6], threads=threads))
-    assert main(["serve", "--port", str(free_port()), "--threads", "3"]) == 0
+    served = run_serve(monkeypatch, "--threads", "3")
     assert served["threads"] == 3
 
 
@@ -307,3 +304,12 @@ def test_compute_threads_leave_a_core_to_the_http_side_unless_told(monkeypatch):
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
             compute_threads(bad)
+
+
+def test_cli_serve_passes_the_prefill_chunk_to_the_server(monkeypatch):
+    assert run_serve(monkeypatch, "--prefill-chunk", "0")["config"].prefill_chunk == 0
+
+
+def test_cli_serve_rejects_a_negative_prefill_chunk_before_loading(capsys, no_model_load):
+    assert main(["serve", "--port", str(free_port()), "--prefill-chunk", "-1"]) == 2
+    assert "prefill_chunk must be a whole number of tokens >= 0 (0: whole prompts), got -1" in capsys.readouterr().err
