@@ -420,7 +420,8 @@ MERGE_NOTES = {
         "(17 of SmolLM2's 210 matmuls on a 512-token window)."
     ),
     "llmslim-nf4-gptq": (
-        "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0, damp 0.01); "
+        "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0) with the defaults: damp 0.25, "
+        "act_order, balance (AWQ-style input-channel scales folded into the norms and up projections); "
         "`bnb-nf4-gptq-export` is that model saved in bitsandbytes' layout and loaded by stock transformers + bitsandbytes."
     ),
     "llmslim-int4-g64-q8": (

@@ -3,7 +3,9 @@
 `calibrate_(model, config, input_ids)` quantizes a float model in place. The calibration sequences
 run through the decoder blocks one block at a time: the block's selected linear layers collect the
 Hessian of their inputs (`quant.gptq.HessianAccumulator`; layers fed the same tensor share one),
-each is quantized by GPTQ into its format (`quant.gptq.gptq_codes`), then the quantized block runs
+each group of layers that reads one input has its input channels balanced first (`_balance_block`: AWQ-style
+scales folded into the norm or up projection before it), each is quantized by GPTQ into its format
+(`quant.gptq.gptq_codes`), then the quantized block runs
 again to give the next block its inputs, so each block is calibrated on what the quantized blocks
 before it produce. On a CPU the blocks run in float32 while they are calibrated (and are put back in
 their own dtypes after): a CPU without native bf16 multiplies float32 several times faster, and the
@@ -32,7 +34,7 @@ from llmslim.hf import compat
 from llmslim.memory.blocks import find_blocks
 from llmslim.quant import formats
 from llmslim.quant.experts import quantize_experts_
-from llmslim.quant.gptq import GptqSettings, HessianAccumulator, clipped_absmax, gptq_codes, output_error
+from llmslim.quant.gptq import GptqSettings, HessianAccumulator, balance_scales, clipped_absmax, gptq_codes, output_error
 from llmslim.quant.mixed import choose_int8_layers, oriented
 from llmslim.quant.modules import SlimLinear, SlimLinear4bit, quantization_targets
 
@@ -104,7 +106,7 @@ def calibrate_(
 ) -> list[str]:
     """Quantize the float transformers `model` in place with GPTQ on `input_ids` `(n, seq_len)`; returns the quantized names.
 
-    Settings: `config.damp`, `config.act_order` (and `config.int8_layers` already chosen when the blocks start empty).
+    Settings: `config.damp`, `config.act_order`, `config.balance` (and `config.int8_layers` already chosen when the blocks start empty).
     `read_block(i)`: fills block i of a model whose blocks start on the meta device. Memory: the model (the float
     model, or with `read_block` the quantized model and one float block), plus every sequence's hidden states at one
     block boundary and one block's Hessians.
@@ -116,7 +118,7 @@ def calibrate_(
     if config.needs_mixed_choice:
         config = choose_int8_layers(((n, oriented(m, m.weight)) for n, m in selected), config)
     replaced = quantize_experts_(model, config)
-    settings = GptqSettings(damp=config.damp, act_order=config.act_order)
+    settings = GptqSettings(damp=config.damp, act_order=config.act_order, balance=config.balance)
     blocks_name, blocks = find_blocks(model)
     states = _first_block_inputs(model, blocks[0], input_ids)
     work_dtype = torch.float32 if model.get_input_embeddings().weight.device.type == "cpu" else None
@@ -131,7 +133,10 @@ def calibrate_(
         if work_dtype is not None:
             blocks[index].to(work_dtype)
         in_block = {name: module for name, module in targets.items() if name.startswith(prefix)}
-        hessians = _collect_hessians(blocks[index], {name[len(prefix) :]: m for name, m in in_block.items()}, states)
+        local = {name[len(prefix) :]: m for name, m in in_block.items()}
+        hessians = _collect_hessians(blocks[index], local, states)
+        if settings.balance:
+            _balance_block(blocks[index], local, hessians, states[0], lambda name, prefix=prefix: config.layer_spec(prefix + name))
         for name, module in in_block.items():
             model.set_submodule(name, _gptq_layer(name, module, config, hessians[name[len(prefix) :]], settings))
             replaced.append(name)
@@ -264,10 +269,10 @@ def _gptq_layer(name: str, module: torch.nn.Module, config: SlimConfig, hessian:
 
 def _clipped_weight(layer: SlimLinear, weight: torch.Tensor, hessian: HessianAccumulator, settings: GptqSettings) -> torch.Tensor:
     """The weight whose round-to-nearest quantization sets the scales: for a blockwise 4-bit layer, each block clipped to
-    its searched absmax (`clipped_absmax`; the format then stores that absmax, double-quantized as it would be);
-    the weight itself otherwise. Returned in the layout `set_float_weight` takes."""
+    its searched absmax (`clipped_absmax`; the format then stores that absmax, double-quantized as it would be),
+    unless the block's inputs were balanced; the weight itself otherwise. Returned in the layout `set_float_weight` takes."""
     block = getattr(layer, "block_size", 0)
-    if not isinstance(layer, SlimLinear4bit) or not settings.clip or weight.shape[1] % block:
+    if not isinstance(layer, SlimLinear4bit) or not settings.clip or settings.balance or weight.shape[1] % block:
         return weight.t() if getattr(layer, "source_transposed", False) else weight
     levels = formats.code_4bit(layer.fmt).float().sort().values
     absmax = clipped_absmax(weight, torch.diag(hessian.hessian), levels, block, settings.clip)  # (out, groups)
@@ -279,3 +284,96 @@ def _clipped_weight(layer: SlimLinear, weight: torch.Tensor, hessian: HessianAcc
 def _keep_bias(layer: SlimLinear, module: torch.nn.Module) -> None:
     if module.bias is not None:
         layer.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+
+
+@torch.no_grad()
+def _balance_block(
+    block: torch.nn.Module, layers: dict[str, torch.nn.Module], hessians: dict[str, HessianAccumulator], state, spec_of
+) -> None:
+    """Rescale the input channels of each group of layers that read one input (`quant.gptq.balance_scales`), folding
+    the inverse scales into what produces that input: a norm's weight (and bias), or for a gated MLP's down projection
+    the rows of its up projection. The block computes the same function in float; the Hessians follow the scaling.
+    Groups whose producer cannot take the scales exactly (checked on the first sequence) stay as they are."""
+    producers = _input_producers(block, layers, state)
+    groups: dict[int, list[str]] = {}
+    for name in layers:
+        groups.setdefault(id(hessians[name]), []).append(name)
+    for names in groups.values():
+        found = [producers.get(name) for name in names]
+        if any(p is None or p[1] is not found[0][1] for p in found):
+            continue  # some layer's input comes from elsewhere: its scales could not be folded
+        kind, module, sample = found[0]
+        accumulator = hessians[names[0]]
+        weights = [oriented(layers[n], layers[n].weight.data) for n in names]
+
+        def round_trip(i, w, names=names):
+            layer = spec_of(names[i]).module_class().from_linear(layers[names[i]], spec_of(names[i]), names[i])
+            layer.set_float_weight(w.t() if getattr(layer, "source_transposed", False) else w)
+            return layer.dequantized_weight(torch.float32)
+
+        s = balance_scales(weights, accumulator.hessian, round_trip)
+        if s is None or not _fold_inverse(kind, module, sample, s):
+            logger.debug("balance: %s unchanged (%s)", names, "no better scales" if s is None else "producer refused")
+            continue
+        logger.debug("balance: %s scales %.3g..%.3g", names, float(s.min()), float(s.max()))
+        for w in weights:
+            w.mul_(s.to(w.dtype))
+        accumulator.hessian.div_(torch.outer(s, s))
+
+
+def _fold_inverse(kind: str, module: torch.nn.Module, sample, s: torch.Tensor) -> bool:
+    """Divide `module`'s output channels by `s`: a norm's weight and bias, or a linear layer's rows. For a norm, checks
+    on `sample` (an input it saw) that its output is divided by `s` exactly, and undoes the change if not."""
+    if kind == "rows":
+        oriented(module, module.weight.data).div_(s.unsqueeze(1).to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias.data.div_(s.to(module.bias.dtype))
+        return True
+    before = module(sample).float()
+    saved = {k: p.data.clone() for k, p in module.named_parameters(recurse=False)}
+    for key in ("weight", "bias"):
+        p = getattr(module, key, None)
+        if isinstance(p, torch.Tensor) and p.shape == s.shape:
+            p.data.div_(s.to(p.dtype))
+    after = module(sample).float()
+    if torch.allclose(after, before / s, rtol=1e-3, atol=1e-5 * float(before.abs().max())):
+        return True
+    for k, value in saved.items():
+        getattr(module, k).data.copy_(value)
+    return False
+
+
+def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module], state) -> dict[str, tuple]:
+    """For each layer of `layers` whose input can take per-channel scales upstream: ("norm", module, its input) when
+    the input is the output of a norm-like module of the block (a leaf with a 1-D weight, not one of `layers`), or
+    ("rows", up projection, None) for the down projection of a gated MLP (`gate_proj`, `up_proj`, `down_proj`)."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: list[tuple[torch.Tensor, torch.nn.Module, torch.Tensor]] = []
+    handles = []
+    targets = set(map(id, layers.values()))
+    for module in block.modules():
+        if id(module) in targets:
+            continue
+        weight = getattr(module, "weight", None)
+        if not list(module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 1:
+            handles.append(module.register_forward_hook(lambda m, args, out: outputs.append((out, m, args[0]))))
+    for name, module in layers.items():
+        handles.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0])))
+    try:
+        args, kwargs = state
+        block(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    found: dict[str, tuple] = {}
+    for name, x in inputs.items():
+        norm = next(((m, sample) for out, m, sample in outputs if out is x), None)
+        if norm is not None:
+            found[name] = ("norm", norm[0], norm[1])
+            continue
+        parent_name, _, leaf = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        up = getattr(parent, "up_proj", None)
+        if leaf == "down_proj" and hasattr(parent, "gate_proj") and up is not None and id(up) in targets:
+            found[name] = ("rows", up, None)
+    return found

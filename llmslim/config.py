@@ -81,8 +81,15 @@ class SlimConfig(QuantizationConfigMixin):
         method: how the codes are chosen: `"rtn"` (round to nearest) or `"gptq"` (GPTQ on
             calibration text, block by block, into the same stored format: `llmslim.calibrate`).
             Recorded in saved models; a saved GPTQ model reloads without calibrating.
-        damp: GPTQ: dampening of the input Hessian, a share of its mean diagonal (default 0.01).
-        act_order: GPTQ: quantize the input columns in order of decreasing Hessian diagonal.
+        damp: GPTQ: dampening of the input Hessian, a share of its mean diagonal (default 0.25:
+            calibration text is rarely the text a model then reads, and a strong dampening keeps
+            GPTQ from fitting the calibration text's statistics; see docs/quantization.md).
+        act_order: GPTQ: quantize the input columns in order of decreasing Hessian diagonal
+            (default True; the stored format and its groups do not change).
+        balance: GPTQ: before quantizing, rescale the input channels of the layers that read one
+            input (AWQ-style, `s = rms(x)^alpha`, alpha searched on the calibration Hessian) and fold
+            the inverse scales into what produces that input (a norm's weight, a gated MLP's up
+            projection): the float model computes the same, its quantization loses less. Default True.
         bits_per_param: int4 only: a budget in bits per parameter (every scale and zero counted)
             for a mixed int4/int8 model: the layers whose int4 reconstruction error is largest
             are kept in int8 while the quantized layers' average stays within the budget. Chosen
@@ -128,8 +135,9 @@ class SlimConfig(QuantizationConfigMixin):
     int8_threshold: float = 1.5
     refine: bool = False
     method: str = "rtn"
-    damp: float = 0.01
-    act_order: bool = False
+    damp: float = 0.25
+    act_order: bool = True
+    balance: bool = True
     bits_per_param: float | None = None
     int8_layers: list[str] | None = None
     include: list[str] | None = None
@@ -191,10 +199,11 @@ class SlimConfig(QuantizationConfigMixin):
         if self.method == "gptq" and self.weights is None:
             raise ValueError("method='gptq' chooses the codes of quantized weights: set weights to int8, nf4, fp4 or int4")
         if not _is_finite_number(self.damp) or not 0 < self.damp < 1:
-            raise ValueError(f"damp must be a number in (0, 1) (a share of the Hessian's mean diagonal; default 0.01), got {self.damp!r}")
+            raise ValueError(f"damp must be a number in (0, 1) (a share of the Hessian's mean diagonal; default 0.25), got {self.damp!r}")
         self.damp = float(self.damp)
-        if not isinstance(self.act_order, bool):
-            raise ValueError(f"act_order must be True or False, got {self.act_order!r}")
+        for name in ("act_order", "balance"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def _check_mixed(self) -> None:
         if self.bits_per_param is not None:
@@ -344,6 +353,7 @@ class SlimConfig(QuantizationConfigMixin):
             "method": self.method,
             "damp": self.damp,
             "act_order": self.act_order,
+            "balance": self.balance,
             "bits_per_param": self.bits_per_param,
             "int8_layers": self.int8_layers,
             "include": self.include,

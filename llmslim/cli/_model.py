@@ -28,8 +28,13 @@ def add_model_arguments(p: argparse.ArgumentParser, default_weights: str | None 
     g.add_argument(
         "--calibration-tokens", type=int, default=65536, help="tokens of calibration text, in 512-token sequences (default 65536)"
     )
-    g.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns in order of decreasing Hessian diagonal")
-    g.add_argument("--damp", type=float, default=0.01, help="GPTQ: Hessian dampening, a share of its mean diagonal (default 0.01)")
+    g.add_argument(
+        "--act-order", action=argparse.BooleanOptionalAction, default=True, help="GPTQ: columns by decreasing Hessian diagonal (default on)"
+    )
+    g.add_argument(
+        "--balance", action=argparse.BooleanOptionalAction, default=True, help="GPTQ: AWQ-style input-channel scales (default on)"
+    )
+    g.add_argument("--damp", type=float, default=0.25, help="GPTQ: Hessian dampening, a share of its mean diagonal (default 0.25)")
 
 
 def slim_config(args: argparse.Namespace):

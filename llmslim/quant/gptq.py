@@ -9,6 +9,10 @@ the columns not yet quantized through the inverse Hessian of the layer's inputs,
 `act_order` the columns go in order of decreasing `diag(H)`; the scales stay per stored group, so
 the order changes nothing in the format.
 
+Before that, `balance_scales` may rescale a layer group's input channels (AWQ, Lin et al. 2023), the inverse
+scales going to what produces the input (the caller folds them, `llmslim.calibrate`): float outputs stay the
+same, and the channels that carry large activations get finer steps.
+
 A layer keeps its round-to-nearest codes if GPTQ's are not better on the calibration inputs
 (`tr((W - Q) H (W - Q)^T)`, the layer's output error): calibration never makes a layer worse there.
 """
@@ -16,6 +20,7 @@ A layer keeps its round-to-nearest codes if GPTQ's are not better on the calibra
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,17 +30,21 @@ from llmslim.quant.formats import Grid
 logger = logging.getLogger(__name__)
 
 DAMP_RETRIES = 4  # dampening x10 each time the Cholesky factorization fails
+BALANCE_ALPHAS = tuple(0.1 * i for i in range(1, 11))  # exponents of rms(x) searched by `balance_scales`
 
 
 @dataclass(frozen=True)
 class GptqSettings:
     """damp: share of the mean of diag(H) added to its diagonal; block: columns per lazy update; act_order: see above;
-    clip: the shrink factors of a 4-bit block's absmax to search (`clipped_absmax`), () for absmax as RTN has it."""
+    clip: the shrink factors of a 4-bit block's absmax to search (`clipped_absmax`), () for absmax as RTN has it;
+    balance: rescale input channels first (`balance_scales`). With balance the clip search is not made: on SmolLM2 the
+    two together lost to balance alone (WikiText-2 perplexity 42.31 vs 41.21, GPTQ-NF4, 16k calibration tokens)."""
 
     damp: float = 0.01
     block: int = 128
     act_order: bool = False
     clip: tuple[float, ...] = tuple(1.0 - 0.025 * i for i in range(13))  # 1.0 down to 0.7
+    balance: bool = False
 
 
 def clipped_absmax(
@@ -137,3 +146,39 @@ def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
         f"GPTQ: the input Hessian of {name or 'a layer'} is not positive definite even with dampening "
         f"{damp * 10**DAMP_RETRIES:g} of its mean diagonal: calibrate with more (and more varied) text, or use method='rtn'"
     )
+
+
+def balance_scales(
+    weights: list[torch.Tensor],
+    hessian: torch.Tensor,
+    round_trip: Callable[[int, torch.Tensor], torch.Tensor],
+    alphas: tuple[float, ...] = BALANCE_ALPHAS,
+) -> torch.Tensor | None:
+    """Per-input-channel scales `s` `(in,)` for layers that read one input (AWQ's idea, Lin et al. 2023): the layers
+    store `W diag(s)` and their input is divided by `s` upstream, so the outputs stay the same in float while the
+    channels that carry large activations get finer steps. `s = rms(x)^alpha` (from `diag(H)`), normalised to a
+    geometric mean of one; alpha is searched over `alphas` to minimise the summed output error of round-to-nearest,
+    `tr(E H E^T)` with `E = round_trip(i, W_i diag(s)) diag(1/s) - W_i`, computed from the Hessian without running
+    the model. Returns None when no alpha beats the layers as they are (alpha 0).
+
+    Args:
+        weights: each layer's float `(out, in)` weight; hessian: their shared input Hessian `(in, in)`;
+            round_trip: `(i, w) -> w` quantized and dequantized in layer i's format.
+    """
+    h = hessian.float()
+    rms = torch.diag(h).clamp(min=0).sqrt()
+    live = rms > 0
+    if not bool(live.any()):
+        return None
+    rms = torch.where(live, rms, rms[live].min())
+    best_error, best = None, None
+    for alpha in (0.0, *alphas):
+        s = rms.pow(alpha)
+        s = s / s.log().mean().exp()
+        error = 0.0
+        for i, w in enumerate(weights):
+            e = round_trip(i, w.float() * s) / s - w.float()
+            error += float(((e @ h) * e).sum())
+        if best_error is None or error < best_error:
+            best_error, best = error, (None if alpha == 0.0 else s)
+    return best
