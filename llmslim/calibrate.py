@@ -292,9 +292,12 @@ def _balance_block(
 ) -> None:
     """Rescale the input channels of each group of layers that read one input (`quant.gptq.balance_scales`), folding
     the inverse scales into what produces that input: a norm's weight (and bias), or for a gated MLP's down projection
-    the rows of its up projection. The block computes the same function in float; the Hessians follow the scaling.
-    Groups whose producer cannot take the scales exactly (checked on the first sequence) stay as they are."""
+    the rows of its up projection. The Hessians follow the scaling. The block must compute the same in float: its
+    output on the first sequence is checked after each group, and a group that changed it (a norm that does not scale
+    linearly with its weight, an input read by something else too) is put back as it was."""
     producers = _input_producers(block, layers, state)
+    args, kwargs = state
+    reference = _run_block(block, args, kwargs)[0]
     groups: dict[int, list[str]] = {}
     for name in layers:
         groups.setdefault(id(hessians[name]), []).append(name)
@@ -302,7 +305,7 @@ def _balance_block(
         found = [producers.get(name) for name in names]
         if any(p is None or p[1] is not found[0][1] for p in found):
             continue  # some layer's input comes from elsewhere: its scales could not be folded
-        kind, module, sample = found[0]
+        kind, producer = found[0]
         accumulator = hessians[names[0]]
         weights = [oriented(layers[n], layers[n].weight.data) for n in names]
 
@@ -311,44 +314,43 @@ def _balance_block(
             layer.set_float_weight(w.t() if getattr(layer, "source_transposed", False) else w)
             return layer.dequantized_weight(torch.float32)
 
-        s = balance_scales(weights, accumulator.hessian, round_trip)
-        if s is None or not _fold_inverse(kind, module, sample, s):
-            logger.debug("balance: %s unchanged (%s)", names, "no better scales" if s is None else "producer refused")
+        scales = balance_scales(weights, accumulator.hessian, round_trip)
+        if scales is None:
             continue
-        logger.debug("balance: %s scales %.3g..%.3g", names, float(s.min()), float(s.max()))
+        touched = [p for p in producer.parameters(recurse=False) if p.dim() >= 1] + [layers[n].weight for n in names]
+        saved = [p.data.clone() for p in touched]
+        _fold_inverse(kind, producer, scales)
         for w in weights:
-            w.mul_(s.to(w.dtype))
-        accumulator.hessian.div_(torch.outer(s, s))
+            w.mul_(scales.to(w.dtype))
+        output = _run_block(block, args, kwargs)[0]
+        if float((output - reference).norm()) > 1e-4 * float(reference.norm()):
+            logger.debug("balance: %s left as they were (the block's output changed)", names)
+            for p, value in zip(touched, saved, strict=True):
+                p.data.copy_(value)
+            continue
+        accumulator.hessian.div_(torch.outer(scales, scales))
 
 
-def _fold_inverse(kind: str, module: torch.nn.Module, sample, s: torch.Tensor) -> bool:
-    """Divide `module`'s output channels by `s`: a norm's weight and bias, or a linear layer's rows. For a norm, checks
-    on `sample` (an input it saw) that its output is divided by `s` exactly, and undoes the change if not."""
+@torch.no_grad()
+def _fold_inverse(kind: str, module: torch.nn.Module, scales: torch.Tensor) -> None:
+    """Divide `module`'s output channels by `scales`: a norm's weight and bias, or a linear layer's rows."""
     if kind == "rows":
-        oriented(module, module.weight.data).div_(s.unsqueeze(1).to(module.weight.dtype))
+        oriented(module, module.weight.data).div_(scales.unsqueeze(1).to(module.weight.dtype))
         if module.bias is not None:
-            module.bias.data.div_(s.to(module.bias.dtype))
-        return True
-    before = module(sample).float()
-    saved = {k: p.data.clone() for k, p in module.named_parameters(recurse=False)}
+            module.bias.data.div_(scales.to(module.bias.dtype))
+        return
     for key in ("weight", "bias"):
         p = getattr(module, key, None)
-        if isinstance(p, torch.Tensor) and p.shape == s.shape:
-            p.data.div_(s.to(p.dtype))
-    after = module(sample).float()
-    if torch.allclose(after, before / s, rtol=1e-3, atol=1e-5 * float(before.abs().max())):
-        return True
-    for k, value in saved.items():
-        getattr(module, k).data.copy_(value)
-    return False
+        if isinstance(p, torch.Tensor) and p.shape == scales.shape:
+            p.data.div_(scales.to(p.dtype))
 
 
 def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module], state) -> dict[str, tuple]:
-    """For each layer of `layers` whose input can take per-channel scales upstream: ("norm", module, its input) when
-    the input is the output of a norm-like module of the block (a leaf with a 1-D weight, not one of `layers`), or
-    ("rows", up projection, None) for the down projection of a gated MLP (`gate_proj`, `up_proj`, `down_proj`)."""
+    """For each layer of `layers` whose input can take per-channel scales upstream: ("norm", module) when the input is
+    the output of a norm-like module of the block (a leaf with a 1-D weight, not one of `layers`), or ("rows", up
+    projection) for the down projection of a gated MLP (`gate_proj`, `up_proj`, `down_proj`)."""
     inputs: dict[str, torch.Tensor] = {}
-    outputs: list[tuple[torch.Tensor, torch.nn.Module, torch.Tensor]] = []
+    outputs: list[tuple[torch.Tensor, torch.nn.Module]] = []
     handles = []
     targets = set(map(id, layers.values()))
     for module in block.modules():
@@ -356,7 +358,7 @@ def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
             continue
         weight = getattr(module, "weight", None)
         if not list(module.children()) and isinstance(weight, torch.Tensor) and weight.dim() == 1:
-            handles.append(module.register_forward_hook(lambda m, args, out: outputs.append((out, m, args[0]))))
+            handles.append(module.register_forward_hook(lambda m, args, out: outputs.append((out, m))))
     for name, module in layers.items():
         handles.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0])))
     try:
@@ -367,13 +369,13 @@ def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
             handle.remove()
     found: dict[str, tuple] = {}
     for name, x in inputs.items():
-        norm = next(((m, sample) for out, m, sample in outputs if out is x), None)
+        norm = next((m for out, m in outputs if out is x), None)
         if norm is not None:
-            found[name] = ("norm", norm[0], norm[1])
+            found[name] = ("norm", norm)
             continue
         parent_name, _, leaf = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         up = getattr(parent, "up_proj", None)
         if leaf == "down_proj" and hasattr(parent, "gate_proj") and up is not None and id(up) in targets:
-            found[name] = ("rows", up, None)
+            found[name] = ("rows", up)
     return found

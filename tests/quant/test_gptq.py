@@ -17,11 +17,27 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 import llmslim
 from llmslim import SlimConfig
-from llmslim.calibrate import calibrate_, calibration_ids, read_calibration_text
+from llmslim.calibrate import (
+    _balance_block,
+    _collect_hessians,
+    _first_block_inputs,
+    _run_block,
+    calibrate_,
+    calibration_ids,
+    read_calibration_text,
+)
 from llmslim.data import TINY_SHAKESPEARE
 from llmslim.quant import formats
 from llmslim.quant.experts import quantized_experts
-from llmslim.quant.gptq import GptqSettings, HessianAccumulator, _inverse_cholesky, clipped_absmax, gptq_codes, output_error
+from llmslim.quant.gptq import (
+    GptqSettings,
+    HessianAccumulator,
+    _inverse_cholesky,
+    balance_scales,
+    clipped_absmax,
+    gptq_codes,
+    output_error,
+)
 from llmslim.quant.modules import SlimLinear, quantized_layers
 from llmslim.quant.quantize import quantize_
 from quant.tiny_moe import float_moe
@@ -201,8 +217,10 @@ _STOCK_DEQUANTIZE = textwrap.dedent(
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
     assert "llmslim" not in sys.modules, "the export must load without llmslim"
-    torch.save({name: dequantize_bnb_weight(m.weight, getattr(m, "state", None)) for name, m in model.named_modules()
-                if type(m).__name__ == "Linear4bit"}, sys.argv[2])
+    weights = {name: dequantize_bnb_weight(m.weight, getattr(m, "state", None)) for name, m in model.named_modules()
+               if type(m).__name__ == "Linear4bit"}
+    norms = {name: p.detach() for name, p in model.named_parameters() if "norm" in name}
+    torch.save({"weights": weights, "norms": norms}, sys.argv[2])
     """
 )
 
@@ -217,11 +235,98 @@ def test_gptq_nf4_export_dequantizes_in_stock_bitsandbytes_to_our_weights(llama_
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    theirs = torch.load(tmp_path / "w.pt", weights_only=True)
-    ours = dict(quantized_layers(model))
+    saved = torch.load(tmp_path / "w.pt", weights_only=True)
+    theirs, ours = saved["weights"], dict(quantized_layers(model))
+    our_norms = {name: p for name, p in model.named_parameters() if "norm" in name}  # balance folded scales into them
+    assert saved["norms"].keys() == our_norms.keys() and all(torch.equal(p, our_norms[n]) for n, p in saved["norms"].items())
     assert set(theirs) == set(ours)
     for name, weight in theirs.items():
         assert torch.equal(weight, ours[name].dequantized_weight(weight.dtype)), name
+
+
+def _rtn_error(weights, layer_weights, hessian):
+    return sum(output_error(w, _layer(weights, w).dequantized_weight(torch.float32), hessian) for w in layer_weights)
+
+
+@pytest.mark.parametrize("weights", ("nf4", "int4", "int8"))
+def test_balanced_scales_lower_the_round_to_nearest_error_of_layers_that_share_an_input(weights):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 128, generator=g) * torch.where(torch.arange(128) >= 120, 30.0, 1.0)  # 8 outlier channels
+    hessian = HessianAccumulator(128)
+    hessian.add(x)
+    layer_weights = [torch.randn(64, 128, generator=g) * 0.05 for _ in range(2)]
+    scales = balance_scales(layer_weights, hessian.hessian, lambda i, w: _layer(weights, w).dequantized_weight(torch.float32))
+    assert scales is not None and scales.shape == (128,) and scales[-8:].mean() > scales[:8].mean()
+    scaled = [_layer(weights, w * scales).dequantized_weight(torch.float32) / scales for w in layer_weights]
+    balanced = sum(output_error(w, q, hessian.hessian) for w, q in zip(layer_weights, scaled, strict=True))
+    assert balanced < 0.8 * _rtn_error(weights, layer_weights, hessian.hessian)
+
+
+def test_uniform_inputs_need_no_balancing():
+    hessian = torch.eye(64) * 2.0  # every channel alike: any rescaling only moves the steps around
+    weights = [torch.randn(32, 64, generator=torch.Generator().manual_seed(1))]
+    assert balance_scales(weights, hessian, lambda i, w: _layer("int8", w).dequantized_weight(torch.float32)) is None
+
+
+def _block_and_hessians(path, norm_class=None):
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    block = model.model.layers[0]
+    if norm_class is not None:
+        block.input_layernorm = norm_class(block.input_layernorm.weight.shape[0])
+    ids = calibration_ids(AutoTokenizer.from_pretrained(path), tokens=512, seq_len=128)
+    states = _first_block_inputs(model, block, ids)
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    with torch.no_grad():
+        hessians = _collect_hessians(block, layers, states)
+    return block, layers, hessians, states, _outputs(block, states)
+
+
+@torch.no_grad()
+def _outputs(block, states):
+    return [_run_block(block, args, kwargs)[0] for args, kwargs in states]
+
+
+def test_balancing_a_block_keeps_its_float_outputs_and_scales_the_hessians(llama_with_tokenizer):
+    block, layers, _, states, _ = _block_and_hessians(llama_with_tokenizer)
+    with torch.no_grad():
+        block.input_layernorm.weight.add_(torch.linspace(-0.9, 3.0, 64))  # uneven channels, as trained norms have
+        hessians = _collect_hessians(block, layers, states)
+    before = _outputs(block, states)
+    weights = {n: m.weight.detach().clone() for n, m in layers.items()}
+    norms = {n: p.detach().clone() for n, p in block.named_parameters() if "norm" in n}
+    q_hessian = hessians["self_attn.q_proj"].hessian.clone()
+    spec = SlimConfig(weights="nf4").layer_spec
+    _balance_block(block, layers, hessians, states[0], spec)
+    for x, y in zip(before, _outputs(block, states), strict=True):
+        assert torch.allclose(x, y, rtol=1e-4, atol=1e-5)
+    changed = {n for n, m in layers.items() if not torch.equal(m.weight, weights[n])}
+    assert {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"} <= changed and "self_attn.o_proj" not in changed
+    assert not torch.equal(block.input_layernorm.weight, norms["input_layernorm.weight"])
+    scales = layers["self_attn.q_proj"].weight[0] / weights["self_attn.q_proj"][0]
+    assert torch.allclose(hessians["self_attn.q_proj"].hessian, q_hessian / torch.outer(scales, scales), rtol=1e-3, atol=1e-6)
+
+
+class _OnePlusNorm(nn.Module):
+    """A norm whose output scales with 1 + weight (Gemma's RMSNorm): dividing its weight does not divide its output."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-0.5, 2.0, size))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+
+def test_a_producer_that_cannot_take_the_scales_is_left_as_it_was(llama_with_tokenizer):
+    block, layers, hessians, states, before = _block_and_hessians(llama_with_tokenizer, _OnePlusNorm)
+    norm = block.input_layernorm.weight.detach().clone()
+    qkv = {n: layers[n].weight.detach().clone() for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    _balance_block(block, layers, hessians, states[0], SlimConfig(weights="nf4").layer_spec)
+    assert torch.equal(block.input_layernorm.weight, norm)
+    assert all(torch.equal(layers[n].weight, w) for n, w in qkv.items())
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(before, _outputs(block, states), strict=True))
 
 
 # --- bad input -------------------------------------------------------------------------------------------------------
@@ -251,6 +356,7 @@ def test_non_utf8_calibration_text_is_refused_with_the_file_and_offset(tmp_path)
         ({"method": "awq"}, "method must be one of \\['rtn', 'gptq'\\], got 'awq'"),
         ({"method": "gptq", "damp": 0}, "damp must be a number in \\(0, 1\\)"),
         ({"act_order": "yes"}, "act_order must be True or False"),
+        ({"balance": 1}, "balance must be True or False, got 1"),
     ],
 )
 def test_bad_gptq_settings_are_refused(fields, message):
@@ -262,9 +368,10 @@ def test_cli_quantizes_with_gptq_and_reloads(llama_with_tokenizer, tmp_path):
     from llmslim.cli import main
 
     out = tmp_path / "out"
-    code = main(["quantize", str(llama_with_tokenizer), str(out), "--weights", "int4", "--method", "gptq", "--calibration-tokens", "512"])
-    assert code == 0
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["method"] == "gptq"
+    args = ["--weights", "int4", "--method", "gptq", "--calibration-tokens", "512", "--no-balance", "--damp", "0.1"]
+    assert main(["quantize", str(llama_with_tokenizer), str(out), *args]) == 0
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (saved["method"], saved["balance"], saved["act_order"], saved["damp"]) == ("gptq", False, True, 0.1)
     assert not list(tmp_path.glob(".*"))  # nothing half-written beside it
     llmslim.from_pretrained(out, progress=False)
 
