@@ -48,6 +48,37 @@ def test_forward_topk_kd_is_below_the_full_kd_by_the_tails_share_of_it():
     assert 0 < (full - top).item() and (full - top).item() == pytest.approx(gap.mean().item(), rel=1e-4)
 
 
+@pytest.mark.parametrize("divergence", ["forward", "reverse"])
+def test_the_students_tail_from_its_kept_mass_equals_the_sum_over_the_vocabulary(divergence):
+    """The tail is log(1 - kept mass) without a vocabulary-wide tensor, except where that mass is nearly all (then summed
+    exactly): loss and gradient equal the tail summed over every other token, confident rows and empty tails included."""
+    student, teacher, k = _logits(4), _logits(5), 8
+    student[0, 0, teacher[0, 0].topk(k).indices[0]] += 40.0  # a row whose tail mass is ~e-40: summed exactly
+    cached = TeacherTopK.from_logits(teacher, k, 1.0)
+    cached.tail[1, 2] = float("-inf")  # an empty tail (k covers the vocabulary there)
+
+    def by_the_vocabulary(logits):
+        log_q = logits[MASK].log_softmax(-1)
+        values, ids, tail = cached.values[MASK], cached.ids[MASK].long(), cached.tail[MASK]
+        total = torch.logsumexp(torch.cat([values, tail[:, None]], -1), -1, keepdim=True)
+        empty = torch.isneginf(tail)[:, None]
+        rest = log_q.scatter(-1, ids, float("-inf")).masked_fill(empty, 0.0)
+        q_tail = torch.logsumexp(rest, -1, keepdim=True).masked_fill(empty, float("-inf"))
+        log_p, log_q = torch.cat([values - total, tail[:, None] - total], -1), torch.cat([log_q.gather(-1, ids), q_tail], -1)
+        if divergence == "reverse":
+            log_p, log_q = log_q, log_p
+        live = ~torch.isneginf(log_p)
+        return (live * log_p.masked_fill(~live, 0).exp() * (log_p - log_q).masked_fill(~live, 0)).sum(-1).mean()
+
+    ours, reference = student.clone().requires_grad_(), student.clone().requires_grad_()
+    fast, slow = topk_kd_loss(ours, cached, MASK, 1.0, divergence), by_the_vocabulary(reference)
+    fast.backward()
+    slow.backward()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-4, atol=1e-7)
+    assert torch.isfinite(ours.grad).all()
+
+
 def test_reverse_kd_by_hand():
     teacher, student = torch.tensor([[[0.0, 0.0]]]), torch.tensor([[[torch.log(torch.tensor(3.0)), 0.0]]])
     expected = 0.75 * torch.log(torch.tensor(0.75 / 0.5)) + 0.25 * torch.log(torch.tensor(0.25 / 0.5))  # KL(q || p)
