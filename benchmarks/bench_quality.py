@@ -450,7 +450,8 @@ def merged(cases: tuple[str, ...], args: argparse.Namespace) -> dict:
     notes = " ".join(MERGE_NOTES.get(case, "") for case in cases).strip()
     bf16_same_run = run["cases"]["bf16"]["perplexity"] if "bf16" in run["cases"] else None  # None: --no-bf16
     entry = {"date": run["date"], "cases": list(cases), "bf16_same_run": bf16_same_run, "note": notes}
-    previous.setdefault("remeasured", []).append(entry)
+    kept = [e for e in previous.get("remeasured", []) if not set(e["cases"]) <= set(cases)]  # notes of rows now replaced go
+    previous["remeasured"] = [*kept, entry]
     return previous
 
 
