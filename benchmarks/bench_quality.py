@@ -61,7 +61,12 @@ CASES = (
     "bnb-nf4-gptq-export",
     "quanto-int8",
     "quanto-int4",
+    "llmcompressor-int4-g64-gptq",
 )
+# llmcompressor-int4-g64-gptq: llm-compressor's GPTQ (int4, asymmetric, groups of 64) on llmslim's calibration ids, run by
+# --llmcompressor-python (an environment with llm-compressor 0.14, which pins transformers <= 5.17) in a child process;
+# its fake-quantized weights are scored in bf16 here like every other case.
+LLMCOMPRESSOR_PYTHON: list[str] = []  # set from --llmcompressor-python
 
 
 def slim_config(case: str):
@@ -102,6 +107,8 @@ def load_case(case: str, path: Path):
         return llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
     if case == "bnb-nf4-gptq-export":
         return load_gptq_export(path)
+    if case == "llmcompressor-int4-g64-gptq":
+        return load_llmcompressor(path)
     if case.startswith("quanto-"):
         return load_quanto(path, bits=8 if case == "quanto-int8" else 4)
     if case == "bnb-int8":
@@ -123,6 +130,26 @@ def load_gptq_export(path: Path):
         config = json.loads((Path(tmp) / "bnb" / "config.json").read_text())["quantization_config"]
         assert config["quant_method"] == "bitsandbytes", config  # transformers' own bitsandbytes quantizer loads it
         return AutoModelForCausalLM.from_pretrained(Path(tmp) / "bnb", dtype=torch.bfloat16)
+
+
+def load_llmcompressor(path: Path):
+    """SmolLM2 quantized by llm-compressor's GPTQ in its own environment, loaded back as its dequantized bf16 weights."""
+    import subprocess
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmslim.calibrate import calibration_ids
+
+    if not LLMCOMPRESSOR_PYTHON:
+        raise SystemExit("llmcompressor-int4-g64-gptq needs --llmcompressor-python: a Python with llmcompressor==0.14.0.1 installed")
+    with tempfile.TemporaryDirectory(prefix="bench_quality-lc-") as tmp:
+        torch.save(calibration_ids(AutoTokenizer.from_pretrained(path)), Path(tmp) / "ids.pt")
+        script = Path(__file__).with_name("_llmcompressor_gptq.py")
+        run = subprocess.run([LLMCOMPRESSOR_PYTHON[0], str(script), str(path), str(Path(tmp) / "ids.pt"), str(Path(tmp) / "out")])
+        if run.returncode:
+            raise SystemExit(f"llm-compressor's child exited with {run.returncode}")
+        return AutoModelForCausalLM.from_pretrained(Path(tmp) / "out", dtype=torch.bfloat16)
 
 
 def quantized_bits_per_param(model) -> float | None:
@@ -377,9 +404,12 @@ def main() -> None:
     parser.add_argument(
         "--calibration-tokens", type=int, default=65536, help="calibration tokens of --calibration-cost's GPTQ loads (default 65536)"
     )
+    parser.add_argument("--llmcompressor-python", default=None, help="a Python with llmcompressor 0.14 (its case's child)")
     parser.add_argument("--child-calibrate", nargs=2, help=argparse.SUPPRESS)  # child: METHOD MODEL_DIR
     parser.add_argument("--result", help=argparse.SUPPRESS)  # child: where to write its result
     args = parser.parse_args()
+    if args.llmcompressor_python:
+        LLMCOMPRESSOR_PYTHON.append(args.llmcompressor_python)
     if args.child_calibrate:
         raise SystemExit(child_calibrate(*args.child_calibrate, args.calibration_tokens, args.result))
     if args.text is None:
@@ -423,6 +453,11 @@ MERGE_NOTES = {
         "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0) with the defaults: damp 0.25, "
         "act_order, balance (AWQ-style input-channel scales folded into the norms and up projections); "
         "`bnb-nf4-gptq-export` is that model saved in bitsandbytes' layout and loaded by stock transformers + bitsandbytes."
+    ),
+    "llmcompressor-int4-g64-gptq": (
+        "`llmcompressor-int4-g64-gptq`: llm-compressor 0.14.0.1's GPTQModifier (its defaults; scheme int4, asymmetric, groups "
+        "of 64, lm_head left out) on the same calibration ids as llmslim's -gptq cases, in its own environment (it pins "
+        "transformers <= 5.17: `--llmcompressor-python`), its fake-quantized weights scored in bf16."
     ),
     "llmslim-int4-g64-q8": (
         "`-q8`: every token scored with decode's numerics, the activations rounded to int8 per 32 elements for the integer-dot "

@@ -69,11 +69,10 @@ def test_cli_eval_on_the_default_model(capsys):
     assert last.startswith("perplexity: ") and 10 < float(last.split()[1]) < 100
 
 
-def test_gptq_nf4_on_the_real_model_stays_near_round_to_nearest(smollm2, tokens):
+def test_gptq_nf4_on_the_real_model_beats_round_to_nearest(smollm2, tokens):
     # calibrated on 8192 tokens of the shipped Tiny Shakespeare (the default is 65536; fewer keeps CI short) and
-    # scored on WikiText-2, which calibration never sees. Measured with the default 65536 tokens on 20,000:
-    # GPTQ-NF4 37.74 vs round-to-nearest 37.44 (bench_quality): on SmolLM2, whose bf16 weights are a dequantized
-    # GGUF Q4_1, Shakespeare-calibrated GPTQ does not beat NF4's round-to-nearest; this guards against a regression.
+    # scored on WikiText-2, which calibration never sees. Measured with the defaults (balance, act_order, damp 0.25)
+    # on 65536 calibration tokens and 20,000 scored: GPTQ-NF4 32.99 vs round-to-nearest 37.44 (bench_quality).
     tokens = tokens[:4096]
     rtn_model = llmslim.from_pretrained(smollm2, SlimConfig(weights="nf4"), progress=False)
     model = llmslim.from_pretrained(smollm2, SlimConfig(weights="nf4", method="gptq"), calibration_tokens=8192, progress=False)
@@ -82,4 +81,4 @@ def test_gptq_nf4_on_the_real_model_stays_near_round_to_nearest(smollm2, tokens)
     changed = sum(not torch.equal(a.state_dict()["weight"], b.state_dict()["weight"]) for (_, a), (_, b) in pairs)
     assert changed > len(pairs) // 2  # GPTQ chose other codes in most layers
     rtn = perplexity(rtn_model, tokens, progress=False).perplexity
-    assert perplexity(model, tokens, progress=False).perplexity < rtn * 1.03
+    assert perplexity(model, tokens, progress=False).perplexity < rtn * 0.95
