@@ -61,11 +61,11 @@ CASES = (
     "bnb-nf4-gptq-export",
     "quanto-int8",
     "quanto-int4",
-    "llmcompressor-int4-g64-gptq",
 )
-# llmcompressor-int4-g64-gptq: llm-compressor's GPTQ (int4, asymmetric, groups of 64) on llmslim's calibration ids, run by
-# --llmcompressor-python (an environment with llm-compressor 0.14, which pins transformers <= 5.17) in a child process;
+# Run only when --llmcompressor-python names a Python with llm-compressor 0.14 (it pins transformers <= 5.17, so it cannot
+# share llmslim's environment): its GPTQ (int4, asymmetric, groups of 64) on llmslim's calibration ids, in a child process;
 # its fake-quantized weights are scored in bf16 here like every other case.
+LLMCOMPRESSOR_CASE = "llmcompressor-int4-g64-gptq"
 LLMCOMPRESSOR_PYTHON: list[str] = []  # set from --llmcompressor-python
 
 
@@ -107,7 +107,7 @@ def load_case(case: str, path: Path):
         return llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
     if case == "bnb-nf4-gptq-export":
         return load_gptq_export(path)
-    if case == "llmcompressor-int4-g64-gptq":
+    if case == LLMCOMPRESSOR_CASE:
         return load_llmcompressor(path)
     if case.startswith("quanto-"):
         return load_quanto(path, bits=8 if case == "quanto-int8" else 4)
@@ -394,7 +394,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=20_000)
     parser.add_argument("--text", type=Path, default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--cases", default=None, help=f"comma list of {', '.join(CASES)}, {LLMCOMPRESSOR_CASE}")
     parser.add_argument("--merge", action="store_true", help="measure --cases (and bf16) and merge them into the saved results")
     parser.add_argument("--no-bf16", action="store_true", help="with --merge: do not measure bf16 again (ratios use the saved one)")
     parser.add_argument(
@@ -404,7 +404,9 @@ def main() -> None:
     parser.add_argument(
         "--calibration-tokens", type=int, default=65536, help="calibration tokens of --calibration-cost's GPTQ loads (default 65536)"
     )
-    parser.add_argument("--llmcompressor-python", default=None, help="a Python with llmcompressor 0.14 (its case's child)")
+    parser.add_argument(
+        "--llmcompressor-python", default=None, help=f"a Python with llmcompressor 0.14: adds {LLMCOMPRESSOR_CASE} to the default cases"
+    )
     parser.add_argument("--child-calibrate", nargs=2, help=argparse.SUPPRESS)  # child: METHOD MODEL_DIR
     parser.add_argument("--result", help=argparse.SUPPRESS)  # child: where to write its result
     args = parser.parse_args()
@@ -418,6 +420,8 @@ def main() -> None:
         args.text = WIKITEXT2_TEST
     if not args.text.exists():
         raise SystemExit(f"{args.text} does not exist: pass --text with WikiText-2's wiki.test.raw")
+    if args.cases is None:
+        args.cases = ",".join((*CASES, *([LLMCOMPRESSOR_CASE] if args.llmcompressor_python else [])))
     cases = tuple(filter(None, args.cases.split(",")))
     if args.merge and not cases:  # only --calibration-cost: the saved perplexities are kept as they are
         result = read_json(RESULTS_DIR / "bench_quality.json")

@@ -295,9 +295,8 @@ def _balance_block(
     the rows of its up projection. The Hessians follow the scaling. The block must compute the same in float: its
     output on the first sequence is checked after each group, and a group that changed it (a norm that does not scale
     linearly with its weight, an input read by something else too) is put back as it was."""
-    producers = _input_producers(block, layers, state)
+    producers, reference = _input_producers(block, layers, state)
     args, kwargs = state
-    reference = _run_block(block, args, kwargs)[0]
     groups: dict[int, list[str]] = {}
     for name in layers:
         groups.setdefault(id(hessians[name]), []).append(name)
@@ -345,10 +344,11 @@ def _fold_inverse(kind: str, module: torch.nn.Module, scales: torch.Tensor) -> N
             p.data.div_(scales.to(p.dtype))
 
 
-def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module], state) -> dict[str, tuple]:
+def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module], state) -> tuple[dict[str, tuple], torch.Tensor]:
     """For each layer of `layers` whose input can take per-channel scales upstream: ("norm", module) when the input is
     the output of a norm-like module of the block (a leaf with a 1-D weight, not one of `layers`), or ("rows", up
-    projection) for the down projection of a gated MLP (`gate_proj`, `up_proj`, `down_proj`)."""
+    projection) for the down projection of a gated MLP (`gate_proj`, `up_proj`, `down_proj`); and the block's output
+    on `state` (the hidden states), from the same run."""
     inputs: dict[str, torch.Tensor] = {}
     outputs: list[tuple[torch.Tensor, torch.nn.Module]] = []
     handles = []
@@ -362,8 +362,7 @@ def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
     for name, module in layers.items():
         handles.append(module.register_forward_pre_hook(lambda m, args, name=name: inputs.__setitem__(name, args[0])))
     try:
-        args, kwargs = state
-        block(*args, **kwargs)
+        output = _run_block(block, *state)[0]
     finally:
         for handle in handles:
             handle.remove()
@@ -378,4 +377,4 @@ def _input_producers(block: torch.nn.Module, layers: dict[str, torch.nn.Module],
         up = getattr(parent, "up_proj", None)
         if leaf == "down_proj" and hasattr(parent, "gate_proj") and up is not None and id(up) in targets:
             found[name] = ("rows", up)
-    return found
+    return found, output

@@ -61,25 +61,27 @@ def topk_kd_loss(
     values, ids, tail = teacher.values[mask].float(), teacher.ids[mask].long(), teacher.tail[mask].float()  # (n, k), (n, k), (n,)
     total = torch.logsumexp(torch.cat([values, tail[:, None]], dim=-1), dim=-1, keepdim=True)  # (n, 1)
     p_kept, p_tail = values - total, tail[:, None] - total  # log-probabilities (n, k), (n, 1)
-    q_kept = z.gather(-1, ids) - torch.logsumexp(z, dim=-1, keepdim=True)  # (n, k)
-    q_tail = _student_tail(z, ids, q_kept, torch.isneginf(tail))  # (n, 1)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+    q_kept = z.gather(-1, ids) - lse  # (n, k)
+    q_tail = _student_tail(z, lse, ids, q_kept, torch.isneginf(tail))  # (n, 1)
     return _kl(torch.cat([p_kept, p_tail], -1), torch.cat([q_kept, q_tail], -1), divergence).mean() * temperature**2
 
 
 TAIL_EXACT_BELOW = 1e-3  # a student tail mass below this is summed over the vocabulary, not taken as 1 - kept mass
 
 
-def _student_tail(z: torch.Tensor, ids: torch.Tensor, q_kept: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-    """log of the student's probability outside `ids` `(n, 1)`: `log(1 - sum exp(q_kept))` from the k kept
-    log-probabilities (no vocabulary-wide tensor), except where that mass is below `TAIL_EXACT_BELOW` (1 - S
-    would lose its digits): those rows sum their other logits exactly. -inf where the tail is `empty` `(n,)`."""
+def _student_tail(z: torch.Tensor, lse: torch.Tensor, ids: torch.Tensor, q_kept: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """log of the student's probability outside `ids` `(n, 1)` (`lse`: log-sum-exp of `z` per row):
+    `log(1 - sum exp(q_kept))` from the k kept log-probabilities (no vocabulary-wide tensor), except where that mass
+    is below `TAIL_EXACT_BELOW` (1 - S would lose its digits): those rows sum their other logits exactly. -inf where
+    the tail is `empty` `(n,)`."""
     kept = torch.logsumexp(q_kept.double(), dim=-1, keepdim=True)  # log S, (n, 1)
     exact = (kept > math.log1p(-TAIL_EXACT_BELOW)).squeeze(1) & ~empty
     q_tail = torch.log(-torch.expm1(kept.clamp(max=math.log1p(-TAIL_EXACT_BELOW)))).float()  # log(1 - S)
     if bool(exact.any()):
         rows = exact.nonzero().squeeze(1)
         rest = z[rows].scatter(-1, ids[rows], float("-inf"))  # (r, vocab)
-        q_tail = q_tail.index_put((rows,), (torch.logsumexp(rest, -1, keepdim=True) - torch.logsumexp(z[rows], -1, keepdim=True)))
+        q_tail = q_tail.index_put((rows,), torch.logsumexp(rest, -1, keepdim=True) - lse[rows])
     return q_tail.masked_fill(empty[:, None], float("-inf"))
 
 
