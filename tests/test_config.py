@@ -149,6 +149,7 @@ def test_selects(include, exclude, name, selected):
         SlimConfig(weights=None),
         SlimConfig(weights="int4", bits_per_param=5.0, int8_layers=["model.layers.1.mlp.down_proj"]),
         SlimConfig(weights="int8", allow_nonfinite=True),
+        SlimConfig(weights="nf4", decode_head="float"),
         SlimConfig(weights="nf4", method="gptq", damp=0.05, act_order=False, balance=False),
     ],
     ids=repr,
@@ -165,7 +166,7 @@ def test_repr_names_every_field():
     assert repr(SlimConfig(weights="int8")) == (
         "SlimConfig(version=1, weights='int8', compute_dtype=None, block_size=64, double_quant=False, "
         "int8_threshold=1.5, refine=False, method='rtn', damp=0.25, act_order=True, balance=True, "
-        "bits_per_param=None, int8_layers=None, include=None, exclude=['lm_head'], "
+        "bits_per_param=None, int8_layers=None, decode_head='int8', include=None, exclude=['lm_head'], "
         "embedding_rank=None, embedding_energy=None, embedding_corpus=None, embedding_weights=None, untie_embeddings=False, "
         "share_layers=None, share_init='mean', share_norms=False, checkpointing='none', allow_nonfinite=False)"
     )

@@ -22,6 +22,13 @@ def add_model_arguments(p: argparse.ArgumentParser, default_weights: str | None 
     p.add_argument("--include", nargs="*", default=None, help="module-name patterns to quantize (default: every linear layer)")
     p.add_argument("--dtype", default=None, help="dtype of the layers kept in float (default: the checkpoint's)")
     p.add_argument("--device-map", default=None, help="'cpu', 'cuda', 'auto' (default: cuda if available)")
+    p.add_argument(
+        "--decode-head",
+        choices=("int8", "float"),  # SlimConfig.decode_head
+        default=None,
+        help="int8: on CPU a 16-bit output head decodes through an int8 copy (faster, +0.09%% perplexity); "
+        "float: keep the float head (default: int8, or what a saved llmslim model says)",
+    )
     g = p.add_argument_group("calibration (--method gptq)")
     g.add_argument("--method", choices=("rtn", "gptq"), default="rtn", help="round to nearest, or GPTQ on calibration text (default rtn)")
     g.add_argument("--calibration-text", default=None, help="UTF-8 file or folder to calibrate on (default: the shipped Tiny Shakespeare)")
@@ -47,7 +54,8 @@ def slim_config(args: argparse.Namespace):
     return config_from_args(
         SlimConfig,
         args,
-        ignore=("exclude",) if args.exclude is None else (),  # no --exclude: SlimConfig's default (lm_head)
+        # no --exclude: SlimConfig's default (lm_head); no --decode-head: its default (int8)
+        ignore=tuple(name for name in ("exclude", "decode_head") if getattr(args, name) is None),
         weights=from_choice(args.weights),
         double_quant=False if args.no_double_quant else None,
     )
@@ -79,6 +87,10 @@ def load(model_arg: str | None, args: argparse.Namespace, *, tokenizer_required:
     )
     if config is not None and config.weights is not None:
         _check_layers_matched(model, args)
+    if config is None and args.decode_head == "float":  # a saved llmslim model: its own config chose the head
+        from llmslim.quant.head import use_float_head
+
+        use_float_head(model)
     return model, tokenizer, path
 
 

@@ -92,6 +92,24 @@ def cpu_layout_bytes(w: WeightBytes, weights: str | None, block_size: int) -> in
     return 2 * (w.codes - w.expert_codes) // block_size * 2 if _cpu_layout(weights) else 0  # two codes per byte
 
 
+def decode_head_bytes(shape: ModelShape, config) -> int:
+    """The int8 copy a float output head decodes through on a CPU (`SlimConfig.decode_head`, `quant.head`): one int8
+    byte per weight and a float32 absmax per vocabulary row, built at the first decoded token. 0 when the head is
+    quantized, computes through a factorized embedding, or `config` keeps it float."""
+    if config is None or config.weights is None or config.decode_head != "int8" or config.embedding_rank is not None:
+        return 0
+    if shape.tied_embeddings:
+        if config.int8_layers and "lm_head" in config.int8_layers:  # its own int8 copy, already counted
+            return 0
+        weights = shape.vocab * shape.hidden
+    else:
+        heads = [lin for lin in shape.outer_linears if lin.name == "lm_head" and not config.selects(lin.name)]
+        if not heads:
+            return 0
+        weights = heads[0].in_features * heads[0].out_features
+    return weights + FP32 * shape.vocab
+
+
 def prompt_workspace_bytes(
     w: WeightBytes,
     dtype_bytes: int,

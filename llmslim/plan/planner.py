@@ -27,6 +27,7 @@ from llmslim.plan.memory import (
     TrainingMemory,
     activation_bytes,
     cpu_layout_bytes,
+    decode_head_bytes,
     kv_cache_bytes,
     process_memory,
     prompt_workspace_bytes,
@@ -269,6 +270,8 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     workspace = prompt_workspace_bytes(
         weights, size, config and config.weights, workload.context * workload.batch, cpu=cpu_inference, half_gemm=hardware.cpu_half_gemm
     )
+    if cpu_inference:
+        workspace += decode_head_bytes(shape, config)  # the int8 copy a float head decodes through
     fixed = acts + (training.total if training else workspace)
     kv_block = kv // max(shape.n_layers, 1)
     # resident NF4/FP4 layers on a CPU also hold their CPU layout's absmax copy (routed experts never do): spread it
