@@ -272,9 +272,15 @@ ACTIVATION_BLOCK = 32  # activations quantized to int8 per this many elements at
 
 
 def quantize_activations_q8(x: torch.Tensor, block: int = ACTIVATION_BLOCK) -> torch.Tensor:
-    """What the integer-dot decode kernels multiply instead of `x` (last dim a multiple of `block`): each block of
-    `block` elements rounded to int8 steps of its absmax / 127, returned dequantized in float32."""
-    blocks = x.float().reshape(*x.shape[:-1], -1, block)
+    """What the integer-dot decode kernels multiply instead of `x` (last dim a multiple of `block`), in float32: two
+    int8 rows, each block of `block` elements rounded to int8 steps of its absmax / 127, then what that rounding left
+    over rounded the same way (so the sum is within about 1/64,000 of each block's absmax)."""
+    first = _round_blocks_q8(x.float(), block)
+    return first + _round_blocks_q8(x.float() - first, block)
+
+
+def _round_blocks_q8(x: torch.Tensor, block: int) -> torch.Tensor:
+    blocks = x.reshape(*x.shape[:-1], -1, block)
     step = blocks.abs().amax(dim=-1, keepdim=True) / 127.0
     inverse = torch.where(step > 0, 1.0 / step, torch.zeros_like(step))
     return (torch.round(blocks * inverse) * step).reshape(x.shape)

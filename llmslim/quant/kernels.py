@@ -276,11 +276,14 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 DECODE_MAX_TOKENS = 32  # up to this many rows (tiles of 4) the packed 4-bit kernels beat dequantize + GEMM
 INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm beats the weight-only int8 kernel
-# up to this many 16-bit rows int4 takes the integer-dot kernel (activations quantized per 32, each row alone). Off (0):
-# it costs SmolLM2 +0.40% perplexity (41.90 vs 41.73 on 20k tokens, bench_quality's llmslim-int4-g64-q8), over issue
-# 21's 0.1% budget for a fast path; DECODE_MAX_TOKENS turns it on (int4 decode ~2.4x faster per matmul on AVX2).
+# up to this many 16-bit rows int4 takes the integer-dot kernel (each row alone: two int8 rows per 32 activations, the
+# second holding what the first's rounding left over). On for one-token decode: scored with every token through it,
+# SmolLM2 int4 g64 reads 41.72 against 41.74 (20k tokens, bench_quality's llmslim-int4-g64-q8; with one int8 row, as
+# llama.cpp, it was 41.90, +0.40%). One-token matmuls on an AMX Xeon, 2 threads, against the bf16-table kernel: AVX-512
+# build 1.01-1.17x (5632 x 2048: 0.30 vs 0.35 ms), AVX2 build 0.90-1.53x (49152 x 2048: 5.0 vs 7.7 ms); the AVX2 EPYC
+# gave 2.4x with one int8 row. Each row re-reads the weight, so batches of rows keep the tiled kernel.
 # bench_quality's `-q8` cases raise it to score whole windows with decode's numerics
-INT4_Q8_MAX_TOKENS = 0
+INT4_Q8_MAX_TOKENS = 1
 
 
 def _ops_usable(x: torch.Tensor, in_features: int) -> bool:
