@@ -268,7 +268,13 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
     acts = 0 if training else activation_bytes(shape, workload.context, workload.batch, size)  # a whole prompt: the widest forward
     cpu_inference = not hardware.gpus and not workload.train
     workspace = prompt_workspace_bytes(
-        weights, size, config and config.weights, workload.context * workload.batch, cpu=cpu_inference, half_gemm=hardware.cpu_half_gemm
+        weights,
+        size,
+        config and config.weights,
+        workload.context * workload.batch,
+        cpu=cpu_inference,
+        half_gemm=hardware.cpu_half_gemm,
+        amx=hardware.cpu_amx,
     )
     if cpu_inference:
         workspace += decode_head_bytes(shape, config)  # the int8 copy a float head decodes through

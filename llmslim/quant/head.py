@@ -46,6 +46,7 @@ class Int8DecodeHead(nn.Linear):
             or tokens > kernels.INT8_DECODE_MAX_TOKENS
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or getattr(self, "_hf_hook", None) is not None  # accelerate swaps the weight in per call
+            or getattr(self, "streamed", False)  # so does llmslim's offload
         ):
             return None
         built = self._buffers.get("decode_weight")

@@ -366,13 +366,37 @@ def test_llm_int8_in_row_chunks_equals_one_pass(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("tokens", (9, 64))
-def test_linear_int8_prompt_path_is_the_decomposition(tokens):
+def test_linear_int8_prompt_path_is_the_decomposition(tokens, monkeypatch):
+    monkeypatch.setattr(kernels, "CPU_AMX", False)
     q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
     x = _with_outlier_features(tokens, 128, (5,), magnitude=30.0).to(torch.bfloat16)
     out = kernels.linear_int8(x, q, absmax, threshold=6.0)
     expected = kernels.int8_decomposed_matmul(x, q, absmax, 6.0).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     _assert_matmul_close(out, x, formats.dequantize_int8_rows(q, absmax), 2e-2)
+
+
+def test_int8_prompts_on_amx_multiply_the_exact_weight_in_bf16(monkeypatch):
+    # with AMX every column is multiplied in bf16 against the int8 codes (exact in bf16), scaled in float32: closer to
+    # the dequantized weight's product than LLM.int8, and chunks of rows give the same bits as one pass
+    monkeypatch.setattr(kernels, "CPU_AMX", True)
+    q, absmax = kernels.quantize_int8_rows(_randn((200, 128), seed=15))
+    x = _with_outlier_features(40, 128, (5,), magnitude=30.0).to(torch.bfloat16)
+    out = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    product = x.float() @ q.float().T  # the codes' exact products, then the row scales
+    expected = (product * (absmax / 127.0)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.float().abs().max().item())
+    exact = x.float() @ formats.dequantize_int8_rows(q, absmax).T
+    decomposed = kernels.int8_decomposed_matmul(x, q, absmax, 6.0)
+    assert (out.float() - exact).norm() < (decomposed - exact).norm()
+    from llmslim.plan import memory
+
+    assert memory.INT8_AMX_CHUNK_ELEMENTS == kernels.INT8_AMX_CHUNK_ELEMENTS  # the planner's copy of the bound
+    monkeypatch.setattr(kernels, "INT8_AMX_CHUNK_ELEMENTS", 16 * 128)  # 16 rows per chunk
+    assert torch.equal(kernels.linear_int8(x, q, absmax, threshold=6.0), out)
+    monkeypatch.setattr(kernels, "int8_prompt_matmul_amx", None)  # decode rows never take it
+    kernels.linear_int8(x[: kernels.INT8_DECODE_MAX_TOKENS], q, absmax, threshold=6.0)
 
 
 # --- bitsandbytes' CPU layout for NF4/FP4 (kernels.pack_4bit_for_cpu) --------------------------
