@@ -44,7 +44,12 @@ bench: $(STAMP)
 # Opt-in, not part of setup: llama.cpp, the CPU peer of benchmarks/bench_speed.py, built from source for this CPU
 # (a few minutes; pip caches the wheel), then the whole speed table with llama.cpp's rows and llmslim's ratios to them.
 LLAMA_CPP := llama-cpp-python==0.3.36
-LLAMA_CPP_CMAKE := -DGGML_NATIVE=ON -DLLAMA_CURL=OFF
+# On a CPU with AMX, llama.cpp built with GGML_NATIVE (which turns on its AMX kernels) died at its first evaluation
+# (SIGSEGV, then SIGILL; an AMX Xeon VM, 2026-12-04, whose PyTorch uses AMX fine): there it is built for the AVX-512 set
+# without AMX. GGML_OPENMP=OFF: llama.cpp's own thread pool (the build checked on that machine).
+LLAMA_CPP_NO_AMX := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CPP_CMAKE := $(if $(shell grep -m1 -o amx_tile /proc/cpuinfo 2>/dev/null),$(LLAMA_CPP_NO_AMX),-DGGML_NATIVE=ON) -DLLAMA_CURL=OFF -DGGML_OPENMP=OFF
 PEERS_STAMP := $(VENV)/.llmslim-peers-installed
 
 bench-peers: $(PEERS_STAMP)
@@ -52,7 +57,7 @@ bench-peers: $(PEERS_STAMP)
 
 $(PEERS_STAMP): $(STAMP) Makefile
 	$(PY) -m pip uninstall -q -y llama-cpp-python  # a binary wheel installed before would satisfy the pin
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q --no-binary llama-cpp-python "$(LLAMA_CPP)"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q --no-cache-dir --no-binary llama-cpp-python "$(LLAMA_CPP)"
 	touch $(PEERS_STAMP)
 
 clean:

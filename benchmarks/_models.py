@@ -270,14 +270,21 @@ def run_case(script: Path, case: str, model_dir: Path | str, args: argparse.Name
     return run.merged(peak_rss_gib=run.peak_rss_bytes / GIB, exit_code=run.exit_code)
 
 
-def random_ids(vocab_size: int, prompt_tokens: int, prefill_tokens: int):
-    """The decode prompt and the prefill input: random token ids, the same in every child (seed 0)."""
+def random_ids(vocab_size: int, prompt_tokens: int, prefill_tokens: int, as_torch: bool = True):
+    """The decode prompt and the prefill input: random token ids, the same in every child (numpy, seed 0).
+
+    `as_torch`: (1, n) int64 tensors; else lists of ints, drawn without importing torch (the llama.cpp child: llama.cpp
+    built for an AMX CPU dies at its first evaluation in a process that has loaded torch).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    prompt, prefill = rng.integers(0, vocab_size, prompt_tokens), rng.integers(0, vocab_size, prefill_tokens)
+    if not as_torch:
+        return prompt.tolist(), prefill.tolist()
     import torch
 
-    torch.manual_seed(0)
-    prompt = torch.randint(0, vocab_size, (1, prompt_tokens))  # (1, prompt_tokens)
-    prefill = torch.randint(0, vocab_size, (1, prefill_tokens))  # (1, prefill_tokens)
-    return prompt, prefill
+    return torch.from_numpy(prompt).unsqueeze(0), torch.from_numpy(prefill).unsqueeze(0)  # (1, tokens) each
 
 
 def timed(fn: Callable, repeats: int) -> tuple[list[float], object]:

@@ -450,8 +450,9 @@ def resolve_model(name: str) -> Path:
 
 MERGE_NOTES = {
     "llmslim-int8": (
-        "int8 after the LLM.int8 prompt path started computing every column in 16 bits when more than half are outliers "
-        "(17 of SmolLM2's 210 matmuls on a 512-token window)."
+        "int8 (and -t6) measured on a CPU with AMX, where int8 prompts multiply the int8 weight turned into bf16 "
+        "(`kernels.int8_prompt_matmul_amx`: no activation rounded, so the threshold changes nothing); through LLM.int8 "
+        "(other CPUs) SmolLM2 read 28.92 at threshold 1.5 and 29.32 at 6."
     ),
     "llmslim-nf4-gptq": (
         "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0) with the defaults: damp 0.25, "
@@ -464,8 +465,9 @@ MERGE_NOTES = {
         "transformers <= 5.17: `--llmcompressor-python`), its fake-quantized weights scored in bf16."
     ),
     "llmslim-int4-g64-q8": (
-        "`-q8`: every token scored with decode's numerics, the activations rounded to int8 per 32 elements for the integer-dot "
-        "int4 kernel (`mm_int4_q8`), against the same weights with 16-bit activations (`llmslim-int4-g64`)."
+        "`-q8`: every token scored with decode's numerics, the activations as two int8 rows per 32 elements (the value, then "
+        "its rounding's remainder) for the integer-dot int4 kernel (`mm_int4_q8`; one int8 row gave 41.90), against the "
+        "same weights with 16-bit activations (`llmslim-int4-g64`)."
     ),
     "llmslim-nf4-q8": (
         "`llmslim-nf4-q8`: every token scored with decode's numerics on a CPU with AVX2 (`mm_4bit_q8`: NF4's values as "

@@ -196,6 +196,11 @@ TARGETS = (
     Target("tinyllama", "decode", "llmslim-int8", "bf16", 1.8),
     Target("tinyllama", "prefill", "llmslim-int8", "bf16", 1.8),
     Target("smollm2", "decode", BEST_4BIT, "bf16", 2.0),
+    # issue 21: llmslim's defaults (nf4 is the default format) against llama.cpp, and prompts against bf16 per format
+    Target("tinyllama", "decode", "llmslim-nf4", "llamacpp-q4_0", 1.0),
+    Target("tinyllama", "decode", "llmslim-int8", "llamacpp-q8_0", 1.0),
+    Target("smollm2", "decode", "llmslim-nf4", "llamacpp-q4_1", 0.8),
+    *(Target(m, "prefill", f"llmslim-{fmt}", "bf16", 1.0) for m in ("tinyllama", "smollm2") for fmt in ("nf4", "int8", "int4")),
 )
 
 
@@ -281,7 +286,7 @@ def child_llamacpp(gguf: Path, args: argparse.Namespace) -> dict:
     result: dict = {"load_s": time.perf_counter() - start, "gguf": str(gguf), "threads": args.threads}
     result["system_info"] = llama_cpp.llama_print_system_info().decode().strip()
     result.update(gguf_weight_bytes(gguf))
-    prompt, prefill = (ids[0].tolist() for ids in random_ids(llm.n_vocab(), args.prompt_tokens, args.prefill_tokens))
+    prompt, prefill = random_ids(llm.n_vocab(), args.prompt_tokens, args.prefill_tokens, as_torch=False)
 
     def generate(n: int) -> int:
         llm.reset()  # forget the previous run's tokens, so the prompt is evaluated again
@@ -527,7 +532,9 @@ def markdown(report: dict) -> str:
 
 
 LLAMACPP_NOTE = (
-    "llama.cpp: llama-cpp-python built from source (`make bench-peers`, `GGML_NATIVE=ON`). Its Q4_0 and Q8_0 files were "
+    "llama.cpp: llama-cpp-python built from source (`make bench-peers`: `GGML_NATIVE=ON`, except on a CPU with AMX, where "
+    "its AMX kernels crashed and it is built for the AVX-512 set without them; its own thread pool, `GGML_OPENMP=OFF`; "
+    "the `system_info` of each llama.cpp row in the JSON says what ran). Its Q4_0 and Q8_0 files were "
     "written from the same checkpoints by llama.cpp's own `convert_hf_to_gguf.py` (bf16) and `llama_model_quantize`, with "
     "llama.cpp's choices (a Q4_0 file keeps the output head in Q6_K, or in Q8_0 where rows do not split into 256-blocks, "
     "as SmolLM2's tied embedding); the Q4_1 row is the GGUF file SmolLM2 ships as. Decode and prefill as above "
