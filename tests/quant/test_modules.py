@@ -411,3 +411,29 @@ def test_4bit_layer_keeps_the_stored_layout_where_the_kernel_does_not_apply():
     with torch.no_grad():
         fp32(torch.randn(2, 64))
     assert not fp32.cpu_layout
+
+
+@pytest.mark.skipif(not kernels.decode_kernels(), reason="llmslim's decode kernel needs AVX-512 BF16 and VNNI")
+@pytest.mark.parametrize("bias", (False, True))
+def test_4bit_decode_goes_straight_to_the_kernel_with_the_same_bits(bias, monkeypatch):
+    # a decoded token skips the general path's checks (Python per call) and calls the same operator: identical results
+    linear = nn.Linear(128, 96, bias=bias).to(torch.bfloat16)
+    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4").layer_spec())
+    layer.set_float_weight(linear.weight.data)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    layer.eval()
+    tokens = [torch.randn(1, t, 128, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16) for t in (1, 5)]
+    with torch.no_grad():
+        layer(tokens[0])  # the first call repacks into the CPU layout
+        general = [SlimLinear.forward(layer, x) for x in tokens]
+        monkeypatch.setattr(kernels, "linear_4bit_packed", None)  # the general path would fail now
+        fast = [layer(x) for x in tokens]
+        for got, want in zip(fast, general, strict=True):
+            assert torch.equal(got, want)
+        prompt = torch.randn(1, kernels.DECODE_MAX_TOKENS + 1, 128).to(torch.bfloat16)
+        with pytest.raises(TypeError):  # more rows than decode takes: the general path
+            layer(prompt)
+        layer.train()
+        layer(tokens[0])  # training: the general path, which keeps the stored layout for training
+        assert not layer.cpu_layout
