@@ -103,8 +103,8 @@ class SlimConfig(QuantizationConfigMixin):
         decode_head: `"int8"` (default): on CPU, an output head left in 16 bits (or float32) decodes
             through a row-wise int8 copy of itself, built at the first decoded token and kept beside
             the float weight (V x H bytes more; prompts, training and saving use the float weight):
-            the head is a decode step's largest read, and SmolLM2 nf4 decodes ~1.5x faster with it at
-            +0.09% perplexity; `"float"` keeps the float head (`llmslim.quant.head`).
+            the head is a decode step's largest read (measured: SmolLM2 nf4 decodes 1.08x faster, the 1.1B
+            shape 1.07x, at +0.09% perplexity); `"float"` keeps the float head (`llmslim.quant.head`).
         include: module-name patterns (fnmatch, matched against the full name or its suffix) of
             the layers to quantize; `None` selects every linear layer.
         exclude: patterns of layers never quantized; `lm_head` by default.

@@ -31,7 +31,7 @@ from llmslim.memory.trim import release_free_memory
 from llmslim.placement import DevicePlan, plan_devices
 from llmslim.quant import kernels, mixed
 from llmslim.quant.experts import ExpertAssembler, expert_stores, quantized_experts, replace_experts
-from llmslim.quant.head import use_int8_decode_head
+from llmslim.quant.head import apply_decode_head
 from llmslim.quant.modules import SlimLinear, prepare_skeleton, quantization_targets
 
 logger = logging.getLogger(__name__)
@@ -484,8 +484,7 @@ def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, 
     for _, store in quantized_experts(model):
         store.own_memory()  # aligned as the transformers door leaves them: the same kernels, bit-identical logits
     compat.mark_quantized(model, config)
-    if config.weights is not None and config.decode_head == "int8":
-        use_int8_decode_head(model)
+    apply_decode_head(model, config)
     enable_peft_if_installed(model)
     model.config.name_or_path = str(source)
     plan.dispatch(model)

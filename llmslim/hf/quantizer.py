@@ -24,7 +24,7 @@ from llmslim.hf import compat
 from llmslim.hf.checks import check_checkpoint_files, check_loaded
 from llmslim.hf.compat import head_tied_to_embedding, untie_int8_head
 from llmslim.quant.experts import SlimExpertWeights, expert_stores, quantized_experts, replace_experts
-from llmslim.quant.head import use_int8_decode_head
+from llmslim.quant.head import apply_decode_head
 from llmslim.quant.modules import SlimLinear, prepare_skeleton, quantized_layers
 from llmslim.quant.registry import FORMATS
 
@@ -135,8 +135,7 @@ class SlimHfQuantizer(HfQuantizer):
             store.own_memory()
         if self.quantization_config.compresses:
             self.quantization_config = _compress_loaded(model, self.quantization_config, self.pre_quantized)
-        if self.quantization_config.weights is not None and self.quantization_config.decode_head == "int8":
-            use_int8_decode_head(model)
+        apply_decode_head(model, self.quantization_config)
         enable_peft_if_installed(model)
         return model
 

@@ -71,6 +71,13 @@ def _stamp(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), tuple(weight.shape), weight.dtype, version
 
 
+def apply_decode_head(model: nn.Module, config) -> None:
+    """What `config.decode_head` (a `SlimConfig`) asks of a model llmslim just quantized: the int8 decode head, unless
+    it asks for the float one or quantizes nothing."""
+    if config.weights is not None and config.decode_head == "int8":
+        use_int8_decode_head(model)
+
+
 def use_int8_decode_head(model: nn.Module) -> bool:
     """Make `model`'s output head an `Int8DecodeHead` when it is a plain 16-bit or float32 `nn.Linear`; whether it did.
 

@@ -7,7 +7,7 @@ import torch
 from llmslim.config import SlimConfig
 from llmslim.hf import compat
 from llmslim.quant.experts import quantize_experts_
-from llmslim.quant.head import use_int8_decode_head
+from llmslim.quant.head import apply_decode_head
 from llmslim.quant.mixed import choose_int8_layers, oriented
 from llmslim.quant.modules import quantization_targets
 
@@ -45,6 +45,5 @@ def quantize_(model: torch.nn.Module, config: SlimConfig) -> list[str]:
     replaced += quantize_experts_(model, config)
     if hasattr(model, "config"):
         compat.mark_quantized(model, config)
-    if config.decode_head == "int8":
-        use_int8_decode_head(model)
+    apply_decode_head(model, config)
     return replaced
