@@ -29,11 +29,15 @@ def save_pretrained(*args, **kwargs):
     return _save_pretrained(*args, **kwargs)
 
 
-def quantize_(*args, **kwargs):
-    """Quantize a loaded float model in place; see `llmslim.quant.quantize.quantize_`."""
+def quantize_(model, *args, **kwargs):
+    """Quantize a loaded float model in place, its decoder layers given the lean decode step (`llmslim.hf.decode`);
+    see `llmslim.quant.quantize.quantize_`."""
+    from llmslim.hf.decode import use_lean_layers
     from llmslim.quant.quantize import quantize_ as _quantize_
 
-    return _quantize_(*args, **kwargs)
+    replaced = _quantize_(model, *args, **kwargs)
+    use_lean_layers(model)
+    return replaced
 
 
 def enable_checkpointing(*args, **kwargs):

@@ -25,6 +25,7 @@ from llmslim.calibrate import CALIBRATION_TOKENS, calibrate_, calibration_ids
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import checks, compat
+from llmslim.hf.decode import use_lean_layers
 from llmslim.hf.quantizer import enable_peft_if_installed
 from llmslim.memory.blocks import find_blocks
 from llmslim.memory.trim import release_free_memory
@@ -485,6 +486,7 @@ def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, 
         store.own_memory()  # aligned as the transformers door leaves them: the same kernels, bit-identical logits
     compat.mark_quantized(model, config)
     apply_decode_head(model, config)
+    use_lean_layers(model)
     enable_peft_if_installed(model)
     model.config.name_or_path = str(source)
     plan.dispatch(model)

@@ -82,3 +82,19 @@ def test_gptq_nf4_on_the_real_model_beats_round_to_nearest(smollm2, tokens):
     assert changed > len(pairs) // 2  # GPTQ chose other codes in most layers
     rtn = perplexity(rtn_model, tokens, progress=False).perplexity
     assert perplexity(model, tokens, progress=False).perplexity < rtn * 0.95
+
+
+def test_the_default_fast_decode_keeps_smollm2s_greedy_tokens(smollm2, tokens):
+    """llmslim's defaults (nf4, int8 decode head, the lean decode step on fused operators where built) decode SmolLM2's
+    64 greedy tokens as the standard transformers layers do with the same weights."""
+    from llmslim.hf.decode import use_lean_layers, use_standard_layers
+
+    model = llmslim.from_pretrained(smollm2, SlimConfig(weights="nf4"), progress=False)
+    prompt = tokens[:48].unsqueeze(0)  # (1, 48)
+    runs = []
+    for use in (use_lean_layers, use_standard_layers):
+        use(model)
+        with torch.inference_mode():
+            runs.append(model.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False, pad_token_id=0))
+    assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    assert torch.equal(runs[0], runs[1])

@@ -23,6 +23,7 @@ from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import compat
 from llmslim.hf.checks import check_checkpoint_files, check_loaded
 from llmslim.hf.compat import head_tied_to_embedding, untie_int8_head
+from llmslim.hf.decode import use_lean_layers
 from llmslim.quant.experts import SlimExpertWeights, expert_stores, quantized_experts, replace_experts
 from llmslim.quant.head import apply_decode_head
 from llmslim.quant.modules import SlimLinear, prepare_skeleton, quantized_layers
@@ -136,6 +137,7 @@ class SlimHfQuantizer(HfQuantizer):
         if self.quantization_config.compresses:
             self.quantization_config = _compress_loaded(model, self.quantization_config, self.pre_quantized)
         apply_decode_head(model, self.quantization_config)
+        use_lean_layers(model)
         enable_peft_if_installed(model)
         return model
 

@@ -171,7 +171,18 @@ def _register_fakes() -> None:
     def gemv_int8_fake(x, weight, row_absmax):
         return x.new_empty((x.shape[0], weight.shape[0]))
 
+    def multi_fake(x, packed, absmax, lut, ns, block):
+        return [x.new_empty((x.shape[0], n)) for n in ns]
+
+    def like_fake(x, *args):
+        return torch.empty_like(x)
+
     fakes = {
+        "gemv_4bit_multi": multi_fake,
+        "rms_norm_rows": like_fake,
+        "add_rms_norm_rows": lambda x, y, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
+        "rotary_rows": like_fake,
+        "silu_mul_rows": like_fake,
         "mm_4bit": mm_fake,
         "mm_int4_q8": mm_fake,
         "mm_4bit_q8": mm_fake,

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
@@ -610,48 +611,91 @@ inline void gemv_tile_4bit(const uint32_t* const* xs, const uint8_t* tile, const
   }
 }
 
-at::Tensor gemv_4bit_cpu_layout(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n,
-                                int64_t k, int64_t block) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kBFloat16,
-              "llmslim: gemv_4bit_cpu_layout takes a 2-D bfloat16 CPU input of ", k, " columns, got ", x.sizes(), " ", x.scalar_type());
+void check_cpu_layout(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n, int64_t k, int64_t block) {
   TORCH_CHECK(n % 32 == 0 && block % 4 == 0 && k % block == 0, "llmslim: the CPU layout needs N % 32 == 0 and K a multiple of the block (a multiple of 4), got N=",
               n, " K=", k, " block=", block);
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.numel() * 2 == n * k, "llmslim: bad packed codes");
   TORCH_CHECK(absmax.scalar_type() == at::kBFloat16 && absmax.is_contiguous() && absmax.numel() == (k / block) * n,
               "llmslim: the CPU layout's absmax must be bfloat16 (K / block, N)");
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "llmslim: lut must hold 16 float32 values");
+}
+
+__m512i bf16_table(const at::Tensor& lut) {  // the 16 values as bf16, stored twice (vpermw reads an index's low 5 bits)
+  alignas(64) uint16_t table_bits[32];
+  for (int i = 0; i < 32; i++) table_bits[i] = c10::BFloat16(lut.data_ptr<float>()[i & 15]).x;
+  return _mm512_load_si512(table_bits);
+}
+
+// One 32-row tile of the weight for all m rows of x (up to 4 tokens share each decoded step).
+inline void gemv_rows_tile_4bit(const uint32_t* px, int64_t m, const uint8_t* codes, const at::BFloat16* am, int64_t n, int64_t k,
+                                int64_t block, __m512i table, at::BFloat16* po, int64_t tile) {
+  const int64_t steps = k / 2, block_steps = block / 2;
+  const uint8_t* tc = codes + tile * steps * 32;
+  for (int64_t m0 = 0; m0 < m; m0 += 4) {
+    const uint32_t* xs[4];
+    at::BFloat16* os[4];
+    const int tm = static_cast<int>(std::min<int64_t>(4, m - m0));
+    for (int t = 0; t < tm; t++) {
+      xs[t] = px + (m0 + t) * steps;
+      os[t] = po + (m0 + t) * n + tile * 32;
+    }
+    switch (tm) {
+      case 1: gemv_tile_4bit<1>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+      case 2: gemv_tile_4bit<2>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+      case 3: gemv_tile_4bit<3>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+      default: gemv_tile_4bit<4>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
+    }
+  }
+}
+
+at::Tensor gemv_4bit_cpu_layout(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n,
+                                int64_t k, int64_t block) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) == k && x.scalar_type() == at::kBFloat16,
+              "llmslim: gemv_4bit_cpu_layout takes a 2-D bfloat16 CPU input of ", k, " columns, got ", x.sizes(), " ", x.scalar_type());
+  check_cpu_layout(packed, absmax, lut, n, k, block);
   const int64_t m = x.size(0);
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kBFloat16));
-  alignas(64) uint16_t table_bits[32];
-  for (int i = 0; i < 32; i++) table_bits[i] = c10::BFloat16(lut.data_ptr<float>()[i & 15]).x;
-  const __m512i table = _mm512_load_si512(table_bits);
+  const __m512i table = bf16_table(lut);
   const uint32_t* px = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
   const uint8_t* codes = packed.data_ptr<uint8_t>();
   const at::BFloat16* am = absmax.data_ptr<at::BFloat16>();
   at::BFloat16* po = out.data_ptr<at::BFloat16>();
-  const int64_t steps = k / 2, block_steps = block / 2;
   at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t tile = begin; tile < end; tile++) {
-      const uint8_t* tc = codes + tile * steps * 32;
-      for (int64_t m0 = 0; m0 < m; m0 += 4) {  // up to 4 tokens share each decoded step
-        const uint32_t* xs[4];
-        at::BFloat16* os[4];
-        const int tm = static_cast<int>(std::min<int64_t>(4, m - m0));
-        for (int t = 0; t < tm; t++) {
-          xs[t] = px + (m0 + t) * steps;
-          os[t] = po + (m0 + t) * n + tile * 32;
-        }
-        switch (tm) {
-          case 1: gemv_tile_4bit<1>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
-          case 2: gemv_tile_4bit<2>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
-          case 3: gemv_tile_4bit<3>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
-          default: gemv_tile_4bit<4>(xs, tc, am + tile * 32, n, steps, block_steps, table, os); break;
-        }
-      }
-    }
+    for (int64_t tile = begin; tile < end; tile++) gemv_rows_tile_4bit(px, m, codes, am, n, k, block, table, po, tile);
   });
   return out;
+}
+
+// A few weights that read the same rows (q/k/v, gate/up) in one parallel region: their 32-row tiles are shared out
+// together, so the threads meet once, not once per weight, and the rows are read once. Each output as
+// gemv_4bit_cpu_layout's, bit for bit.
+std::vector<at::Tensor> gemv_4bit_multi(const at::Tensor& x, at::TensorList packed, at::TensorList absmax, const at::Tensor& lut,
+                                        at::IntArrayRef ns, int64_t block) {
+  const int64_t w = static_cast<int64_t>(packed.size());
+  TORCH_CHECK(w > 0 && static_cast<int64_t>(absmax.size()) == w && static_cast<int64_t>(ns.size()) == w,
+              "llmslim: gemv_4bit_multi needs as many packed weights, absmax and sizes, got ", w, ", ", absmax.size(), ", ", ns.size());
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16, "llmslim: gemv_4bit_multi takes 2-D bfloat16 CPU rows, got ",
+              x.sizes(), " ", x.scalar_type());
+  const int64_t m = x.size(0), k = x.size(1);
+  std::vector<int64_t> first_tile(w + 1, 0);
+  std::vector<at::Tensor> outs;
+  for (int64_t j = 0; j < w; j++) {
+    check_cpu_layout(packed[j], absmax[j], lut, ns[j], k, block);
+    outs.push_back(at::empty({m, ns[j]}, at::TensorOptions().dtype(at::kBFloat16)));
+    first_tile[j + 1] = first_tile[j] + ns[j] / 32;
+  }
+  const at::Tensor xc = x.contiguous();
+  const __m512i table = bf16_table(lut);
+  const uint32_t* px = reinterpret_cast<const uint32_t*>(xc.data_ptr<at::BFloat16>());
+  at::parallel_for(0, first_tile[w], 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      const int64_t j = std::upper_bound(first_tile.begin(), first_tile.end(), t) - first_tile.begin() - 1;
+      gemv_rows_tile_4bit(px, m, packed[j].data_ptr<uint8_t>(), absmax[j].data_ptr<at::BFloat16>(), ns[j], k, block, table,
+                          outs[j].data_ptr<at::BFloat16>(), t - first_tile[j]);
+    }
+  });
+  return outs;
 }
 
 // Row-wise int8 (row-major (N, K), scale absmax / 127 per row). The weight needs no table: one
@@ -1148,7 +1192,130 @@ at::Tensor int4_q8_available() {
 #endif
 }
 
+// ---- the small operators of a decode step (bf16 rows), fused so that a token pays a few calls per layer --------------
+//
+// Each reproduces the bf16 arithmetic of the torch expression it replaces, rounding where torch rounds (to nearest
+// even, as Tensor.to(bfloat16)): products and sums of bf16 tensors are computed in float32 and rounded once. Only two
+// steps can differ from torch in the last bit of a float32: the sum of squares of an RMS norm (here summed in double;
+// torch's vectorized float32 sum adds in another order) and exp in SiLU (the C library's, not torch's vectorized one),
+// which after rounding to bf16 changes an element rarely (tests/quant/test_decode_ops.py counts it).
+
+inline float bf(float v) { return static_cast<float>(c10::BFloat16(v)); }  // round to bf16, back to float32
+
+#ifdef LLMSLIM_AVX512_BF16
+inline __m512 bf16x16_to_float(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline __m512 round_bf16(__m512 v) {  // to bf16 (nearest even, vcvtneps2bf16) and back
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+// exp(x) for 16 floats: x = n ln2 + r (|r| <= ln2 / 2, ln2 split in two for an exact r), e^r by its degree-6 Taylor
+// polynomial (relative error < 3e-7, two float32 steps), scaled by 2^n; saturates to 0 and inf outside float's range
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(), "llmslim: ", name,
+              " must be a contiguous bfloat16 CPU tensor, got ", t.scalar_type(), " ", t.sizes());
+}
+
+// weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(bf16), per row (LlamaRMSNorm)
+void rms_norm_row(const at::BFloat16* x, const at::BFloat16* w, int64_t k, float eps, at::BFloat16* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < k; i++) {
+    const float v = static_cast<float>(x[i]);
+    ss += static_cast<double>(v * v);
+  }
+  const float variance = static_cast<float>(ss / static_cast<double>(k));
+  const float r = 1.0f / std::sqrt(variance + eps);
+  for (int64_t i = 0; i < k; i++) out[i] = c10::BFloat16(static_cast<float>(w[i]) * bf(static_cast<float>(x[i]) * r));
+}
+
+at::Tensor rms_norm_rows(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm_rows' x");
+  check_rows(weight, "rms_norm_rows' weight");
+  const int64_t k = x.size(-1), m = x.numel() / std::max<int64_t>(k, 1);
+  TORCH_CHECK(weight.numel() == k, "llmslim: rms_norm_rows' weight has ", weight.numel(), " values for rows of ", k);
+  at::Tensor out = at::empty_like(x);
+  for (int64_t r = 0; r < m; r++) rms_norm_row(x.data_ptr<at::BFloat16>() + r * k, weight.data_ptr<at::BFloat16>(), k, static_cast<float>(eps),
+                                               out.data_ptr<at::BFloat16>() + r * k);
+  return out;
+}
+
+// (x + y, rms_norm(x + y)): a residual add and the next norm
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_rows(const at::Tensor& x, const at::Tensor& y, const at::Tensor& weight, double eps) {
+  check_rows(x, "add_rms_norm_rows' x");
+  check_rows(y, "add_rms_norm_rows' y");
+  TORCH_CHECK(x.numel() == y.numel(), "llmslim: add_rms_norm_rows adds ", x.sizes(), " and ", y.sizes());
+  at::Tensor sum = at::empty_like(x);
+  const at::BFloat16 *px = x.data_ptr<at::BFloat16>(), *py = y.data_ptr<at::BFloat16>();
+  at::BFloat16* ps = sum.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < x.numel(); i++) ps[i] = c10::BFloat16(static_cast<float>(px[i]) + static_cast<float>(py[i]));
+  return {sum, rms_norm_rows(sum, weight, eps)};
+}
+
+// x * cos + rotate_half(x) * sin for x (..., heads, 1, d) and cos, sin (d) broadcast (one token's rotary embedding)
+at::Tensor rotary_rows(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(x, "rotary_rows' x");
+  check_rows(cos, "rotary_rows' cos");
+  check_rows(sin, "rotary_rows' sin");
+  const int64_t d = x.size(-1), half = d / 2, rows = x.numel() / std::max<int64_t>(d, 1);
+  TORCH_CHECK(d % 2 == 0 && cos.numel() == d && sin.numel() == d, "llmslim: rotary_rows takes an even head size and one position's cos and sin of ",
+              d, " values, got ", cos.sizes());
+  at::Tensor out = at::empty_like(x);
+  const at::BFloat16 *px = x.data_ptr<at::BFloat16>(), *pc = cos.data_ptr<at::BFloat16>(), *ps = sin.data_ptr<at::BFloat16>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  for (int64_t r = 0; r < rows; r++) {
+    const at::BFloat16* xr = px + r * d;
+    for (int64_t i = 0; i < d; i++) {
+      const float rotated = i < half ? -static_cast<float>(xr[i + half]) : static_cast<float>(xr[i - half]);
+      const float a = bf(static_cast<float>(xr[i]) * static_cast<float>(pc[i])), b = bf(rotated * static_cast<float>(ps[i]));
+      po[r * d + i] = c10::BFloat16(a + b);
+    }
+  }
+  return out;
+}
+
+// silu(g) * u (the gated MLP's activation)
+at::Tensor silu_mul_rows(const at::Tensor& g, const at::Tensor& u) {
+  check_rows(g, "silu_mul_rows' gate");
+  check_rows(u, "silu_mul_rows' up");
+  TORCH_CHECK(g.numel() == u.numel(), "llmslim: silu_mul_rows multiplies ", g.sizes(), " and ", u.sizes());
+  at::Tensor out = at::empty_like(g);
+  const at::BFloat16 *pg = g.data_ptr<at::BFloat16>(), *pu = u.data_ptr<at::BFloat16>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  int64_t i = 0;
+#ifdef LLMSLIM_AVX512_BF16
+  for (; i + 16 <= g.numel(); i += 16) {  // 16 at a time, exp as exp16 below (the scalar loop's std::exp is ~8x slower)
+    const __m512 v = bf16x16_to_float(pg + i), up = bf16x16_to_float(pu + i);
+    const __m512 silu = round_bf16(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(po + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
+  }
+#endif
+  for (; i < g.numel(); i++) {
+    const float v = static_cast<float>(pg[i]);
+    po[i] = c10::BFloat16(bf(v / (1.0f + std::exp(-v))) * static_cast<float>(pu[i]));
+  }
+  return out;
+}
+
 }  // namespace
+
 
 TORCH_LIBRARY(llmslim, m) {
   m.def(
@@ -1164,6 +1331,11 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
+  m.def("gemv_4bit_multi(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor lut, int[] ns, int block) -> Tensor[]");
+  m.def("rms_norm_rows(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm_rows(Tensor x, Tensor y, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rotary_rows(Tensor x, Tensor cos, Tensor sin) -> Tensor");
+  m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.def("int4_q8_available() -> Tensor");
   m.def("nf4_q8_available() -> Tensor");
@@ -1177,7 +1349,12 @@ TORCH_LIBRARY(llmslim, m) {
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
   m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
+  m.impl("gemv_4bit_multi", c10::DispatchKey::CPU, gemv_4bit_multi);
 #endif
+  m.impl("rms_norm_rows", c10::DispatchKey::CPU, rms_norm_rows);
+  m.impl("add_rms_norm_rows", c10::DispatchKey::CPU, add_rms_norm_rows);
+  m.impl("rotary_rows", c10::DispatchKey::CPU, rotary_rows);
+  m.impl("silu_mul_rows", c10::DispatchKey::CPU, silu_mul_rows);
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);

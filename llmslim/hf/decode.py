@@ -1,0 +1,225 @@
+"""Lean decode steps: a Llama-family decoder layer decodes one token on CPU in a few operator calls.
+
+At batch 1 a decoded token through SmolLM2 is ~30 layers x ~16 `nn.Module` calls (norms, attention,
+four projections, MLP, activation), ~45 small operators and transformers' wrappers around them; on a
+2-core CPU their cost was as large as the 4-bit kernels themselves (`benchmarks/bench_token_time.py`).
+A layer made lean here keeps its modules, parameters, names and `state_dict`; only its class changes,
+to a subclass whose `forward` runs the step in one Python frame when the call allows it:
+
+    h = rms_norm(x); q, k, v = proj(h); rotary(q, k); k, v = cache.update(k, v)
+    x = x + o_proj(sdpa(q, k, v)); h = rms_norm(x); x = x + down(silu(gate(h)) * up(h))
+
+With bf16 rows and llmslim's decode kernels (AVX-512 BF16), the step runs on llmslim's fused operators
+(`csrc/ops_cpu.cpp`): one call for the q/k/v projections and one for gate/up when they are 4-bit
+weights, one per norm (the residual add fused into the second), rotary and SiLU-times-up: ~12 calls
+a layer instead of ~60. They reproduce torch's bf16 arithmetic except the RMS norm's sum of squares
+(another summation order) and SiLU's exp, each at most one bf16 step off on under 1% of elements;
+SmolLM2's greedy tokens stay those of the standard forward (tests/hf/test_decode.py). Elsewhere the
+step runs torch's own operators in the standard forward's order, bit-identical to it.
+
+Every other call (a prompt, a batch, a mask, training, gradients, a GPU, another attention
+implementation, hooks on a bypassed module) runs the class's own forward. Only the classes whose
+forward the step restates are made lean (`LEAN_LAYER_CLASSES`): a look-alike with other semantics
+(Granite's residual multiplier, Gemma's norm offset, Qwen3's q/k norms) keeps its own.
+`use_standard_layers` undoes it (the documented opt-out).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules import module as _module_globals
+
+from llmslim.hf import compat
+from llmslim.quant import kernels
+from llmslim.quant.modules import SlimLinear4bit
+
+# decoder layers whose forward the lean step restates (transformers 5.x): norm -> attention -> residual -> norm -> MLP
+LEAN_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
+_SILU = frozenset({"SiLUActivation", "SiLU"})
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_LAYER_KWARGS = frozenset({"position_ids", "use_cache", "cache_position"})  # what a decode step may pass that the step ignores
+_lean_classes: dict[type, type] = {}
+
+
+class _LeanDecodeLayer:
+    """Mixed into a decoder layer's class ahead of it: `forward` takes the lean step when the call allows it."""
+
+    def forward(
+        self, hidden_states, attention_mask=None, position_ids=None, cache=None, use_cache=False, position_embeddings=None, **kwargs
+    ):
+        x = hidden_states
+        if (  # cheapest checks first: this runs ~30 times per token, where each microsecond is 30 per token
+            attention_mask is None
+            and cache is not None
+            and position_embeddings is not None
+            and x.dim() == 3
+            and x.shape[0] == 1
+            and x.shape[1] == 1
+            and not torch.is_grad_enabled()
+            and not self.training
+            and x.is_cpu
+            and _LAYER_KWARGS.issuperset(kwargs)
+        ):
+            modules = self._modules  # not through nn.Module.__getattr__
+            attn, mlp = modules["self_attn"], modules["mlp"]
+            norms = modules["input_layernorm"], modules["post_attention_layernorm"]
+            if compat.attn_implementation(attn.config) == "sdpa" and not _hooked((*norms, attn, mlp, mlp._modules["act_fn"])):
+                return _lean_step(attn, mlp, norms, x, cache, position_embeddings)
+        return super().forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+
+
+def _hooked(modules) -> bool:
+    """Whether something watches or replaces a module the lean step does not call (hooks, an instance `forward`)."""
+    if _module_globals._global_forward_hooks or _module_globals._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` for rows `x`: a 4-bit layer's decode operator, else the module's forward (its `__call__` if hooked)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return module(x)
+    if type(module) is SlimLinear4bit:
+        out = module.decode_rows(x)
+        if out is not None:
+            return out
+    return module.forward(x)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm.forward, the same operations."""
+    xf = x.to(torch.float32)
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return norm._parameters["weight"] * (xf * torch.rsqrt(variance + norm.variance_epsilon)).to(x.dtype)
+
+
+def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb for one tensor: x * cos + rotate_half(x) * sin."""
+    half = x.shape[-1] // 2
+    return (x * cos) + (torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin)
+
+
+def _lean_step(attn, mlp, norms, x: torch.Tensor, cache, position_embeddings) -> torch.Tensor:
+    """The layer's forward for one token (see the module docstring), the same operations in the same order.
+
+    Submodules are read from `_modules`, not through `nn.Module.__getattr__` (~0.5 us each, 11 per layer)."""
+    d = attn.head_dim
+    a, f = attn._modules, mlp._modules
+    x = x.view(1, -1)  # (1, hidden): rows, which the projections take without reshaping
+    cos, sin = position_embeddings
+    ops = _fused_ops(x, norms, cos, sin)
+    h = ops.rms_norm_rows(x, norms[0]._parameters["weight"], norms[0].variance_epsilon) if ops else _rms_norm(norms[0], x)
+    q, k, v = _projections(ops, (a["q_proj"], a["k_proj"], a["v_proj"]), h)
+    q, k, v = q.view(1, -1, 1, d), k.view(1, -1, 1, d), v.view(1, -1, 1, d)  # (1, heads, 1, d): one token, no transpose
+    if ops:
+        q, k = ops.rotary_rows(q, cos, sin), ops.rotary_rows(k, cos, sin)
+    else:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, 1, d)
+        q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+    k, v = cache.update(k, v, attn.layer_idx)  # (1, kv_heads, seen, d)
+    o = _project(a["o_proj"], _attention(attn, q, k, v))
+    if ops:
+        x, h = ops.add_rms_norm_rows(x, o, norms[1]._parameters["weight"], norms[1].variance_epsilon)
+    else:
+        x = x + o
+        h = _rms_norm(norms[1], x)
+    gate, up = _projections(ops, (f["gate_proj"], f["up_proj"]), h)
+    x = x + _project(f["down_proj"], ops.silu_mul_rows(gate, up) if ops else F.silu(gate) * up)
+    return x.view(1, 1, -1)
+
+
+def _fused_ops(x: torch.Tensor, norms, cos: torch.Tensor, sin: torch.Tensor):
+    """`torch.ops.llmslim` when its fused decode operators take this step (bf16 rows and norms, llmslim's decode
+    kernels built), else None: the step then runs torch's operators."""
+    if not (
+        x.dtype is torch.bfloat16
+        and cos.dtype is torch.bfloat16
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and x.is_contiguous()
+        and all(n._parameters["weight"].dtype is torch.bfloat16 for n in norms)
+        and kernels.decode_kernels()
+    ):
+        return None
+    return torch.ops.llmslim
+
+
+def _projections(ops, modules: tuple, h: torch.Tensor) -> list[torch.Tensor]:
+    """Each module applied to rows `h`; 4-bit weights that llmslim decodes alike (same table and block) in one call."""
+    operands = [_operands(m, h) for m in modules] if ops else [None]
+    if operands[0] is None or any(o is None or o[2] is not operands[0][2] or o[3] != operands[0][3] for o in operands):
+        return [_project(m, h) for m in modules]
+    packed, absmax, code, block = zip(*operands, strict=True)
+    outs = ops.gemv_4bit_multi(h, list(packed), list(absmax), code[0], [m.out_features for m in modules], block[0])
+    biases = [m._parameters.get("bias") for m in modules]
+    return [out if bias is None else out + bias.to(out.dtype) for out, bias in zip(outs, biases, strict=True)]
+
+
+def _operands(module: nn.Module, h: torch.Tensor):
+    if type(module) is not SlimLinear4bit or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return module.decode_operands(h)
+
+
+def _attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """transformers' sdpa_attention_forward for one query token and no mask: its GQA choice, its operator."""
+    groups = attn.num_key_value_groups
+    if groups > 1 and compat.use_gqa_in_sdpa(None, k, v):
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True)
+    elif groups > 1:  # one query token: its heads packed per key/value head
+        o = F.scaled_dot_product_attention(q.reshape(1, k.shape[1], groups, q.shape[-1]), k, v, scale=attn.scaling)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+    return o.reshape(1, -1)
+
+
+def use_lean_layers(model: nn.Module) -> int:
+    """Give each decoder layer of a class in `LEAN_LAYER_CLASSES` (with the modules its step reads) the lean decode
+    step; the number of layers that have it. Parameters, names and `state_dict` are unchanged."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, _LeanDecodeLayer):
+            count += 1
+        elif type(module).__name__ in LEAN_LAYER_CLASSES and _has_lean_structure(module):
+            module.__class__ = _lean_class(type(module))
+            count += 1
+    return count
+
+
+def use_standard_layers(model: nn.Module) -> None:
+    """Undo `use_lean_layers`: every decoder layer runs its class's own forward again."""
+    for module in model.modules():
+        if isinstance(module, _LeanDecodeLayer):
+            module.__class__ = type(module).__mro__[2]
+
+
+def _lean_class(cls: type) -> type:
+    lean = _lean_classes.get(cls)
+    if lean is None:
+        lean = _lean_classes[cls] = type(f"Lean{cls.__name__}", (_LeanDecodeLayer, cls), {"__module__": __name__})
+    return lean
+
+
+def _has_lean_structure(layer: nn.Module) -> bool:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    norms = (getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+    return (
+        attn is not None
+        and mlp is not None
+        and all(type(n).__name__ in _NORMS and hasattr(n, "variance_epsilon") for n in norms)
+        and all(hasattr(attn, name) for name in (*_PROJECTIONS, "head_dim", "scaling", "num_key_value_groups", "layer_idx"))
+        and all(hasattr(mlp, name) for name in _MLP)
+        and type(getattr(mlp, "act_fn", None)).__name__ in _SILU
+    )

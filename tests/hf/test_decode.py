@@ -1,0 +1,154 @@
+"""The lean decode step (`llmslim.hf.decode`): on by default, bit-identical to each class's own forward, and out of the
+way whenever a call needs the standard path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_same_greedy_decode
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import llmslim
+from llmslim import SlimConfig
+from llmslim.hf import decode
+from llmslim.hf.decode import LEAN_LAYER_CLASSES, use_lean_layers, use_standard_layers
+from llmslim.quant import kernels
+
+needs_decode_kernels = pytest.mark.skipif(not kernels.decode_kernels(), reason="the fused operators need AVX-512 BF16 and a C++ compiler")
+
+# hidden 64 / intermediate 128: shapes the 4-bit decode kernel takes (N % 32 == 0, K a multiple of the block)
+_SHAPE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=160,
+    max_position_embeddings=128,
+)
+CONFIGS = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}  # qwen2: biased q/k/v projections
+
+
+@pytest.fixture(scope="module")
+def decode_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("lean_decode")
+    folders = {}
+    for arch, config in {**CONFIGS, "qwen3": Qwen3Config}.items():
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config(**_SHAPE)).to(torch.bfloat16).save_pretrained(root / arch)
+        folders[arch] = root / arch
+    return folders
+
+
+def _greedy(model, steps: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    prompt = torch.randint(0, 160, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = model.generate(prompt, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits)
+
+
+def _lean_steps(monkeypatch) -> list:
+    """Count the layer calls that take the lean step."""
+    taken = []
+    step = decode._lean_step
+
+    def counted(*args):
+        taken.append(1)
+        return step(*args)
+
+    monkeypatch.setattr(decode, "_lean_step", counted)
+    return taken
+
+
+@pytest.mark.parametrize("arch", tuple(CONFIGS))
+@pytest.mark.parametrize("weights", ("nf4", "int8", None))
+def test_the_lean_step_on_torch_operators_is_bit_identical_to_the_standard_forward(decode_models, arch, weights, monkeypatch):
+    model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights=weights), progress=False)
+    assert all(type(layer).__name__ == f"Lean{CONFIGS[arch].model_type.capitalize()}DecoderLayer" for layer in model.model.layers)
+    monkeypatch.setattr(decode, "_fused_ops", lambda *args: None)
+    taken = _lean_steps(monkeypatch)
+    lean = _greedy(model)
+    assert len(taken) == 23 * 2  # every decoded token after the first (the prompt's step), in both layers
+    use_standard_layers(model)
+    assert type(model.model.layers[0]).__name__.startswith(CONFIGS[arch].model_type.capitalize())
+    standard = _greedy(model)
+    assert len(taken) == 46
+    assert torch.equal(lean[0], standard[0])
+    assert torch.equal(lean[1], standard[1])  # bit for bit, every step's logits
+
+
+@needs_decode_kernels
+@pytest.mark.parametrize("arch", tuple(CONFIGS))
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_the_fused_lean_step_decodes_as_the_standard_forward(decode_models, arch, weights, monkeypatch):
+    model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights=weights), progress=False)
+    fused = []
+    ops = decode._fused_ops
+    monkeypatch.setattr(decode, "_fused_ops", lambda *args: fused.append(ops(*args)) or fused[-1])
+    lean = _greedy(model)
+    assert len(fused) == 46 and all(op is not None for op in fused)
+    use_standard_layers(model)
+    # the norms' sums of squares and SiLU's exp may round one bf16 step apart: logits within 0.02, near-ties may flip
+    assert_same_greedy_decode(_greedy(model), lean, prompt_length=7, tolerance=0.02)
+
+
+def test_a_look_alike_layer_keeps_its_own_forward(decode_models):
+    model = llmslim.from_pretrained(decode_models["qwen3"], SlimConfig(weights="nf4"), progress=False)
+    assert "Qwen3DecoderLayer" not in LEAN_LAYER_CLASSES  # its q/k norms are not in the lean step
+    assert type(model.model.layers[0]).__name__ == "Qwen3DecoderLayer"
+
+
+def test_the_lean_layer_keeps_names_state_dict_and_saves(decode_models, tmp_path):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    lean_state = model.state_dict()
+    use_standard_layers(model)
+    assert list(model.state_dict()) == list(lean_state)
+    assert use_lean_layers(model) == 2
+    assert use_lean_layers(model) == 2  # idempotent
+    llmslim.save_pretrained(model, tmp_path / "saved")
+    again = llmslim.from_pretrained(tmp_path / "saved", progress=False)
+    assert type(again.model.layers[0]).__name__ == "LeanLlamaDecoderLayer"
+    assert torch.equal(_greedy(again)[0], _greedy(model)[0])
+
+
+def test_calls_the_step_does_not_cover_take_the_standard_forward(decode_models, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    taken = _lean_steps(monkeypatch)
+    prompts = torch.randint(0, 160, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model.generate(prompts, max_new_tokens=3, do_sample=False)  # a batch of two
+    with torch.no_grad():
+        model(prompts[:1])  # a prompt, no cache
+    with torch.enable_grad():
+        model(prompts[:1, :1], use_cache=True)  # gradients on
+    assert taken == []
+
+
+def test_a_hook_on_a_bypassed_module_sees_every_call(decode_models, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    seen = []
+    model.model.layers[1].post_attention_layernorm.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    hooked = _greedy(model, steps=5)
+    assert len(seen) == 5  # the prompt's step and four decoded tokens, all through the standard forward of layer 1
+    use_standard_layers(model)
+    assert torch.equal(hooked[1], _greedy(model, steps=5)[1])
+
+
+def test_a_hook_on_a_projection_is_called_by_the_lean_step(decode_models, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    taken = _lean_steps(monkeypatch)
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
+    _greedy(model, steps=5)
+    assert taken and len(seen) == 5
+
+
+def test_quantize_in_place_gives_the_lean_step(decode_models):
+    model = AutoModelForCausalLM.from_pretrained(decode_models["llama"], dtype=torch.bfloat16)
+    llmslim.quantize_(model, SlimConfig(weights="nf4"))
+    assert type(model.model.layers[0]).__name__ == "LeanLlamaDecoderLayer"
+
+
+def test_the_transformers_door_gives_the_lean_step(decode_models):
+    model = AutoModelForCausalLM.from_pretrained(decode_models["llama"], quantization_config=SlimConfig(weights="nf4"))
+    assert type(model.model.layers[0]).__name__ == "LeanLlamaDecoderLayer"
