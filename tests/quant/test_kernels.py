@@ -437,7 +437,11 @@ def test_packed_linear_equals_reference_with_bf16_absmax(shape, fmt, batch):
 
 @needs_bnb_cpu_kernel
 @pytest.mark.parametrize("fmt", formats.FOUR_BIT_FORMATS)
-@pytest.mark.parametrize("shape, block_size", [((32, 64), 64), ((96, 320), 64), ((64, 256), 128), ((160, 96), 32)], ids=str)
+@pytest.mark.parametrize(
+    "shape, block_size",
+    [((32, 64), 64), ((96, 320), 64), ((64, 256), 128), ((160, 96), 32), ((64, 2048), 64), ((32, 96), 96), ((32, 120), 40)],
+    ids=str,
+)
 def test_dequantize_from_the_cpu_layout_equals_reference_with_bf16_absmax(shape, block_size, fmt):
     if not native.load_ops():
         pytest.skip("llmslim's CPU operators could not be built")

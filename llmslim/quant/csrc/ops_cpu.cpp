@@ -173,6 +173,40 @@ at::Tensor dequantize_4bit(const at::Tensor& codes, const at::Tensor& lut, const
 // Each output row is written in order; its codes are read at a 32-byte stride from the tile's
 // k * 16 bytes, which stay in cache while the tile's 32 rows are written.
 
+#ifdef LLMSLIM_AVX512_BF16
+// One 32-row tile of the CPU layout (see gemv_tile_4bit) to row-major bf16, for a block a multiple of 32. A gather of
+// 16 dwords at a stride of one step (32 bytes) collects, for rows r and r + 1 (r even), the bytes of 16 consecutive
+// steps: their low words are row r's 32 codes (columns 2j, 2j + 1 per step, in column order), their high words row
+// r + 1's; each byte's low nibble is that row's, its high nibble row 16 + r's. Each code becomes its block's value by
+// one vpermw through a table of the 16 values times the block's absmax, rounded to bf16 as the scalar loop rounds.
+void dequantize_tile_cpu_layout(const uint8_t* tile, const at::BFloat16* am, const float* lut, int64_t n, int64_t k, int64_t block,
+                                at::BFloat16* out) {
+  const __m512i stride = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(32));
+  const __m512 values = _mm512_loadu_ps(lut);
+  const int64_t groups = k / block, chunks = block / 32;
+  for (int r = 0; r < 16; r += 2) {
+    const int rows[4] = {r, r + 1, r + 16, r + 17};  // the dword's low word (low, high nibble), its high word (low, high)
+    for (int64_t g = 0; g < groups; g++) {
+      __m512i table[4];
+      for (int i = 0; i < 4; i++) {
+        const __m256i t = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(values, _mm512_set1_ps(static_cast<float>(am[g * n + rows[i]]))));
+        table[i] = _mm512_inserti64x4(_mm512_castsi256_si512(t), t, 1);  // stored twice: vpermw reads an index's low 5 bits
+      }
+      for (int64_t c = 0; c < chunks; c++) {
+        const int64_t col = g * block + c * 32, step = col / 2;
+        const __m512i d = _mm512_i32gather_epi32(stride, tile + step * 32 + 2 * r, 1);
+        const __m512i low = _mm512_cvtepu8_epi16(_mm512_cvtepi32_epi16(d));  // rows r, r + 16: 32 codes
+        const __m512i high = _mm512_cvtepu8_epi16(_mm512_cvtepi32_epi16(_mm512_srli_epi32(d, 16)));  // rows r + 1, r + 17
+        _mm512_storeu_si512(out + rows[0] * k + col, _mm512_permutexvar_epi16(low, table[0]));
+        _mm512_storeu_si512(out + rows[2] * k + col, _mm512_permutexvar_epi16(_mm512_srli_epi16(low, 4), table[2]));
+        _mm512_storeu_si512(out + rows[1] * k + col, _mm512_permutexvar_epi16(high, table[1]));
+        _mm512_storeu_si512(out + rows[3] * k + col, _mm512_permutexvar_epi16(_mm512_srli_epi16(high, 4), table[3]));
+      }
+    }
+  }
+}
+#endif
+
 at::Tensor dequantize_4bit_cpu_layout(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n, int64_t k,
                                       int64_t block) {
   TORCH_CHECK(n % 32 == 0 && k % 2 == 0 && block > 0 && k % block == 0 && block % 2 == 0,
@@ -187,6 +221,14 @@ at::Tensor dequantize_4bit_cpu_layout(const at::Tensor& packed, const at::Tensor
   const float* l = lut.data_ptr<float>();
   at::BFloat16* o = out.data_ptr<at::BFloat16>();
   const int64_t steps = k / 2, groups = k / block, pairs = block / 2;
+#ifdef LLMSLIM_AVX512_BF16
+  if (block % 32 == 0) {  // 16 steps (32 columns) at a time; ~4x the scalar loop's speed (a prompt's weights each call)
+    at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t tile = begin; tile < end; tile++) dequantize_tile_cpu_layout(p + tile * steps * 32, am + tile * 32, l, n, k, block, o + tile * 32 * k);
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, n / 32, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; tile++) {
       for (int r = 0; r < 32; r++) {
