@@ -153,6 +153,13 @@ def test_dequantize_4bit_equals_reference_when_blocks_straddle_rows(shape, block
     assert torch.equal(kernels.dequantize_4bit(w, torch.float32), formats.dequantize_4bit(w, torch.float32))
 
 
+@pytest.mark.parametrize("shape, group_size", [((8, 256), 64), ((5, 384), 128), ((3, 200), 32), ((64, 2048), 64)], ids=str)
+def test_dequantize_int4_to_bf16_equals_reference(shape, group_size):
+    # bf16 output takes the AVX-512 path where built (64 values per step), the scalar loop for the rest
+    w = kernels.quantize_int4(_randn(shape, seed=11), group_size, refine=False)
+    assert torch.equal(kernels.dequantize_int4(w, torch.bfloat16), formats.dequantize_int4(w, torch.bfloat16))
+
+
 # --- matmuls ----------------------------------------------------------------------------------------------------------
 
 
