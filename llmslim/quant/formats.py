@@ -268,6 +268,35 @@ def dequantize_int8_rows(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dty
     return (q.float() * (absmax / 127.0).unsqueeze(1)).to(dtype)
 
 
+INT8_BLOCK = 128  # columns per absmax of block-wise int8 (the int8 decode head's copy; ops_cpu.cpp's kInt8XBlock)
+
+
+def quantize_int8_blocks(weight: torch.Tensor, block: int = INT8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise int8 weight quantization: one absmax per row and block of `block` columns (the last block of a row
+    may be shorter), so that one large weight costs precision only to its own block, not its whole row.
+
+    Returns:
+        `(int8 weight (N, K), absmax as float32 (N, ceil(K / block)))`.
+    """
+    n, k = weight.shape
+    blocks = -(-k // block)
+    w = torch.nn.functional.pad(weight.float(), (0, blocks * block - k)).view(n, blocks, block)
+    absmax = w.abs().amax(dim=2)  # (N, blocks)
+    q = torch.round(w * (127.0 / absmax.clamp(min=1e-38)).unsqueeze(2)).to(torch.int8)
+    return q.view(n, blocks * block)[:, :k].contiguous(), absmax
+
+
+def dequantize_int8_blocks(
+    q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype = torch.float32, block: int = INT8_BLOCK
+) -> torch.Tensor:
+    """Inverse of `quantize_int8_blocks` with the same `block`."""
+    k = q.shape[1]
+    if absmax.shape != (q.shape[0], -(-k // block)):
+        raise ValueError(f"an absmax of shape {tuple(absmax.shape)} does not fit a ({q.shape[0]}, {k}) weight in blocks of {block}")
+    scale = (absmax / 127.0).repeat_interleave(block, dim=1)[:, :k]  # (N, K)
+    return (q.float() * scale).to(dtype)
+
+
 ACTIVATION_BLOCK = 32  # activations quantized to int8 per this many elements at decode (llama.cpp's Q8_0 block)
 
 

@@ -1,4 +1,4 @@
-"""The int8 decode head: a 16-bit output head that decodes through a row-wise int8 copy of itself on CPU.
+"""The int8 decode head: a 16-bit output head that decodes through an int8 copy of itself on CPU.
 
 At batch 1 a decode step reads every weight once, and a 16-bit output head is the largest single
 read of a 4-bit model (SmolLM2 nf4: its tied bf16 head is 54 MiB, all the rest 52 MiB). Its
@@ -7,12 +7,13 @@ the first decode call on CPU and kept beside the float weight as a non-persisten
 
 - prompts (more than `kernels.INT8_DECODE_MAX_TOKENS` rows) and training use the float weight,
   exact; perplexity scored on windows does not change;
-- decoded tokens' logits carry the int8 rounding of the head's weight, one absmax per row (the
-  activations stay 16-bit): +0.09% perplexity on SmolLM2 when every token is scored through it
-  (docs/performance.md);
+- decoded tokens' logits carry the int8 rounding of the head's weight (the activations stay 16-bit): one absmax per
+  row and block of 128 columns where llmslim's AVX-512 kernel runs (`gemv_int8_rows`), one per row elsewhere
+  (PyTorch's weight-only int8 kernel); scored token by token through the cache (SmolLM2 nf4, 20k
+  tokens, benchmarks/bench_decode_numerics.py) the block-wise copy costs +0.054% perplexity, the row-wise one +0.115%;
 - `state_dict()`, saving and the bitsandbytes export see the float head only;
-- the copy costs V x H bytes beside the float weight (SmolLM2: +27 MiB; 32000 x 2048: +63 MiB),
-  counted in the model's footprint once built; `decode_head="float"` opts out.
+- the copy costs V x H bytes beside the float weight (SmolLM2: +27 MiB; 32000 x 2048: +63 MiB) and 4 bytes per
+  absmax, counted in the model's footprint once built; `decode_head="float"` opts out.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class Int8DecodeHead(nn.Linear):
         copy = self._decode_copy(x)
         if copy is None:
             return super().forward(x)
-        out = kernels.linear_int8(x, *copy, threshold=0.0)
+        q, absmax = copy
+        out = kernels.linear_int8_blocks(x, q, absmax) if absmax.dim() == 2 else kernels.linear_int8(x, q, absmax, threshold=0.0)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def _decode_copy(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -55,7 +57,8 @@ class Int8DecodeHead(nn.Linear):
         stamp = _stamp(weight)
         if built is None or self._decode_stamp != stamp:
             with torch.no_grad():
-                q, absmax = kernels.quantize_int8_rows(weight.detach())
+                quantize = kernels.quantize_int8_blocks if kernels.int8_blocks_usable(weight) else kernels.quantize_int8_rows
+                q, absmax = quantize(weight.detach())
             self.register_buffer("decode_weight", q, persistent=False)
             self.register_buffer("decode_absmax", absmax, persistent=False)
             self._decode_stamp = stamp

@@ -277,6 +277,16 @@ def quantize_int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, absmax
 
 
+_INT8_BLOCK_ROWS = 4096  # rows quantized at a time by `quantize_int8_blocks` (bounds its float32 temporaries)
+
+
+def quantize_int8_blocks(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`formats.quantize_int8_blocks` (blocks of `formats.INT8_BLOCK` columns, as `gemv_int8_rows` reads them), a few
+    thousand rows at a time, so that a vocabulary-sized head's temporaries stay small."""
+    parts = [formats.quantize_int8_blocks(weight[r0 : r0 + _INT8_BLOCK_ROWS]) for r0 in range(0, weight.shape[0], _INT8_BLOCK_ROWS)]
+    return torch.cat([q for q, _ in parts]), torch.cat([absmax for _, absmax in parts])
+
+
 DECODE_MAX_TOKENS = 32  # up to this many rows (tiles of 4) the packed 4-bit kernels beat dequantize + GEMM
 INT8_DECODE_MAX_TOKENS = 8  # beyond this many rows LLM.int8 on torch._int_mm beats the weight-only int8 kernel
 # up to this many 16-bit rows int4 takes the integer-dot kernel (each row alone: two int8 rows per 32 activations, the
@@ -578,7 +588,8 @@ def int8_prompt_matmul_amx(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
 
 
 def int8_decode_usable(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> bool:
-    """Whether llmslim's `gemv_int8_rows` takes these operands (bfloat16 CPU input, K % 32 == 0)."""
+    """Whether llmslim's `gemv_int8_rows` takes these operands (bfloat16 CPU input, K % 32 == 0; `row_absmax` one per
+    row, or per row and block of `formats.INT8_BLOCK` columns)."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.bfloat16
@@ -587,6 +598,18 @@ def int8_decode_usable(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.
         and row_absmax.dtype == torch.float32
         and decode_kernels()
     )
+
+
+def int8_blocks_usable(weight: torch.Tensor) -> bool:
+    """Whether `gemv_int8_rows` can decode with a block-wise int8 copy of this 16-bit weight (`quantize_int8_blocks`):
+    its kernel is built here and takes the bfloat16 activations such a weight is multiplied with."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[-1] % 32 == 0 and decode_kernels()
+
+
+def linear_int8_blocks(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T` (bfloat16 `x`) for a block-wise int8 weight (`quantize_int8_blocks`) on `gemv_int8_rows`."""
+    out = torch.ops.llmslim.gemv_int8_rows(x.reshape(-1, x.shape[-1]), weight, absmax)
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def int_mm_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

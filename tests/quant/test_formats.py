@@ -299,6 +299,36 @@ def test_int8_rows_round_trip_error(dtype):
     assert formats.dequantize_int8_rows(q, absmax, dtype).dtype == dtype
 
 
+def test_int8_blocks_hand_computed():
+    # blocks of 2 columns, the last one shorter: each block rounds against its own absmax
+    w = torch.tensor([[1.0, -0.5, 0.25, 0.125, 8.0], [0.0, 0.0, 2.0, -4.0, 0.0]])
+    q, absmax = formats.quantize_int8_blocks(w, block=2)
+    assert absmax.tolist() == [[1.0, 0.25, 8.0], [0.0, 4.0, 0.0]]
+    assert q.tolist() == [[127, -64, 127, 64, 127], [0, 0, 64, -127, 0]]  # 63.5 rounds half to even
+    back = formats.dequantize_int8_blocks(q, absmax, block=2)[1]
+    assert torch.equal(back, torch.tensor([0.0, 0.0, 64.0, -127.0, 0.0]) * torch.tensor(4.0 / 127))
+
+
+@pytest.mark.parametrize("shape", ((13, 37), (4, 128), (3, 300)), ids=str)
+def test_int8_blocks_round_trip_error_and_the_row_wise_case(shape):
+    w = _randn(shape, torch.bfloat16, seed=11)
+    q, absmax = formats.quantize_int8_blocks(w)
+    assert q.shape == shape and q.dtype == torch.int8 and absmax.shape == (shape[0], -(-shape[1] // formats.INT8_BLOCK))
+    back = formats.dequantize_int8_blocks(q, absmax)
+    bound = (absmax / 254).repeat_interleave(formats.INT8_BLOCK, dim=1)[:, : shape[1]]
+    assert torch.all((back - w.float()).abs() <= bound * (1 + 1e-5))
+    # one block per row (block >= K) is the row-wise format, bit for bit
+    q_rows, absmax_rows = formats.quantize_int8_rows(w)
+    q_one, absmax_one = formats.quantize_int8_blocks(w, block=shape[1])
+    assert torch.equal(q_one, q_rows) and torch.equal(absmax_one[:, 0], absmax_rows)
+    if shape[1] > formats.INT8_BLOCK:  # a large weight coarsens its block's steps, not its row's
+        w[:, 0] *= 50.0
+        rows_error = (formats.dequantize_int8_rows(*formats.quantize_int8_rows(w)) - w.float()).norm()
+        assert (formats.dequantize_int8_blocks(*formats.quantize_int8_blocks(w)) - w.float()).norm() < 0.8 * rows_error
+    with pytest.raises(ValueError, match="does not fit"):
+        formats.dequantize_int8_blocks(q, absmax, block=16)
+
+
 def test_int8_rows_agree_with_bitsandbytes_within_one_step():
     w = _randn((31, 65), seed=11)
     q, absmax = formats.quantize_int8_rows(w)

@@ -35,9 +35,12 @@ def decode_llama(tmp_path_factory):
 
 
 def _reference_int8_logits(head: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The int8 head's math in float32: the row-wise int8 weight (formats' reference), 16-bit activations."""
-    q, absmax = formats.quantize_int8_rows(head.weight.detach())
-    return x.float() @ formats.dequantize_int8_rows(q, absmax, torch.float32).T
+    """The int8 head's math in float32 (formats' reference), 16-bit activations: the int8 weight with one absmax per
+    row and block of 128 columns where llmslim's decode kernel runs, else one per row."""
+    weight = head.weight.detach()
+    if kernels.int8_blocks_usable(weight):
+        return x.float() @ formats.dequantize_int8_blocks(*formats.quantize_int8_blocks(weight)).T
+    return x.float() @ formats.dequantize_int8_rows(*formats.quantize_int8_rows(weight)).T
 
 
 @pytest.mark.parametrize("weights", ("nf4", "int8", "int4"))
@@ -48,7 +51,9 @@ def test_the_defaults_decode_through_an_int8_head(decode_llama, weights):
     x = torch.randn(1, 1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     with torch.no_grad():
         got = model.lm_head(x).float()
-    assert "decode_weight" in dict(model.lm_head.named_buffers())
+    buffers = dict(model.lm_head.named_buffers())
+    assert "decode_weight" in buffers
+    assert buffers["decode_absmax"].dim() == (2 if kernels.int8_blocks_usable(model.lm_head.weight) else 1)
     want = _reference_int8_logits(model.lm_head, x)
     torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())  # bf16 output rounding
     exact = torch.nn.functional.linear(x, model.lm_head.weight).float()

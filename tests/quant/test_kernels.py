@@ -155,9 +155,23 @@ def test_dequantize_4bit_equals_reference_when_blocks_straddle_rows(shape, block
 
 @pytest.mark.parametrize("shape, group_size", [((8, 256), 64), ((5, 384), 128), ((3, 200), 32), ((64, 2048), 64)], ids=str)
 def test_dequantize_int4_to_bf16_equals_reference(shape, group_size):
-    # bf16 output takes the AVX-512 path where built (64 values per step), the scalar loop for the rest
+    # bf16 output takes the AVX-512 path where built (32 values per step), the scalar loop for the rest
     w = kernels.quantize_int4(_randn(shape, seed=11), group_size, refine=False)
     assert torch.equal(kernels.dequantize_int4(w, torch.bfloat16), formats.dequantize_int4(w, torch.bfloat16))
+
+
+@pytest.mark.parametrize("double_quant", (False, True), ids=("float32_absmax", "double_quant"))
+@pytest.mark.parametrize("shape, block_size", [((6, 128), 64), ((3, 512), 256), ((32, 2048), 32)], ids=str)
+def test_dequantize_op_to_bf16_equals_reference_for_nf4_blocks_inside_rows(shape, block_size, double_quant):
+    # blocks inside rows (K % block == 0) take the AVX-512 path where built, with float32 or double-quantized absmax
+    w = kernels.quantize_4bit(_randn(shape, seed=12), "nf4", block_size, double_quant=double_quant)
+    absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(w)
+    offset = float(nested_offset) if nested_offset is not None else 0.0
+    n, k = shape
+    code = formats.code_4bit("nf4")
+    scales = (absmax, None, nested_absmax, nested_map, offset)
+    got = torch.ops.llmslim.dequantize_4bit(w.codes, code, *scales, n, k, block_size, k, torch.bfloat16)
+    assert torch.equal(got, formats.dequantize_4bit(w, torch.bfloat16))
 
 
 # --- matmuls ----------------------------------------------------------------------------------------------------------
@@ -495,6 +509,45 @@ def test_gemv_int8_rows_equals_matmul_with_dequantized_weight(shape, batch):
     bound = 2**-16 * x.double().abs().amax(dim=-1, keepdim=True) @ w.abs().sum(dim=1, keepdim=True).T  # activation rounding
     error = (got.double() - expected).abs()
     assert (error <= 2**-8 * expected.abs() + bound + 1e-12).all()  # one bf16 rounding step, plus that
+
+
+@needs_decode_kernels
+@pytest.mark.parametrize("batch", ((1,), (2,), (5,)), ids=str)
+@pytest.mark.parametrize("shape", ((5, 32), (37, 96), (64, 320), (130, 576), (8, 1024)), ids=str)
+@pytest.mark.parametrize("threads", (1, 2))
+def test_gemv_int8_rows_with_block_absmax_equals_matmul_with_dequantized_weight(shape, batch, threads):
+    # one absmax per row and block of 128 columns (the int8 head's copy; K % 128 != 0 leaves a short last block)
+    w = _randn(shape, torch.bfloat16)
+    w[:, 3] *= 50.0  # a large column, in the first block only
+    q, absmax = kernels.quantize_int8_blocks(w)
+    assert kernels.int8_blocks_usable(w) and torch.equal(q, formats.quantize_int8_blocks(w)[0])
+    x = _randn((*batch, shape[1]), torch.bfloat16, seed=2)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernels.linear_int8_blocks(x, q, absmax)
+    finally:
+        torch.set_num_threads(previous)
+    assert got.dtype == torch.bfloat16 and got.shape == (*batch, shape[0])
+    deq = formats.dequantize_int8_blocks(q, absmax).double()
+    expected = x.double() @ deq.T
+    bound = 2**-16 * x.double().abs().amax(dim=-1, keepdim=True) @ deq.abs().sum(dim=1, keepdim=True).T  # activation rounding
+    assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + bound + 1e-12).all()
+
+
+@needs_decode_kernels
+def test_gemv_int8_rows_rejects_a_block_absmax_of_the_wrong_shape():
+    q, absmax = kernels.quantize_int8_blocks(_randn((8, 320), torch.bfloat16))  # 3 blocks per row
+    x = _randn((1, 320), torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"absmax of shape \(8,\) or \(8, 3\)"):
+        torch.ops.llmslim.gemv_int8_rows(x, q, absmax[:, :2].contiguous())
+
+
+def test_quantize_int8_blocks_in_row_chunks_is_the_reference(monkeypatch):
+    monkeypatch.setattr(kernels, "_INT8_BLOCK_ROWS", 7)
+    w = _randn((30, 200), torch.bfloat16, seed=4)
+    for got, expected in zip(kernels.quantize_int8_blocks(w), formats.quantize_int8_blocks(w), strict=True):
+        assert torch.equal(got, expected)
 
 
 @needs_decode_kernels

@@ -43,7 +43,22 @@
 #define LLMSLIM_AVX2 1
 #endif
 
+#if defined(__F16C__) && !defined(LLMSLIM_AVX512_BF16) && !defined(LLMSLIM_AVX2)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// float16 to float32 (exact either way): one F16C instruction where the CPU has it; c10::Half's own conversion is a
+// bit-manipulation routine of ~20 instructions, which cost int4 (float16 scales and zeros per group of 64) twice its
+// dequantization time
+inline float half_to_float(const at::Half& h) {
+#ifdef __F16C__
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
 
 constexpr int64_t kNestedBlock = 256;  // bitsandbytes' block size for double quantization
 
@@ -61,10 +76,10 @@ struct Scales {
     switch (mode) {
       case 0: return f32[g];
       case 1: return nested_code[u8[g]] * nested_absmax[g / kNestedBlock] + nested_offset;
-      default: return static_cast<float>(f16[g]);
+      default: return half_to_float(f16[g]);
     }
   }
-  inline float zero(int64_t g) const { return zeros ? static_cast<float>(zeros[g]) : 0.f; }
+  inline float zero(int64_t g) const { return zeros ? half_to_float(zeros[g]) : 0.f; }
 };
 
 Scales make_scales(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& nested_absmax,
@@ -149,6 +164,50 @@ void dequantize_rows(const uint8_t* codes, const float* lut, const Scales& s, in
   });
 }
 
+#ifdef LLMSLIM_AVX512_BF16
+inline void halves_to_floats_avx512(const at::Half* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+  for (; i < count; i++) dst[i] = half_to_float(src[i]);
+}
+
+// Row-major codes to bf16 when groups lie inside rows and hold whole 32-column chunks (row_stride == K, group % 32 == 0,
+// K % group == 0: int4's per-row groups, NF4/FP4 blocks of a weight whose K the block divides). 16 bytes hold 32
+// codes; each byte widened to a dword (high nibble in its low word, low nibble in its high word) gives the 32 codes in
+// column order as words, and one vpermw through the group's 16 values (lut * scale + zero, rounded to bf16 as the
+// scalar loop rounds) writes them. ~6 instructions per 32 values.
+void dequantize_rows_bf16_avx512(const uint8_t* codes, const float* lut, const Scales& s, int64_t n, int64_t k, int64_t group,
+                                 at::BFloat16* out) {
+  const __m512 values = _mm512_loadu_ps(lut);
+  const __m512i low4 = _mm512_set1_epi32(0x0F);
+  const int64_t groups_per_row = k / group;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> scale(groups_per_row), zero(groups_per_row, 0.f);  // the row's, converted 16 at a time
+    for (int64_t row = begin; row < end; row++) {
+      const int64_t g0 = row * groups_per_row;
+      if (s.mode == 2) {
+        halves_to_floats_avx512(s.f16 + g0, groups_per_row, scale.data());
+      } else {
+        for (int64_t gi = 0; gi < groups_per_row; gi++) scale[gi] = s.scale(g0 + gi);
+      }
+      if (s.zeros != nullptr) halves_to_floats_avx512(s.zeros + g0, groups_per_row, zero.data());
+      for (int64_t gi = 0; gi < groups_per_row; gi++) {
+        const int64_t g = g0 + gi;
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(values, _mm512_set1_ps(scale[gi])), _mm512_set1_ps(zero[gi]));  // two roundings, as torch
+        const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));  // indices 0..15: the low half
+        const uint8_t* src = codes + g * group / 2;
+        at::BFloat16* dst = out + g * group;
+        for (int64_t c = 0; c < group; c += 32) {
+          const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c / 2)));
+          const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(_mm512_and_si512(d, low4), 16));
+          _mm512_storeu_si512(dst + c, _mm512_permutexvar_epi16(idx, table));
+        }
+      }
+    }
+  });
+}
+#endif
+
 at::Tensor dequantize_4bit(const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
                            const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code, double nested_offset,
                            int64_t n, int64_t k, int64_t group, int64_t row_stride, at::ScalarType dtype) {
@@ -159,7 +218,15 @@ at::Tensor dequantize_4bit(const at::Tensor& codes, const at::Tensor& lut, const
   const float* l = lut.data_ptr<float>();
   switch (dtype) {
     case at::kFloat: dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<float>()); break;
-    case at::kBFloat16: dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<at::BFloat16>()); break;
+    case at::kBFloat16:
+#ifdef LLMSLIM_AVX512_BF16
+      if (row_stride == k && k % group == 0 && group % 32 == 0) {
+        dequantize_rows_bf16_avx512(c, l, s, n, k, group, out.data_ptr<at::BFloat16>());
+        break;
+      }
+#endif
+      dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<at::BFloat16>());
+      break;
     case at::kHalf: dequantize_rows(c, l, s, n, k, group, row_stride, out.data_ptr<at::Half>()); break;
     default: TORCH_CHECK(false, "llmslim: dequantize_4bit supports float32, bfloat16 and float16, got ", dtype);
   }
@@ -747,6 +814,8 @@ std::vector<at::Tensor> gemv_4bit_multi(const at::Tensor& x, at::TensorList pack
 // columns to int16 (scale absmax / 32767): a relative error of at most 1.5e-5 of the block's
 // largest |x| per element, far below the bf16 rounding they already carry. Int32 sums stay exact:
 // a lane adds at most 8 products of |x| <= 32767 and |w| <= 128 per block.
+// The weight's absmax is one per row (N,) (LLM.int8's format) or one per row and block of kInt8XBlock columns
+// (N, ceil(K / kInt8XBlock)) (the int8 decode head's copy): a block's int32 sum is scaled by both blocks' scales.
 constexpr int64_t kInt8XBlock = 128;
 constexpr int kPrefetchInt8 = 512;  // bytes ahead in each row (1.1B decode sweep: 128-2048 tried, 512 best)
 
@@ -772,8 +841,10 @@ void quantize_x16(const at::BFloat16* x, int64_t m, int64_t k, QuantizedX16& out
   }
 }
 
+// `wscale`: nullptr (one absmax per row, applied by the caller), or the R rows' block absmaxes, `wstride` apart
 template <int TM, int R>
-inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale, const int8_t* rows, int64_t k, float* totals) {
+inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale, const int8_t* rows, int64_t k, const float* wscale,
+                           int64_t wstride, float* totals) {
   __m512 acc[TM][R];
   for (int t = 0; t < TM; t++)
     for (int r = 0; r < R; r++) acc[t][r] = _mm512_setzero_ps();
@@ -794,10 +865,11 @@ inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale,
         for (int r = 0; r < R; r++) dot[t][r][h] = _mm512_dpwssd_epi32(dot[t][r][h], w[r], xv);
       }
     }
-    for (int t = 0; t < TM; t++) {
-      const __m512 sx = _mm512_set1_ps(xscale[t][b]);
-      for (int r = 0; r < R; r++) acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[t][r][0], dot[t][r][1])), sx, acc[t][r]);
-    }
+    for (int t = 0; t < TM; t++)
+      for (int r = 0; r < R; r++) {
+        const __m512 s = _mm512_set1_ps(wscale == nullptr ? xscale[t][b] : xscale[t][b] * wscale[r * wstride + b]);
+        acc[t][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(dot[t][r][0], dot[t][r][1])), s, acc[t][r]);
+      }
   }
   for (int t = 0; t < TM; t++)
     for (int r = 0; r < R; r++) totals[t * R + r] = _mm512_reduce_add_ps(acc[t][r]);
@@ -810,8 +882,12 @@ at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const a
               "llmslim: gemv_int8_rows needs a contiguous int8 (N, K) weight with K = ", x.size(1), ", got ", weight.sizes());
   const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(k % 32 == 0, "llmslim: gemv_int8_rows needs K % 32 == 0, got ", k);
-  TORCH_CHECK(row_absmax.scalar_type() == at::kFloat && row_absmax.is_contiguous() && row_absmax.numel() == n,
-              "llmslim: row_absmax must be float32 with one entry per row");
+  const int64_t blocks = (k + kInt8XBlock - 1) / kInt8XBlock;
+  const bool per_block = row_absmax.dim() == 2;
+  TORCH_CHECK(row_absmax.scalar_type() == at::kFloat && row_absmax.is_contiguous() &&
+                  (per_block ? row_absmax.size(0) == n && row_absmax.size(1) == blocks : row_absmax.numel() == n),
+              "llmslim: gemv_int8_rows takes a contiguous float32 absmax of shape (", n, ",) or (", n, ", ", blocks,
+              ") (one per row, or per row and block of ", kInt8XBlock, " columns), got ", row_absmax.sizes(), " ", row_absmax.scalar_type());
   const at::Tensor xc = x.contiguous();
   QuantizedX16 xq;
   quantize_x16(xc.data_ptr<at::BFloat16>(), m, k, xq);
@@ -831,16 +907,18 @@ at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const a
         float totals[2 * R];
         for (int r0 = 0; r0 < rows;) {  // 4 rows at a time; the last rows of N % 4 one by one
           const int8_t* wr = w + (row0 + r0) * k;
+          const float* ws = per_block ? am + (row0 + r0) * blocks : nullptr;
           const int step = rows - r0 >= R ? R : 1;
           if (step == R) {
-            if (tm == 2) gemv_rows_int8<2, R>(xs, ss, wr, k, totals);
-            else gemv_rows_int8<1, R>(xs, ss, wr, k, totals);
+            if (tm == 2) gemv_rows_int8<2, R>(xs, ss, wr, k, ws, blocks, totals);
+            else gemv_rows_int8<1, R>(xs, ss, wr, k, ws, blocks, totals);
           } else {
-            if (tm == 2) gemv_rows_int8<2, 1>(xs, ss, wr, k, totals);
-            else gemv_rows_int8<1, 1>(xs, ss, wr, k, totals);
+            if (tm == 2) gemv_rows_int8<2, 1>(xs, ss, wr, k, ws, blocks, totals);
+            else gemv_rows_int8<1, 1>(xs, ss, wr, k, ws, blocks, totals);
           }
           for (int t = 0; t < tm; t++)
-            for (int r = 0; r < step; r++) po[(m0 + t) * n + row0 + r0 + r] = totals[t * step + r] * (am[row0 + r0 + r] / 127.f);
+            for (int r = 0; r < step; r++)
+              po[(m0 + t) * n + row0 + r0 + r] = totals[t * step + r] * ((per_block ? 1.f : am[row0 + r0 + r]) / 127.f);
           r0 += step;
         }
       }
