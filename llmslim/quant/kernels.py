@@ -582,8 +582,8 @@ def int8_prompt_matmul_amx(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
     out = torch.empty(tokens, rows, dtype=x.dtype)
     step = max(1, INT8_AMX_CHUNK_ELEMENTS // max(weight.shape[1], 1))
     for r0 in range(0, rows, step):
-        product = torch.nn.functional.linear(x, weight[r0 : r0 + step].to(torch.bfloat16)).float()
-        out[:, r0 : r0 + step] = product.mul_(row_absmax[r0 : r0 + step] / 127.0)
+        product = torch.nn.functional.linear(x, weight[r0 : r0 + step].to(torch.bfloat16))
+        torch.mul(product, row_absmax[r0 : r0 + step] / 127.0, out=out[:, r0 : r0 + step])  # in float32, rounded once
     return out
 
 
