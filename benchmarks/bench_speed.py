@@ -8,7 +8,7 @@ never imports torch itself (see _harness.py for why). Per case the child loads t
   greedy (`generate(..., min_new_tokens=max_new_tokens, do_sample=False)`); one short warm-up, then
   the median of `--repeats` runs. tok/s = new tokens / time of the whole generate call, prompt
   included.
-- prefill: one forward of a `--prefill-tokens` batch-1 input (warm-up once, median of repeats).
+- prefill: one forward of a `--prefill-tokens` batch-1 input (warm-up once, median of `--repeats` runs, at least 5).
 
 llama.cpp (llama-cpp-python, built from source by `make bench-peers`) runs the same decode and
 prefill on GGUF files that llama.cpp's own converter and quantizer made from the same checkpoints
@@ -207,6 +207,11 @@ TARGETS = (
 # ----------------------------------------------------------------------------- measurements (child side)
 
 
+# prefill runs are short (0.3-1 s) and varied by up to 1.6x between processes at 2 repeats on the shared machine
+# (SmolLM2 nf4 0.84x vs its float-head twin's 1.39x bf16 in one run, though prompts run the same code): at least 5
+PREFILL_MIN_REPEATS = 5
+
+
 def time_prefill(model, ids, repeats: int, no_autograd: Callable) -> dict:
     """One forward of `ids`: median seconds and tok/s."""
 
@@ -215,7 +220,7 @@ def time_prefill(model, ids, repeats: int, no_autograd: Callable) -> dict:
 
     with no_autograd():
         forward()  # warm-up
-        times, _ = timed(forward, repeats)
+        times, _ = timed(forward, max(repeats, PREFILL_MIN_REPEATS))
     seconds = statistics.median(times)
     return {"prefill_s": seconds, "prefill_s_runs": times, "prefill_tokens": ids.shape[1], "prefill_tok_s": ids.shape[1] / seconds}
 
@@ -309,7 +314,7 @@ def child_llamacpp(gguf: Path, args: argparse.Namespace) -> dict:
         decode_s=decode_s, decode_s_runs=times, first_token_s=first, new_tokens=produced, decode_tok_s=(produced - 1) / (decode_s - first)
     )
     forward()  # warm-up
-    times, _ = timed(forward, args.repeats)
+    times, _ = timed(forward, max(args.repeats, PREFILL_MIN_REPEATS))
     prefill_s = statistics.median(times)
     result.update(prefill_s=prefill_s, prefill_s_runs=times, prefill_tokens=len(prefill), prefill_tok_s=len(prefill) / prefill_s)
     return result
@@ -495,6 +500,7 @@ def markdown(report: dict) -> str:
         else f"memory bandwidth not measured ({bw.get('error')})"
     )
     threads = f" with {s['threads']} threads" if "threads" in s else ""  # results before --threads used every core
+    prefill_runs = f" (prefill: of {s['prefill_repeats']})" if "prefill_repeats" in s else ""
     lines = [
         f"Measured {info['date']} on {info['cpu']}, {info['nproc']} cores, {info['total_ram_gib']:.0f} GiB RAM; "
         f"torch {versions['torch']}, transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}, "
@@ -504,7 +510,7 @@ def markdown(report: dict) -> str:
         f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy; decode tok/s = (new tokens - 1) / "
         f"(time of the full `generate` call - time of a 1-token call), i.e. without the prompt's forward. "
         f"Prefill: one forward of {s['prefill_tokens']} tokens. Median of "
-        f"{s['repeats']} run(s) after a warm-up, each case in a fresh process{threads}. "
+        f"{s['repeats']} run(s) after a warm-up{prefill_runs}, each case in a fresh process{threads}. "
         "% roofline: decode tok/s over bandwidth / bytes of "
         "weights read per token (every tensor once, less the input embedding unless tied to the head).",
         "",
@@ -647,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args.child[0], args.child[1], args)
     if args.from_json:
         return publish_report(read_json(args.from_json), args, write=False)
-    settings = {k: getattr(args, k) for k in (*TIMING_SETTINGS, "threads")}
+    settings = {k: getattr(args, k) for k in (*TIMING_SETTINGS, "threads")} | {"prefill_repeats": max(args.repeats, PREFILL_MIN_REPEATS)}
     machine = machine_info(extra_packages=("optimum-quanto", "llama-cpp-python", "gguf"))
     report: dict = {"machine": machine, "settings": settings, "cases": args.cases, "models": {}}
     report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args, [f"--threads={args.threads}"])
