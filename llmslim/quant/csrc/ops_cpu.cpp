@@ -43,22 +43,7 @@
 #define LLMSLIM_AVX2 1
 #endif
 
-#if defined(__F16C__) && !defined(LLMSLIM_AVX512_BF16) && !defined(LLMSLIM_AVX2)
-#include <immintrin.h>
-#endif
-
 namespace {
-
-// float16 to float32 (exact either way): one F16C instruction where the CPU has it; c10::Half's own conversion is a
-// bit-manipulation routine of ~20 instructions, which cost int4 (float16 scales and zeros per group of 64) twice its
-// dequantization time
-inline float half_to_float(const at::Half& h) {
-#ifdef __F16C__
-  return _cvtsh_ss(h.x);
-#else
-  return static_cast<float>(h);
-#endif
-}
 
 constexpr int64_t kNestedBlock = 256;  // bitsandbytes' block size for double quantization
 
@@ -76,10 +61,10 @@ struct Scales {
     switch (mode) {
       case 0: return f32[g];
       case 1: return nested_code[u8[g]] * nested_absmax[g / kNestedBlock] + nested_offset;
-      default: return half_to_float(f16[g]);
+      default: return static_cast<float>(f16[g]);
     }
   }
-  inline float zero(int64_t g) const { return zeros ? half_to_float(zeros[g]) : 0.f; }
+  inline float zero(int64_t g) const { return zeros ? static_cast<float>(zeros[g]) : 0.f; }
 };
 
 Scales make_scales(const at::Tensor& scales, const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& nested_absmax,
@@ -165,12 +150,6 @@ void dequantize_rows(const uint8_t* codes, const float* lut, const Scales& s, in
 }
 
 #ifdef LLMSLIM_AVX512_BF16
-inline void halves_to_floats_avx512(const at::Half* src, int64_t count, float* dst) {
-  int64_t i = 0;
-  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
-  for (; i < count; i++) dst[i] = half_to_float(src[i]);
-}
-
 // Row-major codes to bf16 when groups lie inside rows and hold whole 32-column chunks (row_stride == K, group % 32 == 0,
 // K % group == 0: int4's per-row groups, NF4/FP4 blocks of a weight whose K the block divides). 16 bytes hold 32
 // codes; each byte widened to a dword (high nibble in its low word, low nibble in its high word) gives the 32 codes in
@@ -182,18 +161,9 @@ void dequantize_rows_bf16_avx512(const uint8_t* codes, const float* lut, const S
   const __m512i low4 = _mm512_set1_epi32(0x0F);
   const int64_t groups_per_row = k / group;
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> scale(groups_per_row), zero(groups_per_row, 0.f);  // the row's, converted 16 at a time
     for (int64_t row = begin; row < end; row++) {
-      const int64_t g0 = row * groups_per_row;
-      if (s.mode == 2) {
-        halves_to_floats_avx512(s.f16 + g0, groups_per_row, scale.data());
-      } else {
-        for (int64_t gi = 0; gi < groups_per_row; gi++) scale[gi] = s.scale(g0 + gi);
-      }
-      if (s.zeros != nullptr) halves_to_floats_avx512(s.zeros + g0, groups_per_row, zero.data());
-      for (int64_t gi = 0; gi < groups_per_row; gi++) {
-        const int64_t g = g0 + gi;
-        const __m512 v = _mm512_add_ps(_mm512_mul_ps(values, _mm512_set1_ps(scale[gi])), _mm512_set1_ps(zero[gi]));  // two roundings, as torch
+      for (int64_t g = row * groups_per_row; g < (row + 1) * groups_per_row; g++) {
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(values, _mm512_set1_ps(s.scale(g))), _mm512_set1_ps(s.zero(g)));  // two roundings, as torch
         const __m512i table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));  // indices 0..15: the low half
         const uint8_t* src = codes + g * group / 2;
         at::BFloat16* dst = out + g * group;
