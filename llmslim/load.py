@@ -126,10 +126,10 @@ def _empty_model(hf_config, dtype: torch.dtype) -> PreTrainedModel:
 def _calibrated(
     path: Path, hf_config, config: SlimConfig, dtype: torch.dtype, device_map, force: bool, progress: bool, text, tokens: int
 ) -> PreTrainedModel:
-    """GPTQ in bounded memory: everything outside the decoder blocks is read first (MoE experts are quantized by
-    round-to-nearest as they stream in); then each block is read from the checkpoint in float, calibrated and
-    quantized (`calibrate_`) before the next is read. Peak: the quantized model, one float block, and the calibration
-    hidden states at one block boundary."""
+    """GPTQ in bounded memory: everything outside the decoder blocks is read first; then each block is read from the
+    checkpoint in float (MoE experts held in float by their quantized stores until calibrated), calibrated and
+    quantized (`calibrate_`) before the next is read. Peak: the quantized model, one float block (with a MoE block's
+    per-expert Hessians), and the calibration hidden states at one block boundary."""
     if config.compresses:
         raise ValueError("method='gptq' cannot be combined with embedding factorization or layer sharing yet: use method='rtn'")
     tokenizer = models.load_tokenizer(path, needed_for="method='gptq' (it tokenizes the calibration text)")
@@ -140,6 +140,8 @@ def _calibrated(
         config = _choose_int8_layers(model, config, files)
     copies = compat.untie_int8_head(model, config)
     replace_experts(model, config)
+    for _, store in quantized_experts(model):
+        store.floats = {}  # the experts stream in as float weights, quantized when their block is calibrated
     quantized = _empty_model(hf_config, dtype)  # what the load ends as: planned and checked against free memory
     compat.untie_int8_head(quantized, config)
     prepare_skeleton(quantized, config)

@@ -17,7 +17,7 @@ float and logged once.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -64,6 +64,10 @@ class SlimExpertWeights:
         self.template.streamed = True  # views of stacked storage: never repacked in place (see SlimLinear4bit._want_cpu_layout)
         self.names = {name: stored_name(proj, name) for name in self.template.state_dict()}  # layer tensor -> module tensor
         self._views: dict[int, SlimLinear] = {}
+        # While calibrating (`llmslim.calibrate`): each expert's float weight until it is quantized, in the layout
+        # `set_expert_float` takes (None: quantize on arrival), and a callback given each float expert's inputs.
+        self.floats: dict[int, torch.Tensor] | None = None
+        self.observer: Callable[[int, torch.Tensor], None] | None = None
 
     def register(self, device) -> None:
         """Put empty stacked tensors for every expert on the module, in place of its float parameter."""
@@ -92,21 +96,49 @@ class SlimExpertWeights:
 
     @torch.no_grad()
     def set_float_weight(self, weight: torch.Tensor, name: str = "") -> None:
-        """Quantize a float 3-D weight (in the layout of the parameter this replaced) into the module's tensors."""
+        """Quantize a float 3-D weight (in the layout of the parameter this replaced) into the module's tensors (or,
+        while calibrating, keep each expert's slice in `floats`)."""
+        if self.floats is not None:
+            self._check_shape(weight, name)
+            self.floats.update(enumerate(weight.unbind(0)))
+            return
         for key, value in self.quantize(weight, name).items():
             self._assign(self.names[key], value)
 
     @torch.no_grad()
     def set_expert_float(self, index: int, weight: torch.Tensor, name: str = "") -> None:
-        """Quantize one expert's float 2-D weight (`(out, in)`, or `(in, out)` when transposed) into slot `index`,
-        allocating the stacked tensors on `weight`'s device first if they are still empty (meta)."""
+        """Quantize one expert's float 2-D weight (`(out, in)`, or `(in, out)` when transposed) into slot `index` (or,
+        while calibrating, keep it in `floats`)."""
+        if self.floats is not None:
+            self.floats[index] = weight
+            return
+        self.set_expert_tensors(index, self.expert_tensors(index, weight, name))
+
+    @torch.no_grad()
+    def expert_tensors(self, index: int, weight: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
+        """One expert's float 2-D weight quantized by round-to-nearest: {layer tensor name: tensor}."""
         self.template.module_name = f"{name or self.proj}[expert {index}]"
-        for key, value in self.template.quantize(weight).items():
+        return self.template.quantize(weight)
+
+    @torch.no_grad()
+    def set_expert_tensors(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one expert's quantized tensors ({layer tensor name: tensor}, as the dense layer of this format holds
+        them) into slot `index`, allocating the stacked tensors on their device first if they are still empty (meta)."""
+        if not set(tensors) <= set(self.names):
+            raise ValueError(f"{self.proj}[expert {index}]: expected the tensors {sorted(self.names)}, got {sorted(tensors)}")
+        for key, value in tensors.items():
             stacked = getattr(self.module, self.names[key])
             if stacked.is_meta:
-                stacked = torch.empty(stacked.shape, dtype=stacked.dtype, device=weight.device)
+                stacked = torch.empty(stacked.shape, dtype=stacked.dtype, device=value.device)
                 self._assign(self.names[key], stacked)
             stacked[index] = value
+
+    @torch.no_grad()
+    def quantize_floats(self, name: str = "") -> None:
+        """Quantize by round-to-nearest every expert still held in `floats`, then stop holding them."""
+        floats, self.floats = self.floats or {}, None
+        for index in sorted(floats):
+            self.set_expert_tensors(index, self.expert_tensors(index, floats.pop(index), name))
 
     def _assign(self, stored: str, value: torch.Tensor) -> None:
         if stored in self.module._parameters:
@@ -117,17 +149,17 @@ class SlimExpertWeights:
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor, name: str = "") -> dict[str, torch.Tensor]:
         """{layer tensor name: stacked tensor} of a float 3-D weight, each expert quantized as the dense format does."""
+        self._check_shape(weight, name)
+        per_expert = [self.expert_tensors(index, weight[index], name) for index in range(self.num_experts)]
+        return {key: torch.stack([tensors[key] for tensors in per_expert]) for key in per_expert[0]}
+
+    def _check_shape(self, weight: torch.Tensor, name: str) -> None:
         expected = (
             self.num_experts,
             *((self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)),
         )
         if tuple(weight.shape) != expected:
             raise ValueError(f"{name or self.proj}: a weight of shape {tuple(weight.shape)} does not fit experts of shape {expected}")
-        per_expert = []
-        for index in range(self.num_experts):
-            self.template.module_name = f"{name or self.proj}[expert {index}]"
-            per_expert.append(self.template.quantize(weight[index]))
-        return {key: torch.stack([tensors[key] for tensors in per_expert]) for key in per_expert[0]}
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """All experts in float, `(experts, out, in)` (tests and merges; the forward never builds it)."""
@@ -197,12 +229,15 @@ def experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
 
 def _project(module: nn.Module, proj: str, expert: int, x: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
     store = expert_stores(module).get(proj)
-    if store is not None:
+    floats = store.floats if store is not None else None
+    if store is not None and (floats is None or expert not in floats):
         layer = store.expert(expert)
         home = layer.weight.device  # offloaded experts run where their weights are (CPU RAM or a mapped file)
         y = layer(x) if home == x.device else layer(x.to(home)).to(x.device)
-    else:  # a float 3-D parameter
-        w = getattr(module, proj)[expert]
+    else:  # a float 3-D parameter, or an expert held in float while it is calibrated
+        w = floats[expert] if floats is not None else getattr(module, proj)[expert]
+        if store is not None and store.observer is not None:
+            store.observer(expert, x)
         y = x @ w.to(x.dtype) if transposed else torch.nn.functional.linear(x, w.to(x.dtype))
     return y if bias is None else y + bias[expert].to(y.dtype)
 

@@ -23,6 +23,7 @@ from llmslim.calibrate import (
     _first_block_inputs,
     _run_block,
     calibrate_,
+    calibration_dtype,
     calibration_ids,
     read_calibration_text,
 )
@@ -388,7 +389,20 @@ def test_gptq_under_a_bit_budget_calibrates_both_int4_and_int8_layers(llama_with
     assert changed == {"int4", "int8"}  # GPTQ chose other codes in layers of both formats
 
 
-def test_blocks_calibrated_in_float32_on_cpu_return_to_their_dtypes(llama_with_tokenizer):
+def test_blocks_compute_in_bf16_where_the_cpu_multiplies_it_natively_else_float32(monkeypatch):
+    from llmslim import calibrate
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(calibrate, "cpu_half_matmul_is_native", lambda native=native: native)
+        assert calibration_dtype(torch.device("cpu")) == expected
+    assert calibration_dtype(torch.device("meta")) is None  # off the CPU: the blocks' own dtype
+
+
+@pytest.mark.parametrize("native", (True, False))
+def test_blocks_calibrated_on_cpu_return_to_their_dtypes(llama_with_tokenizer, monkeypatch, native):
+    from llmslim import calibrate
+
+    monkeypatch.setattr(calibrate, "cpu_half_matmul_is_native", lambda: native)  # bf16 or float32 blocks while calibrating
     model = llmslim.from_pretrained(llama_with_tokenizer, SlimConfig(weights="nf4", method="gptq"), dtype=torch.bfloat16, **CALIBRATION)
     layers = dict(quantized_layers(model))
     assert layers and all(layer.compute_dtype == torch.bfloat16 for layer in layers.values())
@@ -426,18 +440,47 @@ def test_only_one_block_is_in_float_while_calibrating(llama_with_tokenizer, monk
     assert not any(t.is_meta for t in model.state_dict().values()) and len(list(quantized_layers(model))) == 14
 
 
-def test_mixture_of_experts_calibrates_attention_and_quantizes_experts_as_they_stream(tmp_path):
+@pytest.mark.parametrize("arch", ("qwen3_moe", "gpt_oss"))  # gpt-oss: experts stored transposed, with biases
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it(tmp_path, monkeypatch, arch):
+    from llmslim import calibrate
+
     path = tmp_path / "moe"
-    float_moe("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    float_moe(arch).to(torch.bfloat16).save_pretrained(path)
     _char_tokenizer(path)
-    model = llmslim.from_pretrained(path, SlimConfig(weights="nf4", method="gptq"), **CALIBRATION)
+    seen = {}
+
+    def spy(name, store, spec, hessians, settings):
+        hessians.pop(0, None)  # as if no calibration token had chosen expert 0
+        seen[name] = {i: w.float().clone() for i, w in store.floats.items()}, {i: h.hessian.clone() for i, h in hessians.items()}
+        return gptq_experts(name, store, spec, hessians, settings)
+
+    gptq_experts = calibrate._gptq_experts
+    monkeypatch.setattr(calibrate, "_gptq_experts", spy)
+    config = SlimConfig(weights="nf4", method="gptq")
+    model = llmslim.from_pretrained(path, config, **CALIBRATION)  # the experts stream in as float, block by block
     rtn = llmslim.from_pretrained(path, SlimConfig(weights="nf4"), progress=False)
     experts, rtn_experts = dict(quantized_experts(model)), dict(quantized_experts(rtn))
-    assert len(experts) == 4 and all(
-        torch.equal(a, b) for n in experts for a, b in zip(experts[n].tensors().values(), rtn_experts[n].tensors().values(), strict=True)
-    )
+    assert experts.keys() == rtn_experts.keys() == seen.keys() and len(experts) == 4
+    for name, store in experts.items():
+        weights, hessians = seen[name]
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(store.tensors().values(), rtn_experts[name].tensors().values(), strict=True))
+        assert hessians and 0 not in hessians
+        lower = []
+        for index, hessian in hessians.items():
+            w = weights[index].t() if store.transposed else weights[index]
+            ours = output_error(w, store.expert(index).dequantized_weight(torch.float32), hessian)
+            theirs = output_error(w, rtn_experts[name].expert(index).dequantized_weight(torch.float32), hessian)
+            assert ours <= theirs
+            lower.append(ours < theirs)
+        assert any(lower), name  # GPTQ found better codes for some expert of each projection
+
+    from transformers import AutoTokenizer
+
+    in_memory = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()  # the other door: a float model
+    calibrate_(in_memory, config, calibration_ids(AutoTokenizer.from_pretrained(path), tokens=1024), progress=False)
+    a, b = model.state_dict(), in_memory.state_dict()
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
     pairs = list(zip(quantized_layers(model), quantized_layers(rtn), strict=True))
-    assert {n.rsplit(".", 2)[-2] for (n, _), _ in pairs} == {"self_attn"}  # the routers stay float
-    assert any(not torch.equal(a.state_dict()["weight"], b.state_dict()["weight"]) for (_, a), (_, b) in pairs)
+    assert any(not torch.equal(x.state_dict()["weight"], y.state_dict()["weight"]) for (_, x), (_, y) in pairs)
     with torch.no_grad():
         assert torch.isfinite(model(torch.arange(32)[None]).logits).all()
