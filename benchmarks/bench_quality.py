@@ -456,7 +456,8 @@ MERGE_NOTES = {
     ),
     "llmslim-nf4-gptq": (
         "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0) with the defaults: damp 0.25, "
-        "act_order, balance (AWQ-style input-channel scales folded into the norms and up projections); "
+        "act_order, balance (AWQ-style input-channel scales folded into the norms and up projections); the blocks computed in "
+        "bf16 while calibrated (this CPU multiplies bf16 natively; the Hessians add up in float32); "
         "`bnb-nf4-gptq-export` is that model saved in bitsandbytes' layout and loaded by stock transformers + bitsandbytes."
     ),
     "llmcompressor-int4-g64-gptq": (

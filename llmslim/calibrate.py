@@ -34,6 +34,7 @@ from llmslim.config import SlimConfig
 from llmslim.data import TINY_SHAKESPEARE
 from llmslim.hf import compat
 from llmslim.memory.blocks import find_blocks
+from llmslim.memory.trim import release_free_memory
 from llmslim.quant import formats
 from llmslim.quant.experts import SlimExpertWeights, expert_parameters, expert_stores, experts_modules, quantized_experts, replace_experts
 from llmslim.quant.gptq import GptqSettings, HessianAccumulator, balance_scales, clipped_absmax, gptq_codes, output_error
@@ -150,6 +151,9 @@ def calibrate_(
             model.set_submodule(name, _gptq_layer(name, module, config.layer_spec(name), hessians[name[len(prefix) :]], settings))
             replaced.append(name)
             del targets[name]
+            release_free_memory()  # GPTQ's (in, in) temporaries: keep the heap from holding them for the next layer
+        del hessians, expert_hessians, in_block, local
+        release_free_memory()
         states = [(_run_block(blocks[index], args, kwargs), kwargs) for args, kwargs in states]
         _restore_dtypes(blocks[index], dtypes, lambda name, prefix=prefix: config.layer_spec(prefix + name).compute_dtype)
     for name, store in quantized_experts(model):  # experts outside the blocks (none in the models known): round-to-nearest

@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--cache-k", type=int, default=64, help="logits kept per position in --teacher-cache (default 64)")
     t.add_argument("--cache-only", action="store_true", help="fill --teacher-cache for this run's blocks and stop (no student)")
     t.add_argument("--teacher-offload", choices=TEACHER_OFFLOAD, default=None, help="keep the teacher's blocks in RAM or on disk")
+    t.add_argument(
+        "--teacher-offload-budget",
+        default=None,
+        help="with --teacher-offload: teacher weights kept resident, e.g. 300MiB (default: 80%% of free RAM)",
+    )
     t.add_argument("--cos-layers", choices=COS_LAYERS, default="last", help="hidden states aligned by the cosine loss (default last)")
     t.add_argument("--mlm-probability", type=float, default=0.15, help="masked-LM masking share (default 0.15)")
     add_data_arguments(p)

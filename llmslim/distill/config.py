@@ -51,6 +51,8 @@ class DistillConfig:
         cache_k: logits kept per position in the teacher cache (the rest are kept as one log-sum-exp).
         teacher_offload: `"cpu"` or `"disk"`: the teacher's blocks stay quantized in RAM or on disk and stream to the
             compute device (`llmslim.from_pretrained(offload=...)`), for a teacher larger than memory.
+        teacher_offload_budget: with `teacher_offload`: bytes (or a size such as `"300MiB"`) of the teacher's weights
+            kept on the compute device; the other blocks stream (default: 80% of the free memory).
         cos_layers: `"last"` aligns the last hidden states; `"mapped"` every student layer with
             the teacher layer it was copied from.
         mlm_probability: share of tokens chosen by masked-LM masking.
@@ -81,6 +83,7 @@ class DistillConfig:
     teacher_cache: str | Path | None = None
     cache_k: int = 64
     teacher_offload: str | None = None
+    teacher_offload_budget: int | str | None = None
     cos_layers: str = "last"
     mlm_probability: float = 0.15
     train: str | Path = ""
@@ -101,6 +104,10 @@ class DistillConfig:
         _check_choice("divergence", self.divergence, DIVERGENCES)
         if self.teacher_offload is not None:
             _check_choice("teacher_offload", self.teacher_offload, TEACHER_OFFLOAD)
+        if self.teacher_offload_budget is not None and self.teacher_offload is None:
+            raise ValueError(
+                f"teacher_offload_budget={self.teacher_offload_budget!r} needs teacher_offload: add --teacher-offload disk (or cpu)"
+            )
         self._resolve_loss_weights()
         if self.teacher_cache is not None:
             self.teacher_cache = Path(self.teacher_cache).expanduser()
@@ -157,7 +164,7 @@ class DistillConfig:
     def fingerprint(self) -> dict:
         """The values a resumed run must share with its checkpoint."""
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-        for name in ("out", "overwrite", "eval_tokens", "save_dtype", "teacher_offload", "recipe", "kd_ratio"):
+        for name in ("out", "overwrite", "eval_tokens", "save_dtype", "teacher_offload", "teacher_offload_budget", "recipe", "kd_ratio"):
             values.pop(name)  # where things live, or names of values that are in the fingerprint themselves
         values["teacher_cache"] = self.teacher_cache is not None  # cached top-k logits or the teacher's full ones
         return values

@@ -261,6 +261,7 @@ def _quantized_teacher(plan: DistillPlan, config: DistillConfig, device: torch.d
         dtype=config.teacher_dtype,
         device_map=str(device),
         offload=config.teacher_offload,
+        offload_budget=config.teacher_offload_budget,
         offload_dir=offload_dir,
         progress=False,
     )

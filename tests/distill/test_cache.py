@@ -246,3 +246,26 @@ def test_cache_only_fills_the_cache_and_makes_no_student(teacher_path, text, tmp
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     assert printed.startswith(f"teacher cache {tmp_path / 'c'}: 6 blocks,") and printed.endswith("B/token)")
     assert not (tmp_path / "s").exists() and (tmp_path / "c" / "shard-00000.safetensors").is_file()
+
+
+def test_a_teacher_offloaded_to_disk_fills_the_same_cache_as_one_in_memory(teacher_path, text, tmp_path):
+    """`--teacher-offload disk` under a budget that holds only what is outside the blocks and two streamed blocks:
+    every block is written to the run's offload folder and streamed back for each batch; the cache equals the one of
+    the same quantized teacher held in memory."""
+    from safetensors.torch import load_file
+
+    base = [str(teacher_path), "--train", str(text), "--student-layers", "2", "--seq-len", "16", "--steps", "2", "--batch-size", "3"]
+    base += ["--teacher-weights", "nf4", "--cache-only", "--no-progress"]
+    assert script_main("distill", [*base, "--out", str(tmp_path / "a"), "--teacher-cache", str(tmp_path / "ram")]) == 0
+    disk = ["--out", str(tmp_path / "b"), "--teacher-cache", str(tmp_path / "disk"), "--run-dir", str(tmp_path / "run")]
+    assert script_main("distill", [*base, *disk, "--teacher-offload", "disk", "--teacher-offload-budget", "28KiB"]) == 0
+    offloaded = [f for f in (tmp_path / "run" / "teacher-offload").rglob("*") if f.is_file()]
+    assert offloaded and sum(f.stat().st_size for f in offloaded) > 0
+    shard = "shard-00000.safetensors"
+    ram, disk = load_file(tmp_path / "ram" / shard), load_file(tmp_path / "disk" / shard)
+    assert ram.keys() == disk.keys() and all(torch.equal(ram[k], disk[k]) for k in ram)
+
+
+def test_an_offload_budget_without_offload_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="teacher_offload_budget='1GiB' needs teacher_offload: add --teacher-offload disk"):
+        DistillConfig(out=tmp_path / "s", student_layers=2, teacher_offload_budget="1GiB")
