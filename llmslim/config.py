@@ -91,14 +91,14 @@ class SlimConfig(QuantizationConfigMixin):
             input (AWQ-style, `s = rms(x)^alpha`, alpha searched on the calibration Hessian) and fold
             the inverse scales into what produces that input (a norm's weight, a gated MLP's up
             projection): the float model computes the same, its quantization loses less. Default True.
-        bits_per_param: int4 only: a budget in bits per parameter (every scale and zero counted)
-            for a mixed int4/int8 model: the layers whose int4 reconstruction error is largest
-            are kept in int8 while the quantized layers' average stays within the budget. Chosen
-            from the weights alone (no data) when the model is loaded, then recorded in
-            `int8_layers`. `None`: every selected layer in int4.
+        bits_per_param: 4-bit formats (int4, nf4, fp4): a budget in bits per parameter (every
+            scale, zero and absmax counted) for a mixed 4-bit/int8 model: the layers whose 4-bit
+            reconstruction error is largest are kept in int8 while the quantized layers' average
+            stays within the budget. Chosen from the weights alone (no data) when the model is
+            loaded, then recorded in `int8_layers`. `None`: every selected layer in 4 bits.
         int8_layers: 4-bit formats (int4, nf4, fp4): full names of the layers stored in int8
             instead, saved with the model so that it reloads identically. Filled in from
-            `bits_per_param` for int4; or by hand, e.g. `exclude=[], int8_layers=["lm_head"]` for
+            `bits_per_param`; or by hand, e.g. `exclude=[], int8_layers=["lm_head"]` for
             an int8 output head (its GEMV then reads half the bytes of bf16 at every decoded token).
         decode_head: `"int8"` (default): on CPU, an output head left in 16 bits (or float32) decodes
             through a row-wise int8 copy of itself, built at the first decoded token and kept beside
@@ -217,10 +217,12 @@ class SlimConfig(QuantizationConfigMixin):
         if self.bits_per_param is not None:
             if not _is_finite_number(self.bits_per_param):
                 raise ValueError(f"bits_per_param must be a number of bits such as 5.0, got {self.bits_per_param!r}")
-            if self.weights != "int4":
-                raise ValueError(f"bits_per_param mixes int4 and int8 layers: use weights='int4', got weights={self.weights!r}")
+            if self.weights not in FOUR_BIT:
+                raise ValueError(
+                    f"bits_per_param mixes 4-bit and int8 layers: use weights in {list(FOUR_BIT)}, got weights={self.weights!r}"
+                )
             if not 4.0 < self.bits_per_param <= 9.0:
-                raise ValueError(f"bits_per_param must be above 4 (int4) and at most 9 (all int8), got {self.bits_per_param!r}")
+                raise ValueError(f"bits_per_param must be above 4 (4-bit) and at most 9 (all int8), got {self.bits_per_param!r}")
             self.bits_per_param = float(self.bits_per_param)
         if self.int8_layers is not None:
             if self.weights not in FOUR_BIT:

@@ -424,6 +424,13 @@ def _save_bnb(model: torch.nn.Module, folder: Path) -> None:
             f"bitsandbytes has no format {weights!r} (it stores {list(BNB_FORMATS)}): save in llmslim's layout (format='llmslim'), "
             "or quantize with one of those formats"
         )
+    int8 = [name for name, layer in quantized_layers(model) if isinstance(layer, SlimLinear8bit)]
+    if weights != "int8" and int8:
+        raise ValueError(
+            f"bitsandbytes loads one format per model, and {_listing(int8)} of this {weights} model are int8 "
+            "(int8_layers / bits_per_param): save in llmslim's layout (format='llmslim', the default), or quantize "
+            "without int8_layers and bits_per_param"
+        )
     config = copy.deepcopy(model.config)
     config.quantization_config = bnb_quantization_config(model)
     config.save_pretrained(folder)

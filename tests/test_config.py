@@ -61,8 +61,11 @@ CHECKPOINTING = "checkpointing must be one of ['none', 'all', 'sqrt'] or a numbe
         ({"include": [""]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got ['']"),
         ({"include": [3]}, "include must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got [3]"),
         ({"exclude": {"lm_head"}}, "exclude must be a list of module-name patterns such as ['q_proj', 'layers.*.mlp.*'], got {'lm_head'}"),
-        ({"bits_per_param": 5.0}, "bits_per_param mixes int4 and int8 layers: use weights='int4', got weights='nf4'"),
-        ({"weights": "int4", "bits_per_param": 4.0}, "bits_per_param must be above 4 (int4) and at most 9 (all int8), got 4.0"),
+        (
+            {"weights": "int8", "bits_per_param": 5.0},
+            "bits_per_param mixes 4-bit and int8 layers: use weights in ['nf4', 'fp4', 'int4'], got weights='int8'",
+        ),
+        ({"weights": "int4", "bits_per_param": 4.0}, "bits_per_param must be above 4 (4-bit) and at most 9 (all int8), got 4.0"),
         ({"weights": "int4", "bits_per_param": "5"}, "bits_per_param must be a number of bits such as 5.0, got '5'"),
         (
             {"weights": "int8", "int8_layers": ["a"]},

@@ -185,6 +185,14 @@ def test_bnb_export_of_unquantized_model_is_refused(tiny_llama, tmp_path):
         llmslim.save_pretrained(model, tmp_path / "out", format="bnb")
 
 
+def test_bnb_export_of_a_mixed_4bit_int8_model_is_refused(tiny_llama, tmp_path):
+    config = SlimConfig(weights="nf4", int8_layers=["model.layers.0.mlp.down_proj"])
+    model = llmslim.from_pretrained(tiny_llama, config, progress=False)
+    with pytest.raises(ValueError, match=r"one format per model, and model.layers.0.mlp.down_proj of this nf4 model are int8"):
+        llmslim.save_pretrained(model, tmp_path / "out", format="bnb")
+    assert not (tmp_path / "out").exists()
+
+
 _STOCK_LOAD = textwrap.dedent(
     """
     import sys, torch

@@ -1,4 +1,4 @@
-"""Mixed int4/int8 under a bits-per-parameter budget: the choice, its bytes, and both load paths."""
+"""Mixed 4-bit/int8 under a bits-per-parameter budget: the choice, its bytes, and both load paths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 import llmslim
 from llmslim import SlimConfig
 from llmslim.quant import mixed
-from llmslim.quant.modules import SlimLinear8bit, SlimLinearInt4
+from llmslim.quant.modules import SlimLinear4bit, SlimLinear8bit, SlimLinearInt4
 from llmslim.stats import model_nbytes
 
 
@@ -30,10 +30,20 @@ def test_bytes_count_every_scale_and_zero():
     assert mixed.int8_bytes(24, 100) == sum(t.numel() * t.element_size() for t in int8.state_dict().values())
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(24, 100), (600, 64)])  # one nested block; three (600 * 64 / 64 = 600 absmax)
+def test_blockwise_4bit_bytes_count_the_absmax_and_its_nested_state(shape, double_quant):
+    out_features, in_features = shape
+    spec = SlimConfig(weights="nf4", double_quant=double_quant).layer_spec()
+    layer = SlimLinear4bit.from_linear(torch.nn.Linear(in_features, out_features, bias=False), spec)
+    expected = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert mixed.blockwise_4bit_bytes(out_features * in_features, 64, double_quant) == expected
+
+
 def test_choice_takes_the_worst_layers_that_fit():
     costs = [_cost("a", 0.10), _cost("b", 0.30), _cost("c", 0.20)]
-    per_layer = costs[0].int8_bytes - costs[0].int4_bytes
-    base = sum(c.int4_bytes for c in costs)
+    per_layer = costs[0].int8_bytes - costs[0].four_bit_bytes
+    base = sum(c.four_bit_bytes for c in costs)
     bits = 8 * (base + 2 * per_layer) / sum(c.numel for c in costs)  # room for exactly two upgrades
     assert mixed.choose(costs, bits) == ["b", "c"]
     assert mixed.choose(costs, bits - 0.01) == ["b"]
@@ -42,39 +52,41 @@ def test_choice_takes_the_worst_layers_that_fit():
 def test_choice_weighs_error_against_extra_bytes():
     # same relative error, but the big layer costs 4x the bytes to upgrade: the small one first
     costs = [_cost("big", 0.2, out_features=64), _cost("small", 0.2, out_features=16)]
-    small_extra = costs[1].int8_bytes - costs[1].int4_bytes
-    bits = 8 * (sum(c.int4_bytes for c in costs) + small_extra) / sum(c.numel for c in costs)
+    small_extra = costs[1].int8_bytes - costs[1].four_bit_bytes
+    bits = 8 * (sum(c.four_bit_bytes for c in costs) + small_extra) / sum(c.numel for c in costs)
     assert mixed.choose(costs, bits) == ["small"]
 
 
 def test_budget_below_int4_is_refused_with_the_minimum():
-    with pytest.raises(ValueError, match=r"bits_per_param=4.1 is below what int4 alone takes here \(4\.500 bits"):
+    with pytest.raises(ValueError, match=r"bits_per_param=4.1 is below what 4 bits alone take here \(4\.500 bits"):
         mixed.choose([_cost("a", 0.1)], 4.1)
 
 
-def test_outlier_layer_is_the_one_kept_in_int8():
+@pytest.mark.parametrize("weights", ["int4", "nf4"])
+def test_outlier_layer_is_the_one_kept_in_int8(weights):
     torch.manual_seed(0)
     smooth = torch.randn(32, 128)
     spiky = torch.randn(32, 128)
-    spiky[::4, ::16] *= 40  # a few huge weights stretch every affected int4 group
-    config = SlimConfig(weights="int4", bits_per_param=6.5)  # room for one of the two in int8
+    spiky[::4, ::16] *= 40  # a few huge weights stretch every affected 4-bit block
+    config = SlimConfig(weights=weights, bits_per_param=6.5)  # room for one of the two in int8
     chosen = mixed.choose_int8_layers([("smooth", smooth), ("spiky", spiky)], config)
     assert chosen.int8_layers == ["spiky"]
 
 
 def _bits(model) -> float:
-    layers = [m for m in model.modules() if isinstance(m, (SlimLinearInt4, SlimLinear8bit))]
+    layers = [m for m in model.modules() if isinstance(m, (SlimLinearInt4, SlimLinear4bit, SlimLinear8bit))]
     nbytes = sum(t.numel() * t.element_size() for m in layers for t in m.state_dict().values())
     return 8 * nbytes / sum(m.in_features * m.out_features for m in layers)
 
 
-def test_from_pretrained_stays_within_budget_and_reloads_identically(tiny_llama, input_ids, tmp_path):
-    config = SlimConfig(weights="int4", block_size=32, bits_per_param=6.0)
+@pytest.mark.parametrize("weights, block_size, four_bit", [("int4", 32, SlimLinearInt4), ("nf4", 64, SlimLinear4bit)])
+def test_from_pretrained_stays_within_budget_and_reloads_identically(tiny_llama, input_ids, tmp_path, weights, block_size, four_bit):
+    config = SlimConfig(weights=weights, block_size=block_size, bits_per_param=6.0)
     model = llmslim.from_pretrained(tiny_llama, config, progress=False)
     int8 = [n for n, m in model.named_modules() if isinstance(m, SlimLinear8bit)]
     assert int8 and _bits(model) <= 6.0
     assert sorted(int8) == model.config.quantization_config.int8_layers
-    assert any(isinstance(m, SlimLinearInt4) for m in model.modules())
+    assert any(isinstance(m, four_bit) for m in model.modules())
     llmslim.save_pretrained(model, tmp_path / "mixed")
     again = llmslim.from_pretrained(tmp_path / "mixed", progress=False)
     assert model_nbytes(again) == model_nbytes(model)
