@@ -59,6 +59,8 @@ CASES = (
     "llmslim-int4-g64-gptq-b4.6",
     "llmslim-nf4-b4.6",
     "llmslim-nf4-gptq-b4.6",
+    "llmslim-nf4-g32-gptq",
+    "llmslim-nf4-g32-gptq-b4.6",
     "bnb-int8",
     "bnb-nf4",
     "bnb-nf4-gptq-export",
