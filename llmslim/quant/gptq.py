@@ -107,14 +107,14 @@ def gptq_codes(
             dampening (the layer named by `name`).
     """
     w = weight.detach().float().clone()  # (out, in)
-    h = hessian.detach().float().clone()  # (in, in)
     columns = w.shape[1]
-    dead = torch.diag(h) == 0  # inputs that were always zero: their columns cannot matter
-    h[dead, dead] = 1.0
+    diag = torch.diag(hessian).float()  # (in,) a copy
+    dead = diag == 0  # inputs that were always zero: their columns cannot matter
+    diag[dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(torch.diag(h), descending=True, stable=True) if settings.act_order else torch.arange(columns)
-    w, h = w[:, order], h[order][:, order]
-    upper = _inverse_cholesky(h, settings.damp, name)  # (in, in): the upper Cholesky factor of H^-1
+    order = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(columns)
+    w = w[:, order]
+    upper = _inverse_cholesky(hessian, order, dead, settings.damp, name)  # (in, in): the upper Cholesky factor of H^-1
     codes = torch.empty(w.shape, dtype=torch.long)
     for start in range(0, columns, settings.block):
         end = min(start + settings.block, columns)
@@ -130,18 +130,29 @@ def gptq_codes(
     return codes[:, torch.argsort(order)]
 
 
-def _inverse_cholesky(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
-    mean_diag = float(torch.diag(h).mean())
+def _inverse_cholesky(hessian: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """The upper Cholesky factor of the inverse of the dampened Hessian, its inputs in `order` (`dead` ones given a unit
+    diagonal). At most two (in, in) float32 matrices beside `hessian` at a time (the dampened copy and its factor, the
+    factor and the inverse, the inverse and its factor): the largest layers' are hundreds of MiB each."""
+    diag = torch.diag(hessian).float()[order]
+    diag[dead[order]] = 1.0
+    mean_diag = float(diag.mean())
     for attempt in range(DAMP_RETRIES + 1):
         factor = damp * 10**attempt
-        dampened = h + torch.eye(h.shape[0], dtype=h.dtype) * (factor * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(dampened)
+        h = hessian.detach().float().index_select(0, order).index_select(1, order)  # (in, in), a copy
+        h.diagonal().copy_(diag + factor * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(h)
+        del h
+        if info != 0:
+            continue
+        inverse = torch.cholesky_inverse(lower)
+        del lower
+        inverse_lower, info = torch.linalg.cholesky_ex(inverse, upper=True)
+        del inverse
         if info == 0:
-            inverse_lower, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0:
-                if attempt:
-                    logger.warning("GPTQ: %s needed dampening %.3g of the mean diagonal (asked for %.3g)", name or "a layer", factor, damp)
-                return inverse_lower
+            if attempt:
+                logger.warning("GPTQ: %s needed dampening %.3g of the mean diagonal (asked for %.3g)", name or "a layer", factor, damp)
+            return inverse_lower
     raise ValueError(
         f"GPTQ: the input Hessian of {name or 'a layer'} is not positive definite even with dampening "
         f"{damp * 10**DAMP_RETRIES:g} of its mean diagonal: calibrate with more (and more varied) text, or use method='rtn'"

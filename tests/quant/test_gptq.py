@@ -115,12 +115,35 @@ def test_hessian_accumulates_batches_as_one():
     torch.testing.assert_close(hessian.hessian, 2 * x.t() @ x / 300, rtol=1e-5, atol=1e-5)
 
 
+def _in_order(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = h.shape[0]
+    return h, torch.arange(n), torch.zeros(n, dtype=torch.bool)
+
+
 def test_dampening_is_raised_until_the_factorization_succeeds_then_the_layer_is_named(caplog):
     with caplog.at_level(logging.WARNING, logger="llmslim.quant.gptq"):
-        _inverse_cholesky(torch.diag(torch.tensor([1.0, -0.5])), 0.01, "model.layers.0.mlp.up_proj")
+        _inverse_cholesky(*_in_order(torch.diag(torch.tensor([1.0, -0.5]))), 0.01, "model.layers.0.mlp.up_proj")
     assert "model.layers.0.mlp.up_proj needed dampening 10" in caplog.text
     with pytest.raises(ValueError, match="Hessian of model.layers.3.self_attn.q_proj is not positive definite.*method='rtn'"):
-        _inverse_cholesky(-torch.eye(4), 0.01, "model.layers.3.self_attn.q_proj")
+        _inverse_cholesky(*_in_order(-torch.eye(4)), 0.01, "model.layers.3.self_attn.q_proj")
+
+
+def test_inverse_factor_is_that_of_the_permuted_dampened_hessian_and_leaves_the_hessian_alone():
+    torch.manual_seed(0)
+    x = torch.randn(200, 16)
+    x[:, 5] = 0.0  # a dead input
+    h = x.t() @ x
+    before = h.clone()
+    order = torch.randperm(16)
+    dead = torch.diag(h) == 0
+    upper = _inverse_cholesky(h, order, dead, 0.1, "layer")
+    assert torch.equal(h, before)
+    expected = h[order][:, order].clone()
+    diag = torch.diag(expected).clone()
+    diag[dead[order]] = 1.0
+    dampened = expected - torch.diag(torch.diag(expected)) + torch.diag(diag + 0.1 * float(diag.mean()))
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(dampened)), upper=True)
+    assert torch.equal(upper, reference)
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
