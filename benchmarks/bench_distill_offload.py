@@ -6,8 +6,9 @@ build the same cache (same blocks, seed, k = 64) from the NF4 teacher:
   disk: `--teacher-offload disk --teacher-offload-budget B`: at most B bytes of its weights resident (B below its NF4
         footprint), the other blocks written once to an offload folder and streamed from it block by block.
 Recorded per case: seconds, peak RSS (wait4), cache size; and the two caches compared (top-1 ids equal, top-k ids
-shared, largest difference of the kept logits and of the tail). Random weights: speed and memory only, never quality. The checkpoint has no tokenizer;
-a byte-level BPE trained on Tiny Shakespeare is written beside links to its files (as bench_quality does).
+shared, largest difference of the kept logits and of the tail). Random weights: speed and memory only, never quality.
+The checkpoint has no tokenizer; a byte-level BPE trained on Tiny Shakespeare is written beside links to its files (as
+bench_quality does).
 
     python benchmarks/bench_distill_offload.py            # 20 steps of 4 x 256 tokens (about 4 min here)
 """
