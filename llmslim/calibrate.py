@@ -130,7 +130,8 @@ def calibrate_(
     work_dtype = calibration_dtype(model.get_input_embeddings().weight.device)
     if work_dtype is not None:
         states = [(_cast_floats(args, work_dtype), _cast_floats(kwargs, work_dtype)) for args, kwargs in states]
-    targets = dict(selected)
+    targets = dict(selected)  # each float layer leaves it once quantized, and with it goes its last reference
+    del selected  # (holding them here would keep every streamed block's float weights: 0.08 GiB per 1.1B block)
     for index in tqdm(range(len(blocks)), desc="GPTQ", unit="block", disable=None if progress else True):
         if read_block is not None:
             read_block(index)
