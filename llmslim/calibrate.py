@@ -358,10 +358,10 @@ def _gptq_layer(name: str, module: torch.nn.Module, spec, hessian: HessianAccumu
     layer = spec.module_class().from_linear(module, spec, name)
     weight = oriented(module, module.weight.data).float()  # (out, in)
     layer.set_float_weight(_clipped_weight(layer, weight, hessian, settings))  # fixes the scales GPTQ rounds against
-    rtn = layer.dequantized_weight(torch.float32)
+    rtn_error = output_error(weight, layer.dequantized_weight(torch.float32), hessian.hessian)  # a number: no (out, in) copy kept
     rtn_codes = layer.state_dict()["weight"].clone()
     layer.set_codes(gptq_codes(weight, hessian.hessian, layer.grid(), settings, name))
-    if output_error(weight, layer.dequantized_weight(torch.float32), hessian.hessian) > output_error(weight, rtn, hessian.hessian):
+    if output_error(weight, layer.dequantized_weight(torch.float32), hessian.hessian) > rtn_error:
         logger.info("GPTQ: %s keeps its round-to-nearest codes (lower output error on the calibration inputs)", name)
         layer._set_tensor("weight", rtn_codes)
     _keep_bias(layer, module)

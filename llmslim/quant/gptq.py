@@ -106,16 +106,15 @@ def gptq_codes(
         ValueError: the dampened Hessian is not positive definite even after `DAMP_RETRIES` increases of the
             dampening (the layer named by `name`).
     """
-    w = weight.detach().float().clone()  # (out, in)
-    columns = w.shape[1]
+    columns = weight.shape[1]
     diag = torch.diag(hessian).float()  # (in,) a copy
     dead = diag == 0  # inputs that were always zero: their columns cannot matter
     diag[dead] = 1.0
-    w[:, dead] = 0.0
     order = torch.argsort(diag, descending=True, stable=True) if settings.act_order else torch.arange(columns)
-    w = w[:, order]
+    w = weight.detach().float().index_select(1, order)  # (out, in): a copy, its columns in `order`
+    w[:, dead[order]] = 0.0
     upper = _inverse_cholesky(hessian, order, dead, settings.damp, name)  # (in, in): the upper Cholesky factor of H^-1
-    codes = torch.empty(w.shape, dtype=torch.long)
+    codes = torch.empty(w.shape, dtype=torch.uint8)  # every format's codes fit a byte (int8's are 0..254)
     for start in range(0, columns, settings.block):
         end = min(start + settings.block, columns)
         block_w = w[:, start:end].clone()
@@ -132,31 +131,37 @@ def gptq_codes(
 
 def _inverse_cholesky(hessian: torch.Tensor, order: torch.Tensor, dead: torch.Tensor, damp: float, name: str) -> torch.Tensor:
     """The upper Cholesky factor of the inverse of the dampened Hessian, its inputs in `order` (`dead` ones given a unit
-    diagonal). At most two (in, in) float32 matrices beside `hessian` at a time (the dampened copy and its factor, the
-    factor and the inverse, the inverse and its factor): the largest layers' are hundreds of MiB each."""
+    diagonal). One (in, in) float32 matrix beside `hessian`: the dampened permuted copy, factorized, inverted and
+    factorized again in place (the largest layers' are hundreds of MiB each)."""
     diag = torch.diag(hessian).float()[order]
     diag[dead[order]] = 1.0
     mean_diag = float(diag.mean())
+    info = torch.empty((), dtype=torch.int32)
     for attempt in range(DAMP_RETRIES + 1):
         factor = damp * 10**attempt
-        h = hessian.detach().float().index_select(0, order).index_select(1, order)  # (in, in), a copy
+        h = _permuted(hessian, order)
         h.diagonal().copy_(diag + factor * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(h)
-        del h
+        torch.linalg.cholesky_ex(h, out=(h, info))  # h: the lower factor L
         if info != 0:
             continue
-        inverse = torch.cholesky_inverse(lower)
-        del lower
-        inverse_lower, info = torch.linalg.cholesky_ex(inverse, upper=True)
-        del inverse
+        torch.cholesky_inverse(h, out=h)  # h: H^-1
+        torch.linalg.cholesky_ex(h, upper=True, out=(h, info))  # h: the upper factor of H^-1
         if info == 0:
             if attempt:
                 logger.warning("GPTQ: %s needed dampening %.3g of the mean diagonal (asked for %.3g)", name or "a layer", factor, damp)
-            return inverse_lower
+            return h
     raise ValueError(
         f"GPTQ: the input Hessian of {name or 'a layer'} is not positive definite even with dampening "
         f"{damp * 10**DAMP_RETRIES:g} of its mean diagonal: calibrate with more (and more varied) text, or use method='rtn'"
     )
+
+
+def _permuted(hessian: torch.Tensor, order: torch.Tensor, rows: int = 256) -> torch.Tensor:
+    """`hessian[order][:, order]` as float32, one (in, in) matrix: the columns are permuted a few rows at a time."""
+    h = hessian.float().index_select(0, order)
+    for start in range(0, h.shape[0], rows):
+        h[start : start + rows] = h[start : start + rows].index_select(1, order)
+    return h
 
 
 def balance_scales(
