@@ -4,6 +4,7 @@ parameters, bytes a decoded token reads, and the placement that keeps the expert
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ from llmslim.quant.experts import experts_modules, quantized_experts
 from llmslim.quant.quantize import quantize_
 from llmslim.stats import model_nbytes
 
-CPU_ONLY = Hardware(gpus=[], cpu=24 * GiB, disk=2 * 10**12)
+CPU_ONLY = Hardware(gpus=[], cpu=24 * GiB, disk=2 * 10**12, cpu_half_gemm=True, cpu_amx=False)  # fixed: not this CPU
 ONE_GPU = Hardware(gpus=[24 * GiB], cpu=128 * GiB, disk=2 * 10**12)
 FORMATS = ("bf16", "int8", "nf4", "nf4+dq", "int4")
 MOE_BUNDLED = ("mixtral-8x22b", "qwen3-235b-a22b", "deepseek-v3", "gpt-oss-120b", "llama-4-maverick")
@@ -209,7 +210,7 @@ def test_the_suggested_call_loads_a_moe_model_with_its_experts_on_disk(tmp_path)
     _bf16_model("qwen3_moe").save_pretrained(folder)
     roomy = plan_model(folder, CPU_ONLY).formats["nf4+dq"]
     # RAM for everything but half the experts: the plan keeps them on disk
-    tight = Hardware(gpus=[], cpu=CPU_RESERVE + roomy.total_bytes - roomy.weights.experts // 2, disk=10**9)
+    tight = replace(CPU_ONLY, cpu=CPU_RESERVE + roomy.total_bytes - roomy.weights.experts // 2, disk=10**9)
     plan = plan_model(folder, tight)
     fp = plan.formats[plan.recommended]
     assert fp.placement.experts_device == "disk" and fp.load_kwargs["offload"] == "disk"

@@ -138,7 +138,8 @@ def test_gpu_placement_spreads_blocks_then_offloads():
 
 
 def test_cpu_only_machine_gets_disk_offload_and_a_recommendation():
-    plan = plan_model("bloom-176b", Hardware([], 24 * GiB, 2 * 10**12), Workload(context=2048))
+    hardware = Hardware([], 24 * GiB, 2 * 10**12, cpu_half_gemm=True, cpu_amx=False)  # a CPU with bf16 GEMMs, whatever runs the test
+    plan = plan_model("bloom-176b", hardware, Workload(context=2048))
     nf4 = plan.formats["nf4+dq"]
     assert nf4.placement.verdict == "fits with disk offload"
     assert nf4.load_kwargs["offload"] == "disk" and nf4.load_kwargs["offload_budget"] > 0
