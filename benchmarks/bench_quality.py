@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import GIB, RESULTS_DIR, finish_child, publish, pyplot, read_json, run_child, save_figure, utc_now
+from _harness import GIB, RESULTS_DIR, finish_child, machine_info, publish, pyplot, read_json, run_child, save_figure, utc_now
 from _models import DEFAULT_TINYLLAMA, bnb_config, load_bf16, load_quanto
 
 README_BLOCKS = {"bench_quality": "bench_quality.json"}  # README marker -> the committed JSON it is rendered from (render.py)
@@ -310,7 +310,8 @@ def markdown(result: dict) -> str:
             continue
         lines += [
             "",
-            f"Calibration cost, {cost['name']} (measured {cost['date']}, {gptq['threads']} threads, fresh process, peak RSS from wait4): "
+            f"Calibration cost, {cost['name']} (measured {cost['date']} on {cost.get('machine', 'an unrecorded CPU')}, {gptq['threads']} "
+            "threads, fresh process, peak RSS from wait4): "
             f"GPTQ-NF4 load {gptq['seconds']:.0f} s at {gptq['peak_rss_gib']:.2f} GiB peak RSS, vs round-to-nearest NF4 "
             f"{rtn['seconds']:.1f} s at {rtn['peak_rss_gib']:.2f} GiB (footprint {gptq['footprint_gib']:.3f} GiB); "
             f"calibrated on {cost.get('calibration_tokens', 65536)} tokens.",
@@ -364,13 +365,14 @@ def targets(result: dict) -> list[str]:
     for cost in result.get("calibration", []):
         limit = {"smollm2": 300, "tinyllama": 1800}.get(cost["name"])
         seconds = cost["gptq"].get("seconds")
+        on = f" ({cost['machine'].split(' (')[0]})" if "machine" in cost else ""
         if limit and seconds is not None:
-            lines.append(f"- calibration of {cost['name']} ≤ {limit // 60} min: {seconds / 60:.1f} min {verdict(seconds <= limit)}")
+            lines.append(f"- calibration of {cost['name']}{on} ≤ {limit // 60} min: {seconds / 60:.1f} min {verdict(seconds <= limit)}")
         if cost["name"] == "tinyllama" and "block_f32_gib" in cost["gptq"]:  # issue 18: footprint + one block + activations
             over = cost["gptq"]["peak_rss_gib"] - cost["rtn"]["peak_rss_gib"]
             bound = cost["gptq"]["block_f32_gib"] + 2 * cost["gptq"]["hidden_states_gib"]
             lines.append(
-                f"- calibration of {cost['name']}: peak RSS over round-to-nearest's ≤ one float32 block + the hidden states twice: "
+                f"- calibration of {cost['name']}{on}: peak RSS over round-to-nearest's ≤ one float32 block + the hidden states twice: "
                 f"{over:.2f} vs {bound:.2f} GiB {verdict(over <= bound)}"
             )
     return lines
@@ -443,8 +445,10 @@ def main() -> None:
         result = measure(cases, args.tokens, args.text)
     for name in filter(None, args.calibration_cost.split(",")):
         cost = calibration_cost(resolve_model(name), args.timeout, args.calibration_tokens)
-        costs = [c for c in result.get("calibration", []) if c["name"] != name]
-        result["calibration"] = [*costs, {"name": name, "date": utc_now(), **cost}]
+        info = machine_info()
+        machine = f"{info['cpu']} ({', '.join(info['simd']) or 'no SIMD flags'}), {info['nproc']} cores"
+        costs = [c for c in result.get("calibration", []) if (c["name"], c.get("machine")) != (name, machine)]  # one per machine
+        result["calibration"] = [*costs, {"name": name, "date": utc_now(), "machine": machine, **cost}]
     print(publish("bench_quality", result, RESULTS_DIR, markdown, plot, README_SECTION))
 
 
