@@ -129,7 +129,8 @@ def calibrate_(
     states = _first_block_inputs(model, blocks[0], input_ids)
     work_dtype = calibration_dtype(model.get_input_embeddings().weight.device)
     if work_dtype is not None:
-        states = [(_cast_floats(args, work_dtype), _cast_floats(kwargs, work_dtype)) for args, kwargs in states]
+        for i, (args, kwargs) in enumerate(states):  # one sequence at a time: never every sequence in both dtypes
+            states[i] = (_cast_floats(args, work_dtype), _cast_floats(kwargs, work_dtype))
     targets = dict(selected)  # each float layer leaves it once quantized, and with it goes its last reference
     del selected  # (holding them here would keep every streamed block's float weights: 0.08 GiB per 1.1B block)
     for index in tqdm(range(len(blocks)), desc="GPTQ", unit="block", disable=None if progress else True):
@@ -148,14 +149,18 @@ def calibrate_(
             _gptq_experts(name, store, config.layer_spec(name), expert_hessians[name], settings)
         if settings.balance:
             _balance_block(blocks[index], local, hessians, states[0], lambda name, prefix=prefix: config.layer_spec(prefix + name))
-        for name, module in in_block.items():
-            model.set_submodule(name, _gptq_layer(name, module, config.layer_spec(name), hessians[name[len(prefix) :]], settings))
+        for name in list(in_block):  # each float layer, and a Hessian after its last layer, is let go once quantized
+            module, hessian = in_block.pop(name), hessians.pop(name[len(prefix) :])
+            del local[name[len(prefix) :]], targets[name]
+            model.set_submodule(name, _gptq_layer(name, module, config.layer_spec(name), hessian, settings))
             replaced.append(name)
-            del targets[name]
+            del module, hessian
             release_free_memory()  # GPTQ's (in, in) temporaries: keep the heap from holding them for the next layer
         del hessians, expert_hessians, in_block, local
         release_free_memory()
-        states = [(_run_block(blocks[index], args, kwargs), kwargs) for args, kwargs in states]
+        for i, (args, kwargs) in enumerate(states):  # in place: a sequence's inputs go once its outputs are there
+            states[i] = (_run_block(blocks[index], args, kwargs), kwargs)
+            del args
         _restore_dtypes(blocks[index], dtypes, lambda name, prefix=prefix: config.layer_spec(prefix + name).compute_dtype)
     for name, store in quantized_experts(model):  # experts outside the blocks (none in the models known): round-to-nearest
         if store.floats is not None:

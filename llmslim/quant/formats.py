@@ -187,29 +187,34 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Grid:
-    """The values a weight's elements may take once its scales are fixed: `levels[i] * scale + zero` for element-wise
-    (or row-wise, `(out, 1)`) float32 `scale` and `zero`; `codes[i]` is how the format stores level i."""
+    """The values a weight's elements may take once its scales are fixed: `levels[i] * scale + zero`, with float32
+    `scale` and `zero` per group of `group` input columns (`(out, ceil(in / group))`; `(out, 1)` for one per row, any
+    `group`); `codes[i]` is how the format stores level i. Per group, not per element: an element-wise copy of the
+    scales (and of their inverse) would be two more float32 matrices the size of the weight while GPTQ runs."""
 
     levels: torch.Tensor  # (L,) float32, sorted
     codes: torch.Tensor  # (L,) int64: the stored code of each level
-    scale: torch.Tensor  # (out, in) or (out, 1) float32
+    scale: torch.Tensor  # (out, groups) float32
     zero: torch.Tensor | None  # like scale, or None
+    group: int = 1  # input columns per scale
 
     def __post_init__(self) -> None:
+        if not isinstance(self.group, int) or self.group < 1:
+            raise ValueError(f"Grid.group must be a positive number of columns, got {self.group!r}")
         self._bounds = (self.levels[1:] + self.levels[:-1]) / 2  # rounding boundaries between neighbouring levels
         self._inverse = torch.where(self.scale != 0, 1.0 / self.scale, torch.zeros_like(self.scale))  # a zero scale: level 0
 
     @classmethod
-    def of_values(cls, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None) -> Grid:
+    def of_values(cls, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, group: int = 1) -> Grid:
         """The grid of a format whose code i stands for `values[i]`."""
         order = torch.argsort(values)  # as `rounding_bounds_4bit` sorts: FP4's +0 and -0 tie, and keep its choice
-        return cls(values[order].float(), order, scale.float(), None if zero is None else zero.float())
+        return cls(values[order].float(), order, scale.float(), None if zero is None else zero.float(), group)
 
     def column(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Column `j` of the weight, `w` `(out,)`, rounded to its nearest grid values: (values, codes)."""
-        j = j if self.scale.shape[1] > 1 else 0
-        scale, zero = self.scale[:, j], 0.0 if self.zero is None else self.zero[:, j]
-        index = torch.bucketize((w - zero) * self._inverse[:, j], self._bounds)
+        g = j // self.group if self.scale.shape[1] > 1 else 0
+        scale, zero = self.scale[:, g], 0.0 if self.zero is None else self.zero[:, g]
+        index = torch.bucketize((w - zero) * self._inverse[:, g], self._bounds)
         return self.levels[index] * scale + zero, self.codes[index]
 
 

@@ -93,8 +93,12 @@ class HessianAccumulator:
 
 def output_error(weight: torch.Tensor, quantized: torch.Tensor, hessian: torch.Tensor) -> float:
     """tr((W - Q) H (W - Q)^T): the squared error of the layer's outputs on its calibration inputs (up to a factor)."""
-    delta = weight.float() - quantized.float()
-    return float(((delta @ hessian) * delta).sum())
+    return output_error_of_delta(weight.float() - quantized.float(), hessian)
+
+
+def output_error_of_delta(delta: torch.Tensor, hessian: torch.Tensor, rows: int = 512) -> float:
+    """tr(D H D^T) for `delta` D `(out, in)`, a few rows at a time: no second matrix the size of D."""
+    return sum(float(((d @ hessian) * d).sum()) for d in delta.split(rows))
 
 
 def gptq_codes(
@@ -193,8 +197,8 @@ def balance_scales(
         s = s / s.log().mean().exp()
         error = 0.0
         for i, w in enumerate(weights):
-            e = round_trip(i, w.float() * s) / s - w.float()
-            error += float(((e @ h) * e).sum())
+            e = round_trip(i, w.float() * s).div_(s).sub_(w)
+            error += output_error_of_delta(e, h)
         if best_error is None or error < best_error:
             best_error, best = error, (None if alpha == 0.0 else s)
     return best

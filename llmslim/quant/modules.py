@@ -280,9 +280,12 @@ class SlimLinear4bit(SlimLinear):
         return self.weight_code_table, self.weight_nested_map
 
     def grid(self) -> formats.Grid:
-        n = self.in_features * self.out_features
-        scale = self.four_bit_weight().float_absmax().repeat_interleave(self.block_size)[:n].view(self.shape)
-        return formats.Grid.of_values(formats.code_4bit(self.fmt), scale)
+        absmax = self.four_bit_weight().float_absmax()
+        if self.in_features % self.block_size == 0:  # every block within one row: one scale per block of columns
+            scale = absmax[: self.out_features * (self.in_features // self.block_size)].view(self.out_features, -1)
+            return formats.Grid.of_values(formats.code_4bit(self.fmt), scale, group=self.block_size)
+        n = self.in_features * self.out_features  # blocks across rows: one scale per element
+        return formats.Grid.of_values(formats.code_4bit(self.fmt), absmax.repeat_interleave(self.block_size)[:n].view(self.shape))
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor) -> None:
@@ -414,10 +417,7 @@ class SlimLinearInt4(SlimLinear):
         return kernels.dequantize_int4(self.int4_weight(), dtype or self.compute_dtype)
 
     def grid(self) -> formats.Grid:
-        def per_element(t: torch.Tensor) -> torch.Tensor:
-            return t.float().repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-
-        return formats.Grid.of_values(formats.int4_lut(), per_element(self.weight_scale), per_element(self.weight_zero))
+        return formats.Grid.of_values(formats.int4_lut(), self.weight_scale, self.weight_zero, group=self.group_size)
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor) -> None:

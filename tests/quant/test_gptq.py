@@ -94,16 +94,17 @@ def test_clipped_absmax_never_raises_a_blocks_weighted_error_and_clips_outlier_b
     assert ((chosen >= 0.7 * top - 1e-7) & (chosen <= top)).all() and (chosen < top).any()
 
 
+@pytest.mark.parametrize("columns", [96, 80])  # 80: 4-bit blocks of 32 run across rows, int4's last group is short
 @pytest.mark.parametrize(
     "weights, config", [("nf4", {"double_quant": False}), ("fp4", {"double_quant": False}), ("int4", {}), ("int4", {"refine": True})]
 )
-def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(weights, config):
+def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(weights, config, columns):
     """H = I spreads no error: GPTQ's codes are then round-to-nearest's on the same scales, code for code (without double
     quantization: round-to-nearest rounds against the absmax before it is double-quantized, GPTQ against the stored one)."""
-    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(40, columns, generator=torch.Generator().manual_seed(2))
     layer = _layer(weights, weight, block_size=32, **config)
     stored = layer.state_dict()["weight"].clone()
-    layer.set_codes(gptq_codes(weight, torch.eye(96), layer.grid()))
+    layer.set_codes(gptq_codes(weight, torch.eye(columns), layer.grid()))
     assert torch.equal(layer.state_dict()["weight"], stored)
 
 
