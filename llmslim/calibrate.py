@@ -160,7 +160,6 @@ def calibrate_(
         release_free_memory()
         for i, (args, kwargs) in enumerate(states):  # in place: a sequence's inputs go once its outputs are there
             states[i] = (_run_block(blocks[index], args, kwargs), kwargs)
-            del args
         _restore_dtypes(blocks[index], dtypes, lambda name, prefix=prefix: config.layer_spec(prefix + name).compute_dtype)
     for name, store in quantized_experts(model):  # experts outside the blocks (none in the models known): round-to-nearest
         if store.floats is not None:
