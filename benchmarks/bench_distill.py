@@ -109,15 +109,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def score(model, tokenizer, args: argparse.Namespace) -> dict:
     """Perplexity on the Shakespeare held-out split and on WikiText-2."""
-    from llmslim.evaluate import load_tokens, perplexity
+    from llmslim.evaluate import WINDOW, load_tokens, perplexity
     from llmslim.train.data import load_splits, tokenize_documents
 
-    held_out = tokenize_documents(tokenizer, load_splits(args.train).eval, None)  # (tokens,)
+    held_out = tokenize_documents(tokenizer, load_splits(args.train).eval, None)[: args.eval_tokens]  # (tokens,)
     wiki = load_tokens(tokenizer, args.wikitext, args.wiki_tokens)
-    return {
-        "shakespeare_ppl": perplexity(model, held_out[: args.eval_tokens], progress=False).perplexity,
+    scores = {
+        "shakespeare_ppl": perplexity(model, held_out, progress=False).perplexity,
         "wikitext_ppl": perplexity(model, wiki, progress=False).perplexity,
     }
+    if args.block_size < WINDOW:  # the same tokens in windows of the training length: no position past what was trained
+        scores["shakespeare_ppl_block"] = perplexity(model, held_out, window=args.block_size, progress=False).perplexity
+    return scores
 
 
 def footprint(model) -> dict:
@@ -312,6 +315,13 @@ def markdown(result: dict) -> str:
             f"{c['wikitext_ppl']:.2f} | {_num(c.get('step_s'))} | {_num(c.get('peak_rss_gib'))} | "
             f"{sized.get('params', 0) / 1e6:.1f}M | {sized.get('bytes', 0) / 2**20:.1f} | {_num(sized.get('decode_tok_s'), '.1f')} |"
         )
+    block = {name: c["shakespeare_ppl_block"] for name, c in cases.items() if "shakespeare_ppl_block" in c}
+    if block:
+        lines += [
+            "",
+            f"Shakespeare ppl on the same tokens in {args.get('block_size')}-token windows (the training length; the table's "
+            "column uses 512-token windows): " + ", ".join(f"{LABELS.get(n, n)} {v:.2f}" for n, v in block.items()) + ".",
+        ]
     cache = result.get("cache")
     if cache and "bytes_per_token" in cache:
         lines += [
@@ -371,7 +381,11 @@ def target_lines(result: dict) -> list[str]:
         for key, text in (("shakespeare_ppl", "Shakespeare"), ("wikitext_ppl", "WikiText-2")):
             gain = 1 - distilled[key] / c[key]
             ok = verdict(gain >= 0.10)
-            lines.append(f"{label} beats (c) by >= 10% on {text} at {steps} steps: {distilled[key]:.2f} vs {c[key]:.2f} ({gain:.1%}) {ok}")
+            line = f"{label} beats (c) by >= 10% on {text} at {steps} steps: {distilled[key]:.2f} vs {c[key]:.2f} ({gain:.1%}) {ok}"
+            if key == "shakespeare_ppl" and "shakespeare_ppl_block" in c and "shakespeare_ppl_block" in distilled:
+                ours, theirs = distilled["shakespeare_ppl_block"], c["shakespeare_ppl_block"]
+                line += f" (in training-length windows: {ours:.2f} vs {theirs:.2f}, {1 - ours / theirs:.1%})"
+            lines.append(line)
     encoder = result.get("encoder", {})
     if "eval_cosine" in encoder:
         truncated, distilled = encoder["cosine_truncated"], encoder["eval_cosine"]
