@@ -40,6 +40,7 @@ README_BLOCKS = {
     "bench_distill": "bench_distill.json",
     "bench_distill_long": "bench_distill_long.json",
     "bench_distill_speed": "bench_distill_speed.json",
+    "bench_distill_window": "bench_distill_window.json",
 }  # README marker -> the committed JSON it is rendered from (render.py)
 
 # case -> DistillConfig loss options; "cached" cases read the teacher cache built by the "cache" child
