@@ -55,6 +55,18 @@ SWEEP = {
     "reverse_r0.75": dict(kd_ratio=0.75, divergence="reverse"),
     "distilbert": dict(recipe="distilbert"),
 }
+CACHED = "+cache"  # suffix of a case name: the case reads the teacher cache instead of running the teacher
+
+
+def case_options(name: str) -> dict:
+    """The loss options of a case named on the command line (a CASES or SWEEP name, optionally NAME+cache)."""
+    base = name.removesuffix(CACHED)
+    known = CASES | SWEEP
+    if base not in known:
+        raise SystemExit(f"--cases: unknown case {name!r}; choose among {', '.join(known)}, each optionally with {CACHED!r}")
+    return known[base] | ({"cached": True} if name.endswith(CACHED) else {})
+
+
 LABELS = {
     "a_teacher": "(a) teacher",
     "b_truncated": "(b) truncated",
@@ -74,7 +86,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--wikitext", default=None, help="WikiText-2's wiki.test.raw (default: the copy shipped in llmslim.data)")
     p.add_argument("--steps", type=int, default=60, help="optimizer steps of every training case (the step budget)")
     p.add_argument("--sweep", action="store_true", help="also train the recipes the default was chosen from")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list of the training cases among {', '.join(CASES)} (default: all)")
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES),
+        help=f"comma list of the training cases among {', '.join(CASES)} and the sweep's {', '.join(SWEEP)}; "
+        f"NAME{CACHED} trains NAME from the teacher cache (default: {', '.join(CASES)})",
+    )
     p.add_argument(
         "--encoder-only", action="store_true", help="re-run only the encoder case into the existing NAME.json (its own date kept)"
     )
@@ -228,7 +245,7 @@ def causal_cases(args: argparse.Namespace, work: Path) -> dict:
     refs = run_child(Path(__file__), _child_argv(args, "references", {}, work), args.timeout)
     report = refs.merged()
     cases = {name: report.pop(name, {"error": refs.error}) for name in ("a_teacher", "b_truncated")}
-    runs = {name: CASES[name] for name in args.cases.split(",")} | (dict(SWEEP) if args.sweep else {})
+    runs = {name: case_options(name) for name in args.cases.split(",")} | (dict(SWEEP) if args.sweep else {})
     cache = None
     for name, options in runs.items():
         if options.get("cached") and cache is None:
@@ -376,9 +393,9 @@ def target_lines(result: dict) -> list[str]:
             ok = verdict(saved * GIB >= teacher)
             lines.append(f"(e) peak RSS below (d)'s by >= the teacher's size as run ({teacher / GIB:.2f} GiB): {saved:.2f} GiB {ok}")
     steps = result.get("args", {}).get("steps", 0)
-    distilled = d if "shakespeare_ppl" in d else e
-    if steps >= LONG_STEPS and "shakespeare_ppl" in c and "shakespeare_ppl" in distilled:
-        label = "(d)" if distilled is d else "(e)"
+    trained = [n for n, v in cases.items() if n not in ("a_teacher", "b_truncated", "c_lm_only") and "shakespeare_ppl" in v]
+    for name in trained if steps >= LONG_STEPS and "shakespeare_ppl" in c else []:
+        distilled, label = cases[name], LABELS.get(name, name).split(" ")[0]
         for key, text in (("shakespeare_ppl", "Shakespeare"), ("wikitext_ppl", "WikiText-2")):
             gain = 1 - distilled[key] / c[key]
             ok = verdict(gain >= 0.10)
@@ -400,9 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return child(args)
-    unknown = sorted(set(args.cases.split(",")) - set(CASES))
-    if unknown:
-        raise SystemExit(f"--cases: unknown case(s) {unknown}; choose among {', '.join(CASES)}")
+    for name in args.cases.split(","):
+        case_options(name)  # an unknown name stops here, before any case runs
     for path in (args.train, args.wikitext):
         if not Path(path).is_file():
             print(f"skipped: {path} is absent")
