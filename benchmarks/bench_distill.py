@@ -33,7 +33,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from _harness import GIB, RESULTS_DIR, finish_child, publish, pyplot, read_json, run_child, save_figure, torch_info
+from _harness import GIB, RESULTS_DIR, finish_child, machine_info, publish, pyplot, read_json, run_child, save_figure, torch_info
 from _models import MINILM_WHEEL, minilm_folder, time_decode
 
 README_BLOCKS = {
@@ -91,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(CASES),
         help=f"comma list of the training cases among {', '.join(CASES)} and the sweep's {', '.join(SWEEP)}; "
         f"NAME{CACHED} trains NAME from the teacher cache (default: {', '.join(CASES)})",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="train only --cases (and --sweep) and put them into the existing NAME.json, each stamped with its date and CPU; "
+        "refused when the saved run's settings differ",
     )
     p.add_argument(
         "--encoder-only", action="store_true", help="re-run only the encoder case into the existing NAME.json (its own date kept)"
@@ -240,11 +246,14 @@ def references(args: argparse.Namespace) -> dict:
     return out
 
 
-def causal_cases(args: argparse.Namespace, work: Path) -> dict:
-    """Every case in its own process; the cache is built before the cached case."""
-    refs = run_child(Path(__file__), _child_argv(args, "references", {}, work), args.timeout)
-    report = refs.merged()
-    cases = {name: report.pop(name, {"error": refs.error}) for name in ("a_teacher", "b_truncated")}
+def causal_cases(args: argparse.Namespace, work: Path, references: bool = True) -> dict:
+    """Every case in its own process (the teacher and truncated references unless `references` is false); the cache is
+    built before the first cached case."""
+    report, cases = {}, {}
+    if references:
+        refs = run_child(Path(__file__), _child_argv(args, "references", {}, work), args.timeout)
+        report = refs.merged()
+        cases = {name: report.pop(name, {"error": refs.error}) for name in ("a_teacher", "b_truncated")}
     runs = {name: case_options(name) for name in args.cases.split(",")} | (dict(SWEEP) if args.sweep else {})
     cache = None
     for name, options in runs.items():
@@ -255,14 +264,16 @@ def causal_cases(args: argparse.Namespace, work: Path) -> dict:
         run = run_child(Path(__file__), _child_argv(args, name, options, work), args.timeout)
         cases[name] = run.merged(peak_rss_gib=run.peak_rss_bytes / GIB, options=options)
         print(f"[{name}] " + json.dumps({k: v for k, v in cases[name].items() if k not in ("curve", "losses")}), flush=True)
-    return {**report, "cases": cases, "cache": cache, "sweep": sorted(SWEEP) if args.sweep else []}
+    return {**report, "cases": cases, "cache": cache, "sweep": sorted(name for name in runs if name.removesuffix(CACHED) in SWEEP)}
 
 
 def _child_argv(args: argparse.Namespace, name: str, options: dict, work: Path) -> list[str]:
     passed = [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(args).items()
-        if k not in ("child", "result", "sweep", "results", "cases", "name", "encoder_only") and v is not None and not isinstance(v, bool)
+        if k not in ("child", "result", "sweep", "results", "cases", "name", "encoder_only", "merge")
+        and v is not None
+        and not isinstance(v, bool)
     ]
     return [*passed, "--child", json.dumps({"name": name, "options": options, "work": str(work)})]
 
@@ -328,8 +339,9 @@ def markdown(result: dict) -> str:
             lines.append(f"| {LABELS.get(name, name)} | {c.get('error', 'no result')} | | | | | | | |")
             continue
         sized = c if name in ("a_teacher", "b_truncated") else size
+        label = LABELS.get(name, name) + (f" (re-run {c['measured']['date'][:10]}, {c['measured']['cpu']})" if "measured" in c else "")
         lines.append(
-            f"| {LABELS.get(name, name)} | {_loss_text(c.get('loss') or c.get('alphas'))} | {c['shakespeare_ppl']:.2f} | "
+            f"| {label} | {_loss_text(c.get('loss') or c.get('alphas'))} | {c['shakespeare_ppl']:.2f} | "
             f"{c['wikitext_ppl']:.2f} | {_num(c.get('step_s'))} | {_num(c.get('peak_rss_gib'))} | "
             f"{sized.get('params', 0) / 1e6:.1f}M | {sized.get('bytes', 0) / 2**20:.1f} | {_num(sized.get('decode_tok_s'), '.1f')} |"
         )
@@ -426,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results)
     if args.encoder_only:
         return encoder_only(args, results)
+    if args.merge:
+        return merge(args, results)
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         causal = causal_cases(args, Path(tmp))
         try:
@@ -445,6 +459,29 @@ def encoder_only(args: argparse.Namespace, results: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
         encoder = encoder_case(args, Path(tmp))
     report["encoder"] = encoder | {"measured": torch_info()}
+    print(publish(args.name, report, results, markdown, plot, readme_section=None, indent=1))
+    return 0
+
+
+MERGE_SETTINGS = ("steps", "student_layers", "block_size", "batch_size", "grad_accum", "lr", "seed", "eval_tokens", "wiki_tokens")
+
+
+def merge(args: argparse.Namespace, results: Path) -> int:
+    """Train --cases (and --sweep) and put them into the existing report, each stamped with its own date and CPU."""
+    report = read_json(results / f"{args.name}.json")
+    saved = report.get("args", {})
+    for key in MERGE_SETTINGS:
+        if saved.get(key) != getattr(args, key):
+            option = "--" + key.replace("_", "-")
+            raise SystemExit(f"--merge: {args.name}.json was measured with {option} {saved.get(key)}, this run has {getattr(args, key)}")
+    with tempfile.TemporaryDirectory(prefix="bench-distill-") as tmp:
+        causal = causal_cases(args, Path(tmp), references=False)
+    machine = machine_info()
+    stamp = {"date": machine["date"], "cpu": machine["cpu"]}
+    report["cases"] |= {name: case | {"measured": stamp} for name, case in causal["cases"].items()}
+    report["sweep"] = sorted(set(report.get("sweep", [])) | set(causal["sweep"]))
+    if causal["cache"] is not None:
+        report["cache"] = causal["cache"] | {"measured": stamp}
     print(publish(args.name, report, results, markdown, plot, readme_section=None, indent=1))
     return 0
 

@@ -122,3 +122,18 @@ def test_run_child_says_why_a_child_failed(tmp_path):
     sleeper.write_text("import time\ntime.sleep(60)\n")
     run = _harness.run_child(sleeper, [], timeout=0.5)
     assert run.error == "timed out after 0.5 s (killed)"
+
+
+def test_bench_distill_case_names_and_merge_refusal(tmp_path):
+    """`--cases` takes the sweep's recipes and NAME+cache; `--merge` refuses a saved run of other settings, naming it."""
+    import bench_distill
+
+    assert bench_distill.case_options("kd_r1.0+cache") == {"kd_ratio": 1.0, "cached": True}
+    assert bench_distill.case_options("c_lm_only") == bench_distill.CASES["c_lm_only"]
+    with pytest.raises(SystemExit, match="unknown case 'kd_r2'"):
+        bench_distill.case_options("kd_r2")
+    (tmp_path / "bench_distill.json").write_text(json.dumps({"args": {"steps": 60}, "cases": {}}))
+    args = bench_distill.parse_args(["--merge", "--steps", "400", "--cases", "kd_r1.0+cache", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="measured with --steps 60, this run has 400"):
+        bench_distill.merge(args, tmp_path)
+    assert json.loads((tmp_path / "bench_distill.json").read_text()) == {"args": {"steps": 60}, "cases": {}}  # untouched
