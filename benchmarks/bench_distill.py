@@ -463,7 +463,20 @@ def encoder_only(args: argparse.Namespace, results: Path) -> int:
     return 0
 
 
-MERGE_SETTINGS = ("steps", "student_layers", "block_size", "batch_size", "grad_accum", "lr", "seed", "eval_tokens", "wiki_tokens")
+MERGE_SETTINGS = (
+    "steps",
+    "student_layers",
+    "block_size",
+    "batch_size",
+    "grad_accum",
+    "lr",
+    "seed",
+    "eval_tokens",
+    "wiki_tokens",
+    "curve_tokens",
+    "teacher_weights",
+    "teacher_dtype",
+)
 
 
 def merge(args: argparse.Namespace, results: Path) -> int:
