@@ -339,7 +339,7 @@ def markdown(result: dict) -> str:
             lines.append(f"| {LABELS.get(name, name)} | {c.get('error', 'no result')} | | | | | | | |")
             continue
         sized = c if name in ("a_teacher", "b_truncated") else size
-        label = LABELS.get(name, name) + (f" (re-run {c['measured']['date'][:10]}, {c['measured']['cpu']})" if "measured" in c else "")
+        label = LABELS.get(name, name) + (f" (run {c['measured']['date'][:10]}, {c['measured']['cpu']})" if "measured" in c else "")
         lines.append(
             f"| {label} | {_loss_text(c.get('loss') or c.get('alphas'))} | {c['shakespeare_ppl']:.2f} | "
             f"{c['wikitext_ppl']:.2f} | {_num(c.get('step_s'))} | {_num(c.get('peak_rss_gib'))} | "
