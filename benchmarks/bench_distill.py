@@ -7,7 +7,7 @@ Cases, all with the same student shape, initialisation (every other teacher laye
   (e) the same recipe from a teacher cache built beforehand (`--teacher-cache`, `--cache-only`; the cache's build
       time, size per token and peak RSS are recorded), so the teacher is never loaded while the student trains,
   and with `--sweep` the recipes the default was chosen from (forward KL at T = 1 with KD ratios 0.5 / 0.75 / 1.0,
-  reverse KL at 0.75, DistilBERT's 5 KL (T = 2) + 2 LM + 1 cosine).
+  reverse KL at 0.75, DistilBERT's 5 KL (T = 2) + 2 LM + 1 cosine, a KD-to-LM handover from 0.75 to 0.25).
 Every training case runs in a fresh process: peak RSS from wait4, seconds per optimizer step. Perplexity on the
 Shakespeare held-out split (its last 10%) and on WikiText-2; greedy decode tokens/s of teacher and student.
 Targets (issue 19): (d) beats (c) on both evaluations; (e) within 2% of (d) with steps >= 1.5x faster and a peak RSS
@@ -52,6 +52,7 @@ CASES = {
 SWEEP = {
     "kd_r0.5": dict(kd_ratio=0.5),
     "kd_r1.0": dict(kd_ratio=1.0),
+    "kd_r0.75to0.25": dict(kd_ratio=0.75, kd_ratio_end=0.25),  # a KD-to-LM handover: the KL's share falls linearly
     "reverse_r0.75": dict(kd_ratio=0.75, divergence="reverse"),
     "distilbert": dict(recipe="distilbert"),
 }

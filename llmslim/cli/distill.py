@@ -41,6 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--divergence", choices=DIVERGENCES, default="forward", help="KL(teacher||student) forward (default) or reverse")
     t.add_argument("--kd-ratio", type=float, default=None, help="KL share of a KL + LM mix: --alpha-kd R --alpha-lm 1-R")
+    t.add_argument(
+        "--kd-ratio-end",
+        type=float,
+        default=None,
+        help="KL share at the last step; it moves linearly from the first step's (--kd-ratio, or the recipe's 0.75)",
+    )
     t.add_argument("--alpha-kd", type=float, default=None, help="weight of the soft-target KL loss (default: the recipe's)")
     t.add_argument("--alpha-lm", type=float, default=None, help="weight of the language-modelling loss (default: the recipe's)")
     t.add_argument("--alpha-cos", type=float, default=None, help="weight of the hidden-state cosine loss (default: the recipe's)")

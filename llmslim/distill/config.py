@@ -43,6 +43,8 @@ class DistillConfig:
             T=2 weighted 5, LM 2, hidden cosine 1); it fills the loss fields left at None.
         divergence: `"forward"` KL(teacher || student) (default) or `"reverse"` KL(student || teacher).
         kd_ratio: share of the KL in a KL + cross-entropy mix: alpha_kd = r, alpha_lm = 1 - r.
+        kd_ratio_end: the KL's share of alpha_kd + alpha_lm at the last step; the share moves linearly from
+            alpha_kd / (alpha_kd + alpha_lm) at the first step (a KD-to-LM handover when lower). None: constant.
         alpha_kd / alpha_lm / alpha_cos: weights of the soft-target KL, language-modelling and
             hidden-state cosine losses (None: the recipe's; alpha_cos is 1 when alpha_kd and alpha_lm are both 0).
         temperature: softmax temperature of the soft targets (None: the recipe's).
@@ -76,6 +78,7 @@ class DistillConfig:
     recipe: str = "kd"
     divergence: str = "forward"
     kd_ratio: float | None = None
+    kd_ratio_end: float | None = None
     alpha_kd: float | None = None
     alpha_lm: float | None = None
     alpha_cos: float | None = None
@@ -118,6 +121,14 @@ class DistillConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.alpha_kd + self.alpha_lm + self.alpha_cos == 0:
             raise ValueError("alpha_kd, alpha_lm and alpha_cos are all 0: give at least one loss a positive weight")
+        if self.kd_ratio_end is not None:
+            if not 0 <= self.kd_ratio_end <= 1:
+                raise ValueError(f"kd_ratio_end must be in [0, 1], got {self.kd_ratio_end!r}")
+            if self.alpha_kd + self.alpha_lm == 0:
+                raise ValueError(
+                    f"kd_ratio_end={self.kd_ratio_end!r} shares alpha_kd + alpha_lm between the KL and LM losses, but both are 0: "
+                    "give --kd-ratio (the share at the first step) or drop --kd-ratio-end"
+                )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not 0 < self.mlm_probability < 1:
@@ -166,6 +177,8 @@ class DistillConfig:
         values = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
         for name in ("out", "overwrite", "eval_tokens", "save_dtype", "teacher_offload", "teacher_offload_budget", "recipe", "kd_ratio"):
             values.pop(name)  # where things live, or names of values that are in the fingerprint themselves
+        if self.kd_ratio_end is None:
+            values.pop("kd_ratio_end")  # a constant mix: as checkpoints written before the option existed
         values["teacher_cache"] = self.teacher_cache is not None  # cached top-k logits or the teacher's full ones
         return values
 

@@ -139,6 +139,22 @@ class LossWeights:
     cos: float = 1.0
     temperature: float = 2.0
     divergence: str = "forward"
+    kd_ratio_end: float | None = None  # the KL's share of kd + lm at the last step (linear from kd / (kd + lm) at the first)
+
+    @property
+    def uses_kd(self) -> bool:
+        """Whether any step of the run has a KL term."""
+        return self.kd > 0 or bool(self.kd_ratio_end)
+
+    def at(self, progress: float) -> tuple[float, float]:
+        """(alpha_kd, alpha_lm) at `progress` (0 at the first step, 1 at the last): their sum stays kd + lm, and with
+        `kd_ratio_end` the KL's share moves linearly from its share at the first step to `kd_ratio_end`."""
+        if self.kd_ratio_end is None:
+            return self.kd, self.lm
+        total = self.kd + self.lm
+        start = self.kd / total
+        share = start + (self.kd_ratio_end - start) * min(max(progress, 0.0), 1.0)
+        return share * total, (1.0 - share) * total
 
 
 @dataclass(frozen=True)
@@ -173,19 +189,20 @@ class DistillLoss:
         inputs, labels = self._corrupt(input_ids)
         hidden = self.weights.cos > 0
         teacher_out = None
-        if self.cache is None and (self.weights.kd > 0 or hidden):  # an LM-only baseline never runs the teacher
+        if self.cache is None and (self.weights.uses_kd or hidden):  # an LM-only baseline never runs the teacher
             with torch.no_grad():
                 teacher_out = self.teacher(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=hidden)
         student_out = student(input_ids=inputs, attention_mask=attention_mask, output_hidden_states=hidden)
         positions = attention_mask.bool()  # (batch, seq)
         parts = {}
         w = self.weights
-        if w.kd > 0 and self.cache is not None:
+        alpha_kd, alpha_lm = w.at(batch.get("progress", 0.0))
+        if w.uses_kd and self.cache is not None:
             cached = self.cache.read(batch["block_index"], student_out.logits.device)
             parts["kd"] = topk_kd_loss(student_out.logits, cached, positions, w.temperature, w.divergence)
-        elif w.kd > 0:
+        elif w.uses_kd:
             parts["kd"] = kd_loss(student_out.logits, teacher_out.logits, positions, w.temperature, w.divergence)
-        if w.lm > 0:
+        if w.lm > 0 or w.kd_ratio_end is not None:
             parts["lm"] = (
                 masked_lm_loss(student_out.logits, labels)
                 if labels is not None
@@ -194,12 +211,12 @@ class DistillLoss:
         if hidden:
             pairs = [cosine_loss(student_out.hidden_states[s], teacher_out.hidden_states[t], positions) for s, t in self.hidden_pairs]
             parts["cos"] = torch.stack(pairs).mean()
-        alphas = {"kd": w.kd, "lm": w.lm, "cos": w.cos}
+        alphas = {"kd": alpha_kd, "lm": alpha_lm, "cos": w.cos}
         loss = sum(alphas[name] * value for name, value in parts.items())
         return LossOutput(loss, parts)
 
     def _corrupt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.masking is None or (self.weights.kd == 0 and self.weights.lm == 0):
+        if self.masking is None or not (self.weights.uses_kd or self.weights.lm > 0):
             return input_ids, None
         m = self.masking
         return mask_tokens(input_ids, special_tokens_mask(input_ids, m.special_ids), m.mask_token_id, m.vocab_size, m.probability)

@@ -88,8 +88,8 @@ def distill(config: DistillConfig, train: TrainConfig, *, resume: str | Path | N
     if resume is not None:
         check_resume(resume, run_fingerprint(fingerprint, train, accelerator, data.train.shape[0]))
     masking = _masking(tokenizer, plan, config)
-    weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature, config.divergence)
-    if config.teacher_cache is not None and config.alpha_kd > 0:
+    weights = LossWeights(config.alpha_kd, config.alpha_lm, config.alpha_cos, config.temperature, config.divergence, config.kd_ratio_end)
+    if config.teacher_cache is not None and weights.uses_kd:
         cache = _teacher_cache(config, plan, tokenizer, data.train, train, accelerator, progress)
         student, teacher = load_student(config, plan), None
     else:

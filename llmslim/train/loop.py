@@ -111,7 +111,8 @@ class Trainer:
         config: loop options.
         blocks: training blocks, (n_blocks, block_size) token ids.
         loss_fn: `loss_fn(model, batch) -> LossOutput`; `batch` holds `input_ids` and
-            `attention_mask`, on the accelerator's device.
+            `attention_mask`, on the accelerator's device, the blocks' `block_index` and the run's `progress`
+            (a float, 0 at the first step and 1 at the last, for a loss whose weights follow a schedule).
         eval_fn: `eval_fn(model) -> {metric: value}`, run without gradients in eval mode.
         fingerprint: task values (model, data, loss weights) a resumed run must share; the loop's
             own values and the number of processes are added.
@@ -201,7 +202,8 @@ class Trainer:
             self.blocks.shape[0], step, micro, self.accelerator.process_index, self.accelerator.num_processes, self.config
         )
         input_ids = self.blocks[index].to(self.accelerator.device)  # (batch, block)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "block_index": index}  # index: (batch,)
+        progress = step / max(1, self.config.steps - 1)  # 0 at the first step, 1 at the last: for loss schedules
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "block_index": index, "progress": progress}
 
     def _evaluate(self, step: int) -> dict[str, float]:
         model = self.unwrapped_model()

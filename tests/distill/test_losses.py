@@ -99,6 +99,25 @@ def test_triple_loss_is_the_weighted_sum_and_trains_the_student_only():
     assert all(p.grad is None for p in teacher.parameters())
 
 
+def test_a_kd_to_lm_handover_moves_the_kl_share_linearly_and_keeps_the_sum():
+    weights = LossWeights(0.75, 0.25, 0.0, 1.0, kd_ratio_end=0.25)
+    assert weights.at(0.0) == pytest.approx((0.75, 0.25))
+    assert weights.at(0.5) == pytest.approx((0.5, 0.5))
+    assert weights.at(1.0) == pytest.approx((0.25, 0.75))
+    assert LossWeights(0.0, 2.0, 0.0, 1.0, kd_ratio_end=1.0).at(0.25) == pytest.approx((0.5, 1.5))  # the sum 2 stays
+    assert LossWeights(0.75, 0.25, 0.0, 1.0).at(1.0) == (0.75, 0.25)  # no schedule: constant
+
+
+def test_a_scheduled_loss_weighs_its_parts_by_the_batch_progress():
+    teacher, student = tiny_pair([0, 3])
+    batch = {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    loss = DistillLoss(teacher, LossWeights(0.0, 1.0, 0.0, 1.0, kd_ratio_end=0.8), [(-1, -1)])
+    first, last = loss(student, {**batch, "progress": 0.0}), loss(student, {**batch, "progress": 1.0})
+    assert set(first.parts) == {"kd", "lm"}  # the teacher runs from the first step, whose KL weight is still 0
+    assert first.loss.item() == pytest.approx(first.parts["lm"].item())
+    assert last.loss.item() == pytest.approx(0.8 * last.parts["kd"].item() + 0.2 * last.parts["lm"].item())
+
+
 def test_a_student_identical_to_its_teacher_has_zero_kd_and_cosine_loss():
     teacher, student = tiny_pair([0, 1, 2, 3])
     batch = {"input_ids": torch.randint(0, 64, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}

@@ -55,6 +55,9 @@ def test_resume_from_another_configuration_fails_before_loading(finished, tmp_pa
     other = DistillConfig(out=tmp_path / "s", teacher=config.teacher, student_layers=2, train=config.train, block_size=16, alpha_kd=1.0)
     with pytest.raises(ValueError, match=r"another configuration \(alpha_kd: checkpoint 0.75, now 1.0\)"):
         distill(other, train, resume=train.run_dir, progress=False)
+    scheduled = DistillConfig(**{**vars(config), "out": tmp_path / "s2", "kd_ratio_end": 0.25})
+    with pytest.raises(ValueError, match=r"another configuration \(kd_ratio_end: checkpoint None, now 0.25\)"):
+        distill(scheduled, train, resume=train.run_dir, progress=False)
 
 
 def test_resumed_distillation_equals_uninterrupted(finished, tmp_path):
@@ -127,6 +130,8 @@ def test_existing_output_needs_overwrite(teacher, text, tmp_path):
     [
         ({"alpha_kd": 0, "alpha_lm": 0, "alpha_cos": 0}, "all 0"),
         ({"temperature": 0}, "temperature must be > 0, got 0"),
+        ({"kd_ratio_end": 1.5}, r"kd_ratio_end must be in \[0, 1\], got 1.5"),
+        ({"kd_ratio_end": 0.5, "alpha_kd": 0, "alpha_lm": 0}, r"kd_ratio_end=0.5 shares .* both are 0: give --kd-ratio"),
         ({"teacher_weights": "int3"}, r"teacher_weights must be one of \['none', 'int8', 'nf4', 'fp4', 'int4'\], got 'int3'"),
         ({"student_layers": 2, "student_layer_map": [0]}, "give one of student_layers, student_layer_map and student"),
     ],
