@@ -488,7 +488,8 @@ MERGE_NOTES = {
     ),
     "llmslim-nf4-q8": (
         "`llmslim-nf4-q8`: every token scored with decode's numerics on a CPU with AVX2 (`mm_4bit_q8`: NF4's values as "
-        "int8 steps of 1/127, activations rounded per 32), against the same weights with 16-bit activations (`llmslim-nf4`)."
+        "int8 steps of 1/127, the activations as two int8 rows per 32 elements as for int4; with one row it was 37.81), "
+        "against the same weights with 16-bit activations (`llmslim-nf4`)."
     ),
     "llmslim-nf4-head8": (
         "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint)."

@@ -340,9 +340,11 @@ def decode_kernels() -> bool:
 
 NF4_INT8_LEVELS = formats.int8_levels("nf4")  # NF4's values x 127, rounded (at most 0.5 / 127 of the absmax off)
 # up to this many 16-bit rows (decode, batched or not) NF4 takes the integer-dot kernel where it is built (AVX2), each
-# row quantized alone. Off (0): it costs SmolLM2 +1.0% perplexity (37.81 vs 37.44 on 20k tokens, bench_quality's
-# llmslim-nf4-q8; the int8 activations alone cost int4 +0.40%, so NF4's values rounded to int8 steps add the rest),
-# over issue 21's 0.1% budget; DECODE_MAX_TOKENS turns it on (NF4 decode ~1.5x faster per matmul)
+# row quantized alone. Off (0), on two counts. Numerics: with the activations as two int8 rows (as int4's, whose cost
+# that made ~0) SmolLM2 reads 37.66 against 37.44 (+0.58%, 20k tokens, bench_quality's llmslim-nf4-q8; 37.81 with one
+# row): NF4's values rounded to int8 steps of 1/127 cost the rest, over issue 21's 0.1% budget. Speed: with two rows
+# it no longer beats the bf16-table kernel (`mm_4bit`): one token, 2 threads, AMD EPYC (AVX2), 0.67-1.05x across
+# SmolLM2's and the 1.1B shape's projections (576 x 1536: 0.078 vs 0.052 ms; 49152 x 576: 1.36 vs 1.43 ms).
 NF4_Q8_MAX_TOKENS = 0
 
 
