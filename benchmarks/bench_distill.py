@@ -51,6 +51,7 @@ CASES = {
 }
 SWEEP = {
     "kd_r0.5": dict(kd_ratio=0.5),
+    "kd_r0.75": dict(kd_ratio=0.75),  # the default until 2026-12-06
     "kd_r1.0": dict(kd_ratio=1.0),
     "kd_r0.75to0.25": dict(kd_ratio=0.75, kd_ratio_end=0.25),  # a KD-to-LM handover: the KL's share falls linearly
     "reverse_r0.75": dict(kd_ratio=0.75, divergence="reverse"),

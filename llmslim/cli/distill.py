@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--recipe",
         choices=tuple(RECIPES),
         default="kd",
-        help="kd: forward KL at T=1, 0.75 KL + 0.25 LM (default); distilbert: 5 KL at T=2, 2 LM, 1 cosine",
+        help="kd: forward KL at T=1, 0.5 KL + 0.5 LM (default); distilbert: 5 KL at T=2, 2 LM, 1 cosine",
     )
     t.add_argument("--divergence", choices=DIVERGENCES, default="forward", help="KL(teacher||student) forward (default) or reverse")
     t.add_argument("--kd-ratio", type=float, default=None, help="KL share of a KL + LM mix: --alpha-kd R --alpha-lm 1-R")
@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--kd-ratio-end",
         type=float,
         default=None,
-        help="KL share at the last step; it moves linearly from the first step's (--kd-ratio, or the recipe's 0.75)",
+        help="KL share at the last step; it moves linearly from the first step's (--kd-ratio, or the recipe's 0.5)",
     )
     t.add_argument("--alpha-kd", type=float, default=None, help="weight of the soft-target KL loss (default: the recipe's)")
     t.add_argument("--alpha-lm", type=float, default=None, help="weight of the language-modelling loss (default: the recipe's)")

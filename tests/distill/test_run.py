@@ -53,7 +53,7 @@ def test_run_logs_evaluations_and_checkpoints(finished):
 def test_resume_from_another_configuration_fails_before_loading(finished, tmp_path):
     config, train, _ = finished
     other = DistillConfig(out=tmp_path / "s", teacher=config.teacher, student_layers=2, train=config.train, block_size=16, alpha_kd=1.0)
-    with pytest.raises(ValueError, match=r"another configuration \(alpha_kd: checkpoint 0.75, now 1.0\)"):
+    with pytest.raises(ValueError, match=r"another configuration \(alpha_kd: checkpoint 0.5, now 1.0\)"):
         distill(other, train, resume=train.run_dir, progress=False)
     scheduled = DistillConfig(**{**vars(config), "out": tmp_path / "s2", "kd_ratio_end": 0.25})
     with pytest.raises(ValueError, match=r"another configuration \(kd_ratio_end: checkpoint None, now 0.25\)"):
