@@ -221,7 +221,7 @@ def child(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     scores = score(result.student.eval(), AutoTokenizer.from_pretrained(config.out), args)
-    weights = {k: getattr(config, k) for k in ("recipe", "divergence", "alpha_kd", "alpha_lm", "alpha_cos", "temperature")}
+    weights = {k: getattr(config, k) for k in ("recipe", "divergence", "alpha_kd", "alpha_lm", "alpha_cos", "temperature", "kd_ratio_end")}
     return finish_child({**scores, "train_s": seconds, "step_s": step_s, "curve": curve, "losses": losses, "loss": weights}, args.result)
 
 
@@ -371,6 +371,9 @@ def _loss_text(loss: dict | None) -> str:
     if loss.get("alpha_kd", 0) == 0:
         return "LM" + (f" + {loss['alpha_cos']:g} cos" if loss.get("alpha_cos") else "")
     text = f"{loss.get('divergence', 'forward')} KL {loss['alpha_kd']:g} (T={loss['temperature']:g}) + LM {loss['alpha_lm']:g}"
+    if loss.get("kd_ratio_end") is not None:  # a handover: the KL's share moves linearly to this by the last step
+        total = loss["alpha_kd"] + loss["alpha_lm"]
+        text += f", KL share -> {loss['kd_ratio_end']:g} of {total:g} by the last step"
     return text + (f" + cos {loss['alpha_cos']:g}" if loss.get("alpha_cos") else "")
 
 
