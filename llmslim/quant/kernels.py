@@ -343,8 +343,8 @@ NF4_INT8_LEVELS = formats.int8_levels("nf4")  # NF4's values x 127, rounded (at 
 # row quantized alone. Off (0), on two counts. Numerics: with the activations as two int8 rows (as int4's, whose cost
 # that made ~0) SmolLM2 reads 37.66 against 37.44 (+0.58%, 20k tokens, bench_quality's llmslim-nf4-q8; 37.81 with one
 # row): NF4's values rounded to int8 steps of 1/127 cost the rest, over issue 21's 0.1% budget. Speed: with two rows
-# it no longer beats the bf16-table kernel (`mm_4bit`): one token, 2 threads, AMD EPYC (AVX2), 0.67-1.05x across
-# SmolLM2's and the 1.1B shape's projections (576 x 1536: 0.078 vs 0.052 ms; 49152 x 576: 1.36 vs 1.43 ms).
+# it no longer beats the table kernel (`mm_4bit`): a decoded token's 4-bit matmuls take 1.08x as long on an AVX2 EPYC,
+# 2 threads (SmolLM2 11.13 vs 10.31 ms, 1.1B shape 54.74 vs 50.88 ms; benchmarks/bench_q8_kernels.py).
 NF4_Q8_MAX_TOKENS = 0
 
 
