@@ -39,7 +39,7 @@ def environment_report() -> dict[str, str]:
     report["nf4/fp4 matmul (cpu)"] = cpu_kernel if kernels.cpu_packable((32, 64), 64) else table
     report["int4 matmul (cpu)"] = table.replace("AVX-512 BF16", "AVX-512 VNNI/BF16")
     int8pack = "torch._weight_int8pack_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequantize + torch GEMM"
-    decode8 = "llmslim gemv_int8_rows (AVX-512 VNNI) in bf16, else " if kernels.decode_kernels() else ""
+    decode8 = "llmslim gemv_int8_rows (AVX-512 VNNI or AVX2) in bf16, else " if kernels.int8_rows_kernel() else ""
     report["int8 matmul (cpu)"] = f"{decode8}{int8pack}; prompts: LLM.int8 on torch._int_mm"
     report["4-bit / int8 (cuda)"] = "bitsandbytes CUDA kernels" if cuda else "n/a (no GPU)"
     try:

@@ -8,7 +8,8 @@
   torch operators (`csrc/ops_cpu.cpp`). NF4/FP4 run on bitsandbytes' 32-row interleaved CPU
   layout, into which the layer repacks its codes at its first inference call (`gemv_4bit_cpu_layout`;
   bitsandbytes' own kernel on that layout where llmslim's operators could not be built); int8 on
-  the stored row-major weight with 16-bit activations (`gemv_int8_rows`); int4 on the stored codes.
+  the stored row-major weight with 16-bit activations (`gemv_int8_rows`, also built for AVX2, where
+  it takes int8 layers and the int8 decode head); int4 on the stored codes.
   Prompts: one dequantization then the dense GEMM, and for int8 the LLM.int8 decomposition on
   `torch._int_mm`. float32 inputs: the table kernels with split activations, and PyTorch's
   weight-only int8 kernel.
@@ -334,8 +335,20 @@ def _int4_q8_kernel() -> bool:
 
 @torch.compiler.assume_constant_result
 def decode_kernels() -> bool:
-    """Whether llmslim's AVX-512 BF16/VNNI decode operators (`gemv_4bit_cpu_layout`, `gemv_int8_rows`) run here."""
+    """Whether llmslim's AVX-512 BF16/VNNI decode operators (`gemv_4bit_cpu_layout`, the fused layer operators) run here."""
     return _ops_loaded() and _vnni_kernel()
+
+
+@torch.compiler.assume_constant_result
+def int8_rows_kernel() -> bool:
+    """Whether llmslim's `gemv_int8_rows` (int8 weights x 16-bit activations, exact integer products) runs here: built
+    for AVX-512 VNNI and for AVX2."""
+    return _ops_loaded() and _int8_rows_built()
+
+
+@lru_cache(maxsize=1)
+def _int8_rows_built() -> bool:
+    return bool(torch.ops.llmslim.int8_rows_available().item())
 
 
 NF4_INT8_LEVELS = formats.int8_levels("nf4")  # NF4's values x 127, rounded (at most 0.5 / 127 of the absmax off)
@@ -375,6 +388,38 @@ def _nf4_q8_kernel() -> bool:
     return bool(torch.ops.llmslim.nf4_q8_available().item())
 
 
+# NF4/FP4 decode rows on an AVX2 CPU take `mm_4bit_i16` (16-bit integer levels x int16 activations, exact products; more
+# precise than the table kernel's bf16 levels) up to this many rows; 0 sends them to the table kernel (`mm_4bit`).
+# AVX2 EPYC, one thread, 2048 x 5632: 0.70 vs 1.08 ms (benchmarks/bench_q8_kernels.py measures it per token).
+I16_4BIT_MAX_TOKENS = DECODE_MAX_TOKENS
+
+
+def _i16_usable(x: torch.Tensor, w: formats.FourBitWeight) -> bool:
+    """Whether `mm_4bit_i16` takes these rows: NF4/FP4, 16-bit rows on CPU (at most `I16_4BIT_MAX_TOKENS`), blocks of
+    64 or more that divide the rows, the AVX2 build."""
+    out_features, in_features = w.shape
+    return (
+        x.dtype in (torch.bfloat16, torch.float16)
+        and x.device.type == "cpu"
+        and w.block_size >= 64
+        and in_features % w.block_size == 0
+        and x.numel() // in_features <= I16_4BIT_MAX_TOKENS
+        and _ops_loaded()
+        and _has_i16_kernel()
+    )
+
+
+@torch.compiler.assume_constant_result
+def _has_i16_kernel() -> bool:
+    return _i16_kernel()
+
+
+@lru_cache(maxsize=1)
+def _i16_kernel() -> bool:
+    """Whether `mm_4bit_i16` is built here (the AVX2 build)."""
+    return bool(torch.ops.llmslim.i16_4bit_available().item())
+
+
 # bitsandbytes' 8-bit map as a module constant: a compiled step reads it as one (tracing formats.dynamic_map(), which
 # builds it with tolist(), breaks the graph)
 DYNAMIC_MAP = formats.dynamic_map()
@@ -401,6 +446,13 @@ def linear_4bit(x: torch.Tensor, w: formats.FourBitWeight, dtype: torch.dtype) -
         flat = x.reshape(-1, in_features)
         out = torch.ops.llmslim.mm_4bit_q8(
             flat, w.codes, NF4_INT8_LEVELS, absmax, nested_absmax, nested_map, nested_offset, out_features, w.block_size
+        )
+        return out.view(*x.shape[:-1], out_features)
+    if _i16_usable(x, w):
+        absmax, _, nested_absmax, nested_map, nested_offset = _scale_args(w)
+        flat = x.reshape(-1, in_features)
+        out = torch.ops.llmslim.mm_4bit_i16(
+            flat, w.codes, formats.code_4bit(w.fmt), absmax, nested_absmax, nested_map, nested_offset, out_features, w.block_size
         )
         return out.view(*x.shape[:-1], out_features)
     if _ops_usable(x, in_features):
@@ -598,14 +650,14 @@ def int8_decode_usable(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.
         and x.shape[-1] % 32 == 0
         and weight.is_contiguous()
         and row_absmax.dtype == torch.float32
-        and decode_kernels()
+        and int8_rows_kernel()
     )
 
 
 def int8_blocks_usable(weight: torch.Tensor) -> bool:
     """Whether `gemv_int8_rows` can decode with a block-wise int8 copy of this 16-bit weight (`quantize_int8_blocks`):
     its kernel is built here and takes the bfloat16 activations such a weight is multiplied with."""
-    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[-1] % 32 == 0 and decode_kernels()
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and weight.shape[-1] % 32 == 0 and int8_rows_kernel()
 
 
 def linear_int8_blocks(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:

@@ -186,6 +186,7 @@ def _register_fakes() -> None:
         "mm_4bit": mm_fake,
         "mm_int4_q8": mm_fake,
         "mm_4bit_q8": mm_fake,
+        "mm_4bit_i16": mm_fake,
         "dequantize_4bit": dequantize_fake,
         "dequantize_4bit_cpu_layout": cpu_layout_fake,
         "gemv_4bit_cpu_layout": gemv_4bit_fake,

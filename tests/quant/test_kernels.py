@@ -491,9 +491,12 @@ def test_packed_linear_of_a_prompt_equals_the_kernel_on_few_tokens():
 needs_decode_kernels = pytest.mark.skipif(
     not kernels.decode_kernels(), reason="llmslim's decode operators need AVX-512 BF16/VNNI and a C++ compiler"
 )
+needs_int8_rows_kernel = pytest.mark.skipif(
+    not kernels.int8_rows_kernel(), reason="llmslim's gemv_int8_rows needs AVX-512 VNNI or AVX2 and a C++ compiler"
+)
 
 
-@needs_decode_kernels
+@needs_int8_rows_kernel
 @pytest.mark.parametrize("batch", ((1,), (2,), (3,), (7,), (2, 4)), ids=str)  # decode sizes (<= INT8_DECODE_MAX_TOKENS)
 @pytest.mark.parametrize("shape", ((5, 32), (37, 96), (64, 320), (130, 1024)), ids=str)
 def test_gemv_int8_rows_equals_matmul_with_dequantized_weight(shape, batch):
@@ -511,7 +514,7 @@ def test_gemv_int8_rows_equals_matmul_with_dequantized_weight(shape, batch):
     assert (error <= 2**-8 * expected.abs() + bound + 1e-12).all()  # one bf16 rounding step, plus that
 
 
-@needs_decode_kernels
+@needs_int8_rows_kernel
 @pytest.mark.parametrize("batch", ((1,), (2,), (5,)), ids=str)
 @pytest.mark.parametrize("shape", ((5, 32), (37, 96), (64, 320), (130, 576), (8, 1024)), ids=str)
 @pytest.mark.parametrize("threads", (1, 2))
@@ -535,7 +538,7 @@ def test_gemv_int8_rows_with_block_absmax_equals_matmul_with_dequantized_weight(
     assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + bound + 1e-12).all()
 
 
-@needs_decode_kernels
+@needs_int8_rows_kernel
 def test_gemv_int8_rows_rejects_a_block_absmax_of_the_wrong_shape():
     q, absmax = kernels.quantize_int8_blocks(_randn((8, 320), torch.bfloat16))  # 3 blocks per row
     x = _randn((1, 320), torch.bfloat16)
@@ -550,7 +553,7 @@ def test_quantize_int8_blocks_in_row_chunks_is_the_reference(monkeypatch):
         assert torch.equal(got, expected)
 
 
-@needs_decode_kernels
+@needs_int8_rows_kernel
 def test_gemv_int8_rows_keeps_small_activations_next_to_an_outlier():
     # activations are held in 16 bits per block of 128 columns: a 1000x outlier feature costs the
     # other columns of its block precision, not the output its accuracy
@@ -567,7 +570,7 @@ def test_gemv_int8_rows_keeps_small_activations_next_to_an_outlier():
     assert (got.double() - expected).abs().max() < 0.01 * (without_outlier @ w.T).abs().max() + 2**-8 * expected.abs().max()
 
 
-@needs_decode_kernels
+@needs_int8_rows_kernel
 def test_gemv_int8_rows_rejects_bad_operands():
     q, absmax = kernels.quantize_int8_rows(_randn((8, 64)))
     with pytest.raises(RuntimeError, match="bfloat16"):
@@ -739,6 +742,103 @@ def test_nf4_decode_rows_take_the_integer_dot_kernel_and_fp4_and_prompts_do_not(
     fp4 = kernels.quantize_4bit(torch.randn(64, 128), "fp4", 64, True)  # its levels are not near int8 steps
     kernels.linear_4bit(torch.randn(1, 1, 128, dtype=torch.bfloat16), fp4, torch.bfloat16)
     assert calls == [1, 3, kernels.DECODE_MAX_TOKENS]
+
+
+needs_i16 = pytest.mark.skipif(not (native.load_ops() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+
+
+def _i16_reference(x: torch.Tensor, w: formats.FourBitWeight) -> torch.Tensor:
+    """mm_4bit_i16's math in float64: the table's values x 8191 rounded, times the rows rounded to int16 per 64 columns."""
+    n, k = w.shape
+    codes = formats.unpack_nibbles(w.codes, n * k).long()
+    levels = torch.round(formats.code_4bit(w.fmt).double() * 8191)[codes] / 8191
+    weight = (levels * w.float_absmax().double().repeat_interleave(w.block_size)[: n * k]).view(n, k)
+    steps = x.double().reshape(x.shape[0], -1, 64)
+    scale = steps.abs().amax(dim=-1, keepdim=True) / 32767
+    rows = (torch.round(steps / torch.where(scale > 0, scale, 1.0)) * scale).reshape(x.shape[0], k)
+    return rows @ weight.t()
+
+
+@needs_i16
+@pytest.mark.parametrize(("n", "k", "block"), [(96, 256, 64), (40, 192, 64), (33, 512, 128), (7, 64, 64), (17, 1024, 256)])
+@pytest.mark.parametrize("fmt", ("nf4", "fp4"))
+@pytest.mark.parametrize("double_quant", (False, True))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_4bit_i16_equals_reference_with_16_bit_levels_and_activations(n, k, block, fmt, double_quant, threads):
+    torch.manual_seed(n + k)
+    w = kernels.quantize_4bit(torch.randn(n, k), fmt, block, double_quant)
+    x = torch.randn(5, k).to(torch.bfloat16)  # 5 rows: a tile of 4 and one more
+    x[2, 7] = -25.0
+    x[4] = 0.0  # a zero row (scale 0)
+    absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(w)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.llmslim.mm_4bit_i16(
+            x.float(), w.codes, formats.code_4bit(fmt), absmax, nested_absmax, nested_map, nested_offset, n, block
+        )
+    finally:
+        torch.set_num_threads(previous)
+    expected = _i16_reference(x, w)
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()  # float32 sums only
+    exact = x.double() @ formats.dequantize_4bit(w, torch.float32).double().t()
+    # at most 6.1e-5 of each block's absmax per level and 2^-16 of each 64 columns' largest |x| per activation off
+    assert (out.double() - exact).abs().max() <= 3e-4 * exact.abs().max()
+    assert torch.equal(out[4], torch.zeros(n))
+
+
+@needs_i16
+def test_4bit_i16_is_more_precise_than_the_bf16_table_kernel():
+    # the default decode kernel on AVX2 must not cost what the table kernel (bf16 levels) does not
+    torch.manual_seed(0)
+    w = kernels.quantize_4bit(torch.randn(256, 2048), "nf4", 64, True)
+    x = torch.randn(1, 2048).to(torch.bfloat16)
+    exact = x.double() @ formats.dequantize_4bit(w, torch.float32).double().t()
+    absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(w)
+    lut = formats.code_4bit("nf4")
+    i16 = torch.ops.llmslim.mm_4bit_i16(x.float(), w.codes, lut, absmax, nested_absmax, nested_map, nested_offset, 256, 64)
+    table = torch.ops.llmslim.mm_4bit(x, w.codes, lut, *kernels._scale_args(w), 256, 64, 2048)  # bf16 in: bf16 levels
+    assert (i16.double() - exact).norm() < 0.5 * (table.double() - exact).norm()
+
+
+@needs_i16
+def test_4bit_i16_rejects_bad_operands():
+    w = kernels.quantize_4bit(torch.randn(8, 128), "nf4", 64, False)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    lut = formats.code_4bit("nf4")
+    with pytest.raises(RuntimeError, match="block >= 64"):
+        torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut, w.absmax, None, None, None, 8, 32)
+    with pytest.raises(RuntimeError, match="within"):
+        torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut * 2, w.absmax, None, None, None, 8, 64)
+
+
+@needs_i16
+def test_4bit_decode_rows_take_the_i16_kernel_and_prompts_and_float32_do_not(monkeypatch):
+    calls = []
+    fake = lambda x, *args: calls.append(x.shape[0]) or torch.zeros(x.shape[0], 64, dtype=x.dtype)  # noqa: E731
+    monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_i16", fake)
+    for fmt in ("nf4", "fp4"):
+        w = kernels.quantize_4bit(torch.randn(64, 128), fmt, 64, True)
+        for tokens in (1, 3, kernels.DECODE_MAX_TOKENS, kernels.DECODE_MAX_TOKENS + 1):
+            kernels.linear_4bit(torch.randn(1, tokens, 128, dtype=torch.bfloat16), w, torch.bfloat16)
+        kernels.linear_4bit(torch.randn(1, 1, 128), w, torch.float32)  # float32 input: the exact table kernel
+    kernels.linear_4bit(
+        torch.randn(1, 1, 128, dtype=torch.bfloat16), kernels.quantize_4bit(torch.randn(64, 128), "nf4", 32, True), torch.bfloat16
+    )
+    assert calls == [1, 3, kernels.DECODE_MAX_TOKENS] * 2  # blocks of 32 and prompts take the other kernels
+
+
+@needs_i16
+def test_4bit_i16_gives_each_row_what_it_gets_alone():
+    torch.manual_seed(0)
+    x = torch.randn(6, 256, dtype=torch.bfloat16)
+    w = kernels.quantize_4bit(torch.randn(40, 256), "nf4", 64, True)
+    absmax, _, nested_absmax, nested_map, offset = kernels._scale_args(w)
+    lut = formats.code_4bit("nf4")
+    together = torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut, absmax, nested_absmax, nested_map, offset, 40, 64)
+    for i in range(6):
+        alone = torch.ops.llmslim.mm_4bit_i16(x[i : i + 1], w.codes, lut, absmax, nested_absmax, nested_map, offset, 40, 64)
+        assert torch.equal(together[i : i + 1], alone)
 
 
 @needs_nf4_q8

@@ -777,10 +777,16 @@ std::vector<at::Tensor> gemv_4bit_multi(const at::Tensor& x, at::TensorList pack
   return outs;
 }
 
+#endif  // LLMSLIM_AVX512_BF16
+
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+
 // Row-wise int8 (row-major (N, K), scale absmax / 127 per row). The weight needs no table: one
 // sign extension (vpmovsxbw) makes 32 int16 values, and vpdpwssd multiplies them with int16
 // activations, 32 exact products per instruction summed in int32, so the loop is two instructions
-// per 32 bytes and runs at the memory's speed. The activations are quantized per block of 128
+// per 32 bytes and runs at the memory's speed. On AVX2 (no VNNI) vpmaddwd forms the same exact
+// products, 16 per instruction, summed in pairs into int32 lanes that a vpaddd accumulates: three
+// instructions per 16 bytes, every sum bit-identical to the AVX-512 kernel's. The activations are quantized per block of 128
 // columns to int16 (scale absmax / 32767): a relative error of at most 1.5e-5 of the block's
 // largest |x| per element, far below the bf16 rounding they already carry. Int32 sums stay exact:
 // a lane adds at most 8 products of |x| <= 32767 and |w| <= 128 per block.
@@ -811,6 +817,7 @@ void quantize_x16(const at::BFloat16* x, int64_t m, int64_t k, QuantizedX16& out
   }
 }
 
+#ifdef LLMSLIM_AVX512_BF16
 // `wscale`: nullptr (one absmax per row, applied by the caller), or the R rows' block absmaxes, `wstride` apart
 template <int TM, int R>
 inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale, const int8_t* rows, int64_t k, const float* wscale,
@@ -844,6 +851,51 @@ inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale,
   for (int t = 0; t < TM; t++)
     for (int r = 0; r < R; r++) totals[t * R + r] = _mm512_reduce_add_ps(acc[t][r]);
 }
+#else
+inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// As the AVX-512 kernel above, 16 columns per vpmaddwd. One int32 accumulator per token and row: the chain through
+// it is a vpaddd (one cycle), and the R rows' chains are independent. A lane adds 16 products per block of 128
+// columns (at most 16 x 32767 x 128 < 2^31).
+template <int TM, int R>
+inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale, const int8_t* rows, int64_t k, const float* wscale,
+                           int64_t wstride, float* totals) {
+  __m256 acc[TM][R];
+  for (int t = 0; t < TM; t++)
+    for (int r = 0; r < R; r++) acc[t][r] = _mm256_setzero_ps();
+  for (int64_t c0 = 0, b = 0; c0 < k; c0 += kInt8XBlock, b++) {
+    const int64_t c1 = std::min(k, c0 + kInt8XBlock);
+    __m256i dot[TM][R];
+    for (int t = 0; t < TM; t++)
+      for (int r = 0; r < R; r++) dot[t][r] = _mm256_setzero_si256();
+    for (int64_t c = c0; c < c1; c += 32) {
+      for (int half = 0; half < 2; half++) {
+        __m256i w[R];
+        for (int r = 0; r < R; r++) {
+          if (half == 0) _mm_prefetch(reinterpret_cast<const char*>(rows + r * k + c) + kPrefetchInt8, _MM_HINT_T0);
+          w[r] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows + r * k + c + 16 * half)));
+        }
+        for (int t = 0; t < TM; t++) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[t] + c + 16 * half));
+          for (int r = 0; r < R; r++) dot[t][r] = _mm256_add_epi32(dot[t][r], _mm256_madd_epi16(w[r], xv));
+        }
+      }
+    }
+    for (int t = 0; t < TM; t++)
+      for (int r = 0; r < R; r++) {
+        const __m256 s = _mm256_set1_ps(wscale == nullptr ? xscale[t][b] : xscale[t][b] * wscale[r * wstride + b]);
+        acc[t][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t][r]), s, acc[t][r]);
+      }
+  }
+  for (int t = 0; t < TM; t++)
+    for (int r = 0; r < R; r++) totals[t * R + r] = hsum_avx2(acc[t][r]);
+}
+#endif
 
 at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_absmax) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16, "llmslim: gemv_int8_rows takes a 2-D bfloat16 CPU input, got ",
@@ -897,7 +949,7 @@ at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const a
   return out;
 }
 
-#endif  // LLMSLIM_AVX512_BF16
+#endif  // LLMSLIM_AVX512_BF16 || LLMSLIM_AVX2
 
 #ifdef LLMSLIM_AVX2
 
@@ -965,13 +1017,6 @@ std::vector<float> permute_x(const float* x, int64_t m, int64_t k) {
       out[i + 4 + t] = x[i + 2 * t + 1];
     }
   return out;
-}
-
-inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // MI input rows against one weight row: per group (a run of whole 32-element steps, as group >= 32 and K % 64 == 0),
@@ -1185,6 +1230,158 @@ at::Tensor mm_4bit_q8(const at::Tensor& x, const at::Tensor& codes, const at::Te
   return out.to(x.scalar_type());
 }
 
+// ---- NF4/FP4 x int16 activations (AVX2): the table kernel's arithmetic in integers ------------------------------------
+//
+// mm_4bit's AVX2 path spends most of its instructions turning codes into float32 (two byte lookups, then six
+// unpacks per 32 codes, all on the two shuffle ports of a Zen core). Here each code becomes a 16-bit integer level
+// instead (its value x 8191, rounded: at most 6.1e-5 of the block's absmax off, where a bf16 table is off by up to
+// 2^-9 of the value) with the same two lookups and one unpack per 16, and vpmaddwd multiplies 16 of them by the
+// activations held as int16 per 64 columns (x 32767 / their absmax, as gemv_int8_rows'): exact products, summed
+// in int32 per 64 columns (8 products per lane, at most 8 x 32767 x 8191 < 2^31), then in float32 times the
+// activations' and the block's scales. Per 64 weights: 8 shuffles instead of 18.
+constexpr int kLevels16 = 8191;
+
+// A 32-byte step of codes (64 weights; byte j holds element 2j in its high nibble, 2j + 1 in its low one) becomes four
+// vectors of 16 levels: the high nibbles' bytes 0-7 | 16-23, 8-15 | 24-31, then the low nibbles' likewise. kStepOrder
+// gives, for each of the 64 words in that order, the element it holds; the activations are stored in that order.
+struct StepOrder {
+  int element[64];
+  StepOrder() {
+    for (int t = 0; t < 4; t++)
+      for (int w = 0; w < 16; w++) element[t * 16 + w] = 2 * ((w / 8) * 16 + (t % 2) * 8 + w % 8) + (t >= 2 ? 1 : 0);
+  }
+};
+const StepOrder kStepOrder;
+
+// x rows as int16 per 64 columns in kStepOrder, and each 64 columns' scale (absmax / 32767)
+void quantize_x_steps(const float* x, int64_t m, int64_t k, std::vector<int16_t>& q, std::vector<float>& scale) {
+  const int64_t steps = k / 64;
+  q.resize(m * k);
+  scale.resize(m * steps);
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t st = 0; st < steps; st++) {
+      const float* xs = x + i * k + st * 64;
+      float amax = 0.f;
+      for (int j = 0; j < 64; j++) amax = std::max(amax, std::fabs(xs[j]));
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      scale[i * steps + st] = amax / 32767.f;
+      int16_t* qs = q.data() + i * k + st * 64;
+      for (int j = 0; j < 64; j++) qs[j] = static_cast<int16_t>(std::nearbyint(xs[kStepOrder.element[j]] * inv));
+    }
+}
+
+constexpr int kPrefetch4bitI16 = 1024;  // bytes ahead in a row's codes
+
+// Four vectors of 16 levels from a 32-byte step of codes (see StepOrder)
+inline void levels_i16(const __m256i tables[2], const uint8_t* p, __m256i w[4]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4), lo = _mm256_and_si256(v, low4);
+  const __m256i hl = _mm256_shuffle_epi8(tables[0], hi), hh = _mm256_shuffle_epi8(tables[1], hi);
+  const __m256i ll = _mm256_shuffle_epi8(tables[0], lo), lh = _mm256_shuffle_epi8(tables[1], lo);
+  w[0] = _mm256_unpacklo_epi8(hl, hh);
+  w[1] = _mm256_unpackhi_epi8(hl, hh);
+  w[2] = _mm256_unpacklo_epi8(ll, lh);
+  w[3] = _mm256_unpackhi_epi8(ll, lh);
+}
+
+// The int32 sums of one step's 64 products, 8 lanes
+inline __m256i dot_i16(const __m256i w[4], const int16_t* x) {
+  const __m256i* xv = reinterpret_cast<const __m256i*>(x);
+  return _mm256_add_epi32(_mm256_add_epi32(_mm256_madd_epi16(w[0], _mm256_loadu_si256(xv)), _mm256_madd_epi16(w[1], _mm256_loadu_si256(xv + 1))),
+                          _mm256_add_epi32(_mm256_madd_epi16(w[2], _mm256_loadu_si256(xv + 2)), _mm256_madd_epi16(w[3], _mm256_loadu_si256(xv + 3))));
+}
+
+// MI input rows x weight rows [begin, end): per row, each step's int32 sums times its scale (the activations' scale
+// of those 64 columns times the weight block's, / 8191; `scale`, filled per row) summed in float32, two steps at a
+// time into two accumulators per input row.
+template <int MI>
+void rows_i16(const __m256i tables[2], const int16_t* const* xq, const float* const* xscale, const uint8_t* codes, const Scales& s,
+              int64_t k, int64_t n, int64_t block, int64_t begin, int64_t end, float* out) {
+  const int64_t steps = k / 64, blocks = k / block;
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(block / 64));  // steps per block: a power of two
+  std::vector<float> scale(MI * steps);
+  for (int64_t row = begin; row < end; row++) {
+    for (int64_t st = 0; st < steps; st++) {
+      const float ws = s.scale(row * blocks + (st >> shift)) * (1.f / kLevels16);
+      for (int t = 0; t < MI; t++) scale[t * steps + st] = xscale[t][st] * ws;
+    }
+    const uint8_t* rc = codes + row * k / 2;
+    __m256 acc[MI][2];
+    for (int t = 0; t < MI; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
+    int64_t st = 0;
+    for (; st + 2 <= steps; st += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(rc + st * 32) + kPrefetch4bitI16, _MM_HINT_T0);
+      __m256i w0[4], w1[4];
+      levels_i16(tables, rc + st * 32, w0);
+      levels_i16(tables, rc + st * 32 + 32, w1);
+      for (int t = 0; t < MI; t++) {
+        acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w0, xq[t] + st * 64)), _mm256_broadcast_ss(&scale[t * steps + st]), acc[t][0]);
+        acc[t][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w1, xq[t] + st * 64 + 64)), _mm256_broadcast_ss(&scale[t * steps + st + 1]), acc[t][1]);
+      }
+    }
+    if (st < steps) {  // an odd step count
+      __m256i w0[4];
+      levels_i16(tables, rc + st * 32, w0);
+      for (int t = 0; t < MI; t++)
+        acc[t][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w0, xq[t] + st * 64)), _mm256_broadcast_ss(&scale[t * steps + st]), acc[t][0]);
+    }
+    for (int t = 0; t < MI; t++) out[t * n + row] = hsum_avx2(_mm256_add_ps(acc[t][0], acc[t][1]));
+  }
+}
+
+// NF4/FP4 (any 16-entry table within [-1, 1]) in bitsandbytes' stored layout, whole blocks of a multiple of 64 per row
+at::Tensor mm_4bit_i16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                       const c10::optional<at::Tensor>& nested_offset, int64_t n, int64_t block) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_4bit_i16 takes a 2-D CPU input, got ", x.sizes());
+  const int64_t m = x.size(0), k = x.size(1);
+  TORCH_CHECK(block >= 64 && (block & (block - 1)) == 0 && k % block == 0,
+              "llmslim: mm_4bit_i16 needs a power-of-two block >= 64 that divides K, got K ", k, ", block ", block);
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad 4-bit codes");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16 && lut.is_contiguous(), "llmslim: the table must be 16 float32 values");
+  const float* l = lut.data_ptr<float>();
+  alignas(16) uint8_t lo[16], hi[16];
+  for (int i = 0; i < 16; i++) {
+    TORCH_CHECK(std::fabs(l[i]) <= 1.f, "llmslim: mm_4bit_i16 takes a table within [-1, 1], got ", l[i]);
+    const auto level = static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(l[i] * kLevels16)));
+    lo[i] = static_cast<uint8_t>(level & 0xFF);
+    hi[i] = static_cast<uint8_t>(level >> 8);
+  }
+  const __m256i tables[2] = {_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo))),
+                             _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)))};
+  const double offset = nested_offset.has_value() ? nested_offset->item<double>() : 0.0;
+  const Scales s = make_scales(scales, c10::nullopt, nested_absmax, nested_code, offset, n * (k / block));
+  TORCH_CHECK(s.mode != 2, "llmslim: mm_4bit_i16 takes float32 or double-quantized absmax");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  std::vector<int16_t> xq;
+  std::vector<float> xscale;
+  quantize_x_steps(xf.data_ptr<float>(), m, k, xq, xscale);
+  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
+  float* po = out.data_ptr<float>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const int64_t steps = k / 64;
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i0 = 0; i0 < m; i0 += 4) {  // up to 4 input rows share each decoded step
+      const int16_t* xs[4];
+      const float* ss[4];
+      const int64_t mi = std::min<int64_t>(4, m - i0);
+      for (int t = 0; t < mi; t++) {
+        xs[t] = xq.data() + (i0 + t) * k;
+        ss[t] = xscale.data() + (i0 + t) * steps;
+      }
+      float* oi = po + i0 * n;
+      switch (mi) {
+        case 1: rows_i16<1>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
+        case 2: rows_i16<2>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
+        case 3: rows_i16<3>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
+        default: rows_i16<4>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
+      }
+    }
+  });
+  return out.to(x.scalar_type());
+}
+
 #endif  // LLMSLIM_AVX2
 
 at::Tensor mm_4bit(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
@@ -1267,6 +1464,24 @@ at::Tensor simd_available() { return at::scalar_tensor(has_simd() ? 1 : 0, at::k
 // Whether mm_4bit_q8 is built (AVX2; AVX-512 BF16 machines decode NF4 in bitsandbytes' CPU layout instead)
 at::Tensor nf4_q8_available() {
 #ifdef LLMSLIM_AVX2
+  return at::scalar_tensor(1, at::kInt);
+#else
+  return at::scalar_tensor(0, at::kInt);
+#endif
+}
+
+// Whether mm_4bit_i16 is built (AVX2; AVX-512 BF16 machines decode NF4/FP4 in bitsandbytes' CPU layout instead)
+at::Tensor i16_4bit_available() {
+#ifdef LLMSLIM_AVX2
+  return at::scalar_tensor(1, at::kInt);
+#else
+  return at::scalar_tensor(0, at::kInt);
+#endif
+}
+
+// Whether gemv_int8_rows is built (AVX-512 VNNI or AVX2)
+at::Tensor int8_rows_available() {
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
   return at::scalar_tensor(1, at::kInt);
 #else
   return at::scalar_tensor(0, at::kInt);
@@ -1418,6 +1633,9 @@ TORCH_LIBRARY(llmslim, m) {
   m.def(
       "mm_4bit_q8(Tensor x, Tensor codes, Tensor levels, Tensor scales, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? nested_offset, int n, int block) -> Tensor");
+  m.def(
+      "mm_4bit_i16(Tensor x, Tensor codes, Tensor lut, Tensor scales, Tensor? nested_absmax, Tensor? nested_code, "
+      "Tensor? nested_offset, int n, int block) -> Tensor");
   m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
@@ -1428,6 +1646,8 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.def("int4_q8_available() -> Tensor");
+  m.def("int8_rows_available() -> Tensor");
+  m.def("i16_4bit_available() -> Tensor");
   m.def("nf4_q8_available() -> Tensor");
   m.impl("mm_4bit", c10::DispatchKey::CPU, mm_4bit);
 #if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
@@ -1435,10 +1655,13 @@ TORCH_LIBRARY(llmslim, m) {
 #endif
 #ifdef LLMSLIM_AVX2
   m.impl("mm_4bit_q8", c10::DispatchKey::CPU, mm_4bit_q8);
+  m.impl("mm_4bit_i16", c10::DispatchKey::CPU, mm_4bit_i16);
+#endif
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+  m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
 #endif
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
-  m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
   m.impl("gemv_4bit_multi", c10::DispatchKey::CPU, gemv_4bit_multi);
 #endif
   m.impl("rms_norm_rows", c10::DispatchKey::CPU, rms_norm_rows);
@@ -1449,5 +1672,7 @@ TORCH_LIBRARY(llmslim, m) {
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
   m.impl("int4_q8_available", c10::DispatchKey::CompositeExplicitAutograd, int4_q8_available);
+  m.impl("int8_rows_available", c10::DispatchKey::CompositeExplicitAutograd, int8_rows_available);
+  m.impl("i16_4bit_available", c10::DispatchKey::CompositeExplicitAutograd, i16_4bit_available);
   m.impl("nf4_q8_available", c10::DispatchKey::CompositeExplicitAutograd, nf4_q8_available);
 }
