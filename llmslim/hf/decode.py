@@ -9,10 +9,11 @@ to a subclass whose `forward` runs the step in one Python frame when the call al
     h = rms_norm(x); q, k, v = proj(h); rotary(q, k); k, v = cache.update(k, v)
     x = x + o_proj(sdpa(q, k, v)); h = rms_norm(x); x = x + down(silu(gate(h)) * up(h))
 
-With bf16 rows and llmslim's decode kernels (AVX-512 BF16), the step runs on llmslim's fused operators
-(`csrc/ops_cpu.cpp`): one call for the q/k/v projections and one for gate/up when they are 4-bit
-weights, one per norm (the residual add fused into the second), rotary and SiLU-times-up: ~12 calls
-a layer instead of ~60. They reproduce torch's bf16 arithmetic except the RMS norm's sum of squares
+With bf16 rows and llmslim's operators built, the step runs on llmslim's fused operators
+(`csrc/ops_cpu.cpp`): one per norm (the residual add fused into the second), rotary and SiLU-times-up, and with
+the AVX-512 BF16 decode kernels one call for the q/k/v projections and one for gate/up when they are 4-bit
+weights: ~12 calls a layer instead of ~60 (on AVX2 each 4-bit projection is one `mm_4bit_i16` call).
+They reproduce torch's bf16 arithmetic except the RMS norm's sum of squares
 (another summation order) and SiLU's exp, each at most one bf16 step off on under 1% of elements;
 SmolLM2's greedy tokens stay those of the standard forward (tests/hf/test_decode.py). Elsewhere the
 step runs torch's own operators in the standard forward's order, bit-identical to it.
@@ -141,8 +142,8 @@ def _lean_step(attn, mlp, norms, x: torch.Tensor, cache, position_embeddings) ->
 
 
 def _fused_ops(x: torch.Tensor, norms, cos: torch.Tensor, sin: torch.Tensor):
-    """`torch.ops.llmslim` when its fused decode operators take this step (bf16 rows and norms, llmslim's decode
-    kernels built), else None: the step then runs torch's operators."""
+    """`torch.ops.llmslim` when its fused decode operators take this step (bf16 rows and norms, llmslim's operators
+    built), else None: the step then runs torch's operators."""
     if not (
         x.dtype is torch.bfloat16
         and cos.dtype is torch.bfloat16
@@ -150,7 +151,7 @@ def _fused_ops(x: torch.Tensor, norms, cos: torch.Tensor, sin: torch.Tensor):
         and sin.is_contiguous()
         and x.is_contiguous()
         and all(n._parameters["weight"].dtype is torch.bfloat16 for n in norms)
-        and kernels.decode_kernels()
+        and kernels.fused_decode_ops()
     ):
         return None
     return torch.ops.llmslim

@@ -340,6 +340,13 @@ def decode_kernels() -> bool:
 
 
 @torch.compiler.assume_constant_result
+def fused_decode_ops() -> bool:
+    """Whether the lean decode step's fused row operators (norms, rotary, SiLU-times-up) run here: any CPU they were
+    built for (vectorized for AVX-512 BF16 and AVX2)."""
+    return _ops_loaded()
+
+
+@torch.compiler.assume_constant_result
 def int8_rows_kernel() -> bool:
     """Whether llmslim's `gemv_int8_rows` (int8 weights x 16-bit activations, exact integer products) runs here: built
     for AVX-512 VNNI and for AVX2."""

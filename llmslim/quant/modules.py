@@ -209,11 +209,53 @@ class SlimLinear4bit(SlimLinear):
         directly: each check skipped is ~0.3 us, 210 times per SmolLM2 token."""
         operands = self.decode_operands(x)
         if operands is None:
-            return None
+            return self._decode_rows_i16(x)
         packed, absmax, code, block = operands
         out = torch.ops.llmslim.gemv_4bit_cpu_layout(x, packed, absmax, code, self.out_features, self.in_features, block)
         bias = self._parameters.get("bias")
         return out if bias is None else out + bias.to(out.dtype)
+
+    def _decode_rows_i16(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`decode_rows` on an AVX2 CPU: `mm_4bit_i16` on the stored codes, what `kernels.linear_4bit` picks for these
+        rows, without the general path's ~10 Python frames per call. Whether it runs, and its operands, are decided at
+        the first call and kept while the layer holds the same weight and absmax tensors (a loader, `.to()` or the
+        offload manager replaces them), stays in the same mode and gets rows of the same dtype."""
+        kept = self.__dict__.get("_i16_kept")
+        if (
+            kept is None
+            or kept[0] is not self._parameters["weight"]
+            or kept[1] is not self._buffers["weight_absmax"]
+            or kept[2] is not x.dtype
+            or kept[3] is not self.training
+        ):
+            kept = self._keep_i16_operands(x)
+        ops = kept[4]
+        if ops is None:
+            return None
+        out = torch.ops.llmslim.mm_4bit_i16(x, *ops, self.out_features, self.block_size)
+        bias = self._parameters.get("bias")
+        return out if bias is None else out + bias.to(out.dtype)
+
+    def _keep_i16_operands(self, x: torch.Tensor) -> tuple:
+        """(weight, absmax, dtype, training, operands) kept on the layer; the operands (codes, table, absmax, nested
+        absmax, nested map, nested offset) are None where the general path would not take `mm_4bit_i16` for `x`."""
+        kept = (self._parameters["weight"], self._buffers["weight_absmax"], x.dtype, self.training, None)
+        if torch.compiler.is_compiling():  # a traced step decides without keeping anything on the layer
+            return kept
+        usable = not (
+            self.training
+            or x.dtype is not self.compute_dtype
+            or self.cpu_layout
+            or getattr(self, "streamed", False)
+            or hasattr(self, "_hf_hook")
+            or self.weight.device.type != "cpu"
+            or not kernels._i16_usable(x, self.four_bit_weight())
+        )
+        if usable:
+            absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(self.four_bit_weight())
+            kept = (*kept[:4], (self._parameters["weight"], kernels._code_4bit(self.fmt), absmax, nested_absmax, nested_map, nested_offset))
+        self.__dict__["_i16_kept"] = kept
+        return kept
 
     def decode_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
         """What llmslim's decode operators take for this weight and rows `x` (packed codes, bf16 absmax, code table,

@@ -413,6 +413,37 @@ def test_4bit_layer_keeps_the_stored_layout_where_the_kernel_does_not_apply():
     assert not fp32.cpu_layout
 
 
+@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+@pytest.mark.parametrize("bias", (False, True))
+def test_4bit_decode_on_avx2_goes_straight_to_the_i16_kernel_with_the_same_bits(bias, monkeypatch):
+    # the AVX2 counterpart of the test below: the operands kept at the first call, the general path's result bit for bit
+    linear = nn.Linear(128, 96, bias=bias).to(torch.bfloat16)
+    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4").layer_spec())
+    layer.set_float_weight(linear.weight.data)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    layer.eval()
+    tokens = [torch.randn(1, t, 128, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16) for t in (1, 5)]
+    with torch.no_grad():
+        general = [SlimLinear.forward(layer, x) for x in tokens]
+        fast = [layer(x) for x in tokens]
+        for got, want in zip(fast, general, strict=True):
+            assert torch.equal(got, want)
+        monkeypatch.setattr(kernels, "linear_4bit", None)  # the general path would fail now; the kept operands do not
+        assert torch.equal(layer(tokens[0]), general[0])
+        monkeypatch.undo()
+        layer.set_codes(torch.randint(0, 16, (96, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(9)))
+        new = layer(tokens[0])  # new codes (a new tensor): operands taken again, not the kept ones
+        assert torch.equal(new, SlimLinear.forward(layer, tokens[0])) and not torch.equal(new, general[0])
+        calls = []
+        kernel = torch.ops.llmslim.mm_4bit_i16
+        monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_i16", lambda *args: calls.append(1) or kernel(*args))
+        layer(tokens[0])
+        layer.train()
+        layer(tokens[0])  # training: the general path (a dense product)
+        assert calls == [1]
+
+
 @pytest.mark.skipif(not kernels.decode_kernels(), reason="llmslim's decode kernel needs AVX-512 BF16 and VNNI")
 @pytest.mark.parametrize("bias", (False, True))
 def test_4bit_decode_goes_straight_to_the_kernel_with_the_same_bits(bias, monkeypatch):

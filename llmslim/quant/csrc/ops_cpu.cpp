@@ -1253,21 +1253,44 @@ struct StepOrder {
 };
 const StepOrder kStepOrder;
 
-// x rows as int16 per 64 columns in kStepOrder, and each 64 columns' scale (absmax / 32767)
-void quantize_x_steps(const float* x, int64_t m, int64_t k, std::vector<int16_t>& q, std::vector<float>& scale) {
+// x rows (float32, bf16 or fp16) as int16 per 64 columns in kStepOrder, and each 64 columns' scale (absmax / 32767)
+template <typename T>
+void quantize_x_steps(const T* x, int64_t m, int64_t k, int16_t* q, float* scale) {
   const int64_t steps = k / 64;
-  q.resize(m * k);
-  scale.resize(m * steps);
+  float v[64];
   for (int64_t i = 0; i < m; i++)
     for (int64_t st = 0; st < steps; st++) {
-      const float* xs = x + i * k + st * 64;
+      const T* xs = x + i * k + st * 64;
       float amax = 0.f;
-      for (int j = 0; j < 64; j++) amax = std::max(amax, std::fabs(xs[j]));
+      for (int j = 0; j < 64; j++) {
+        v[j] = static_cast<float>(xs[j]);
+        amax = std::max(amax, std::fabs(v[j]));
+      }
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
       scale[i * steps + st] = amax / 32767.f;
-      int16_t* qs = q.data() + i * k + st * 64;
-      for (int j = 0; j < 64; j++) qs[j] = static_cast<int16_t>(std::nearbyint(xs[kStepOrder.element[j]] * inv));
+      int16_t* qs = q + i * k + st * 64;
+      for (int j = 0; j < 64; j++) qs[j] = static_cast<int16_t>(std::nearbyint(v[kStepOrder.element[j]] * inv));
     }
+}
+
+// The scales of blocks [g0, g0 + count) times `mul` into out: float32 as stored, or double-quantized (8 at a time
+// through two gathers: the 8-bit code's value and its 256-block's absmax)
+inline void block_scales(const Scales& s, int64_t g0, int64_t count, float mul, float* out) {
+  int64_t j = 0;
+  const __m256 vmul = _mm256_set1_ps(mul);
+  if (s.mode == 1 && g0 + count < (int64_t{1} << 31)) {
+    const __m256 offset = _mm256_set1_ps(s.nested_offset);
+    for (; j + 8 <= count; j += 8) {
+      const int64_t g = g0 + j;
+      const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s.u8 + g)));
+      const __m256i nest = _mm256_srli_epi32(_mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(g)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), 8);
+      const __m256 value = _mm256_fmadd_ps(_mm256_i32gather_ps(s.nested_code, q, 4), _mm256_i32gather_ps(s.nested_absmax, nest, 4), offset);
+      _mm256_storeu_ps(out + j, _mm256_mul_ps(value, vmul));
+    }
+  } else if (s.mode == 0) {
+    for (; j + 8 <= count; j += 8) _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(s.f32 + g0 + j), vmul));
+  }
+  for (; j < count; j++) out[j] = s.scale(g0 + j) * mul;
 }
 
 constexpr int kPrefetch4bitI16 = 1024;  // bytes ahead in a row's codes
@@ -1300,12 +1323,11 @@ void rows_i16(const __m256i tables[2], const int16_t* const* xq, const float* co
               int64_t k, int64_t n, int64_t block, int64_t begin, int64_t end, float* out) {
   const int64_t steps = k / 64, blocks = k / block;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(block / 64));  // steps per block: a power of two
-  std::vector<float> scale(MI * steps);
+  std::vector<float> scale(MI * steps), ws(blocks);
   for (int64_t row = begin; row < end; row++) {
-    for (int64_t st = 0; st < steps; st++) {
-      const float ws = s.scale(row * blocks + (st >> shift)) * (1.f / kLevels16);
-      for (int t = 0; t < MI; t++) scale[t * steps + st] = xscale[t][st] * ws;
-    }
+    block_scales(s, row * blocks, blocks, 1.f / kLevels16, ws.data());
+    for (int t = 0; t < MI; t++)
+      for (int64_t st = 0; st < steps; st++) scale[t * steps + st] = xscale[t][st] * ws[st >> shift];
     const uint8_t* rc = codes + row * k / 2;
     __m256 acc[MI][2];
     for (int t = 0; t < MI; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
@@ -1330,6 +1352,12 @@ void rows_i16(const __m256i tables[2], const int16_t* const* xq, const float* co
   }
 }
 
+// float32 sums into the output's dtype (bf16 and fp16 rounded to nearest even, as Tensor.to)
+template <typename T>
+void store_rows(const float* sums, int64_t count, T* out) {
+  for (int64_t i = 0; i < count; i++) out[i] = static_cast<T>(sums[i]);
+}
+
 // NF4/FP4 (any 16-entry table within [-1, 1]) in bitsandbytes' stored layout, whole blocks of a multiple of 64 per row
 at::Tensor mm_4bit_i16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
                        const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
@@ -1350,18 +1378,27 @@ at::Tensor mm_4bit_i16(const at::Tensor& x, const at::Tensor& codes, const at::T
   }
   const __m256i tables[2] = {_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo))),
                              _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)))};
-  const double offset = nested_offset.has_value() ? nested_offset->item<double>() : 0.0;
+  // the offset read in place (a 0-dim float32 tensor; .item() costs a dispatch, several us of a ~20 us call)
+  TORCH_CHECK(!nested_offset.has_value() || (nested_offset->scalar_type() == at::kFloat && nested_offset->numel() == 1),
+              "llmslim: nested_offset must be one float32 value");
+  const double offset = nested_offset.has_value() ? *nested_offset->data_ptr<float>() : 0.0;
   const Scales s = make_scales(scales, c10::nullopt, nested_absmax, nested_code, offset, n * (k / block));
   TORCH_CHECK(s.mode != 2, "llmslim: mm_4bit_i16 takes float32 or double-quantized absmax");
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  std::vector<int16_t> xq;
-  std::vector<float> xscale;
-  quantize_x_steps(xf.data_ptr<float>(), m, k, xq, xscale);
-  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kFloat));
-  float* po = out.data_ptr<float>();
-  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "llmslim: mm_4bit_i16 takes float32, bfloat16 or float16 rows, got ", dtype);
+  const at::Tensor xc = x.contiguous();
   const int64_t steps = k / 64;
-  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+  std::vector<int16_t> xq(m * k);
+  std::vector<float> xscale(m * steps), sums(dtype == at::kFloat ? 0 : m * n);
+  if (dtype == at::kBFloat16) quantize_x_steps(xc.data_ptr<at::BFloat16>(), m, k, xq.data(), xscale.data());
+  else if (dtype == at::kHalf) quantize_x_steps(xc.data_ptr<at::Half>(), m, k, xq.data(), xscale.data());
+  else quantize_x_steps(xc.data_ptr<float>(), m, k, xq.data(), xscale.data());
+  at::Tensor out = at::empty({m, n}, x.options());
+  float* po = dtype == at::kFloat ? out.data_ptr<float>() : sums.data();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  // rows per thread: at least ~64 KiB of codes each, so that a small weight does not pay the threads' fork and join
+  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 17) / k);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i0 = 0; i0 < m; i0 += 4) {  // up to 4 input rows share each decoded step
       const int16_t* xs[4];
       const float* ss[4];
@@ -1377,9 +1414,14 @@ at::Tensor mm_4bit_i16(const at::Tensor& x, const at::Tensor& codes, const at::T
         case 3: rows_i16<3>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
         default: rows_i16<4>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
       }
+      if (dtype == at::kFloat) continue;
+      for (int64_t t = i0; t < i0 + mi; t++) {
+        if (dtype == at::kBFloat16) store_rows(po + t * n + begin, end - begin, out.data_ptr<at::BFloat16>() + t * n + begin);
+        else store_rows(po + t * n + begin, end - begin, out.data_ptr<at::Half>() + t * n + begin);
+      }
     }
   });
-  return out.to(x.scalar_type());
+  return out;
 }
 
 #endif  // LLMSLIM_AVX2
@@ -1532,6 +1574,42 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
+#elif defined(LLMSLIM_AVX2)
+inline __m256 bf16x8_to_float(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+
+// 8 floats to bf16 bits (nearest even, as c10::BFloat16; a NaN stays a NaN) in the low half of each lane
+inline __m256i bf16_bits8(__m256 v) {
+  const __m256i bits = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+inline __m256 round_bf16(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(v), 16)); }
+
+inline void store_bf16x8(at::BFloat16* p, __m256 v) {
+  const __m256i bits = bf16_bits8(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1)));
+}
+
+// exp16 below for 8 floats; 2^n built in the exponent bits (n <= 127: the upper clamp is 88.3, not 88.7)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
 #endif
 
 void check_rows(const at::Tensor& t, const char* name) {
@@ -1610,6 +1688,12 @@ at::Tensor silu_mul_rows(const at::Tensor& g, const at::Tensor& u) {
     const __m512 v = bf16x16_to_float(pg + i), up = bf16x16_to_float(pu + i);
     const __m512 silu = round_bf16(_mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v)))));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(po + i), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(silu, up)));
+  }
+#elif defined(LLMSLIM_AVX2)
+  for (; i + 8 <= g.numel(); i += 8) {  // as above, 8 at a time
+    const __m256 v = bf16x8_to_float(pg + i), up = bf16x8_to_float(pu + i);
+    const __m256 silu = round_bf16(_mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), v)))));
+    store_bf16x8(po + i, _mm256_mul_ps(silu, up));
   }
 #endif
   for (; i < g.numel(); i++) {
