@@ -161,11 +161,47 @@ def _projections(ops, modules: tuple, h: torch.Tensor) -> list[torch.Tensor]:
     """Each module applied to rows `h`; 4-bit weights that llmslim decodes alike (same table and block) in one call."""
     operands = [_operands(m, h) for m in modules] if ops else [None]
     if operands[0] is None or any(o is None or o[2] is not operands[0][2] or o[3] != operands[0][3] for o in operands):
-        return [_project(m, h) for m in modules]
-    packed, absmax, code, block = zip(*operands, strict=True)
-    outs = ops.gemv_4bit_multi(h, list(packed), list(absmax), code[0], [m.out_features for m in modules], block[0])
+        outs = _projections_i16(ops, modules, h)
+        if outs is None:
+            return [_project(m, h) for m in modules]
+    else:
+        packed, absmax, code, block = zip(*operands, strict=True)
+        outs = ops.gemv_4bit_multi(h, list(packed), list(absmax), code[0], [m.out_features for m in modules], block[0])
     biases = [m._parameters.get("bias") for m in modules]
     return [out if bias is None else out + bias.to(out.dtype) for out, bias in zip(outs, biases, strict=True)]
+
+
+def _projections_i16(ops, modules: tuple, h: torch.Tensor) -> list[torch.Tensor] | None:
+    """The modules' products (no bias) in one `mm_4bit_i16_multi` call (AVX2) when each is a 4-bit weight that
+    `mm_4bit_i16` takes, all with one table and block and alike in double quantization; else None."""
+    if not ops:
+        return None
+    operands = []
+    for m in modules:
+        if type(m) is not SlimLinear4bit or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        o = m.i16_operands(h)
+        if o is None:
+            return None
+        if operands and (o[1] is not operands[0][1] or (o[3] is None) != (operands[0][3] is None)):
+            return None
+        operands.append(o)
+    block = modules[0].block_size
+    if any(m.block_size != block for m in modules):
+        return None
+    codes, tables, absmax, nested_absmax, nested_map, nested_offset = zip(*operands, strict=True)
+    nested = nested_absmax[0] is not None
+    return ops.mm_4bit_i16_multi(
+        h,
+        list(codes),
+        tables[0],
+        list(absmax),
+        list(nested_absmax) if nested else [],
+        nested_map[0],
+        list(nested_offset) if nested else [],
+        [m.out_features for m in modules],
+        block,
+    )
 
 
 def _operands(module: nn.Module, h: torch.Tensor):

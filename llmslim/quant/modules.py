@@ -220,6 +220,16 @@ class SlimLinear4bit(SlimLinear):
         rows, without the general path's ~10 Python frames per call. Whether it runs, and its operands, are decided at
         the first call and kept while the layer holds the same weight and absmax tensors (a loader, `.to()` or the
         offload manager replaces them), stays in the same mode and gets rows of the same dtype."""
+        ops = self.i16_operands(x)
+        if ops is None:
+            return None
+        out = torch.ops.llmslim.mm_4bit_i16(x, *ops, self.out_features, self.block_size)
+        bias = self._parameters.get("bias")
+        return out if bias is None else out + bias.to(out.dtype)
+
+    def i16_operands(self, x: torch.Tensor) -> tuple | None:
+        """(codes, table, absmax, nested absmax, nested map, nested offset) that `mm_4bit_i16` takes for this weight and
+        rows `x`, or None where it does not run for them; the caller adds the bias."""
         kept = self.__dict__.get("_i16_kept")
         if (
             kept is None
@@ -229,12 +239,7 @@ class SlimLinear4bit(SlimLinear):
             or kept[3] is not self.training
         ):
             kept = self._keep_i16_operands(x)
-        ops = kept[4]
-        if ops is None:
-            return None
-        out = torch.ops.llmslim.mm_4bit_i16(x, *ops, self.out_features, self.block_size)
-        bias = self._parameters.get("bias")
-        return out if bias is None else out + bias.to(out.dtype)
+        return kept[4]
 
     def _keep_i16_operands(self, x: torch.Tensor) -> tuple:
         """(weight, absmax, dtype, training, operands) kept on the layer; the operands (codes, table, absmax, nested

@@ -174,6 +174,9 @@ def _register_fakes() -> None:
     def multi_fake(x, packed, absmax, lut, ns, block):
         return [x.new_empty((x.shape[0], n)) for n in ns]
 
+    def i16_multi_fake(x, codes, lut, scales, nested_absmax, nested_code, nested_offset, ns, block):
+        return [x.new_empty((x.shape[0], n)) for n in ns]
+
     def like_fake(x, *args):
         return torch.empty_like(x)
 
@@ -187,6 +190,7 @@ def _register_fakes() -> None:
         "mm_int4_q8": mm_fake,
         "mm_4bit_q8": mm_fake,
         "mm_4bit_i16": mm_fake,
+        "mm_4bit_i16_multi": i16_multi_fake,
         "dequantize_4bit": dequantize_fake,
         "dequantize_4bit_cpu_layout": cpu_layout_fake,
         "gemv_4bit_cpu_layout": gemv_4bit_fake,

@@ -92,6 +92,20 @@ def test_the_fused_lean_step_decodes_as_the_standard_forward(decode_models, arch
     assert_same_greedy_decode(_greedy(model), lean, prompt_length=7, tolerance=0.02)
 
 
+@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+@pytest.mark.parametrize("arch", ("llama", "qwen2"))  # qwen2: biased q/k/v, added after the shared call
+def test_on_avx2_the_lean_step_projects_q_k_v_and_gate_up_in_one_call_each(decode_models, arch, monkeypatch):
+    model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights="nf4"), progress=False)
+    calls = []
+    multi = torch.ops.llmslim.mm_4bit_i16_multi
+    monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_i16_multi", lambda *args: calls.append(len(args[1])) or multi(*args))
+    lean = _greedy(model)
+    assert calls == [3, 2] * 46  # every decoded token after the first, both layers: q/k/v, then gate/up
+    monkeypatch.setattr(decode, "_projections_i16", lambda *args: None)  # one call per projection instead
+    single = _greedy(model)
+    assert torch.equal(single[0], lean[0]) and torch.equal(single[1], lean[1])  # bit for bit
+
+
 def test_a_look_alike_layer_keeps_its_own_forward(decode_models):
     model = llmslim.from_pretrained(decode_models["qwen3"], SlimConfig(weights="nf4"), progress=False)
     assert "Qwen3DecoderLayer" not in LEAN_LAYER_CLASSES  # its q/k norms are not in the lean step

@@ -829,6 +829,52 @@ def test_4bit_decode_rows_take_the_i16_kernel_and_prompts_and_float32_do_not(mon
 
 
 @needs_i16
+@pytest.mark.parametrize("double_quant", (False, True))
+@pytest.mark.parametrize("rows", (1, 5))
+@pytest.mark.parametrize("threads", (1, 2))
+def test_4bit_i16_multi_equals_one_call_per_weight(double_quant, rows, threads):
+    torch.manual_seed(rows)
+    ns, k = (96, 32, 1040), 256  # 1040 rows: more than one thread's share
+    weights = [kernels.quantize_4bit(torch.randn(n, k), "nf4", 64, double_quant) for n in ns]
+    x = torch.randn(rows, k).to(torch.bfloat16)
+    lut = formats.code_4bit("nf4")
+    args = [kernels._scale_args(w) for w in weights]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = torch.ops.llmslim.mm_4bit_i16_multi(
+            x,
+            [w.codes for w in weights],
+            lut,
+            [a[0] for a in args],
+            [a[2] for a in args] if double_quant else [],
+            args[0][3],
+            [a[4] for a in args] if double_quant else [],
+            list(ns),
+            64,
+        )
+        singles = [
+            torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut, a[0], a[2], a[3], a[4], n, 64) for w, a, n in zip(weights, args, ns, strict=True)
+        ]
+    finally:
+        torch.set_num_threads(previous)
+    assert [o.shape for o in outs] == [(rows, n) for n in ns]
+    for out, single in zip(outs, singles, strict=True):
+        assert torch.equal(out, single)
+
+
+@needs_i16
+def test_4bit_i16_multi_rejects_mismatched_operands():
+    w = kernels.quantize_4bit(torch.randn(32, 64), "nf4", 64, True)
+    absmax, _, nested_absmax, nested_map, offset = kernels._scale_args(w)
+    x, lut = torch.randn(1, 64, dtype=torch.bfloat16), formats.code_4bit("nf4")
+    with pytest.raises(RuntimeError, match="as many codes"):
+        torch.ops.llmslim.mm_4bit_i16_multi(x, [w.codes, w.codes], lut, [absmax], [nested_absmax], nested_map, [offset], [32, 32], 64)
+    with pytest.raises(RuntimeError, match="one nested absmax and offset per weight"):
+        torch.ops.llmslim.mm_4bit_i16_multi(x, [w.codes], lut, [absmax], [nested_absmax], nested_map, [], [32], 64)
+
+
+@needs_i16
 def test_4bit_i16_gives_each_row_what_it_gets_alone():
     torch.manual_seed(0)
     x = torch.randn(6, 256, dtype=torch.bfloat16)

@@ -1358,70 +1358,135 @@ void store_rows(const float* sums, int64_t count, T* out) {
   for (int64_t i = 0; i < count; i++) out[i] = static_cast<T>(sums[i]);
 }
 
-// NF4/FP4 (any 16-entry table within [-1, 1]) in bitsandbytes' stored layout, whole blocks of a multiple of 64 per row
-at::Tensor mm_4bit_i16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
-                       const c10::optional<at::Tensor>& nested_offset, int64_t n, int64_t block) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: mm_4bit_i16 takes a 2-D CPU input, got ", x.sizes());
-  const int64_t m = x.size(0), k = x.size(1);
-  TORCH_CHECK(block >= 64 && (block & (block - 1)) == 0 && k % block == 0,
-              "llmslim: mm_4bit_i16 needs a power-of-two block >= 64 that divides K, got K ", k, ", block ", block);
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad 4-bit codes");
+// The operands mm_4bit_i16 and mm_4bit_i16_multi share: the table's levels, the rows quantized once
+struct I16Rows {
+  __m256i tables[2];
+  int64_t m = 0, k = 0, steps = 0;
+  at::ScalarType dtype;
+  std::vector<int16_t> q;
+  std::vector<float> scale;
+};
+
+I16Rows prepare_i16(const at::Tensor& x, const at::Tensor& lut, int64_t block, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2, "llmslim: ", op, " takes a 2-D CPU input, got ", x.sizes());
+  I16Rows r;
+  r.m = x.size(0);
+  r.k = x.size(1);
+  r.steps = r.k / 64;
+  r.dtype = x.scalar_type();
+  TORCH_CHECK(block >= 64 && (block & (block - 1)) == 0 && r.k % block == 0, "llmslim: ", op,
+              " needs a power-of-two block >= 64 that divides K, got K ", r.k, ", block ", block);
+  TORCH_CHECK(r.dtype == at::kFloat || r.dtype == at::kBFloat16 || r.dtype == at::kHalf, "llmslim: ", op,
+              " takes float32, bfloat16 or float16 rows, got ", r.dtype);
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16 && lut.is_contiguous(), "llmslim: the table must be 16 float32 values");
   const float* l = lut.data_ptr<float>();
   alignas(16) uint8_t lo[16], hi[16];
   for (int i = 0; i < 16; i++) {
-    TORCH_CHECK(std::fabs(l[i]) <= 1.f, "llmslim: mm_4bit_i16 takes a table within [-1, 1], got ", l[i]);
+    TORCH_CHECK(std::fabs(l[i]) <= 1.f, "llmslim: ", op, " takes a table within [-1, 1], got ", l[i]);
     const auto level = static_cast<uint16_t>(static_cast<int16_t>(std::nearbyint(l[i] * kLevels16)));
     lo[i] = static_cast<uint8_t>(level & 0xFF);
     hi[i] = static_cast<uint8_t>(level >> 8);
   }
-  const __m256i tables[2] = {_mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo))),
-                             _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)))};
-  // the offset read in place (a 0-dim float32 tensor; .item() costs a dispatch, several us of a ~20 us call)
+  r.tables[0] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(lo)));
+  r.tables[1] = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(hi)));
+  const at::Tensor xc = x.contiguous();
+  r.q.resize(r.m * r.k);
+  r.scale.resize(r.m * r.steps);
+  if (r.dtype == at::kBFloat16) quantize_x_steps(xc.data_ptr<at::BFloat16>(), r.m, r.k, r.q.data(), r.scale.data());
+  else if (r.dtype == at::kHalf) quantize_x_steps(xc.data_ptr<at::Half>(), r.m, r.k, r.q.data(), r.scale.data());
+  else quantize_x_steps(xc.data_ptr<float>(), r.m, r.k, r.q.data(), r.scale.data());
+  return r;
+}
+
+// One weight's scales (float32 or double-quantized absmax); the offset read in place (a 0-dim float32 tensor: .item()
+// costs a dispatch, several us of a ~20 us call)
+Scales i16_scales(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& nested_absmax,
+                  const c10::optional<at::Tensor>& nested_code, const c10::optional<at::Tensor>& nested_offset, int64_t n, int64_t k,
+                  int64_t block) {
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() * 2 >= n * k, "llmslim: bad 4-bit codes");
   TORCH_CHECK(!nested_offset.has_value() || (nested_offset->scalar_type() == at::kFloat && nested_offset->numel() == 1),
               "llmslim: nested_offset must be one float32 value");
   const double offset = nested_offset.has_value() ? *nested_offset->data_ptr<float>() : 0.0;
   const Scales s = make_scales(scales, c10::nullopt, nested_absmax, nested_code, offset, n * (k / block));
-  TORCH_CHECK(s.mode != 2, "llmslim: mm_4bit_i16 takes float32 or double-quantized absmax");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "llmslim: mm_4bit_i16 takes float32, bfloat16 or float16 rows, got ", dtype);
-  const at::Tensor xc = x.contiguous();
-  const int64_t steps = k / 64;
-  std::vector<int16_t> xq(m * k);
-  std::vector<float> xscale(m * steps), sums(dtype == at::kFloat ? 0 : m * n);
-  if (dtype == at::kBFloat16) quantize_x_steps(xc.data_ptr<at::BFloat16>(), m, k, xq.data(), xscale.data());
-  else if (dtype == at::kHalf) quantize_x_steps(xc.data_ptr<at::Half>(), m, k, xq.data(), xscale.data());
-  else quantize_x_steps(xc.data_ptr<float>(), m, k, xq.data(), xscale.data());
-  at::Tensor out = at::empty({m, n}, x.options());
-  float* po = dtype == at::kFloat ? out.data_ptr<float>() : sums.data();
+  TORCH_CHECK(s.mode != 2, "llmslim: the 4-bit i16 kernel takes float32 or double-quantized absmax");
+  return s;
+}
+
+// Weight rows [begin, end) for every input row into out (m, n) in the rows' dtype; `sums`: float32 scratch of m x n
+void run_i16(const I16Rows& r, const uint8_t* codes, const Scales& s, int64_t n, int64_t block, int64_t begin, int64_t end,
+             const at::Tensor& out, float* sums) {
+  float* po = r.dtype == at::kFloat ? out.data_ptr<float>() : sums;
+  for (int64_t i0 = 0; i0 < r.m; i0 += 4) {  // up to 4 input rows share each decoded step
+    const int16_t* xs[4];
+    const float* ss[4];
+    const int64_t mi = std::min<int64_t>(4, r.m - i0);
+    for (int t = 0; t < mi; t++) {
+      xs[t] = r.q.data() + (i0 + t) * r.k;
+      ss[t] = r.scale.data() + (i0 + t) * r.steps;
+    }
+    float* oi = po + i0 * n;
+    switch (mi) {
+      case 1: rows_i16<1>(r.tables, xs, ss, codes, s, r.k, n, block, begin, end, oi); break;
+      case 2: rows_i16<2>(r.tables, xs, ss, codes, s, r.k, n, block, begin, end, oi); break;
+      case 3: rows_i16<3>(r.tables, xs, ss, codes, s, r.k, n, block, begin, end, oi); break;
+      default: rows_i16<4>(r.tables, xs, ss, codes, s, r.k, n, block, begin, end, oi); break;
+    }
+    if (r.dtype == at::kFloat) continue;
+    for (int64_t t = i0; t < i0 + mi; t++) {
+      if (r.dtype == at::kBFloat16) store_rows(po + t * n + begin, end - begin, out.data_ptr<at::BFloat16>() + t * n + begin);
+      else store_rows(po + t * n + begin, end - begin, out.data_ptr<at::Half>() + t * n + begin);
+    }
+  }
+}
+
+// rows per thread: at least ~64 KiB of codes each, so that a small weight does not pay the threads' fork and join
+int64_t i16_grain(int64_t k) { return std::max<int64_t>(16, (int64_t{1} << 17) / k); }
+
+// NF4/FP4 (any 16-entry table within [-1, 1]) in bitsandbytes' stored layout, whole blocks of a multiple of 64 per row
+at::Tensor mm_4bit_i16(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& lut, const at::Tensor& scales,
+                       const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                       const c10::optional<at::Tensor>& nested_offset, int64_t n, int64_t block) {
+  const I16Rows r = prepare_i16(x, lut, block, "mm_4bit_i16");
+  const Scales s = i16_scales(codes, scales, nested_absmax, nested_code, nested_offset, n, r.k, block);
+  at::Tensor out = at::empty({r.m, n}, x.options());
+  std::vector<float> sums(r.dtype == at::kFloat ? 0 : r.m * n);
   const uint8_t* c = codes.data_ptr<uint8_t>();
-  // rows per thread: at least ~64 KiB of codes each, so that a small weight does not pay the threads' fork and join
-  const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 17) / k);
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i0 = 0; i0 < m; i0 += 4) {  // up to 4 input rows share each decoded step
-      const int16_t* xs[4];
-      const float* ss[4];
-      const int64_t mi = std::min<int64_t>(4, m - i0);
-      for (int t = 0; t < mi; t++) {
-        xs[t] = xq.data() + (i0 + t) * k;
-        ss[t] = xscale.data() + (i0 + t) * steps;
-      }
-      float* oi = po + i0 * n;
-      switch (mi) {
-        case 1: rows_i16<1>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
-        case 2: rows_i16<2>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
-        case 3: rows_i16<3>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
-        default: rows_i16<4>(tables, xs, ss, c, s, k, n, block, begin, end, oi); break;
-      }
-      if (dtype == at::kFloat) continue;
-      for (int64_t t = i0; t < i0 + mi; t++) {
-        if (dtype == at::kBFloat16) store_rows(po + t * n + begin, end - begin, out.data_ptr<at::BFloat16>() + t * n + begin);
-        else store_rows(po + t * n + begin, end - begin, out.data_ptr<at::Half>() + t * n + begin);
-      }
+  at::parallel_for(0, n, i16_grain(r.k), [&](int64_t begin, int64_t end) { run_i16(r, c, s, n, block, begin, end, out, sums.data()); });
+  return out;
+}
+
+// A few weights that read the same rows (q/k/v, gate/up; one table and block) in one call and one parallel region:
+// their rows are shared out together, so the threads meet once, and the rows are quantized once. Each output as
+// mm_4bit_i16's, bit for bit. Double-quantized weights pass one nested absmax and offset each (both lists empty
+// otherwise) and one nested code.
+std::vector<at::Tensor> mm_4bit_i16_multi(const at::Tensor& x, at::TensorList codes, const at::Tensor& lut, at::TensorList scales,
+                                          at::TensorList nested_absmax, const c10::optional<at::Tensor>& nested_code,
+                                          at::TensorList nested_offset, at::IntArrayRef ns, int64_t block) {
+  const size_t count = codes.size();
+  TORCH_CHECK(count > 0 && scales.size() == count && ns.size() == count, "llmslim: mm_4bit_i16_multi takes as many codes, scales and ns, got ",
+              count, ", ", scales.size(), ", ", ns.size());
+  const bool nested = !nested_absmax.empty();
+  TORCH_CHECK(nested ? nested_absmax.size() == count && nested_offset.size() == count && nested_code.has_value() : nested_offset.empty(),
+              "llmslim: mm_4bit_i16_multi takes one nested absmax and offset per weight (and the nested code), or none");
+  const I16Rows r = prepare_i16(x, lut, block, "mm_4bit_i16_multi");
+  std::vector<Scales> s;
+  std::vector<at::Tensor> outs;
+  std::vector<std::vector<float>> sums(count);
+  std::vector<int64_t> first{0};  // each weight's first row in the rows shared out
+  for (size_t j = 0; j < count; j++) {
+    s.push_back(i16_scales(codes[j], scales[j], nested ? c10::optional<at::Tensor>(nested_absmax[j]) : c10::nullopt, nested_code,
+                           nested ? c10::optional<at::Tensor>(nested_offset[j]) : c10::nullopt, ns[j], r.k, block));
+    outs.push_back(at::empty({r.m, ns[j]}, x.options()));
+    sums[j].resize(r.dtype == at::kFloat ? 0 : r.m * ns[j]);
+    first.push_back(first.back() + ns[j]);
+  }
+  at::parallel_for(0, first.back(), i16_grain(r.k), [&](int64_t begin, int64_t end) {
+    for (size_t j = 0; j < count; j++) {
+      const int64_t lo = std::max(begin, first[j]), hi = std::min(end, first[j + 1]);
+      if (lo < hi) run_i16(r, codes[j].data_ptr<uint8_t>(), s[j], ns[j], block, lo - first[j], hi - first[j], outs[j], sums[j].data());
     }
   });
-  return out;
+  return outs;
 }
 
 #endif  // LLMSLIM_AVX2
@@ -1720,6 +1785,9 @@ TORCH_LIBRARY(llmslim, m) {
   m.def(
       "mm_4bit_i16(Tensor x, Tensor codes, Tensor lut, Tensor scales, Tensor? nested_absmax, Tensor? nested_code, "
       "Tensor? nested_offset, int n, int block) -> Tensor");
+  m.def(
+      "mm_4bit_i16_multi(Tensor x, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor[] nested_absmax, Tensor? nested_code, "
+      "Tensor[] nested_offset, int[] ns, int block) -> Tensor[]");
   m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
@@ -1740,6 +1808,7 @@ TORCH_LIBRARY(llmslim, m) {
 #ifdef LLMSLIM_AVX2
   m.impl("mm_4bit_q8", c10::DispatchKey::CPU, mm_4bit_q8);
   m.impl("mm_4bit_i16", c10::DispatchKey::CPU, mm_4bit_i16);
+  m.impl("mm_4bit_i16_multi", c10::DispatchKey::CPU, mm_4bit_i16_multi);
 #endif
 #if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
   m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
