@@ -10,7 +10,10 @@ forward with a DynamicCache, and every next token is scored from that step's log
   not built (PyTorch's weight-only int8 kernel), and as the default was before 2026-12-05;
 - `standard layers, int8 head`: the default head alone (one absmax per row and block of 128 columns where the AVX-512
   kernel runs);
-- `lean step, int8 head`: llmslim's defaults (what `generate` runs).
+- `lean step, int8 head`: llmslim's defaults (what `generate` runs);
+- on a CPU where llmslim's AVX2 kernels are built, first `standard layers, float head, table kernel`: the 4-bit
+  layers on the table kernel (`mm_4bit`: bf16 levels, float32 sums; `kernels.I16_4BIT_MAX_TOKENS = 0`), the reference
+  there, against which the other rows show what `mm_4bit_i16` (16-bit integer levels and activations) changes.
 
 One process, one nf4 model, the settings switched in place (`use_standard_layers` / `use_lean_layers`,
 `use_float_head` / `use_int8_decode_head`). Writes benchmarks/results/bench_decode_numerics.json and .png and the table
@@ -37,6 +40,7 @@ README_SECTION = (
     "Results: `benchmarks/results/bench_decode_numerics.json` and `.png`."
 )
 ROW_WISE = "standard layers, row-wise int8 head"
+TABLE_KERNEL = "standard layers, float head, table kernel"
 SETTINGS = ("standard layers, float head", ROW_WISE, "standard layers, int8 head", "lean step, int8 head")
 
 
@@ -76,6 +80,20 @@ def apply(model, setting: str) -> None:
 
 
 @contextmanager
+def table_kernel(on: bool):
+    """While `on`, 4-bit decode rows take the table kernel (`mm_4bit`) instead of `mm_4bit_i16`."""
+    from llmslim.quant import kernels
+
+    limit = kernels.I16_4BIT_MAX_TOKENS
+    if on:
+        kernels.I16_4BIT_MAX_TOKENS = 0
+    try:
+        yield
+    finally:
+        kernels.I16_4BIT_MAX_TOKENS = limit
+
+
+@contextmanager
 def row_wise_head(on: bool):
     """While `on`, an int8 head copy built is row-wise (`kernels.int8_blocks_usable` says no), as without the AVX-512
     kernel."""
@@ -95,7 +113,7 @@ def plot(result: dict, path: Path) -> None:
     names = list(result["rows"])
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.barh(names, [result["rows"][n]["vs_reference_pct"] for n in names])
-    ax.set_xlabel("perplexity vs standard layers + float head (%)")
+    ax.set_xlabel(f"perplexity vs {names[0]} (%)")
     ax.invert_yaxis()
     save_figure(fig, path)
 
@@ -122,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     from llmslim import models
     from llmslim.data import WIKITEXT2_TEST
     from llmslim.evaluate import load_tokens
+    from llmslim.quant import kernels, native
 
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -129,15 +148,16 @@ def main(argv: list[str] | None = None) -> None:
     ids = load_tokens(AutoTokenizer.from_pretrained(path), WIKITEXT2_TEST, args.tokens)
     model = llmslim.from_pretrained(path, llmslim.SlimConfig(weights="nf4"), progress=False)
     rows = {}
+    order = ((TABLE_KERNEL,) if native.load_ops() and kernels._i16_kernel() else ()) + SETTINGS
     with torch.inference_mode():
-        for setting in SETTINGS:
-            apply(model, setting)
+        for setting in order:
+            apply(model, setting.removesuffix(", table kernel"))
             start = time.perf_counter()
-            with row_wise_head(setting == ROW_WISE):
+            with row_wise_head(setting == ROW_WISE), table_kernel(setting == TABLE_KERNEL):
                 nll, count = stepwise_nll(model, ids, args.window)
             rows[setting] = {"perplexity": math.exp(nll / count), "ms_per_step": 1000 * (time.perf_counter() - start) / count}
             print(f"{setting}: {rows[setting]['perplexity']:.4f}", flush=True)
-    reference = rows[SETTINGS[0]]["perplexity"]
+    reference = rows[order[0]]["perplexity"]
     for row in rows.values():
         row["vs_reference_pct"] = 100 * (row["perplexity"] / reference - 1)
     machine = machine_info() | {"torch_threads": torch.get_num_threads()}

@@ -6,7 +6,9 @@ llmslim int4 (groups of 64), one bf16 token times the weight through:
 
 - `table`: `mm_4bit`, the codes looked up in a 16-entry table and multiplied in float32 (what decode runs today);
 - `int-dot`: `mm_4bit_q8` (NF4) / `mm_int4_q8` (int4), the activations as two int8 rows per 32 elements (the value,
-  then its rounding's remainder), NF4's values as int8 steps of 1/127, integer dot products per block.
+  then its rounding's remainder), NF4's values as int8 steps of 1/127, integer dot products per block;
+- `i16` (NF4, AVX2 build): `mm_4bit_i16`, NF4's values as 16-bit integer levels (x 8191) times the activations as
+  int16 per 64 columns, exact products summed in int32 per 64 columns (what NF4 decode runs on AVX2 since 2026-12-06).
 
 Each kernel is called in rounds interleaved with the other (the machine is shared and noisy), median ms per call;
 "per token" sums a model's projections as one decoded token calls them (every layer, and the head). The relative
@@ -52,6 +54,7 @@ SHAPES = {
     },
 }
 FORMATS = ("nf4", "int4")
+KERNELS = ("table", "int-dot", "i16")
 BLOCK = 64
 
 
@@ -64,8 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def kernels_for(fmt: str, weight, x):
-    """(table call, integer-dot call or None where it is not built here) for one weight."""
+def kernels_for(fmt: str, weight, x) -> dict:
+    """{kernel: call} for one weight, the kernels of KERNELS built here for its format."""
     import torch
 
     from llmslim.quant import formats, kernels
@@ -73,17 +76,22 @@ def kernels_for(fmt: str, weight, x):
     n, k = weight.shape
     if fmt == "nf4":
         absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(weight)
-        table = lambda: torch.ops.llmslim.mm_4bit(x, weight.codes, formats.code_4bit("nf4"), *kernels._scale_args(weight), n, BLOCK, k)  # noqa: E731
-        if not kernels._nf4_q8_kernel():
-            return table, None
-        levels = kernels.NF4_INT8_LEVELS
-        q8 = lambda: torch.ops.llmslim.mm_4bit_q8(x, weight.codes, levels, absmax, nested_absmax, nested_map, nested_offset, n, BLOCK)  # noqa: E731
-        return table, q8
+        lut, levels = formats.code_4bit("nf4"), kernels.NF4_INT8_LEVELS
+        calls = {"table": lambda: torch.ops.llmslim.mm_4bit(x, weight.codes, lut, *kernels._scale_args(weight), n, BLOCK, k)}
+        if kernels._nf4_q8_kernel():
+            calls["int-dot"] = lambda: torch.ops.llmslim.mm_4bit_q8(
+                x, weight.codes, levels, absmax, nested_absmax, nested_map, nested_offset, n, BLOCK
+            )
+        if kernels._i16_kernel():
+            calls["i16"] = lambda: torch.ops.llmslim.mm_4bit_i16(
+                x, weight.codes, lut, absmax, nested_absmax, nested_map, nested_offset, n, BLOCK
+            )
+        return calls
     lut, width = formats.int4_lut(), weight.groups * weight.group_size
-    table = lambda: torch.ops.llmslim.mm_4bit(x, weight.codes, lut, weight.scale, weight.zero, None, None, None, n, BLOCK, width)  # noqa: E731
-    if not kernels._int4_q8_kernel():
-        return table, None
-    return table, lambda: torch.ops.llmslim.mm_int4_q8(x, weight.codes, weight.scale, weight.zero, n, BLOCK)
+    calls = {"table": lambda: torch.ops.llmslim.mm_4bit(x, weight.codes, lut, weight.scale, weight.zero, None, None, None, n, BLOCK, width)}
+    if kernels._int4_q8_kernel():
+        calls["int-dot"] = lambda: torch.ops.llmslim.mm_int4_q8(x, weight.codes, weight.scale, weight.zero, n, BLOCK)
+    return calls
 
 
 def measure_shape(fmt: str, n: int, k: int, args: argparse.Namespace) -> dict:
@@ -101,8 +109,8 @@ def measure_shape(fmt: str, n: int, k: int, args: argparse.Namespace) -> dict:
         reference = formats.dequantize_int4(weight, torch.float32)
     x = torch.randn(1, k).bfloat16()
     exact = x.float() @ reference.T
-    calls = dict(zip(("table", "int-dot"), kernels_for(fmt, weight, x), strict=True))
-    times: dict[str, list[float]] = {name: [] for name, call in calls.items() if call is not None}
+    calls = kernels_for(fmt, weight, x)
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for name in times:
         calls[name]()  # warm-up
     for _ in range(args.rounds):
@@ -123,16 +131,13 @@ def measure_shape(fmt: str, n: int, k: int, args: argparse.Namespace) -> dict:
 
 def plot(result: dict, path: Path) -> None:
     plt = pyplot()
-    labels, table, intdot = [], [], []
-    for model, formats_ in result["per_token"].items():
-        for fmt, row in formats_.items():
-            labels.append(f"{model} {fmt}")
-            table.append(row["table_ms"])
-            intdot.append(row["int-dot_ms"] or 0.0)
+    labels = [f"{model} {fmt}" for model, formats_ in result["per_token"].items() for fmt in formats_]
+    names = {"table": "table (mm_4bit)", "int-dot": "int-dot (two int8 rows)", "i16": "i16 (mm_4bit_i16)"}
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ys = range(len(labels))
-    ax.barh([y - 0.2 for y in ys], table, height=0.4, label="table (mm_4bit)")
-    ax.barh([y + 0.2 for y in ys], intdot, height=0.4, label="int-dot (two int8 rows)")
+    for i, kernel in enumerate(KERNELS):
+        ms = [row.get(f"{kernel}_ms") or 0.0 for formats_ in result["per_token"].values() for row in formats_.values()]
+        ax.barh([y - 0.27 + 0.27 * i for y in ys], ms, height=0.27, label=names[kernel])
     ax.set_yticks(list(ys), labels)
     ax.set_xlabel("ms of 4-bit matmuls per decoded token (batch 1)")
     ax.invert_yaxis()
@@ -145,31 +150,34 @@ def markdown(result: dict) -> str:
     lines = [
         f"Measured {machine['date']} on {machine['cpu']} ({', '.join(machine['simd'])}), {result['settings']['threads']} threads, "
         f"median of {result['settings']['rounds']} interleaved rounds of {result['settings']['calls']} calls. "
-        "int-dot / table < 1 means the integer-dot kernel is faster.",
+        "A kernel / table < 1 means that kernel is faster; an empty cell: not built here, or not for that format.",
         "",
-        "| model | projection (out x in) | format | table ms | int-dot ms | int-dot / table | table rel. error | int-dot rel. error |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | projection (out x in) | format | table ms | int-dot ms | i16 ms | int-dot / table | i16 / table "
+        "| table rel. error | int-dot rel. error | i16 rel. error |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for model, projections in result["rows"].items():
         for name, formats_ in projections.items():
             for fmt, row in formats_.items():
-                q8 = row.get("int-dot")
-                ratio = f"{q8['ms'] / row['table']['ms']:.2f}" if q8 else "not built"
+                base = row["table"]["ms"]
+                ms = [f"{row[k]['ms']:.3f}" if k in row else "" for k in KERNELS]
+                ratios = [f"{row[k]['ms'] / base:.2f}" if k in row else "" for k in KERNELS[1:]]
+                errors = [f"{row[k]['rel_error']:.1e}" if k in row else "" for k in KERNELS]
                 lines.append(
-                    f"| {model} | {name} ({row['out_features']} x {row['in_features']}) | {fmt} | {row['table']['ms']:.3f} | "
-                    + (
-                        f"{q8['ms']:.3f} | {ratio} | {row['table']['rel_error']:.1e} | {q8['rel_error']:.1e} |"
-                        if q8
-                        else f" | {ratio} | {row['table']['rel_error']:.1e} | |"
-                    )
+                    f"| {model} | {name} ({row['out_features']} x {row['in_features']}) | {fmt} | "
+                    + " | ".join(ms + ratios + errors)
+                    + " |"
                 )
-    lines += ["", "| model | format | table ms per token | int-dot ms per token | int-dot / table |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| model | format | table ms per token | int-dot ms per token | i16 ms per token | int-dot / table | i16 / table |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for model, formats_ in result["per_token"].items():
         for fmt, row in formats_.items():
-            q8 = row["int-dot_ms"]
-            lines.append(
-                f"| {model} | {fmt} | {row['table_ms']:.2f} | " + (f"{q8:.2f} | {q8 / row['table_ms']:.2f} |" if q8 else "| not built |")
-            )
+            ms = [row.get(f"{k}_ms") for k in KERNELS]
+            cells = [f"{v:.2f}" if v else "" for v in ms] + [f"{v / ms[0]:.2f}" if v else "" for v in ms[1:]]
+            lines.append(f"| {model} | {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -178,10 +186,12 @@ def per_token(rows: dict) -> dict:
     out: dict = {}
     for model, projections in rows.items():
         for fmt in FORMATS:
-            table = sum(SHAPES[model][name][2] * formats_[fmt]["table"]["ms"] for name, formats_ in projections.items())
-            built = all("int-dot" in formats_[fmt] for formats_ in projections.values())
-            q8 = sum(SHAPES[model][name][2] * formats_[fmt]["int-dot"]["ms"] for name, formats_ in projections.items()) if built else None
-            out.setdefault(model, {})[fmt] = {"table_ms": table, "int-dot_ms": q8}
+            for kernel in KERNELS:
+                built = all(kernel in formats_[fmt] for formats_ in projections.values())
+                total = (
+                    sum(SHAPES[model][name][2] * formats_[fmt][kernel]["ms"] for name, formats_ in projections.items()) if built else None
+                )
+                out.setdefault(model, {}).setdefault(fmt, {})[f"{kernel}_ms"] = total
     return out
 
 
@@ -202,8 +212,7 @@ def main(argv: list[str] | None = None) -> None:
                     row = measure_shape(fmt, n, k, args)
                     rows.setdefault(model, {}).setdefault(name, {})[fmt] = row
                     print(
-                        f"{model} {name} {fmt}: "
-                        + ", ".join(f"{kind} {row[kind]['ms']:.3f} ms" for kind in ("table", "int-dot") if kind in row),
+                        f"{model} {name} {fmt}: " + ", ".join(f"{kind} {row[kind]['ms']:.3f} ms" for kind in KERNELS if kind in row),
                         flush=True,
                     )
     machine = machine_info() | {"torch_threads": torch.get_num_threads()}

@@ -239,7 +239,7 @@ class SlimLinear4bit(SlimLinear):
             or kept[3] is not self.training
         ):
             kept = self._keep_i16_operands(x)
-        return kept[4]
+        return kept[4] if x.shape[0] <= kernels.I16_4BIT_MAX_TOKENS else None
 
     def _keep_i16_operands(self, x: torch.Tensor) -> tuple:
         """(weight, absmax, dtype, training, operands) kept on the layer; the operands (codes, table, absmax, nested
