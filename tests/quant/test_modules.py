@@ -413,17 +413,22 @@ def test_4bit_layer_keeps_the_stored_layout_where_the_kernel_does_not_apply():
     assert not fp32.cpu_layout
 
 
-@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
-@pytest.mark.parametrize("bias", (False, True))
-def test_4bit_decode_on_avx2_goes_straight_to_the_i16_kernel_with_the_same_bits(bias, monkeypatch):
-    # the AVX2 counterpart of the test below: the operands kept at the first call, the general path's result bit for bit
+def _nf4_decode_layer(bias: bool) -> tuple[SlimLinear4bit, list[torch.Tensor]]:
+    """A bf16 NF4 layer (128 -> 96) in eval mode, and decode rows of 1 and 5 tokens for it."""
     linear = nn.Linear(128, 96, bias=bias).to(torch.bfloat16)
     layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4").layer_spec())
     layer.set_float_weight(linear.weight.data)
     if bias:
         layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
     layer.eval()
-    tokens = [torch.randn(1, t, 128, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16) for t in (1, 5)]
+    return layer, [torch.randn(1, t, 128, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16) for t in (1, 5)]
+
+
+@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+@pytest.mark.parametrize("bias", (False, True))
+def test_4bit_decode_on_avx2_goes_straight_to_the_i16_kernel_with_the_same_bits(bias, monkeypatch):
+    # the AVX2 counterpart of the test below: the operands kept at the first call, the general path's result bit for bit
+    layer, tokens = _nf4_decode_layer(bias)
     with torch.no_grad():
         general = [SlimLinear.forward(layer, x) for x in tokens]
         fast = [layer(x) for x in tokens]
@@ -448,13 +453,7 @@ def test_4bit_decode_on_avx2_goes_straight_to_the_i16_kernel_with_the_same_bits(
 @pytest.mark.parametrize("bias", (False, True))
 def test_4bit_decode_goes_straight_to_the_kernel_with_the_same_bits(bias, monkeypatch):
     # a decoded token skips the general path's checks (Python per call) and calls the same operator: identical results
-    linear = nn.Linear(128, 96, bias=bias).to(torch.bfloat16)
-    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4").layer_spec())
-    layer.set_float_weight(linear.weight.data)
-    if bias:
-        layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-    layer.eval()
-    tokens = [torch.randn(1, t, 128, generator=torch.Generator().manual_seed(t)).to(torch.bfloat16) for t in (1, 5)]
+    layer, tokens = _nf4_decode_layer(bias)
     with torch.no_grad():
         layer(tokens[0])  # the first call repacks into the CPU layout
         general = [SlimLinear.forward(layer, x) for x in tokens]
