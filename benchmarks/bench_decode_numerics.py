@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=20480, help="WikiText-2 tokens scored (default 20480, as issue 21 asks)")
     p.add_argument("--window", type=int, default=1024, help="tokens per cache (default 1024)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--skip", default="", help="comma list of settings not to run (the first one run is the reference)")
+    p.add_argument("--skip", default="", help="semicolon list of settings not to run (the first one run is the reference)")
     p.add_argument("--results", default=str(RESULTS_DIR))
     return p.parse_args(argv)
 
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     model = llmslim.from_pretrained(path, llmslim.SlimConfig(weights="nf4"), progress=False)
     rows = {}
     order = ((TABLE_KERNEL,) if native.load_ops() and kernels._i16_kernel() else ()) + SETTINGS
-    skipped = {name.strip() for name in args.skip.split(",") if name.strip()}
+    skipped = {name.strip() for name in args.skip.split(";") if name.strip()}
     unknown = skipped - set(order)
     if unknown:
         raise SystemExit(f"--skip names no setting: {sorted(unknown)}; the settings here: {list(order)}")

@@ -31,12 +31,16 @@ def environment_report() -> dict[str, str]:
     lib = native.load()
     report["4-bit quantize (cpu)"] = f"llmslim C kernel ({lib._name})" if lib is not None else "pure torch (no C compiler)"
     ops = native.load_ops()
-    table = "llmslim operators (AVX-512 BF16) for <= 32 tokens, else dequantize + torch GEMM" if ops else "dequantize + torch GEMM"
+    avx2 = ops and kernels._i16_kernel()  # the AVX2 build
+    isa = "AVX2" if avx2 else "AVX-512 BF16"
+    table = f"llmslim operators ({isa}) for <= 32 tokens, else dequantize + torch GEMM" if ops else "dequantize + torch GEMM"
     if kernels.decode_kernels():
         cpu_kernel = "llmslim gemv_4bit_cpu_layout (AVX-512 BF16, 32-row layout) in bf16; else " + table
     else:
         cpu_kernel = "bitsandbytes CPU kernel (AVX-512 BF16, 32-row layout) in bf16; else " + table
-    report["nf4/fp4 matmul (cpu)"] = cpu_kernel if kernels.cpu_packable((32, 64), 64) else table
+    if avx2:
+        cpu_kernel = "llmslim mm_4bit_i16 (AVX2, 16-bit integer levels) for <= 32 bf16/fp16 tokens; else " + table
+    report["nf4/fp4 matmul (cpu)"] = cpu_kernel if kernels.cpu_packable((32, 64), 64) or avx2 else table
     report["int4 matmul (cpu)"] = table.replace("AVX-512 BF16", "AVX-512 VNNI/BF16")
     int8pack = "torch._weight_int8pack_mm" if hasattr(torch, "_weight_int8pack_mm") else "dequantize + torch GEMM"
     decode8 = "llmslim gemv_int8_rows (AVX-512 VNNI or AVX2) in bf16, else " if kernels.int8_rows_kernel() else ""
