@@ -402,15 +402,18 @@ I16_4BIT_MAX_TOKENS = DECODE_MAX_TOKENS
 
 
 def _i16_usable(x: torch.Tensor, w: formats.FourBitWeight) -> bool:
-    """Whether `mm_4bit_i16` takes these rows: NF4/FP4, 16-bit rows on CPU (at most `I16_4BIT_MAX_TOKENS`), blocks of
-    64 or more that divide the rows, the AVX2 build."""
-    out_features, in_features = w.shape
+    """Whether `mm_4bit_i16` takes these rows: at most `I16_4BIT_MAX_TOKENS` of them, and `i16_takes`."""
+    return x.numel() // w.shape[1] <= I16_4BIT_MAX_TOKENS and i16_takes(x, w)
+
+
+def i16_takes(x: torch.Tensor, w: formats.FourBitWeight) -> bool:
+    """Whether `mm_4bit_i16` takes rows like `x` (whatever their number): NF4/FP4, 16-bit rows on CPU, blocks of 64 or
+    more that divide the rows, the AVX2 build."""
     return (
         x.dtype in (torch.bfloat16, torch.float16)
         and x.device.type == "cpu"
         and w.block_size >= 64
-        and in_features % w.block_size == 0
-        and x.numel() // in_features <= I16_4BIT_MAX_TOKENS
+        and w.shape[1] % w.block_size == 0
         and _ops_loaded()
         and _has_i16_kernel()
     )

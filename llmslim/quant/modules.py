@@ -254,7 +254,7 @@ class SlimLinear4bit(SlimLinear):
             or getattr(self, "streamed", False)
             or hasattr(self, "_hf_hook")
             or self.weight.device.type != "cpu"
-            or not kernels._i16_usable(x, self.four_bit_weight())
+            or not kernels.i16_takes(x, self.four_bit_weight())  # the row limit is applied per call
         )
         if usable:
             absmax, _, nested_absmax, nested_map, nested_offset = kernels._scale_args(self.four_bit_weight())

@@ -444,9 +444,18 @@ def test_4bit_decode_on_avx2_goes_straight_to_the_i16_kernel_with_the_same_bits(
         kernel = torch.ops.llmslim.mm_4bit_i16
         monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_i16", lambda *args: calls.append(1) or kernel(*args))
         layer(tokens[0])
+        fresh, _ = _nf4_decode_layer(bias)
+        monkeypatch.setattr(kernels, "I16_4BIT_MAX_TOKENS", 0)  # the opt-out, at a layer's first call and after
+        fresh(tokens[0])
+        layer(tokens[0])
+        monkeypatch.setattr(kernels, "I16_4BIT_MAX_TOKENS", kernels.DECODE_MAX_TOKENS)
+        general_path = kernels.linear_4bit
+        monkeypatch.setattr(kernels, "linear_4bit", None)
+        fresh(tokens[0])  # the direct path: the kept decision does not depend on the limit at the first call
+        monkeypatch.setattr(kernels, "linear_4bit", general_path)
         layer.train()
         layer(tokens[0])  # training: the general path (a dense product)
-        assert calls == [1]
+        assert calls == [1, 1]
 
 
 @pytest.mark.skipif(not kernels.decode_kernels(), reason="llmslim's decode kernel needs AVX-512 BF16 and VNNI")
