@@ -10,11 +10,13 @@ to a subclass whose `forward` runs the step in one Python frame when the call al
     x = x + o_proj(sdpa(q, k, v)); h = rms_norm(x); x = x + down(silu(gate(h)) * up(h))
 
 With bf16 rows and llmslim's operators built, the step runs on llmslim's fused operators
-(`csrc/ops_cpu.cpp`): one per norm (the residual add fused into the second), rotary and SiLU-times-up, and with
+(`csrc/ops_cpu.cpp`): one per norm (the residual add fused into the second), rotary, the one-token attention
+over the cache (`attend_one_rows`) and SiLU-times-up, and with
 the AVX-512 BF16 decode kernels one call for the q/k/v projections and one for gate/up when they are 4-bit
-weights: ~12 calls a layer instead of ~60 (on AVX2 each 4-bit projection is one `mm_4bit_i16` call).
+weights: ~12 calls a layer instead of ~60 (on AVX2 `mm_4bit_i16_multi` likewise).
 They reproduce torch's bf16 arithmetic except the RMS norm's sum of squares
-(another summation order) and SiLU's exp, each at most one bf16 step off on under 1% of elements;
+(another summation order) and SiLU's exp, each at most one bf16 step off on under 1% of elements, and the
+attention's sums (another order than SDPA's GEMMs: one bf16 step off on ~5% of its outputs);
 SmolLM2's greedy tokens stay those of the standard forward (tests/hf/test_decode.py). Elsewhere the
 step runs torch's own operators in the standard forward's order, bit-identical to it.
 
@@ -130,7 +132,11 @@ def _lean_step(attn, mlp, norms, x: torch.Tensor, cache, position_embeddings) ->
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, 1, d)
         q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
     k, v = cache.update(k, v, attn.layer_idx)  # (1, kv_heads, seen, d)
-    o = _project(a["o_proj"], _attention(attn, q, k, v))
+    if ops and k.dtype is torch.bfloat16 and v.dtype is torch.bfloat16 and k.stride(-1) == 1 and v.stride(-1) == 1:
+        o = ops.attend_one_rows(q, k, v, attn.scaling)  # SDPA's arithmetic in one call (~10x less time than SDPA's)
+    else:
+        o = _attention(attn, q, k, v)
+    o = _project(a["o_proj"], o)
     if ops:
         x, h = ops.add_rms_norm_rows(x, o, norms[1]._parameters["weight"], norms[1].variance_epsilon)
     else:

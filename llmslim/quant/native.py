@@ -186,6 +186,7 @@ def _register_fakes() -> None:
         "add_rms_norm_rows": lambda x, y, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
         "rotary_rows": like_fake,
         "silu_mul_rows": like_fake,
+        "attend_one_rows": lambda q, k, v, scale: q.new_empty((1, q.shape[1] * q.shape[3])),
         "mm_4bit": mm_fake,
         "mm_int4_q8": mm_fake,
         "mm_4bit_q8": mm_fake,

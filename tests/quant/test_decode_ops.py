@@ -107,3 +107,64 @@ def test_the_row_operators_name_a_bad_operand():
         torch.ops.llmslim.rotary_rows(x, x[0, :32].contiguous(), x[0, :32].contiguous())
     with pytest.raises(RuntimeError, match="silu_mul_rows multiplies"):
         torch.ops.llmslim.silu_mul_rows(x, x[:, :32].contiguous())
+
+
+def _attention_operands(heads: int, kv_heads: int, seen: int, d: int, seed: int):
+    q = _bf16((1, heads, 1, d), seed=seed)
+    k, v = _bf16((1, kv_heads, seen, d), seed=seed + 1, scale=2.0), _bf16((1, kv_heads, seen, d), seed=seed + 2)
+    return q, k, v
+
+
+ATTENTION_SHAPES = [(9, 3, 200, 64), (32, 4, 301, 64), (8, 2, 37, 80), (2, 1, 600, 128), (6, 3, 5, 12)]  # SmolLM2's, the 1.1B's, odd
+
+
+@needs_ops
+@pytest.mark.parametrize(("heads", "kv_heads", "seen", "d"), ATTENTION_SHAPES)
+def test_attend_one_rows_computes_sdpa_to_rounding(heads, kv_heads, seen, d):
+    q, k, v = _attention_operands(heads, kv_heads, seen, d, seed=heads + seen)
+    scale = d**-0.5
+    got = torch.ops.llmslim.attend_one_rows(q, k, v, scale)
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True).reshape(1, -1)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale, enable_gqa=True).reshape(1, -1)
+    assert got.shape == (1, heads * d) and got.dtype == torch.bfloat16
+    # the dot products and the weighted sum of v add in another order than SDPA's GEMMs: at most a bf16 step of the
+    # outputs' scale (|v| ~ 1, so 2^-7; an output near 0 after cancellation may be several of its own steps off)
+    assert float((got.float() - sdpa.float()).abs().max()) <= 2**-7
+    assert float((got != sdpa).float().mean()) < 0.15
+    assert float((got.double() - exact).abs().max()) <= 1.25 * float((sdpa.double() - exact).abs().max())  # no less exact
+
+
+@needs_ops
+def test_attend_one_rows_reads_any_cache_layout_and_thread_count_alike():
+    q, k, v = _attention_operands(8, 2, 70, 64, seed=11)
+    want = torch.ops.llmslim.attend_one_rows(q, k, v, 0.125)
+    room = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16)  # a static cache's buffer, the seen positions a slice of it
+    k_room, v_room = room.clone(), room.clone()
+    k_room[:, :, :70], v_room[:, :, :70] = k, v
+    seq_major_k, seq_major_v = k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(torch.ops.llmslim.attend_one_rows(q, k_room[:, :, :70], v_room[:, :, :70], 0.125), want)
+    assert torch.equal(torch.ops.llmslim.attend_one_rows(q, seq_major_k, seq_major_v, 0.125), want)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(torch.ops.llmslim.attend_one_rows(q, k, v, 0.125), want)
+    finally:
+        torch.set_num_threads(before)
+    # one position: every head's output is its key/value head's v, as is
+    one = torch.ops.llmslim.attend_one_rows(q, k[:, :, :1], v[:, :, :1], 0.125).view(2, 4, 64)
+    assert torch.equal(one, v[0, :, :1].expand(2, 4, 64))
+
+
+@needs_ops
+def test_attend_one_rows_names_a_bad_operand():
+    q, k, v = _attention_operands(6, 4, 10, 64, seed=0)
+    with pytest.raises(RuntimeError, match=r"query heads \(6\) a multiple of key/value heads \(4\)"):
+        torch.ops.llmslim.attend_one_rows(q, k, v, 0.125)
+    q, k, v = _attention_operands(8, 4, 10, 64, seed=0)
+    with pytest.raises(RuntimeError, match="k and v as bfloat16"):
+        torch.ops.llmslim.attend_one_rows(q, k.float(), v, 0.125)
+    with pytest.raises(RuntimeError, match="with head size 64"):
+        torch.ops.llmslim.attend_one_rows(q, k, v[..., :32], 0.125)
+    with pytest.raises(RuntimeError, match="one query token"):
+        torch.ops.llmslim.attend_one_rows(q.expand(1, 8, 2, 64).contiguous(), k, v, 0.125)

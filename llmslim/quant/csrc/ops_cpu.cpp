@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -44,6 +45,15 @@
 #endif
 
 namespace {
+
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 constexpr int64_t kNestedBlock = 256;  // bitsandbytes' block size for double quantization
 
@@ -852,13 +862,6 @@ inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale,
     for (int r = 0; r < R; r++) totals[t * R + r] = _mm512_reduce_add_ps(acc[t][r]);
 }
 #else
-inline float hsum_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // As the AVX-512 kernel above, 16 columns per vpmaddwd. One int32 accumulator per token and row: the chain through
 // it is a vpaddd (one cycle), and the R rows' chains are independent. A lane adds 16 products per block of 128
 // columns (at most 16 x 32767 x 128 < 2^31).
@@ -1639,7 +1642,8 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
 }
-#elif defined(LLMSLIM_AVX2)
+#endif
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)  // 8 lanes: AVX2 (AVX-512 CPUs have it too)
 inline __m256 bf16x8_to_float(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
 }
@@ -1768,6 +1772,99 @@ at::Tensor silu_mul_rows(const at::Tensor& g, const at::Tensor& u) {
   return out;
 }
 
+
+// ---- one query token's attention over a KV cache (bf16), as F.scaled_dot_product_attention computes it ---------------
+//
+// q (1, H, 1, d), k and v (1, KV, S, d) (any strides but the last), H a multiple of KV: query head h reads key/value
+// head h / (H / KV) (transformers' repeat_kv, SDPA's enable_gqa). No mask, no dropout, not causal (one query token sees
+// every cached position). The arithmetic of torch's CPU flash-attention kernel for bf16, which SDPA takes for this call:
+// scores q.k in float32 times `scale`, softmax in float32 (exp(score - max), summed unrounded), the probabilities
+// rounded to bf16 before they weight v (float32 sums), the sum divided out (times its reciprocal) and rounded to bf16
+// once. Sums run in another order than torch's GEMMs, and exp is exp8 (relative error < 3e-7), so an output differs
+// from SDPA's by at most a bf16 step on a few elements (tests/quant/test_decode_ops.py). Returns (1, H * d).
+
+// the attention of the G query heads q[g * d ..] that share one key/value head, into out[g * d ..] (float32 scratch:
+// scores G x S, acc d)
+void attend_group(const float* q, int64_t groups, const at::BFloat16* k, const at::BFloat16* v, int64_t seen, int64_t d, int64_t k_step,
+                  int64_t v_step, float scale, float* scores, float* acc, at::BFloat16* out) {
+  for (int64_t s = 0; s < seen; s++) {
+    const at::BFloat16* kr = k + s * k_step;
+    for (int64_t g = 0; g < groups; g++) {
+      const float* qg = q + g * d;
+      int64_t i = 0;
+      float dot = 0.f;
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+      __m256 a = _mm256_setzero_ps();
+      for (; i + 8 <= d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qg + i), bf16x8_to_float(kr + i), a);
+      dot = hsum_avx2(a);
+#endif
+      for (; i < d; i++) dot += qg[i] * static_cast<float>(kr[i]);
+      scores[g * seen + s] = dot * scale;
+    }
+  }
+  for (int64_t g = 0; g < groups; g++) {
+    float* sg = scores + g * seen;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < seen; s++) top = std::max(top, sg[s]);
+    float total = 0.f;
+    int64_t s = 0;
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+    for (; s + 8 <= seen; s += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + s), _mm256_set1_ps(top)));
+      total += hsum_avx2(e);
+      _mm256_storeu_ps(sg + s, round_bf16(e));
+    }
+#endif
+    for (; s < seen; s++) {
+      const float e = std::exp(sg[s] - top);
+      total += e;
+      sg[s] = bf(e);
+    }
+    std::fill(acc, acc + d, 0.f);
+    for (int64_t t = 0; t < seen; t++) {
+      const at::BFloat16* vr = v + t * v_step;
+      const float p = sg[t];
+      int64_t i = 0;
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+      const __m256 pv = _mm256_set1_ps(p);
+      for (; i + 8 <= d; i += 8) _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(pv, bf16x8_to_float(vr + i), _mm256_loadu_ps(acc + i)));
+#endif
+      for (; i < d; i++) acc[i] += p * static_cast<float>(vr[i]);
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < d; i++) out[g * d + i] = c10::BFloat16(acc[i] * inv);
+  }
+}
+
+at::Tensor attend_one_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  check_rows(q, "attend_one_rows' q");
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kBFloat16 && t->dim() == 4 && t->size(0) == 1 && t->stride(3) == 1,
+                "llmslim: attend_one_rows takes k and v as bfloat16 CPU tensors (1, kv_heads, seen, d) with d contiguous, got ",
+                t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(q.dim() == 4 && q.size(0) == 1 && q.size(2) == 1, "llmslim: attend_one_rows takes one query token q (1, heads, 1, d), got ",
+              q.sizes());
+  const int64_t heads = q.size(1), d = q.size(3), kv_heads = k.size(1), seen = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(3) == d && seen > 0, "llmslim: attend_one_rows' k ", k.sizes(), " and v ", v.sizes(),
+              " must be alike, with head size ", d, " and at least one position");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "llmslim: attend_one_rows needs query heads (", heads,
+              ") a multiple of key/value heads (", kv_heads, ")");
+  const int64_t groups = heads / kv_heads;
+  at::Tensor out = at::empty({1, heads * d}, q.options());
+  const at::BFloat16 *pq = q.data_ptr<at::BFloat16>(), *pk = k.data_ptr<at::BFloat16>(), *pv = v.data_ptr<at::BFloat16>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  const int64_t work = std::max<int64_t>(1, seen * d * (groups + 1));  // multiply-adds per key/value head
+  at::parallel_for(0, kv_heads, std::max<int64_t>(1, (int64_t{1} << 16) / work), [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(groups * d), scores(groups * seen), acc(d);
+    for (int64_t j = begin; j < end; j++) {
+      for (int64_t i = 0; i < groups * d; i++) qf[i] = static_cast<float>(pq[j * groups * d + i]);
+      attend_group(qf.data(), groups, pk + j * k.stride(1), pv + j * v.stride(1), seen, d, k.stride(2), v.stride(2), static_cast<float>(scale),
+                   scores.data(), acc.data(), po + j * groups * d);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 
@@ -1796,6 +1893,7 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("add_rms_norm_rows(Tensor x, Tensor y, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("rotary_rows(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
+  m.def("attend_one_rows(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.def("int4_q8_available() -> Tensor");
   m.def("int8_rows_available() -> Tensor");
@@ -1821,6 +1919,7 @@ TORCH_LIBRARY(llmslim, m) {
   m.impl("add_rms_norm_rows", c10::DispatchKey::CPU, add_rms_norm_rows);
   m.impl("rotary_rows", c10::DispatchKey::CPU, rotary_rows);
   m.impl("silu_mul_rows", c10::DispatchKey::CPU, silu_mul_rows);
+  m.impl("attend_one_rows", c10::DispatchKey::CPU, attend_one_rows);
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
