@@ -5,9 +5,10 @@ not share memory, caches or thread pools; the parent reads the child's peak RSS 
 never imports torch itself (see _harness.py for why). Per case the child loads the model, then
 
 - decode: batch 1, a `--prompt-tokens` prompt of random ids (seed 0), `--new-tokens` new tokens,
-  greedy (`generate(..., min_new_tokens=max_new_tokens, do_sample=False)`); one short warm-up, then
-  the median of `--repeats` runs. tok/s = new tokens / time of the whole generate call, prompt
-  included.
+  greedy with no end-of-sequence token (`generate(..., eos_token_id=None, do_sample=False)`: exactly
+  `--new-tokens`, as llama.cpp's loop; until 2026-12-06 `min_new_tokens`, whose logits processors
+  scanned the vocabulary each step); one short warm-up, then the median of `--repeats` runs.
+  Decode tok/s = (new tokens - 1) / (time of the call - time of a one-token call), as in _models.time_decode.
 - prefill: one forward of a `--prefill-tokens` batch-1 input (warm-up once, median of `--repeats` runs, at least 5).
 
 llama.cpp (llama-cpp-python, built from source by `make bench-peers`) runs the same decode and

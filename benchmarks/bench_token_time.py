@@ -83,7 +83,7 @@ def measure(name: str, setting: dict, args: argparse.Namespace) -> dict:
 
     def generate(tokens: int) -> float:
         start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        model.generate(prompt, max_new_tokens=tokens, eos_token_id=None, do_sample=False, pad_token_id=0)  # exactly `tokens`
         return time.perf_counter() - start
 
     with torch.inference_mode():

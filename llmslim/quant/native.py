@@ -191,6 +191,9 @@ def _register_fakes() -> None:
         "mm_int4_q8": mm_fake,
         "mm_4bit_q8": mm_fake,
         "mm_4bit_i16": mm_fake,
+        "block_scales_f32": lambda scales, nested_absmax, nested_code, nested_offset, blocks_per_row: scales.new_empty(
+            scales.shape, dtype=torch.float32
+        ),
         "mm_4bit_i16_multi": i16_multi_fake,
         "dequantize_4bit": dequantize_fake,
         "dequantize_4bit_cpu_layout": cpu_layout_fake,

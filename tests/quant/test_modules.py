@@ -476,3 +476,29 @@ def test_4bit_decode_goes_straight_to_the_kernel_with_the_same_bits(bias, monkey
         layer.train()
         layer(tokens[0])  # training: the general path, which keeps the stored layout for training
         assert not layer.cpu_layout
+
+
+@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+@pytest.mark.parametrize("in_features", (704, 1024))  # 11 blocks a row (8 decoded together, 3 alone), 16
+def test_avx2_decode_keeps_a_double_quantized_absmax_decoded_with_the_same_bits(in_features):
+    linear = nn.Linear(in_features, 64, bias=False).to(torch.bfloat16)
+    layer = SlimLinear4bit.from_linear(linear, SlimConfig(weights="nf4").layer_spec())
+    layer.set_float_weight(linear.weight.data)
+    layer.eval()
+    assert layer.weight_absmax.dtype == torch.uint8  # double quantization, the default
+    x = torch.randn(1, 3, in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    with torch.no_grad():
+        general = SlimLinear.forward(layer, x)  # mm_4bit_i16 decoding the uint8 absmax per row
+        fast = layer(x)
+    assert torch.equal(fast, general)
+    codes, _, absmax, nested_absmax, nested_map, nested_offset = layer.i16_operands(x[0])
+    assert absmax.dtype == torch.float32 and nested_absmax is None and nested_map is None and nested_offset is None
+    n = layer.weight_absmax.numel()
+    index = torch.arange(n) // formats.NESTED_BLOCK_SIZE
+    want = formats.dynamic_map()[layer.weight_absmax.long()] * layer.weight_nested_absmax[index] + layer.weight_nested_offset
+    # the kernel's one fused multiply-add against torch's two roundings
+    torch.testing.assert_close(absmax, want, rtol=1e-6, atol=1e-7 * float(want.abs().max()))
+    with pytest.raises(RuntimeError, match="whole rows of 3 blocks"):
+        torch.ops.llmslim.block_scales_f32(
+            layer.weight_absmax, layer.weight_nested_absmax, formats.dynamic_map(), layer.weight_nested_offset, 3
+        )
