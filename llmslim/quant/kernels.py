@@ -601,7 +601,8 @@ def int8_decomposed_matmul(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor, threshold: float) -> torch.Tensor:
     """`x @ W.T` for a row-wise int8 weight (no bias).
 
-    CUDA: `linear_int8_bnb_ops`. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens: llmslim's `gemv_int8_rows` for bfloat16 `x`
+    CUDA: `linear_int8_bnb_ops`. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens (any number on the AVX2 build,
+    `_int8_prompts_on_rows`): llmslim's `gemv_int8_rows` for bfloat16 `x`
     (exact int8 products with 16-bit activations), else PyTorch's weight-only int8 kernel; neither
     materialises a float weight. CPU, more tokens (prompts): the LLM.int8
     decomposition on `torch._int_mm` (VNNI), several times faster than a bf16 GEMM.
@@ -611,6 +612,9 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     tokens = x.numel() // x.shape[-1]
     if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and x.dtype == torch.bfloat16 and CPU_AMX:
         return int8_prompt_matmul_amx(x.reshape(-1, x.shape[-1]), weight, row_absmax).view(*x.shape[:-1], weight.shape[0])
+    if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and _int8_prompts_on_rows(x, weight, row_absmax):
+        out = torch.ops.llmslim.gemv_int8_rows(x.reshape(-1, x.shape[-1]), weight, row_absmax)
+        return out.view(*x.shape[:-1], weight.shape[0])
     if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and int_mm_usable(x, weight):
         out = int8_decomposed_matmul(x.reshape(-1, x.shape[-1]), weight, row_absmax, threshold)
         return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
@@ -649,6 +653,15 @@ def int8_prompt_matmul_amx(x: torch.Tensor, weight: torch.Tensor, row_absmax: to
         product = torch.nn.functional.linear(x, weight[r0 : r0 + step].to(torch.bfloat16))
         torch.mul(product, row_absmax[r0 : r0 + step] / 127.0, out=out[:, r0 : r0 + step])  # in float32, rounded once
     return out
+
+
+def _int8_prompts_on_rows(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> bool:
+    """Whether a bf16 prompt takes `gemv_int8_rows` instead of LLM.int8: on the AVX2 build (no AVX-512 VNNI, where
+    `torch._int_mm` has no fast int8 GEMM). EPYC, 2 threads, 32 tokens x a 2048 x 2048 weight: LLM.int8 49.3 ms,
+    bf16 `F.linear` 13.4, `gemv_int8_rows` 1.9 (576 x 576: 4.10 / 1.12 / 0.18; 128 tokens x 5632 x 2048: 636 / 145 /
+    32). Its products are exact on int16 activations (per 128 columns), so the prompt is no less precise than LLM.int8
+    and `int8_threshold` has nothing to choose, as on AMX."""
+    return int8_decode_usable(x, weight, row_absmax) and _ops_loaded() and _has_i16_kernel()
 
 
 def int8_decode_usable(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> bool:

@@ -389,12 +389,29 @@ def test_llm_int8_in_row_chunks_equals_one_pass(monkeypatch, dtype):
 @pytest.mark.parametrize("tokens", (9, 64))
 def test_linear_int8_prompt_path_is_the_decomposition(tokens, monkeypatch):
     monkeypatch.setattr(kernels, "CPU_AMX", False)
+    monkeypatch.setattr(kernels, "_int8_prompts_on_rows", lambda *args: False)  # a CPU with AVX-512 VNNI, no AMX
     q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
     x = _with_outlier_features(tokens, 128, (5,), magnitude=30.0).to(torch.bfloat16)
     out = kernels.linear_int8(x, q, absmax, threshold=6.0)
     expected = kernels.int8_decomposed_matmul(x, q, absmax, 6.0).to(torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
     _assert_matmul_close(out, x, formats.dequantize_int8_rows(q, absmax), 2e-2)
+
+
+@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="the AVX2 build's prompt route")
+@pytest.mark.parametrize("tokens", (9, 64, 200))
+def test_int8_prompts_on_avx2_take_the_exact_int8_row_kernel(tokens, monkeypatch):
+    # without AVX-512 VNNI `torch._int_mm` is ~25x slower than gemv_int8_rows: prompts take it too, every column
+    # multiplied exactly against int16 activations, so closer to the dequantized weight's product than LLM.int8
+    monkeypatch.setattr(kernels, "CPU_AMX", False)
+    q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
+    x = _with_outlier_features(tokens, 128, (5,), magnitude=30.0).to(torch.bfloat16)
+    out = kernels.linear_int8(x, q, absmax, threshold=6.0)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.ops.llmslim.gemv_int8_rows(x, q, absmax))
+    exact = x.float() @ formats.dequantize_int8_rows(q, absmax).T
+    decomposed = kernels.int8_decomposed_matmul(x, q, absmax, 6.0)
+    assert (out.float() - exact).norm() < (decomposed - exact).norm()
+    assert torch.equal(kernels.linear_int8(x, q, absmax, threshold=1.5), out)  # the threshold has nothing to choose
 
 
 def test_int8_prompts_on_amx_multiply_the_exact_weight_in_bf16(monkeypatch):
