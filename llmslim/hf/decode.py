@@ -133,7 +133,7 @@ def _lean_step(attn, mlp, norms, x: torch.Tensor, cache, position_embeddings) ->
         q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
     k, v = cache.update(k, v, attn.layer_idx)  # (1, kv_heads, seen, d)
     if ops and k.dtype is torch.bfloat16 and v.dtype is torch.bfloat16 and k.stride(-1) == 1 and v.stride(-1) == 1:
-        o = ops.attend_one_rows(q, k, v, attn.scaling)  # SDPA's arithmetic in one call (~10x less time than SDPA's)
+        o = ops.attend_one_rows(q, k, v, attn.scaling)  # SDPA's arithmetic in one call (SDPA: ~70 us a SmolLM2 layer on an EPYC)
     else:
         o = _attention(attn, q, k, v)
     o = _project(a["o_proj"], o)
