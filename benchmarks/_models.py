@@ -297,37 +297,70 @@ def timed(fn: Callable, repeats: int) -> tuple[list[float], object]:
     return times, out
 
 
-def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Callable) -> dict:
-    """Greedy generation of `new_tokens` tokens; decode tok/s excludes the prompt.
+def decode_rates(runs: Sequence[tuple[float, float, list[float]]]) -> dict:
+    """Decode figures from timed generations: each run is (start, end, the time each new token arrived), perf_counter.
 
-    Decode rate = (new_tokens - 1) / (median time of the full call - median time of a 1-token
-    call): the 1-token call is the prompt's forward (time to first token), as llama.cpp separates
-    prompt evaluation from generation.
+    Decode tok/s = tokens after the first / time from the first token's arrival to the last's, so the
+    prompt's forward (time to first token) is not in it, as llama.cpp separates prompt evaluation from
+    generation; the median over runs. Time to first token: from the call's start to the first token.
+    """
+    if any(len(stamps) < 2 for _, _, stamps in runs):
+        raise ValueError("a decode rate needs at least 2 new tokens per run: raise --new-tokens")
+    rates = [(len(stamps) - 1) / (stamps[-1] - stamps[0]) for _, _, stamps in runs]
+    return {
+        "decode_s": statistics.median(end - start for start, end, _ in runs),
+        "decode_s_runs": [end - start for start, end, _ in runs],
+        "first_token_s": statistics.median(stamps[0] - start for start, _, stamps in runs),
+        "new_tokens": len(runs[-1][2]),
+        "decode_tok_s": statistics.median(rates),
+        "decode_tok_s_runs": rates,
+    }
+
+
+def time_decode(model, prompt, new_tokens: int, repeats: int, no_autograd: Callable) -> dict:
+    """Greedy generation of `new_tokens` tokens, timed token by token (`decode_rates`).
+
+    A streamer records when each token arrives: `generate` hands it the prompt first, then each new
+    token as soon as it is chosen (on the CPU and on CUDA alike, its stop check reads the token
+    back every step).
     """
     import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class TokenClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.stamps: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value) -> None:
+            if self.prompt_seen:
+                self.stamps.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
 
     mask = torch.ones_like(prompt)
     pad = model.generation_config.pad_token_id
     pad = model.generation_config.eos_token_id if pad is None else pad
 
-    def generate(n: int):  # no end-of-sequence token: exactly n tokens, as llama.cpp's loop (min_new_tokens would
-        # add two logits processors that scan the whole vocabulary each step, ~1.5 ms a token on SmolLM2, 2 cores)
-        return model.generate(prompt, attention_mask=mask, max_new_tokens=n, eos_token_id=None, do_sample=False, pad_token_id=pad)
+    def generate(n: int, streamer=None):  # no end-of-sequence token: exactly n tokens, as llama.cpp's loop (min_new_tokens
+        # would add two logits processors that scan the whole vocabulary each step, ~1.5 ms a token on SmolLM2, 2 cores)
+        return model.generate(
+            prompt, attention_mask=mask, max_new_tokens=n, eos_token_id=None, do_sample=False, pad_token_id=pad, streamer=streamer
+        )
 
     if getattr(model.generation_config, "compile_config", None) is not None:
         # compiled cases: one static cache, sized for the longest call, so that one compile serves every call
         model.generation_config.max_cache_len = prompt.shape[1] + new_tokens
+    runs, out = [], None
     with no_autograd():
         generate(min(WARMUP_NEW_TOKENS, new_tokens))  # warm-up
-        first_times, _ = timed(lambda: generate(1), repeats)
-        times, out = timed(lambda: generate(new_tokens), repeats)
-    produced = out.shape[1] - prompt.shape[1]  # (1, prompt + new) -> new tokens
-    seconds, first = statistics.median(times), statistics.median(first_times)
-    return {
-        "tokens": out[0, prompt.shape[1] :].tolist(),
-        "decode_s": seconds,
-        "decode_s_runs": times,
-        "first_token_s": first,
-        "new_tokens": produced,
-        "decode_tok_s": (produced - 1) / (seconds - first),
-    }
+        for _ in range(repeats):
+            clock = TokenClock()
+            start = time.perf_counter()
+            out = generate(new_tokens, clock)
+            runs.append((start, time.perf_counter(), clock.stamps))
+    if len(runs[-1][2]) != out.shape[1] - prompt.shape[1]:
+        raise RuntimeError(f"the token clock saw {len(runs[-1][2])} tokens where generate made {out.shape[1] - prompt.shape[1]}")
+    return {"tokens": out[0, prompt.shape[1] :].tolist(), **decode_rates(runs)}

@@ -8,7 +8,10 @@ never imports torch itself (see _harness.py for why). Per case the child loads t
   greedy with no end-of-sequence token (`generate(..., eos_token_id=None, do_sample=False)`: exactly
   `--new-tokens`, as llama.cpp's loop; until 2026-12-06 `min_new_tokens`, whose logits processors
   scanned the vocabulary each step); one short warm-up, then the median of `--repeats` runs.
-  Decode tok/s = (new tokens - 1) / (time of the call - time of a one-token call), as in _models.time_decode.
+  Decode tok/s = (new tokens - 1) / (time from the first token's arrival to the last's), each token
+  timestamped as it arrives (_models.decode_rates; llama.cpp's tokens as its generator yields them).
+  Until 2026-12-06 afternoon: (new tokens - 1) / (time of the call - time of a one-token call), which
+  put the spread of the prompt's forward into the rate.
 - prefill: one forward of a `--prefill-tokens` batch-1 input (warm-up once, median of `--repeats` runs, at least 5).
 
 llama.cpp (llama-cpp-python, built from source by `make bench-peers`) runs the same decode and
@@ -68,6 +71,7 @@ from _models import (
     WARMUP_NEW_TOKENS,
     add_model_arguments,
     add_timing_arguments,
+    decode_rates,
     load_bf16,
     load_bnb,
     load_llmslim,
@@ -294,26 +298,23 @@ def child_llamacpp(gguf: Path, args: argparse.Namespace) -> dict:
     result.update(gguf_weight_bytes(gguf))
     prompt, prefill = random_ids(llm.n_vocab(), args.prompt_tokens, args.prefill_tokens, as_torch=False)
 
-    def generate(n: int) -> int:
+    def generate(n: int) -> tuple[float, float, list[float]]:
+        """One greedy run of `n` tokens: its start, its end and when each token arrived (`decode_rates`)."""
         llm.reset()  # forget the previous run's tokens, so the prompt is evaluated again
-        count = 0
+        stamps: list[float] = []
+        start = time.perf_counter()
         for _ in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            count += 1
-            if count == n:
+            stamps.append(time.perf_counter())
+            if len(stamps) == n:
                 break
-        return count
+        return start, time.perf_counter(), stamps
 
     def forward() -> None:
         llm.reset()
         llm.eval(prefill)
 
     generate(min(WARMUP_NEW_TOKENS, args.new_tokens))
-    first_times, _ = timed(lambda: generate(1), args.repeats)
-    times, produced = timed(lambda: generate(args.new_tokens), args.repeats)
-    decode_s, first = statistics.median(times), statistics.median(first_times)
-    result.update(
-        decode_s=decode_s, decode_s_runs=times, first_token_s=first, new_tokens=produced, decode_tok_s=(produced - 1) / (decode_s - first)
-    )
+    result.update(decode_rates([generate(args.new_tokens) for _ in range(args.repeats)]))
     forward()  # warm-up
     times, _ = timed(forward, max(args.repeats, PREFILL_MIN_REPEATS))
     prefill_s = statistics.median(times)
@@ -502,6 +503,11 @@ def markdown(report: dict) -> str:
     )
     threads = f" with {s['threads']} threads" if "threads" in s else ""  # results before --threads used every core
     prefill_runs = f" (prefill: of {s['prefill_repeats']})" if "prefill_repeats" in s else ""
+    decode_span = (
+        "(time from the first token's arrival to the last's, each token timestamped as it arrives)"
+        if s.get("decode_timing") == "per-token"
+        else "(time of the full `generate` call - time of a 1-token call)"  # runs before 2026-12-06 afternoon
+    )
     lines = [
         f"Measured {info['date']} on {info['cpu']}, {info['nproc']} cores, {info['total_ram_gib']:.0f} GiB RAM; "
         f"torch {versions['torch']}, transformers {versions['transformers']}, bitsandbytes {versions['bitsandbytes']}, "
@@ -509,7 +515,7 @@ def markdown(report: dict) -> str:
         f"{bandwidth}.",
         "",
         f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy; decode tok/s = (new tokens - 1) / "
-        f"(time of the full `generate` call - time of a 1-token call), i.e. without the prompt's forward. "
+        f"{decode_span}, i.e. without the prompt's forward. "
         f"Prefill: one forward of {s['prefill_tokens']} tokens. Median of "
         f"{s['repeats']} run(s) after a warm-up{prefill_runs}, each case in a fresh process{threads}. "
         "% roofline: decode tok/s over bandwidth / bytes of "
@@ -655,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         return publish_report(read_json(args.from_json), args, write=False)
     settings = {k: getattr(args, k) for k in (*TIMING_SETTINGS, "threads")} | {"prefill_repeats": max(args.repeats, PREFILL_MIN_REPEATS)}
+    settings["decode_timing"] = "per-token"  # _models.decode_rates
     machine = machine_info(extra_packages=("optimum-quanto", "llama-cpp-python", "gguf"))
     report: dict = {"machine": machine, "settings": settings, "cases": args.cases, "models": {}}
     report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args, [f"--threads={args.threads}"])
