@@ -346,6 +346,11 @@ def fused_decode_ops() -> bool:
     return _ops_loaded()
 
 
+def lean_layer_ops() -> bool:
+    """Whether a lean decode step can run as two operators (`lean_qkv_i16`, `lean_out_i16`): the AVX2 build."""
+    return _ops_loaded() and _has_i16_kernel()
+
+
 @torch.compiler.assume_constant_result
 def int8_rows_kernel() -> bool:
     """Whether llmslim's `gemv_int8_rows` (int8 weights x 16-bit activations, exact integer products) runs here: built

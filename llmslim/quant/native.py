@@ -180,8 +180,13 @@ def _register_fakes() -> None:
     def like_fake(x, *args):
         return torch.empty_like(x)
 
+    def lean_qkv_fake(x, norm_weight, eps, codes, lut, scales, biases, ns, block, cos, sin, head_dim):
+        return tuple(x.new_empty((1, n // head_dim, 1, head_dim)) for n in ns)
+
     fakes = {
         "gemv_4bit_multi": multi_fake,
+        "lean_qkv_i16": lean_qkv_fake,
+        "lean_out_i16": lambda x, q, k, v, scale, codes, lut, scales, biases, ns, block, norm_weight, eps: torch.empty_like(x),
         "rms_norm_rows": like_fake,
         "add_rms_norm_rows": lambda x, y, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
         "rotary_rows": like_fake,

@@ -88,6 +88,9 @@ def test_the_fused_lean_step_decodes_as_the_standard_forward(decode_models, arch
     attended = []
     attend = torch.ops.llmslim.attend_one_rows
     monkeypatch.setattr(torch.ops.llmslim, "attend_one_rows", lambda *args: attended.append(args[1].shape) or attend(*args))
+    if kernels.lean_layer_ops():  # AVX2: a 4-bit layer attends inside lean_out_i16 (its k is the fourth operand)
+        out = torch.ops.llmslim.lean_out_i16
+        monkeypatch.setattr(torch.ops.llmslim, "lean_out_i16", lambda *args: attended.append(args[2].shape) or out(*args))
     lean = _greedy(model)
     assert len(fused) == 46 and all(op is not None for op in fused)
     assert [shape[2] for shape in attended] == [seen for seen in range(8, 31) for _ in range(2)]  # the cache, growing
@@ -97,10 +100,21 @@ def test_the_fused_lean_step_decodes_as_the_standard_forward(decode_models, arch
     assert_same_greedy_decode(_greedy(model), lean, prompt_length=7, tolerance=0.02)
 
 
-@pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+needs_i16 = pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+
+
+def _without_layer_ops(model, monkeypatch) -> None:
+    """The lean step's operator-by-operator path: no layer takes `lean_qkv_i16` / `lean_out_i16`."""
+    monkeypatch.setattr(kernels, "lean_layer_ops", lambda: False)
+    for layer in model.model.layers:
+        layer.__dict__.pop("_lean_plan", None)
+
+
+@needs_i16
 @pytest.mark.parametrize("arch", ("llama", "qwen2"))  # qwen2: biased q/k/v, added after the shared call
 def test_on_avx2_the_lean_step_projects_q_k_v_and_gate_up_in_one_call_each(decode_models, arch, monkeypatch):
     model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights="nf4"), progress=False)
+    _without_layer_ops(model, monkeypatch)
     calls = []
     multi = torch.ops.llmslim.mm_4bit_i16_multi
     monkeypatch.setattr(torch.ops.llmslim, "mm_4bit_i16_multi", lambda *args: calls.append(len(args[1])) or multi(*args))
@@ -109,6 +123,34 @@ def test_on_avx2_the_lean_step_projects_q_k_v_and_gate_up_in_one_call_each(decod
     monkeypatch.setattr(decode, "_projections_i16", lambda *args: None)  # one call per projection instead
     single = _greedy(model)
     assert torch.equal(single[0], lean[0]) and torch.equal(single[1], lean[1])  # bit for bit
+
+
+@needs_i16
+@pytest.mark.parametrize("arch", ("llama", "mistral", "qwen2"))
+def test_on_avx2_a_layer_decodes_in_two_operators_with_the_same_bits(decode_models, arch, monkeypatch):
+    model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights="nf4"), progress=False)
+    calls = []
+    for name in ("lean_qkv_i16", "lean_out_i16"):
+        op = getattr(torch.ops.llmslim, name)
+        monkeypatch.setattr(torch.ops.llmslim, name, lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+    fused = _greedy(model)
+    assert calls == ["lean_qkv_i16", "lean_out_i16"] * 46
+    _without_layer_ops(model, monkeypatch)
+    assert torch.equal(_greedy(model)[1], fused[1])  # the operator-by-operator step's logits, bit for bit
+
+
+@needs_i16
+def test_a_layer_plan_follows_a_replaced_weight(decode_models, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    _greedy(model, steps=3)  # the layers keep their plans
+    assert all("_lean_plan" in layer.__dict__ for layer in model.model.layers)
+    before = _greedy(model)
+    down = model.model.layers[1].mlp.down_proj
+    down.weight = torch.nn.Parameter(255 - down.weight.data, requires_grad=False)  # other codes, in a new tensor
+    replaced = _greedy(model)
+    assert not torch.equal(replaced[1], before[1])
+    _without_layer_ops(model, monkeypatch)
+    assert torch.equal(_greedy(model)[1], replaced[1])
 
 
 def test_a_look_alike_layer_keeps_its_own_forward(decode_models):

@@ -168,3 +168,29 @@ def test_attend_one_rows_names_a_bad_operand():
         torch.ops.llmslim.attend_one_rows(q, k, v[..., :32], 0.125)
     with pytest.raises(RuntimeError, match="one query token"):
         torch.ops.llmslim.attend_one_rows(q.expand(1, 8, 2, 64).contiguous(), k, v, 0.125)
+
+
+@pytest.mark.skipif(not kernels.lean_layer_ops(), reason="the layer operators are built for AVX2 only")
+def test_the_layer_operators_name_a_bad_plan():
+    k, d = 128, 32
+    weights = [formats.quantize_4bit(_bf16((n, k), seed=n).float(), "nf4", 64, double_quant=False) for n in (128, 64, 64)]
+    codes, scales = [w.codes for w in weights], [w.absmax for w in weights]
+    table, x, norm = kernels._code_4bit("nf4"), _bf16((1, k), seed=1), _bf16((k,), seed=2)
+    cos, sin = _bf16((1, 1, d), seed=3), _bf16((1, 1, d), seed=4)
+    q, key, v = torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, scales, [None] * 3, [128, 64, 64], 64, cos, sin, d)
+    assert q.shape == (1, 4, 1, d) and key.shape == v.shape == (1, 2, 1, d)
+    with pytest.raises(RuntimeError, match="takes 3 weights .* got 2, 2, 3, 3"):
+        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes[:2], table, scales[:2], [None] * 3, [128, 64, 64], 64, cos, sin, d)
+    with pytest.raises(RuntimeError, match="takes float32 absmax .* got Byte"):
+        uint8 = [s.to(torch.uint8) for s in scales]
+        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, uint8, [None] * 3, [128, 64, 64], 64, cos, sin, d)
+    with pytest.raises(RuntimeError, match="not whole heads of 48"):
+        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, scales, [None] * 3, [128, 64, 64], 64, cos, sin, 48)
+    with pytest.raises(RuntimeError, match="a bias of 7 values for 128 outputs"):
+        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, scales, [_bf16((7,), 5), None, None], [128, 64, 64], 64, cos, sin, d)
+    with pytest.raises(RuntimeError, match=r"one token's row \(1, hidden\)"):
+        torch.ops.llmslim.lean_qkv_i16(
+            x.expand(2, k).contiguous(), norm, 1e-5, codes, table, scales, [None] * 3, [128, 64, 64], 64, cos, sin, d
+        )
+    with pytest.raises(RuntimeError, match="takes 4 weights"):
+        torch.ops.llmslim.lean_out_i16(x, q, key, v, 0.125, codes, table, scales, [None] * 3, [128, 64, 64], 64, norm, 1e-5)

@@ -1895,6 +1895,79 @@ at::Tensor attend_one_rows(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
+#ifdef LLMSLIM_AVX2
+// ---- a decoder layer's decode step in two calls (AVX2: 4-bit weights through mm_4bit_i16) -----------------------------
+//
+// hf/decode.py's lean step, with every operator above called from here instead of from Python: a SmolLM2 layer took
+// ~13 operator calls and their Python glue (~200 us of a ~400 us layer on a 2-core EPYC, more than its matmuls). The
+// step is split where the KV cache (a Python object) takes the new key and value:
+//   lean_qkv_i16: h = rms_norm(x); q, k, v = h @ Wq/Wk/Wv (+ biases, one parallel region); rotary on q and k
+//   lean_out_i16: o = attend(q, cache k, cache v); x += o @ Wo (+ bias); h = rms_norm(x);
+//                 x += (silu(h @ Wg) * (h @ Wu)) @ Wd (biases added where given)
+// Each step is the operator the Python step calls, in the same order on the same values: the results are its bits.
+// Weights: float32 absmax (a double-quantized one decoded with block_scales_f32), one table and block for all.
+
+// out + bias.to(out.dtype) in bf16 (torch's add: in float32, rounded once)
+void add_bias_rows(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value()) return;
+  const at::Tensor b = bias->to(at::kBFloat16).contiguous();
+  TORCH_CHECK(b.numel() == out.size(-1), "llmslim: a bias of ", b.numel(), " values for ", out.size(-1), " outputs");
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  const at::BFloat16* pb = b.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < out.numel(); i++) po[i] = c10::BFloat16(static_cast<float>(po[i]) + static_cast<float>(pb[i % b.numel()]));
+}
+
+void check_plan(at::TensorList codes, at::TensorList scales, const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns,
+                size_t count, const char* op) {
+  TORCH_CHECK(codes.size() == count && scales.size() == count && biases.size() == count && ns.size() == count, "llmslim: ", op, " takes ",
+              count, " weights (codes, scales, biases, ns), got ", codes.size(), ", ", scales.size(), ", ", biases.size(), ", ", ns.size());
+  for (size_t j = 0; j < count; j++)
+    TORCH_CHECK(scales[j].scalar_type() == at::kFloat, "llmslim: ", op, " takes float32 absmax (block_scales_f32 decodes a double-quantized one), got ",
+                scales[j].scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lean_qkv_i16(const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList codes,
+                                                            const at::Tensor& lut, at::TensorList scales,
+                                                            const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns,
+                                                            int64_t block, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  check_rows(x, "lean_qkv_i16's x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "llmslim: lean_qkv_i16 takes one token's row (1, hidden), got ", x.sizes());
+  check_plan(codes, scales, biases, ns, 3, "lean_qkv_i16");
+  TORCH_CHECK(head_dim > 0 && ns[0] % head_dim == 0 && ns[1] % head_dim == 0 && ns[1] == ns[2], "llmslim: lean_qkv_i16's outputs ", ns,
+              " are not whole heads of ", head_dim);
+  const at::Tensor h = rms_norm_rows(x, norm_weight, eps);
+  std::vector<at::Tensor> qkv = mm_4bit_i16_multi(h, codes, lut, scales, {}, c10::nullopt, {}, ns, block);
+  for (size_t j = 0; j < 3; j++) add_bias_rows(qkv[j], biases.get(j));
+  const at::Tensor q = rotary_rows(qkv[0].view({1, ns[0] / head_dim, 1, head_dim}), cos, sin);
+  const at::Tensor k = rotary_rows(qkv[1].view({1, ns[1] / head_dim, 1, head_dim}), cos, sin);
+  return {q, k, qkv[2].view({1, ns[2] / head_dim, 1, head_dim})};
+}
+
+at::Tensor lean_out_i16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::TensorList codes,
+                        const at::Tensor& lut, at::TensorList scales, const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns,
+                        int64_t block, const at::Tensor& norm_weight, double eps) {
+  check_rows(x, "lean_out_i16's x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "llmslim: lean_out_i16 takes one token's row (1, hidden), got ", x.sizes());
+  check_plan(codes, scales, biases, ns, 4, "lean_out_i16");  // o, gate, up, down
+  TORCH_CHECK(ns[0] == x.size(1) && ns[3] == x.size(1) && ns[1] == ns[2], "llmslim: lean_out_i16's outputs ", ns, " do not fit rows of ", x.size(1));
+  const at::Tensor o = attend_one_rows(q, k, v, scale);
+  at::Tensor projected = mm_4bit_i16(o, codes[0], lut, scales[0], c10::nullopt, c10::nullopt, c10::nullopt, ns[0], block);
+  add_bias_rows(projected, biases.get(0));
+  const auto [mid, h] = add_rms_norm_rows(x, projected, norm_weight, eps);
+  std::vector<at::Tensor> gate_up = mm_4bit_i16_multi(h, codes.slice(1, 2), lut, scales.slice(1, 2), {}, c10::nullopt, {}, ns.slice(1, 2), block);
+  add_bias_rows(gate_up[0], biases.get(1));
+  add_bias_rows(gate_up[1], biases.get(2));
+  at::Tensor down = mm_4bit_i16(silu_mul_rows(gate_up[0], gate_up[1]), codes[3], lut, scales[3], c10::nullopt, c10::nullopt, c10::nullopt,
+                                ns[3], block);
+  add_bias_rows(down, biases.get(3));
+  at::Tensor out = at::empty_like(mid);
+  const at::BFloat16 *pm = mid.data_ptr<at::BFloat16>(), *pd = down.data_ptr<at::BFloat16>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < out.numel(); i++) po[i] = c10::BFloat16(static_cast<float>(pm[i]) + static_cast<float>(pd[i]));
+  return out;
+}
+#endif  // LLMSLIM_AVX2
+
 }  // namespace
 
 
@@ -1924,6 +1997,12 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("rotary_rows(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
   m.def("attend_one_rows(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def(
+      "lean_qkv_i16(Tensor x, Tensor norm_weight, float eps, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor?[] biases, int[] ns, "
+      "int block, Tensor cos, Tensor sin, int head_dim) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "lean_out_i16(Tensor x, Tensor q, Tensor k, Tensor v, float scale, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor?[] biases, "
+      "int[] ns, int block, Tensor norm_weight, float eps) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.def("int4_q8_available() -> Tensor");
   m.def("int8_rows_available() -> Tensor");
@@ -1939,6 +2018,8 @@ TORCH_LIBRARY(llmslim, m) {
   m.impl("mm_4bit_i16", c10::DispatchKey::CPU, mm_4bit_i16);
   m.impl("mm_4bit_i16_multi", c10::DispatchKey::CPU, mm_4bit_i16_multi);
   m.impl("block_scales_f32", c10::DispatchKey::CPU, block_scales_f32);
+  m.impl("lean_qkv_i16", c10::DispatchKey::CPU, lean_qkv_i16);
+  m.impl("lean_out_i16", c10::DispatchKey::CPU, lean_out_i16);
 #endif
 #if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
   m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
