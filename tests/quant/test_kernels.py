@@ -892,16 +892,23 @@ def test_4bit_i16_multi_rejects_mismatched_operands():
 
 
 @needs_i16
-def test_4bit_i16_gives_each_row_what_it_gets_alone():
+@pytest.mark.parametrize(("n", "k"), [(40, 256), (37, 576), (101, 4096)])  # one row: weight rows in pairs, an odd one last
+@pytest.mark.parametrize("threads", (1, 2))  # (101, 4096) on 2 threads: the second thread's rows start at an odd row
+def test_4bit_i16_gives_each_row_what_it_gets_alone(n, k, threads):
     torch.manual_seed(0)
-    x = torch.randn(6, 256, dtype=torch.bfloat16)
-    w = kernels.quantize_4bit(torch.randn(40, 256), "nf4", 64, True)
+    x = torch.randn(6, k, dtype=torch.bfloat16)
+    w = kernels.quantize_4bit(torch.randn(n, k), "nf4", 64, True)
     absmax, _, nested_absmax, nested_map, offset = kernels._scale_args(w)
     lut = formats.code_4bit("nf4")
-    together = torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut, absmax, nested_absmax, nested_map, offset, 40, 64)
-    for i in range(6):
-        alone = torch.ops.llmslim.mm_4bit_i16(x[i : i + 1], w.codes, lut, absmax, nested_absmax, nested_map, offset, 40, 64)
-        assert torch.equal(together[i : i + 1], alone)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        together = torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut, absmax, nested_absmax, nested_map, offset, n, 64)
+        for i in range(6):
+            alone = torch.ops.llmslim.mm_4bit_i16(x[i : i + 1], w.codes, lut, absmax, nested_absmax, nested_map, offset, n, 64)
+            assert torch.equal(together[i : i + 1], alone)
+    finally:
+        torch.set_num_threads(previous)
 
 
 @needs_nf4_q8

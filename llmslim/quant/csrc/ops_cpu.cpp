@@ -1328,21 +1328,68 @@ inline __m256i dot_i16(const __m256i w[4], const int16_t* x) {
 // MI input rows x weight rows [begin, end): per row, each step's int32 sums times its scale (the activations' scale
 // of those 64 columns times the weight block's, / 8191; `scale`, filled per row) summed in float32, two steps at a
 // time into two accumulators per input row.
+// Each step's scale of one weight row for MI input rows: the block's scale / kLevels16 times the activations' scale
+template <int MI>
+inline void row_scales_i16(const Scales& s, const float* const* xscale, int64_t row, int64_t steps, int64_t blocks, int shift, float* ws,
+                           float* scale) {
+  block_scales(s, row * blocks, blocks, 1.f / kLevels16, ws);
+  for (int t = 0; t < MI; t++) {
+    int64_t st = 0;
+    if (shift == 0)  // blocks of 64 (the default): one block per step, 8 steps at a time (the same products)
+      for (; st + 8 <= steps; st += 8)
+        _mm256_storeu_ps(&scale[t * steps + st], _mm256_mul_ps(_mm256_loadu_ps(xscale[t] + st), _mm256_loadu_ps(&ws[st])));
+    for (; st < steps; st++) scale[t * steps + st] = xscale[t][st] * ws[st >> shift];
+  }
+}
+
+// One input row against two weight rows at a time (decode): each row's sums formed as rows_i16 forms them (the same
+// steps into the same two accumulators, the same bits), interleaved so that the core has two rows' independent work in
+// flight. A short row's work ends in a dependent chain (the accumulators, then the horizontal sum) that one row at a
+// time left exposed: on a Zen 3 core, K = 576 cost ~14 cycles per 64 weights against ~8 for K = 2048.
+inline void row_pair_i16(const __m256i tables[2], const int16_t* xq, const float* sc0, const float* sc1, const uint8_t* r0, const uint8_t* r1,
+                         int64_t steps, float* o0, float* o1) {
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
+  __m256i w[4];
+  int64_t st = 0;
+  for (; st + 2 <= steps; st += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(r0 + st * 32) + kPrefetch4bitI16, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(r1 + st * 32) + kPrefetch4bitI16, _MM_HINT_T0);
+    levels_i16(tables, r0 + st * 32, w);
+    a00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w, xq + st * 64)), _mm256_broadcast_ss(sc0 + st), a00);
+    levels_i16(tables, r1 + st * 32, w);
+    a10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w, xq + st * 64)), _mm256_broadcast_ss(sc1 + st), a10);
+    levels_i16(tables, r0 + st * 32 + 32, w);
+    a01 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w, xq + st * 64 + 64)), _mm256_broadcast_ss(sc0 + st + 1), a01);
+    levels_i16(tables, r1 + st * 32 + 32, w);
+    a11 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w, xq + st * 64 + 64)), _mm256_broadcast_ss(sc1 + st + 1), a11);
+  }
+  if (st < steps) {  // an odd step count
+    levels_i16(tables, r0 + st * 32, w);
+    a00 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w, xq + st * 64)), _mm256_broadcast_ss(sc0 + st), a00);
+    levels_i16(tables, r1 + st * 32, w);
+    a10 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_i16(w, xq + st * 64)), _mm256_broadcast_ss(sc1 + st), a10);
+  }
+  *o0 = hsum_avx2(_mm256_add_ps(a00, a01));
+  *o1 = hsum_avx2(_mm256_add_ps(a10, a11));
+}
+
 template <int MI>
 void rows_i16(const __m256i tables[2], const int16_t* const* xq, const float* const* xscale, const uint8_t* codes, const Scales& s,
               int64_t k, int64_t n, int64_t block, int64_t begin, int64_t end, float* out) {
   const int64_t steps = k / 64, blocks = k / block;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(block / 64));  // steps per block: a power of two
   std::vector<float> scale(MI * steps), ws(blocks);
-  for (int64_t row = begin; row < end; row++) {
-    block_scales(s, row * blocks, blocks, 1.f / kLevels16, ws.data());
-    for (int t = 0; t < MI; t++) {
-      int64_t st = 0;
-      if (shift == 0)  // blocks of 64 (the default): one block per step, 8 steps at a time (the same products)
-        for (; st + 8 <= steps; st += 8)
-          _mm256_storeu_ps(&scale[t * steps + st], _mm256_mul_ps(_mm256_loadu_ps(xscale[t] + st), _mm256_loadu_ps(&ws[st])));
-      for (; st < steps; st++) scale[t * steps + st] = xscale[t][st] * ws[st >> shift];
+  if constexpr (MI == 1) {
+    std::vector<float> scale1(steps);
+    for (; begin + 2 <= end; begin += 2) {
+      row_scales_i16<1>(s, xscale, begin, steps, blocks, shift, ws.data(), scale.data());
+      row_scales_i16<1>(s, xscale, begin + 1, steps, blocks, shift, ws.data(), scale1.data());
+      row_pair_i16(tables, xq[0], scale.data(), scale1.data(), codes + begin * k / 2, codes + (begin + 1) * k / 2, steps, out + begin,
+                   out + begin + 1);
     }
+  }
+  for (int64_t row = begin; row < end; row++) {
+    row_scales_i16<MI>(s, xscale, row, steps, blocks, shift, ws.data(), scale.data());
     const uint8_t* rc = codes + row * k / 2;
     __m256 acc[MI][2];
     for (int t = 0; t < MI; t++) acc[t][0] = acc[t][1] = _mm256_setzero_ps();
