@@ -18,6 +18,7 @@ import torch
 import transformers
 from packaging import version
 from transformers import AttentionInterface, CompileConfig
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
 from transformers.pytorch_utils import Conv1D
 
@@ -28,6 +29,7 @@ __all__ = [
     "AttentionInterface",
     "CompileConfig",
     "Conv1D",
+    "DynamicLayer",
     "sdpa_attention_forward",
     "use_gqa_in_sdpa",
 ]

@@ -214,3 +214,38 @@ def test_quantize_in_place_gives_the_lean_step(decode_models):
 def test_the_transformers_door_gives_the_lean_step(decode_models):
     model = AutoModelForCausalLM.from_pretrained(decode_models["llama"], quantization_config=SlimConfig(weights="nf4"))
     assert type(model.model.layers[0]).__name__ == "LeanLlamaDecoderLayer"
+
+
+@needs_decode_kernels
+def test_the_kept_cache_room_holds_what_torch_cat_gives():
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    ours, theirs = DynamicCache(), DynamicCache()
+    prompt_k, prompt_v = torch.randn(1, 2, 5, 8).bfloat16(), torch.randn(1, 2, 5, 8).bfloat16()
+    for cache in (ours, theirs):
+        cache.update(prompt_k, prompt_v, 0)  # the prompt's step: torch.cat, a plain tensor
+    handed_out = []
+    for step in range(140):  # past the first room of 5 + 128 positions: the room grows once
+        k, v = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 1, 8).bfloat16()
+        got = decode._cache_update(ours, k, v, 0)
+        want = theirs.update(k, v, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        handed_out.append((got[0], want[0].clone()))
+        if step == 60:
+            ours.crop(-26), theirs.crop(-26)  # 66 -> 40 positions: new keys, which the next step copies into new room
+    assert all(torch.equal(view, kept) for view, kept in handed_out)  # no later write reached a view handed out earlier
+    assert ours.get_seq_length() == theirs.get_seq_length() == 40 + 79
+
+
+@needs_decode_kernels
+def test_a_cache_of_another_kind_takes_its_own_update(monkeypatch):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=LlamaConfig(**_SHAPE), max_cache_len=16)
+    calls = []
+    update = cache.update
+    monkeypatch.setattr(cache, "update", lambda *args, **kwargs: calls.append(1) or update(*args, **kwargs))
+    k = torch.randn(1, 2, 1, 16).bfloat16()
+    decode._cache_update(cache, k, k, 0)
+    assert calls == [1]

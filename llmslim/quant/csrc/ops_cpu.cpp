@@ -1942,6 +1942,21 @@ at::Tensor attend_one_rows(const at::Tensor& q, const at::Tensor& k, const at::T
   return out;
 }
 
+// One token's keys and values (1, KV, 1, d) written into spare room at position `seen` of a key and a value buffer
+// (1, KV, capacity, d); returns the buffers' first seen + 1 positions (views): what torch.cat of the cached keys and
+// the new ones gives, without copying the cache every token (hf/decode.py keeps the buffers).
+std::tuple<at::Tensor, at::Tensor> kv_append(const at::Tensor& key_room, const at::Tensor& value_room, const at::Tensor& k, const at::Tensor& v,
+                                             int64_t seen) {
+  for (const at::Tensor* t : {&key_room, &value_room})
+    TORCH_CHECK(t->dim() == 4 && t->size(0) == k.size(0) && t->size(1) == k.size(1) && t->size(3) == k.size(3) && seen >= 0 && seen < t->size(2),
+                "llmslim: kv_append has no room at position ", seen, " of a buffer ", t->sizes(), " for keys ", k.sizes());
+  TORCH_CHECK(k.dim() == 4 && k.size(2) == 1 && k.sizes() == v.sizes(), "llmslim: kv_append takes one token's keys and values (b, kv_heads, 1, d), got ",
+              k.sizes(), " and ", v.sizes());
+  key_room.narrow(2, seen, 1).copy_(k);
+  value_room.narrow(2, seen, 1).copy_(v);
+  return {key_room.narrow(2, 0, seen + 1), value_room.narrow(2, 0, seen + 1)};
+}
+
 #ifdef LLMSLIM_AVX2
 // ---- a decoder layer's decode step in two calls (AVX2: 4-bit weights through mm_4bit_i16) -----------------------------
 //
@@ -2044,6 +2059,7 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("rotary_rows(Tensor x, Tensor cos, Tensor sin) -> Tensor");
   m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
   m.def("attend_one_rows(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
+  m.def("kv_append(Tensor(a!) key_room, Tensor(b!) value_room, Tensor k, Tensor v, int seen) -> (Tensor(a), Tensor(b))");
   m.def(
       "lean_qkv_i16(Tensor x, Tensor norm_weight, float eps, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor?[] biases, int[] ns, "
       "int block, Tensor cos, Tensor sin, int head_dim) -> (Tensor, Tensor, Tensor)");
@@ -2080,6 +2096,7 @@ TORCH_LIBRARY(llmslim, m) {
   m.impl("rotary_rows", c10::DispatchKey::CPU, rotary_rows);
   m.impl("silu_mul_rows", c10::DispatchKey::CPU, silu_mul_rows);
   m.impl("attend_one_rows", c10::DispatchKey::CPU, attend_one_rows);
+  m.impl("kv_append", c10::DispatchKey::CPU, kv_append);
   m.impl("dequantize_4bit", c10::DispatchKey::CPU, dequantize_4bit);
   m.impl("dequantize_4bit_cpu_layout", c10::DispatchKey::CPU, dequantize_4bit_cpu_layout);
   m.impl("simd_available", c10::DispatchKey::CompositeExplicitAutograd, simd_available);
