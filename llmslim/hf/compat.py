@@ -20,6 +20,8 @@ from packaging import version
 from transformers import AttentionInterface, CompileConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
 if TYPE_CHECKING:
@@ -27,8 +29,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AttentionInterface",
+    "BaseModelOutputWithPast",
     "CompileConfig",
     "Conv1D",
+    "create_causal_mask",
     "DynamicLayer",
     "sdpa_attention_forward",
     "use_gqa_in_sdpa",
@@ -233,6 +237,18 @@ def transformers_checkpointing_active(model: torch.nn.Module) -> bool:
     """Whether transformers' own per-block activation checkpointing is on (`gradient_checkpointing_enable`)."""
     active = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5; before: is_gradient_checkpointing
     return bool(getattr(model, "is_gradient_checkpointing", False) if active is None else active)
+
+
+def swap_model_class(module: torch.nn.Module, cls: type) -> None:
+    """`module.__class__ = cls` for a transformers model, keeping what transformers registers by the class: which
+    outputs (hidden states, attentions) its `capture_outputs` can record (a registry keyed on the class's name)."""
+    from transformers.utils import output_capturing
+
+    registry = getattr(output_capturing, "_CAN_RECORD_REGISTRY", None)
+    flags = registry.get(module) if registry is not None else None
+    module.__class__ = cls
+    if flags:
+        registry[module] = flags
 
 
 def attn_implementation(config) -> str | None:

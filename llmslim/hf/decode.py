@@ -44,6 +44,9 @@ from llmslim.quant.modules import SlimLinear4bit
 
 # decoder layers whose forward the lean step restates (transformers 5.x): norm -> attention -> residual -> norm -> MLP
 LEAN_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
+# base models whose forward the lean token loop restates (embedding, rotary embedding, causal mask, layers, norm)
+LEAN_MODEL_CLASSES = frozenset({"LlamaModel"})
+_MODEL_PARTS = ("embed_tokens", "rotary_emb", "layers", "norm", "config")
 _NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 _SILU = frozenset({"SiLUActivation", "SiLU"})
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -71,11 +74,9 @@ class _LeanDecodeLayer:
             and x.is_cpu
             and _LAYER_KWARGS.issuperset(kwargs)
         ):
-            modules = self._modules  # not through nn.Module.__getattr__
-            attn, mlp = modules["self_attn"], modules["mlp"]
-            norms = modules["input_layernorm"], modules["post_attention_layernorm"]
-            if compat.attn_implementation(attn.config) == "sdpa" and not _hooked((*norms, attn, mlp, mlp._modules["act_fn"])):
-                return _lean_step(self, attn, mlp, norms, x, cache, position_embeddings)
+            parts = _step_parts(self)
+            if parts is not None:
+                return _lean_step(self, *parts, x, cache, position_embeddings)
         return super().forward(
             hidden_states,
             attention_mask=attention_mask,
@@ -85,6 +86,79 @@ class _LeanDecodeLayer:
             position_embeddings=position_embeddings,
             **kwargs,
         )
+
+
+class _LeanDecodeModel:
+    """Mixed into a Llama base model's class ahead of it: `forward` runs one decoded token through the layers' lean
+    steps directly, without each layer's `nn.Module.__call__` and forward wrappers (~40 us a layer, 30 layers a
+    SmolLM2 token), when the call is one the standard forward would give each layer as a lean step: one token of one
+    sequence after a prompt, positions given, no mask (`create_causal_mask` none), the cache used, no gradients, no
+    outputs to capture and no keyword it does not know. Embedding, rotary embedding and final norm are called as
+    modules (their hooks run); a layer that is not lean, or hooked itself, is called as the standard forward calls it."""
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None, use_cache=None, **kwargs):
+        if (
+            not kwargs
+            and attention_mask is None
+            and inputs_embeds is None
+            and input_ids is not None
+            and position_ids is not None
+            and cache is not None
+            and use_cache
+            and input_ids.shape == (1, 1)
+            and position_ids.shape == (1, 1)
+            and input_ids.is_cpu
+            and not torch.is_grad_enabled()
+            and not self.training
+            and _plain_outputs(self.config)
+        ):
+            inputs_embeds, input_ids = self._modules["embed_tokens"](input_ids), None  # the standard forward's first step
+            mask = compat.create_causal_mask(
+                config=self.config, inputs_embeds=inputs_embeds, attention_mask=None, cache=cache, position_ids=position_ids
+            )
+            if mask is None:
+                return self._lean_forward(inputs_embeds, position_ids, cache)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+    def _lean_forward(self, x: torch.Tensor, position_ids: torch.Tensor, cache):
+        modules = self._modules
+        position_embeddings = modules["rotary_emb"](x, position_ids=position_ids)
+        for layer in modules["layers"][: self.config.num_hidden_layers]:
+            parts = None
+            if isinstance(layer, _LeanDecodeLayer) and not (layer.training or _hooked((layer,))):
+                parts = _step_parts(layer)
+            if parts is not None:
+                x = _lean_step(layer, *parts, x, cache, position_embeddings)
+            else:
+                x = layer(
+                    x, attention_mask=None, position_embeddings=position_embeddings, position_ids=position_ids, cache=cache, use_cache=True
+                )
+        return compat.BaseModelOutputWithPast(last_hidden_state=modules["norm"](x), cache=cache)
+
+
+def _plain_outputs(config) -> bool:
+    """Whether the config asks for no captured outputs (hidden states, attentions) and returns a dict."""
+    return not (getattr(config, "output_hidden_states", False) or getattr(config, "output_attentions", False)) and getattr(
+        config, "return_dict", True
+    )
+
+
+def _step_parts(layer) -> tuple | None:
+    """(attention, MLP, norms) of a lean layer whose step may run (SDPA attention, nothing hooked it bypasses), else None."""
+    modules = layer._modules  # not through nn.Module.__getattr__
+    attn, mlp = modules["self_attn"], modules["mlp"]
+    norms = modules["input_layernorm"], modules["post_attention_layernorm"]
+    if compat.attn_implementation(attn.config) == "sdpa" and not _hooked((*norms, attn, mlp, mlp._modules["act_fn"])):
+        return attn, mlp, norms
+    return None
 
 
 def _hooked(modules) -> bool:
@@ -321,28 +395,33 @@ def _attention(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def use_lean_layers(model: nn.Module) -> int:
     """Give each decoder layer of a class in `LEAN_LAYER_CLASSES` (with the modules its step reads) the lean decode
-    step; the number of layers that have it. Parameters, names and `state_dict` are unchanged."""
+    step, and a base model of a class in `LEAN_MODEL_CLASSES` the lean token loop; the number of layers that have the
+    step. Parameters, names and `state_dict` are unchanged."""
     count = 0
     for module in model.modules():
         if isinstance(module, _LeanDecodeLayer):
             count += 1
         elif type(module).__name__ in LEAN_LAYER_CLASSES and _has_lean_structure(module):
-            module.__class__ = _lean_class(type(module))
+            module.__class__ = _lean_class(type(module), _LeanDecodeLayer)
             count += 1
+        elif type(module).__name__ in LEAN_MODEL_CLASSES and all(hasattr(module, name) for name in _MODEL_PARTS):
+            compat.swap_model_class(module, _lean_class(type(module), _LeanDecodeModel))
     return count
 
 
 def use_standard_layers(model: nn.Module) -> None:
-    """Undo `use_lean_layers`: every decoder layer runs its class's own forward again."""
+    """Undo `use_lean_layers`: every decoder layer and base model runs its class's own forward again."""
     for module in model.modules():
         if isinstance(module, _LeanDecodeLayer):
             module.__class__ = type(module).__mro__[2]
+        elif isinstance(module, _LeanDecodeModel):
+            compat.swap_model_class(module, type(module).__mro__[2])
 
 
-def _lean_class(cls: type) -> type:
+def _lean_class(cls: type, mixin: type) -> type:
     lean = _lean_classes.get(cls)
     if lean is None:
-        lean = _lean_classes[cls] = type(f"Lean{cls.__name__}", (_LeanDecodeLayer, cls), {"__module__": __name__})
+        lean = _lean_classes[cls] = type(f"Lean{cls.__name__}", (mixin, cls), {"__module__": __name__})
     return lean
 
 

@@ -249,3 +249,48 @@ def test_a_cache_of_another_kind_takes_its_own_update(monkeypatch):
     k = torch.randn(1, 2, 1, 16).bfloat16()
     decode._cache_update(cache, k, k, 0)
     assert calls == [1]
+
+
+def _lean_forwards(model, monkeypatch) -> list:
+    """Count the tokens that take the lean token loop of the base model."""
+    taken = []
+    lean = type(model.model)._lean_forward
+    monkeypatch.setattr(type(model.model), "_lean_forward", lambda self, *args: taken.append(1) or lean(self, *args))
+    return taken
+
+
+@pytest.mark.parametrize("weights", ("nf4", None))
+def test_the_lean_token_loop_gives_the_standard_forwards_logits(decode_models, weights, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights=weights), progress=False)
+    assert type(model.model).__name__ == "LeanLlamaModel"
+    monkeypatch.setattr(decode, "_fused_ops", lambda *args: None)  # torch's operators: bit-identical to the standard forward
+    loops, steps = _lean_forwards(model, monkeypatch), _lean_steps(monkeypatch)
+    lean = _greedy(model)
+    assert len(loops) == 23 and len(steps) == 46  # every decoded token after the first, through both layers' steps
+    use_standard_layers(model)
+    assert type(model.model).__name__ == "LlamaModel"
+    standard = _greedy(model)
+    assert len(loops) == 23
+    assert torch.equal(lean[0], standard[0]) and torch.equal(lean[1], standard[1])
+
+
+def test_the_lean_token_loop_calls_a_hooked_layer_and_its_own_modules(decode_models, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    loops, steps = _lean_forwards(model, monkeypatch), _lean_steps(monkeypatch)
+    seen = []
+    model.model.layers[1].register_forward_hook(lambda m, args, out: seen.append("layer 1"))
+    model.model.norm.register_forward_hook(lambda m, args, out: seen.append("norm"))
+    model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append("embed"))
+    _greedy(model, steps=5)
+    assert len(loops) == 4 and len(steps) == 8  # layer 1's hook runs around its __call__, whose forward takes the step
+    assert seen == ["embed", "layer 1", "norm"] * 5
+
+
+def test_the_lean_token_loop_leaves_captured_outputs_to_the_standard_forward(decode_models, monkeypatch):
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+    loops = _lean_forwards(model, monkeypatch)
+    prompt = torch.randint(0, 160, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        out = model.generate(prompt, max_new_tokens=4, do_sample=False, output_hidden_states=True, return_dict_in_generate=True)
+    assert not loops
+    assert [len(step) for step in out.hidden_states] == [3] * 4  # embeddings and both layers, every step

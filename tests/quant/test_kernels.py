@@ -805,6 +805,21 @@ def test_4bit_i16_equals_reference_with_16_bit_levels_and_activations(n, k, bloc
 
 
 @needs_i16
+@pytest.mark.parametrize("k", (64, 576, 4096))
+def test_4bit_i16_quantizes_bf16_rows_as_it_does_their_float32_values(k):
+    # bf16 rows take a vectorized quantizer, float32 rows the scalar one: the same int16 values and scales
+    torch.manual_seed(k)
+    w = kernels.quantize_4bit(torch.randn(48, k), "nf4", 64, False)
+    x = (torch.randn(3, k) * torch.logspace(-3, 3, k)).to(torch.bfloat16)
+    x[1, :64] = 0.0  # a zero step
+    x[2, 5] = -x[2].float().abs().max() * 2  # the largest magnitude negative
+    lut = formats.code_4bit("nf4")
+    from_bf16 = torch.ops.llmslim.mm_4bit_i16(x, w.codes, lut, w.absmax, None, None, None, 48, 64)
+    from_float = torch.ops.llmslim.mm_4bit_i16(x.float(), w.codes, lut, w.absmax, None, None, None, 48, 64)
+    assert torch.equal(from_bf16, from_float.to(torch.bfloat16))
+
+
+@needs_i16
 def test_4bit_i16_is_more_precise_than_the_bf16_table_kernel():
     # the default decode kernel on AVX2 must not cost what the table kernel (bf16 levels) does not
     torch.manual_seed(0)

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512BF16__) && defined(__AVX512VNNI__)
@@ -52,6 +53,14 @@ inline float hsum_avx2(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// the largest of 8 lanes
+inline float hmax_avx2(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
 }
 #endif
 
@@ -1260,6 +1269,8 @@ struct StepOrder {
 };
 const StepOrder kStepOrder;
 
+inline __m256 bf16x8_to_float(const at::BFloat16* p);  // below, with the decode step's row operators
+
 // x rows (float32, bf16 or fp16) as int16 per 64 columns in kStepOrder, and each 64 columns' scale (absmax / 32767)
 template <typename T>
 void quantize_x_steps(const T* x, int64_t m, int64_t k, int16_t* q, float* scale) {
@@ -1268,6 +1279,26 @@ void quantize_x_steps(const T* x, int64_t m, int64_t k, int16_t* q, float* scale
   for (int64_t i = 0; i < m; i++)
     for (int64_t st = 0; st < steps; st++) {
       const T* xs = x + i * k + st * 64;
+      int16_t* qs = q + i * k + st * 64;
+      if constexpr (std::is_same_v<T, at::BFloat16>) {  // 8 at a time: the same maximum, products and rounding
+        __m256 top = _mm256_setzero_ps();
+        const __m256 sign = _mm256_set1_ps(-0.f);
+        for (int j = 0; j < 64; j += 8) {
+          const __m256 e = bf16x8_to_float(xs + j);
+          _mm256_storeu_ps(v + j, e);
+          top = _mm256_max_ps(_mm256_andnot_ps(sign, e), top);  // a NaN element leaves the maximum as it was, as std::max
+        }
+        const float amax = hmax_avx2(top);
+        const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+        scale[i * steps + st] = amax / 32767.f;
+        alignas(32) int32_t rounded[64];
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (int j = 0; j < 64; j += 8)  // to nearest even (std::nearbyint's default), then exact to int32
+          _mm256_store_si256(reinterpret_cast<__m256i*>(rounded + j),
+                             _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + j), vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+        for (int j = 0; j < 64; j++) qs[j] = static_cast<int16_t>(rounded[kStepOrder.element[j]]);
+        continue;
+      }
       float amax = 0.f;
       for (int j = 0; j < 64; j++) {
         v[j] = static_cast<float>(xs[j]);
@@ -1275,7 +1306,6 @@ void quantize_x_steps(const T* x, int64_t m, int64_t k, int16_t* q, float* scale
       }
       const float inv = amax > 0.f ? 32767.f / amax : 0.f;
       scale[i * steps + st] = amax / 32767.f;
-      int16_t* qs = q + i * k + st * 64;
       for (int j = 0; j < 64; j++) qs[j] = static_cast<int16_t>(std::nearbyint(v[kStepOrder.element[j]] * inv));
     }
 }
