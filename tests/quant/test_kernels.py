@@ -556,6 +556,23 @@ def test_gemv_int8_rows_with_block_absmax_equals_matmul_with_dequantized_weight(
 
 
 @needs_int8_rows_kernel
+def test_gemv_int8_rows_quantizes_activations_to_nearest_even_int16():
+    # weight 127 x identity, absmax 127: row r's output is bf16(float32(127 q_r) * s), q_r = x_r's int16 value and s its
+    # 128-column block's scale, so an activation rounded the wrong way is visible where q is small
+    k = 256
+    x = (torch.rand(1, k, generator=torch.Generator().manual_seed(0)) * 40 - 20) / 32767
+    x[0, 0], x[0, 200] = 1.0, -0.5  # each block's largest magnitude
+    x = x.to(torch.bfloat16)
+    q, absmax = torch.eye(k, dtype=torch.int8) * 127, torch.full((k,), 127.0)
+    got = torch.ops.llmslim.gemv_int8_rows(x, q, absmax)
+    blocks = x.float().view(2, 128)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    levels = torch.round(blocks * (torch.tensor(32767.0) / amax))  # float32 product, then half to even
+    expected = ((127 * levels) * (amax / 32767)).view(1, k).to(torch.bfloat16)
+    assert levels.abs().min() < 20 and torch.equal(got, expected)
+
+
+@needs_int8_rows_kernel
 def test_gemv_int8_rows_rejects_a_block_absmax_of_the_wrong_shape():
     q, absmax = kernels.quantize_int8_blocks(_randn((8, 320), torch.bfloat16))  # 3 blocks per row
     x = _randn((1, 320), torch.bfloat16)
