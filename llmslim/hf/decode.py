@@ -16,7 +16,10 @@ the AVX-512 BF16 decode kernels one call for the q/k/v projections and one for g
 weights: ~12 calls a layer instead of ~60 (on AVX2 `mm_4bit_i16_multi` likewise). On AVX2, a layer whose seven
 projections are 4-bit weights `mm_4bit_i16` takes runs as two operators around the cache's update (`lean_qkv_i16`,
 `lean_out_i16`: the same operators called from C++, the same bits), with their operands kept on the layer
-(`_layer_plan`): SmolLM2, 2 threads on an EPYC, 20.1 -> 14.8 ms a token (median of 8 alternating runs).
+(`_layer_plan`): SmolLM2, 2 threads on an EPYC, 20.1 -> 14.8 ms a token (median of 8 alternating runs). The
+cache's update appends into room kept with each `DynamicLayer` (`kv_append`) instead of `torch.cat` of the whole
+cache. A Llama base model (`LEAN_MODEL_CLASSES`) runs a decoded token through its lean layers' steps directly
+(`_LeanDecodeModel`), without each layer's `nn.Module.__call__` and wrappers.
 They reproduce torch's bf16 arithmetic except the RMS norm's sum of squares
 (another summation order) and SiLU's exp, each at most one bf16 step off on under 1% of elements, and the
 attention's sums (another order than SDPA's GEMMs: one bf16 step off on ~5% of its outputs);
@@ -25,7 +28,7 @@ step runs torch's own operators in the standard forward's order, bit-identical t
 
 Every other call (a prompt, a batch, a mask, training, gradients, a GPU, another attention
 implementation, hooks on a bypassed module) runs the class's own forward. Only the classes whose
-forward the step restates are made lean (`LEAN_LAYER_CLASSES`): a look-alike with other semantics
+forward the step restates are made lean (`LEAN_LAYER_CLASSES`, `LEAN_MODEL_CLASSES`): a look-alike with other semantics
 (Granite's residual multiplier, Gemma's norm offset, Qwen3's q/k norms) keeps its own.
 `use_standard_layers` undoes it (the documented opt-out).
 """

@@ -924,8 +924,10 @@ def test_4bit_i16_multi_rejects_mismatched_operands():
 
 
 @needs_i16
-@pytest.mark.parametrize(("n", "k"), [(40, 256), (37, 576), (101, 4096)])  # one row: weight rows in pairs, an odd one last
-@pytest.mark.parametrize("threads", (1, 2))  # (101, 4096) on 2 threads: the second thread's rows start at an odd row
+@pytest.mark.parametrize(
+    ("n", "k"), [(40, 256), (37, 576), (257, 1024), (101, 4096)]
+)  # one row: rows in pairs (K <= 1024), an odd one last
+@pytest.mark.parametrize("threads", (1, 2))  # (257, 1024) on 2 threads: the second thread's rows start at row 129
 def test_4bit_i16_gives_each_row_what_it_gets_alone(n, k, threads):
     torch.manual_seed(0)
     x = torch.randn(6, k, dtype=torch.bfloat16)

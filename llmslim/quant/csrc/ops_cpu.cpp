@@ -1392,6 +1392,10 @@ inline void row_scales_i16(const Scales& s, const float* const* xscale, int64_t 
 // steps into the same two accumulators, the same bits), interleaved so that the core has two rows' independent work in
 // flight. A short row's work ends in a dependent chain (the accumulators, then the horizontal sum) that one row at a
 // time left exposed: on a Zen 3 core, K = 576 cost ~14 cycles per 64 weights against ~8 for K = 2048.
+// Rows up to this long take row_pair_i16 (measured on SmolLM2's K = 576; longer rows, where the one-row loop is already
+// near its steady rate, were not shown to gain and keep it: 2-thread timings of the 1.1B shape swung too much to tell)
+constexpr int64_t kPairRowsMaxK = 1024;
+
 inline void row_pair_i16(const __m256i tables[2], const int16_t* xq, const float* sc0, const float* sc1, const uint8_t* r0, const uint8_t* r1,
                          int64_t steps, float* o0, float* o1) {
   __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00;
@@ -1425,7 +1429,7 @@ void rows_i16(const __m256i tables[2], const int16_t* const* xq, const float* co
   const int64_t steps = k / 64, blocks = k / block;
   const int shift = __builtin_ctzll(static_cast<unsigned long long>(block / 64));  // steps per block: a power of two
   std::vector<float> scale(MI * steps), ws(blocks);
-  if constexpr (MI == 1) {
+  if (MI == 1 && k <= kPairRowsMaxK) {
     std::vector<float> scale1(steps);
     for (; begin + 2 <= end; begin += 2) {
       row_scales_i16<1>(s, xscale, begin, steps, blocks, shift, ws.data(), scale.data());
