@@ -18,6 +18,9 @@ llama.cpp (llama-cpp-python, built from source by `make bench-peers`) runs the s
 prefill on GGUF files that llama.cpp's own converter and quantizer made from the same checkpoints
 (Q4_0, Q8_0; see _llamacpp.py), and on SmolLM2's shipped Q4_1 file; llmslim's best 4-bit case and
 its int8 are reported as ratios to Q4_0 and Q8_0. Every case, torch or llama.cpp, uses `--threads`.
+On a shared host whose speed drifts over minutes, `--rounds N` runs a model's cases N times in turn
+and reports each case's round with the median decode rate, so that a slow phase does not land on one
+side of a ratio only.
 
 A separate child measures the memory bandwidth: a sum over a 1 GiB tensor read as bf16 and as
 fp32 (the faster counts: the bf16 sum can be compute-bound) and a 512 MiB copy. The decode roofline
@@ -28,6 +31,7 @@ which is only indexed (unless tied to the LM head, which reads it).
     python benchmarks/bench_speed.py                                     # everything, 3 repeats
     python benchmarks/bench_speed.py --models smollm2 --repeats 1        # quick
     python benchmarks/bench_speed.py --models tinyllama --cases bf16,llmslim-nf4,quanto-int4
+    python benchmarks/bench_speed.py --models tinyllama --cases llmslim-nf4,llamacpp-q4_0 --rounds 3
     make bench-peers                                                     # llama.cpp from source, then everything
 
 Writes benchmarks/results/bench_speed.json and .png, prints a markdown table and puts it in
@@ -57,6 +61,7 @@ from _harness import (
     finish_child,
     fmt,
     machine_info,
+    positive_int,
     publish,
     pyplot,
     ratio,
@@ -458,15 +463,29 @@ def run_model(name: str, path: Path, args: argparse.Namespace, read_gb_s: float 
     ggufs = gguf_inputs(name, path, args)
     warm_page_cache(path)
     cases: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {case: [] for case in args.cases}
+    for round_ in range(args.rounds):  # every case once per round, in order: a slow phase of the host hits all of them
+        for case in args.cases:
+            reason, target = skip_reason(case, name), ggufs.get(case, path)
+            if case in cases:  # skipped, or failed in an earlier round
+                continue
+            if reason:
+                cases[case] = {"label": CASES[case].label, "skipped": reason}
+            elif isinstance(target, str):
+                cases[case] = {"label": CASES[case].label, "error": target}
+            else:
+                entry = {"label": CASES[case].label, **run_case(Path(__file__), case, target, args, [f"--threads={args.threads}"])}
+                if "error" in entry:
+                    cases[case] = entry
+                else:
+                    runs[case].append(entry)
+            shown = cases.get(case) or runs[case][-1]
+            suffix = f" (round {round_ + 1} of {args.rounds})" if args.rounds > 1 else ""
+            print(f"[{name}] {case:13s} {describe(shown)}{suffix}", file=sys.stderr, flush=True)
     for case in args.cases:
-        reason, target = skip_reason(case, name), ggufs.get(case, path)
-        if reason:
-            cases[case] = {"label": CASES[case].label, "skipped": reason}
-        elif isinstance(target, str):
-            cases[case] = {"label": CASES[case].label, "error": target}
-        else:
-            cases[case] = {"label": CASES[case].label, **run_case(Path(__file__), case, target, args, [f"--threads={args.threads}"])}
-        print(f"[{name}] {case:13s} {describe(cases[case])}", file=sys.stderr, flush=True)
+        if case not in cases:
+            cases[case] = median_round(runs[case])
+    cases = {case: cases[case] for case in args.cases}
     add_derived(cases, read_gb_s)
     return {
         "path": str(path),
@@ -475,6 +494,17 @@ def run_model(name: str, path: Path, args: argparse.Namespace, read_gb_s: float 
         "targets": evaluate_targets(name, cases),
         "peers": evaluate_peers(cases),
     }
+
+
+def median_round(entries: list[dict]) -> dict:
+    """The round whose decode rate is the median (the lower middle of an even count), with every round's decode and
+    prefill rates."""
+    ranked = sorted(entries, key=lambda e: e.get("decode_tok_s") or 0.0)
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    if len(entries) > 1:
+        chosen["decode_tok_s_rounds"] = [e.get("decode_tok_s") for e in entries]
+        chosen["prefill_tok_s_rounds"] = [e.get("prefill_tok_s") for e in entries]
+    return chosen
 
 
 def describe(entry: dict) -> str:
@@ -503,6 +533,9 @@ def markdown(report: dict) -> str:
     )
     threads = f" with {s['threads']} threads" if "threads" in s else ""  # results before --threads used every core
     prefill_runs = f" (prefill: of {s['prefill_repeats']})" if "prefill_repeats" in s else ""
+    rounds = (
+        f"; the cases run {s['rounds']} times in turn, each row the round with the median decode rate" if s.get("rounds", 1) > 1 else ""
+    )
     decode_span = (
         "(time from the first token's arrival to the last's, each token timestamped as it arrives)"
         if s.get("decode_timing") == "per-token"
@@ -517,7 +550,7 @@ def markdown(report: dict) -> str:
         f"Decode: batch 1, {s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens greedy; decode tok/s = (new tokens - 1) / "
         f"{decode_span}, i.e. without the prompt's forward. "
         f"Prefill: one forward of {s['prefill_tokens']} tokens. Median of "
-        f"{s['repeats']} run(s) after a warm-up{prefill_runs}, each case in a fresh process{threads}. "
+        f"{s['repeats']} run(s) after a warm-up{prefill_runs}, each case in a fresh process{threads}{rounds}. "
         "% roofline: decode tok/s over bandwidth / bytes of "
         "weights read per token (every tensor once, less the input embedding unless tied to the head).",
         "",
@@ -649,6 +682,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_arguments(parser, CASES)
     add_timing_arguments(parser, timeout=1800)
     add_threads_argument(parser, "threads of every case, torch or llama.cpp")
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="run a model's cases this many times in turn, each case's round with the median decode rate reported (default 1)",
+    )
     add_output_arguments(parser, "bench_speed")
     add_child_arguments(parser)
     return parser.parse_args(argv)
@@ -662,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
         return publish_report(read_json(args.from_json), args, write=False)
     settings = {k: getattr(args, k) for k in (*TIMING_SETTINGS, "threads")} | {"prefill_repeats": max(args.repeats, PREFILL_MIN_REPEATS)}
     settings["decode_timing"] = "per-token"  # _models.decode_rates
+    settings["rounds"] = args.rounds
     machine = machine_info(extra_packages=("optimum-quanto", "llama-cpp-python", "gguf"))
     report: dict = {"machine": machine, "settings": settings, "cases": args.cases, "models": {}}
     report["bandwidth"] = run_case(Path(__file__), BANDWIDTH, "-", args, [f"--threads={args.threads}"])

@@ -137,3 +137,28 @@ def test_bench_distill_case_names_and_merge_refusal(tmp_path):
     with pytest.raises(SystemExit, match="measured with --steps 60, this run has 400"):
         bench_distill.merge(args, tmp_path)
     assert json.loads((tmp_path / "bench_distill.json").read_text()) == {"args": {"steps": 60}, "cases": {}}  # untouched
+
+
+def test_bench_speed_reports_the_round_with_the_median_decode_rate():
+    import bench_speed
+
+    rounds = [
+        {"decode_tok_s": 9.0, "prefill_tok_s": 1.0},
+        {"decode_tok_s": 3.0, "prefill_tok_s": 2.0},
+        {"decode_tok_s": 5.0, "prefill_tok_s": 3.0},
+    ]
+    chosen = bench_speed.median_round(rounds)
+    assert chosen["decode_tok_s"] == 5.0 and chosen["prefill_tok_s"] == 3.0  # the median round's own prefill
+    assert chosen["decode_tok_s_rounds"] == [9.0, 3.0, 5.0] and chosen["prefill_tok_s_rounds"] == [1.0, 2.0, 3.0]
+    assert bench_speed.median_round(rounds[:2])["decode_tok_s"] == 3.0  # an even count: the lower middle
+    assert "decode_tok_s_rounds" not in bench_speed.median_round(rounds[:1])
+
+
+def test_bench_speed_decode_rate_comes_from_token_timestamps():
+    import _models
+
+    rates = _models.decode_rates([(0.0, 2.0, [0.5, 0.75, 1.0, 1.25, 1.5]), (10.0, 12.0, [10.25, 10.75, 11.25, 11.75, 12.0])])
+    assert rates["decode_tok_s_runs"] == [4.0, 4 / 1.75] and rates["first_token_s"] == pytest.approx(0.375)
+    assert rates["decode_tok_s"] == pytest.approx((4.0 + 4 / 1.75) / 2) and rates["new_tokens"] == 5
+    with pytest.raises(ValueError, match="at least 2 new tokens"):
+        _models.decode_rates([(0.0, 1.0, [0.5])])
