@@ -251,9 +251,8 @@ def _cache_update(cache, k: torch.Tensor, v: torch.Tensor, index: int) -> tuple[
     room = layer.__dict__.get("_llmslim_room")
     seen = keys.shape[-2]
     if room is None or room[2] is not keys or room[3] is not values or room[0].shape[-2] <= seen:
-        if keys.dim() != 4 or keys.shape[:2] != k.shape[:2] or keys.shape[-1] != k.shape[-1] or values.shape != keys.shape:
-            return cache.update(k, v, index)
-        if keys.dtype != k.dtype or values.dtype != v.dtype:
+        alike = keys.dim() == 4 and keys.shape[:2] == k.shape[:2] and keys.shape[-1] == k.shape[-1] and values.shape == keys.shape
+        if not alike or keys.dtype != k.dtype or values.dtype != v.dtype:
             return cache.update(k, v, index)
         capacity = seen + max(128, seen // 4)
         key_room = keys.new_empty((*keys.shape[:2], capacity, keys.shape[-1]))
@@ -299,18 +298,6 @@ def _layer_plan(layer, a, f, x: torch.Tensor) -> tuple | None:
     key = tuple((m, m._parameters["weight"], m._buffers["weight_absmax"], m._parameters.get("bias")) for m in modules)
     qkv = (codes[:3], table, absmax[:3], biases[:3], ns[:3], block)
     out = (codes[3:], table, absmax[3:], biases[3:], ns[3:], block)
-    plan = layer.__dict__["_lean_plan"] = (key, qkv, out)
-    return plan
-    if not kernels.lean_layer_ops():
-        return None
-    operands = key[::2]
-    block = modules[0].block_size
-    if any(o[3] is not None or o[1] is not operands[0][1] for o in operands) or any(m.block_size != block for m in modules):
-        return None  # a float32 absmax each (double quantization kept decoded), one table and block
-    codes, tables, absmax = (o[0] for o in operands), operands[0][1], [o[2] for o in operands]
-    codes, biases, ns = list(codes), key[1::2], [m.out_features for m in modules]
-    qkv = (codes[:3], tables, absmax[:3], biases[:3], ns[:3], block)
-    out = (codes[3:], tables, absmax[3:], biases[3:], ns[3:], block)
     plan = layer.__dict__["_lean_plan"] = (key, qkv, out)
     return plan
 

@@ -1997,11 +1997,11 @@ at::Tensor attend_one_rows(const at::Tensor& q, const at::Tensor& k, const at::T
 // the new ones gives, without copying the cache every token (hf/decode.py keeps the buffers).
 std::tuple<at::Tensor, at::Tensor> kv_append(const at::Tensor& key_room, const at::Tensor& value_room, const at::Tensor& k, const at::Tensor& v,
                                              int64_t seen) {
+  TORCH_CHECK(k.dim() == 4 && k.size(2) == 1 && k.sizes() == v.sizes(), "llmslim: kv_append takes one token's keys and values (b, kv_heads, 1, d), got ",
+              k.sizes(), " and ", v.sizes());
   for (const at::Tensor* t : {&key_room, &value_room})
     TORCH_CHECK(t->dim() == 4 && t->size(0) == k.size(0) && t->size(1) == k.size(1) && t->size(3) == k.size(3) && seen >= 0 && seen < t->size(2),
                 "llmslim: kv_append has no room at position ", seen, " of a buffer ", t->sizes(), " for keys ", k.sizes());
-  TORCH_CHECK(k.dim() == 4 && k.size(2) == 1 && k.sizes() == v.sizes(), "llmslim: kv_append takes one token's keys and values (b, kv_heads, 1, d), got ",
-              k.sizes(), " and ", v.sizes());
   key_room.narrow(2, seen, 1).copy_(k);
   value_room.narrow(2, seen, 1).copy_(v);
   return {key_room.narrow(2, 0, seen + 1), value_room.narrow(2, 0, seen + 1)};
