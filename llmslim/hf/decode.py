@@ -13,9 +13,10 @@ With bf16 rows and llmslim's operators built, the step runs on llmslim's fused o
 (`csrc/ops_cpu.cpp`): one per norm (the residual add fused into the second), rotary, the one-token attention
 over the cache (`attend_one_rows`) and SiLU-times-up, and with
 the AVX-512 BF16 decode kernels one call for the q/k/v projections and one for gate/up when they are 4-bit
-weights: ~12 calls a layer instead of ~60 (on AVX2 `mm_4bit_i16_multi` likewise). On AVX2, a layer whose seven
-projections are 4-bit weights `mm_4bit_i16` takes runs as two operators around the cache's update (`lean_qkv_i16`,
-`lean_out_i16`: the same operators called from C++, the same bits), with their operands kept on the layer
+weights: ~12 calls a layer instead of ~60 (on AVX2 `mm_4bit_i16_multi` likewise). A layer whose seven projections
+are weights of one kind a decode kernel of this build takes (4-bit: `mm_4bit_i16` on AVX2, the CPU layout on AVX-512
+BF16; LLM.int8: `gemv_int8_rows`) runs as two operators around the cache's update (`lean_qkv`, `lean_out`: the same
+operators called from C++, the same bits), with their operands kept on the layer
 (`_layer_plan`): SmolLM2, 2 threads on an EPYC, 20.1 -> 14.8 ms a token (median of 8 alternating runs). The
 cache's update appends into room kept with each `DynamicLayer` (`kv_append`) instead of `torch.cat` of the whole
 cache. A Llama base model (`LEAN_MODEL_CLASSES`) runs a decoded token through its lean layers' steps directly
@@ -43,7 +44,7 @@ from torch.nn.modules import module as _module_globals
 from llmslim.hf import compat
 from llmslim.hf.compat import DynamicLayer
 from llmslim.quant import kernels
-from llmslim.quant.modules import SlimLinear4bit
+from llmslim.quant.modules import SlimLinear4bit, SlimLinear8bit
 
 # decoder layers whose forward the lean step restates (transformers 5.x): norm -> attention -> residual -> norm -> MLP
 LEAN_LAYER_CLASSES = frozenset({"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"})
@@ -54,6 +55,9 @@ _NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"})
 _SILU = frozenset({"SiLUActivation", "SiLU"})
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+# the weight kinds `lean_qkv` / `lean_out` take (csrc/ops_cpu.cpp): 4-bit through mm_4bit_i16 (AVX2), 4-bit in the
+# CPU layout through gemv_4bit_cpu_layout (AVX-512 BF16), int8 rows through gemv_int8_rows (both)
+LEAN_4BIT_I16, LEAN_4BIT_TILES, LEAN_INT8 = 0, 1, 2
 _LAYER_KWARGS = frozenset({"position_ids", "use_cache", "cache_position"})  # what a decode step may pass that the step ignores
 _lean_classes: dict[type, type] = {}
 
@@ -206,7 +210,7 @@ def _lean_step(layer, attn, mlp, norms, x: torch.Tensor, cache, position_embeddi
     ops = _fused_ops(x, norms, cos, sin)
     plan = _layer_plan(layer, a, f, x) if ops else None
     if plan:  # the whole step in two operators (around the cache's update)
-        q, k, v = ops.lean_qkv_i16(x, norms[0]._parameters["weight"], norms[0].variance_epsilon, *plan[1], cos, sin, d)
+        q, k, v = ops.lean_qkv(x, norms[0]._parameters["weight"], norms[0].variance_epsilon, *plan[2], cos, sin, d)
     else:
         h = ops.rms_norm_rows(x, norms[0]._parameters["weight"], norms[0].variance_epsilon) if ops else _rms_norm(norms[0], x)
         q, k, v = _projections(ops, (a["q_proj"], a["k_proj"], a["v_proj"]), h)
@@ -219,7 +223,7 @@ def _lean_step(layer, attn, mlp, norms, x: torch.Tensor, cache, position_embeddi
     k, v = _cache_update(cache, k, v, attn.layer_idx) if ops else cache.update(k, v, attn.layer_idx)  # (1, kv_heads, seen, d)
     attend = ops and k.dtype is torch.bfloat16 and v.dtype is torch.bfloat16 and k.stride(-1) == 1 and v.stride(-1) == 1
     if plan and attend:
-        x = ops.lean_out_i16(x, q, k, v, attn.scaling, *plan[2], norms[1]._parameters["weight"], norms[1].variance_epsilon)
+        x = ops.lean_out(x, q, k, v, attn.scaling, *plan[3], norms[1]._parameters["weight"], norms[1].variance_epsilon)
         return x.view(1, 1, -1)
     if attend:
         o = ops.attend_one_rows(q, k, v, attn.scaling)  # SDPA's arithmetic in one call (SDPA: ~70 us a SmolLM2 layer on an EPYC)
@@ -267,13 +271,14 @@ def _cache_update(cache, k: torch.Tensor, v: torch.Tensor, index: int) -> tuple[
 
 
 def _layer_plan(layer, a, f, x: torch.Tensor) -> tuple | None:
-    """What `lean_qkv_i16` and `lean_out_i16` take for this layer's seven projections (AVX2: each a 4-bit weight that
-    `mm_4bit_i16` takes for rows like `x`, one table and block, no hooks), or None. Kept on the layer while each
-    projection is the same module, unhooked, in eval mode, with the same weight, absmax and bias tensors (what
-    `SlimLinear4bit.i16_operands` keeps its operands by; checked here directly: ~5 us a layer instead of ~13)."""
+    """What `lean_qkv` and `lean_out` take for this layer's seven projections, or None: each a weight of one kind that
+    this build's decode kernel takes for rows like `x`, unhooked (`_plan_4bit`, `_plan_int8`). Kept on the layer while
+    each projection is the same module, unhooked, in eval mode, with the same weight, absmax and bias tensors (what the
+    kernels' operands are kept by; checked here directly: ~5 us a layer instead of ~13)."""
     modules = (a["q_proj"], a["k_proj"], a["v_proj"], a["o_proj"], f["gate_proj"], f["up_proj"], f["down_proj"])
     plan = layer.__dict__.get("_lean_plan")
     if plan is not None:
+        absmax_name = plan[1]
         for m, (kept, weight, absmax, bias) in zip(modules, plan[0], strict=True):
             if (
                 m is not kept
@@ -281,25 +286,64 @@ def _layer_plan(layer, a, f, x: torch.Tensor) -> tuple | None:
                 or m._forward_pre_hooks
                 or m.training
                 or m._parameters["weight"] is not weight
-                or m._buffers["weight_absmax"] is not absmax
+                or m._buffers.get(absmax_name) is not absmax
                 or m._parameters.get("bias") is not bias
             ):
                 break
         else:
             return plan
-    if not kernels.lean_layer_ops() or any(type(m) is not SlimLinear4bit or m._forward_hooks or m._forward_pre_hooks for m in modules):
+    if not kernels.lean_layer_ops() or any(m._forward_hooks or m._forward_pre_hooks or m.training for m in modules):
+        return None
+    if all(type(m) is SlimLinear4bit for m in modules):
+        found = _plan_4bit(modules, x)
+    elif all(type(m) is SlimLinear8bit for m in modules):
+        found = _plan_int8(modules, x)
+    else:
+        return None
+    if found is None:
+        return None
+    kind, absmax_name, weights, scales, table, block = found
+    biases, ns = [m._parameters.get("bias") for m in modules], [m.out_features for m in modules]
+    key = tuple((m, m._parameters["weight"], m._buffers[absmax_name], m._parameters.get("bias")) for m in modules)
+    qkv = (kind, weights[:3], scales[:3], table, biases[:3], ns[:3], block)
+    out = (kind, weights[3:], scales[3:], table, biases[3:], ns[3:], block)
+    plan = layer.__dict__["_lean_plan"] = (key, absmax_name, qkv, out)
+    return plan
+
+
+def _plan_4bit(modules, x: torch.Tensor) -> tuple | None:
+    """(kind, absmax buffer, weights, scales, table, block) of 4-bit projections all with one table and block: on
+    AVX2 `mm_4bit_i16`'s operands (a float32 absmax each: double quantization kept decoded), on AVX-512 BF16 the CPU
+    layout `gemv_4bit_cpu_layout` takes; else None."""
+    block = modules[0].block_size
+    if any(m.block_size != block for m in modules):
         return None
     operands = [m.i16_operands(x) for m in modules]
-    block = modules[0].block_size
-    if any(o is None or o[3] is not None or o[1] is not operands[0][1] for o in operands) or any(m.block_size != block for m in modules):
-        return None  # a float32 absmax each (double quantization kept decoded), one table and block
-    codes, table, absmax = [o[0] for o in operands], operands[0][1], [o[2] for o in operands]
-    biases, ns = [m._parameters.get("bias") for m in modules], [m.out_features for m in modules]
-    key = tuple((m, m._parameters["weight"], m._buffers["weight_absmax"], m._parameters.get("bias")) for m in modules)
-    qkv = (codes[:3], table, absmax[:3], biases[:3], ns[:3], block)
-    out = (codes[3:], table, absmax[3:], biases[3:], ns[3:], block)
-    plan = layer.__dict__["_lean_plan"] = (key, qkv, out)
-    return plan
+    if all(o is not None and o[3] is None and o[1] is operands[0][1] for o in operands):
+        return LEAN_4BIT_I16, "weight_absmax", [o[0] for o in operands], [o[2] for o in operands], operands[0][1], block
+    operands = [m.decode_operands(x) for m in modules]
+    if all(o is not None and o[2] is operands[0][2] for o in operands):
+        return LEAN_4BIT_TILES, "weight_absmax_cpu", [o[0] for o in operands], [o[1] for o in operands], operands[0][2], block
+    return None
+
+
+def _plan_int8(modules, x: torch.Tensor) -> tuple | None:
+    """(kind, absmax buffer, weights, scales, table, block) of LLM.int8 projections whose decode rows take
+    `gemv_int8_rows` (what `kernels.linear_int8` picks for a bf16 token on CPU), else None."""
+    for m in modules:
+        weight, absmax = m._parameters["weight"], m._buffers["SCB"]
+        if (
+            m.compute_dtype is not x.dtype
+            or weight.device.type != "cpu"
+            or getattr(m, "streamed", False)
+            or hasattr(m, "_hf_hook")
+            or "forward" in m.__dict__
+            or kernels.INT8_DECODE_MAX_TOKENS < 1
+            or not kernels.int8_decode_usable(x, weight, absmax)
+        ):
+            return None
+    weights = [m._parameters["weight"] for m in modules]
+    return LEAN_INT8, "SCB", weights, [m._buffers["SCB"] for m in modules], None, 0
 
 
 def _fused_ops(x: torch.Tensor, norms, cos: torch.Tensor, sin: torch.Tensor):

@@ -347,8 +347,9 @@ def fused_decode_ops() -> bool:
 
 
 def lean_layer_ops() -> bool:
-    """Whether a lean decode step can run as two operators (`lean_qkv_i16`, `lean_out_i16`): the AVX2 build."""
-    return _ops_loaded() and _has_i16_kernel()
+    """Whether a lean decode step can run as two operators (`lean_qkv`, `lean_out`): the AVX2 and AVX-512 BF16 builds
+    (4-bit and int8 weights; which 4-bit layout depends on the build)."""
+    return int8_rows_kernel()
 
 
 @torch.compiler.assume_constant_result

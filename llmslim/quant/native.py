@@ -180,13 +180,16 @@ def _register_fakes() -> None:
     def like_fake(x, *args):
         return torch.empty_like(x)
 
-    def lean_qkv_fake(x, norm_weight, eps, codes, lut, scales, biases, ns, block, cos, sin, head_dim):
+    def lean_qkv_fake(x, norm_weight, eps, kind, weights, scales, lut, biases, ns, block, cos, sin, head_dim):
         return tuple(x.new_empty((1, n // head_dim, 1, head_dim)) for n in ns)
+
+    def int8_multi_fake(x, weights, row_absmax):
+        return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
 
     fakes = {
         "gemv_4bit_multi": multi_fake,
-        "lean_qkv_i16": lean_qkv_fake,
-        "lean_out_i16": lambda x, q, k, v, scale, codes, lut, scales, biases, ns, block, norm_weight, eps: torch.empty_like(x),
+        "lean_qkv": lean_qkv_fake,
+        "lean_out": lambda x, q, k, v, scale, kind, weights, scales, lut, biases, ns, block, norm_weight, eps: torch.empty_like(x),
         "rms_norm_rows": like_fake,
         "add_rms_norm_rows": lambda x, y, weight, eps: (torch.empty_like(x), torch.empty_like(x)),
         "rotary_rows": like_fake,
@@ -204,6 +207,7 @@ def _register_fakes() -> None:
         "dequantize_4bit_cpu_layout": cpu_layout_fake,
         "gemv_4bit_cpu_layout": gemv_4bit_fake,
         "gemv_int8_rows": gemv_int8_fake,
+        "gemv_int8_rows_multi": int8_multi_fake,
     }
     for name, fake in fakes.items():
         if hasattr(torch.ops.llmslim, name):

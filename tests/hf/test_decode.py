@@ -88,9 +88,9 @@ def test_the_fused_lean_step_decodes_as_the_standard_forward(decode_models, arch
     attended = []
     attend = torch.ops.llmslim.attend_one_rows
     monkeypatch.setattr(torch.ops.llmslim, "attend_one_rows", lambda *args: attended.append(args[1].shape) or attend(*args))
-    if kernels.lean_layer_ops():  # AVX2: a 4-bit layer attends inside lean_out_i16 (its k is the fourth operand)
-        out = torch.ops.llmslim.lean_out_i16
-        monkeypatch.setattr(torch.ops.llmslim, "lean_out_i16", lambda *args: attended.append(args[2].shape) or out(*args))
+    if kernels.lean_layer_ops():  # a layer of one weight kind attends inside lean_out (its k is the third operand)
+        out = torch.ops.llmslim.lean_out
+        monkeypatch.setattr(torch.ops.llmslim, "lean_out", lambda *args: attended.append(args[2].shape) or out(*args))
     lean = _greedy(model)
     assert len(fused) == 46 and all(op is not None for op in fused)
     assert [shape[2] for shape in attended] == [seen for seen in range(8, 31) for _ in range(2)]  # the cache, growing
@@ -101,10 +101,11 @@ def test_the_fused_lean_step_decodes_as_the_standard_forward(decode_models, arch
 
 
 needs_i16 = pytest.mark.skipif(not (kernels._ops_loaded() and kernels._i16_kernel()), reason="mm_4bit_i16 is built for AVX2 only")
+needs_layer_ops = pytest.mark.skipif(not kernels.lean_layer_ops(), reason="the layer operators are built for AVX2 and AVX-512 BF16")
 
 
 def _without_layer_ops(model, monkeypatch) -> None:
-    """The lean step's operator-by-operator path: no layer takes `lean_qkv_i16` / `lean_out_i16`."""
+    """The lean step's operator-by-operator path: no layer takes `lean_qkv` / `lean_out`."""
     monkeypatch.setattr(kernels, "lean_layer_ops", lambda: False)
     for layer in model.model.layers:
         layer.__dict__.pop("_lean_plan", None)
@@ -125,28 +126,38 @@ def test_on_avx2_the_lean_step_projects_q_k_v_and_gate_up_in_one_call_each(decod
     assert torch.equal(single[0], lean[0]) and torch.equal(single[1], lean[1])  # bit for bit
 
 
-@needs_i16
+@needs_layer_ops
 @pytest.mark.parametrize("arch", ("llama", "mistral", "qwen2"))
-def test_on_avx2_a_layer_decodes_in_two_operators_with_the_same_bits(decode_models, arch, monkeypatch):
-    model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights="nf4"), progress=False)
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_a_layer_decodes_in_two_operators_with_the_same_bits(decode_models, arch, weights, monkeypatch):
+    model = llmslim.from_pretrained(decode_models[arch], SlimConfig(weights=weights), progress=False)
     calls = []
-    for name in ("lean_qkv_i16", "lean_out_i16"):
+    for name in ("lean_qkv", "lean_out"):
         op = getattr(torch.ops.llmslim, name)
-        monkeypatch.setattr(torch.ops.llmslim, name, lambda *args, _op=op, _name=name: calls.append(_name) or _op(*args))
+        monkeypatch.setattr(
+            torch.ops.llmslim,
+            name,
+            lambda *args, _op=op, _name=name: calls.append((_name, args[3 + 2 * (_name == "lean_out")])) or _op(*args),
+        )
     fused = _greedy(model)
-    assert calls == ["lean_qkv_i16", "lean_out_i16"] * 46
+    kind = decode.LEAN_INT8 if weights == "int8" else decode.LEAN_4BIT_I16 if kernels._i16_kernel() else decode.LEAN_4BIT_TILES
+    assert calls == [("lean_qkv", kind), ("lean_out", kind)] * 46
     _without_layer_ops(model, monkeypatch)
     assert torch.equal(_greedy(model)[1], fused[1])  # the operator-by-operator step's logits, bit for bit
 
 
-@needs_i16
-def test_a_layer_plan_follows_a_replaced_weight(decode_models, monkeypatch):
-    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights="nf4"), progress=False)
+@needs_layer_ops
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_a_layer_plan_follows_a_replaced_weight(decode_models, weights, monkeypatch):
+    if weights == "nf4" and not kernels._i16_kernel():
+        pytest.skip("a replaced 4-bit weight in the CPU layout (AVX-512) leaves the layout: no plan to follow")
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights=weights), progress=False)
     _greedy(model, steps=3)  # the layers keep their plans
     assert all("_lean_plan" in layer.__dict__ for layer in model.model.layers)
     before = _greedy(model)
     down = model.model.layers[1].mlp.down_proj
-    down.weight = torch.nn.Parameter(255 - down.weight.data, requires_grad=False)  # other codes, in a new tensor
+    other = 255 - down.weight.data if weights == "nf4" else -down.weight.data  # other codes, in a new tensor
+    down.weight = torch.nn.Parameter(other, requires_grad=False)
     replaced = _greedy(model)
     assert not torch.equal(replaced[1], before[1])
     _without_layer_ops(model, monkeypatch)

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmslim.hf import decode
 from llmslim.quant import formats, kernels, native
 
 needs_ops = pytest.mark.skipif(not native.load_ops(), reason="llmslim's CPU operators cannot be built here (no C++ compiler)")
@@ -170,27 +171,63 @@ def test_attend_one_rows_names_a_bad_operand():
         torch.ops.llmslim.attend_one_rows(q.expand(1, 8, 2, 64).contiguous(), k, v, 0.125)
 
 
-@pytest.mark.skipif(not kernels.lean_layer_ops(), reason="the layer operators are built for AVX2 only")
+needs_layer_ops = pytest.mark.skipif(not kernels.lean_layer_ops(), reason="the layer operators are built for AVX2 and AVX-512 BF16")
+
+
+@needs_layer_ops
 def test_the_layer_operators_name_a_bad_plan():
-    k, d = 128, 32
-    weights = [formats.quantize_4bit(_bf16((n, k), seed=n).float(), "nf4", 64, double_quant=False) for n in (128, 64, 64)]
-    codes, scales = [w.codes for w in weights], [w.absmax for w in weights]
-    table, x, norm = kernels._code_4bit("nf4"), _bf16((1, k), seed=1), _bf16((k,), seed=2)
+    k, d, ns, ops = 128, 32, [128, 64, 64], torch.ops.llmslim
+    weights, scales = zip(*(kernels.quantize_int8_rows(_bf16((n, k), seed=n).float()) for n in ns), strict=True)
+    weights, scales = list(weights), list(scales)
+    x, norm = _bf16((1, k), seed=1), _bf16((k,), seed=2)
     cos, sin = _bf16((1, 1, d), seed=3), _bf16((1, 1, d), seed=4)
-    q, key, v = torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, scales, [None] * 3, [128, 64, 64], 64, cos, sin, d)
+    int8 = decode.LEAN_INT8
+    q, key, v = ops.lean_qkv(x, norm, 1e-5, int8, weights, scales, None, [None] * 3, ns, 0, cos, sin, d)
     assert q.shape == (1, 4, 1, d) and key.shape == v.shape == (1, 2, 1, d)
     with pytest.raises(RuntimeError, match="takes 3 weights .* got 2, 2, 3, 3"):
-        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes[:2], table, scales[:2], [None] * 3, [128, 64, 64], 64, cos, sin, d)
-    with pytest.raises(RuntimeError, match="takes float32 absmax .* got Byte"):
-        uint8 = [s.to(torch.uint8) for s in scales]
-        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, uint8, [None] * 3, [128, 64, 64], 64, cos, sin, d)
+        ops.lean_qkv(x, norm, 1e-5, int8, weights[:2], scales[:2], None, [None] * 3, ns, 0, cos, sin, d)
+    with pytest.raises(RuntimeError, match="has no weight kind 7 in this build"):
+        ops.lean_qkv(x, norm, 1e-5, 7, weights, scales, None, [None] * 3, ns, 0, cos, sin, d)
+    with pytest.raises(RuntimeError, match="int8 weight 0 has .* rows, not 96"):
+        ops.lean_qkv(x, norm, 1e-5, int8, weights, scales, None, [None] * 3, [96, 64, 64], 0, cos, sin, d)
     with pytest.raises(RuntimeError, match="not whole heads of 48"):
-        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, scales, [None] * 3, [128, 64, 64], 64, cos, sin, 48)
+        ops.lean_qkv(x, norm, 1e-5, int8, weights, scales, None, [None] * 3, ns, 0, cos, sin, 48)
     with pytest.raises(RuntimeError, match="a bias of 7 values for 128 outputs"):
-        torch.ops.llmslim.lean_qkv_i16(x, norm, 1e-5, codes, table, scales, [_bf16((7,), 5), None, None], [128, 64, 64], 64, cos, sin, d)
+        ops.lean_qkv(x, norm, 1e-5, int8, weights, scales, None, [_bf16((7,), 5), None, None], ns, 0, cos, sin, d)
     with pytest.raises(RuntimeError, match=r"one token's row \(1, hidden\)"):
-        torch.ops.llmslim.lean_qkv_i16(
-            x.expand(2, k).contiguous(), norm, 1e-5, codes, table, scales, [None] * 3, [128, 64, 64], 64, cos, sin, d
-        )
+        ops.lean_qkv(x.expand(2, k).contiguous(), norm, 1e-5, int8, weights, scales, None, [None] * 3, ns, 0, cos, sin, d)
     with pytest.raises(RuntimeError, match="takes 4 weights"):
-        torch.ops.llmslim.lean_out_i16(x, q, key, v, 0.125, codes, table, scales, [None] * 3, [128, 64, 64], 64, norm, 1e-5)
+        ops.lean_out(x, q, key, v, 0.125, int8, weights, scales, None, [None] * 3, ns, 0, norm, 1e-5)
+    four_bit = decode.LEAN_4BIT_I16 if kernels._i16_kernel() else decode.LEAN_4BIT_TILES
+    with pytest.raises(RuntimeError, match="4-bit weights need their table"):
+        ops.lean_qkv(x, norm, 1e-5, four_bit, weights, scales, None, [None] * 3, ns, 64, cos, sin, d)
+    if kernels._i16_kernel():
+        nf4 = [formats.quantize_4bit(_bf16((n, k), seed=n).float(), "nf4", 64, double_quant=False) for n in ns]
+        codes, uint8, table = [w.codes for w in nf4], [w.absmax.to(torch.uint8) for w in nf4], kernels._code_4bit("nf4")
+        with pytest.raises(RuntimeError, match="takes float32 absmax .* got Byte"):
+            ops.lean_qkv(x, norm, 1e-5, four_bit, codes, uint8, table, [None] * 3, ns, 64, cos, sin, d)
+
+
+@needs_layer_ops
+@pytest.mark.parametrize("rows", (1, 2, 3))
+@pytest.mark.parametrize("threads", (1, 2))
+@pytest.mark.parametrize("per_block", (False, True))
+def test_gemv_int8_rows_multi_equals_one_call_per_weight(rows, threads, per_block):
+    k, ns = 384, (96, 37, 161)  # N % 4 != 0: the last rows one by one
+    x = _bf16((rows, k), seed=1)
+    if per_block:
+        pairs = [kernels.quantize_int8_blocks(_bf16((n, k), seed=n)) for n in ns]
+    else:
+        pairs = [kernels.quantize_int8_rows(_bf16((n, k), seed=n).float()) for n in ns]
+    weights, absmax = [w for w, _ in pairs], [a for _, a in pairs]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = torch.ops.llmslim.gemv_int8_rows_multi(x, weights, absmax)
+        singles = [torch.ops.llmslim.gemv_int8_rows(x, w, a) for w, a in zip(weights, absmax, strict=True)]
+    finally:
+        torch.set_num_threads(before)
+    assert [o.shape for o in outs] == [(rows, n) for n in ns]
+    assert all(torch.equal(o, one) for o, one in zip(outs, singles, strict=True))  # bit for bit
+    with pytest.raises(RuntimeError, match="as many weights as absmax"):
+        torch.ops.llmslim.gemv_int8_rows_multi(x, weights, absmax[:2])

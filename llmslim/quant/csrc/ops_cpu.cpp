@@ -929,56 +929,102 @@ inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale,
 }
 #endif
 
-at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_absmax) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16, "llmslim: gemv_int8_rows takes a 2-D bfloat16 CPU input, got ",
-              x.sizes(), " ", x.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == x.size(1),
-              "llmslim: gemv_int8_rows needs a contiguous int8 (N, K) weight with K = ", x.size(1), ", got ", weight.sizes());
-  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(k % 32 == 0, "llmslim: gemv_int8_rows needs K % 32 == 0, got ", k);
-  const int64_t blocks = (k + kInt8XBlock - 1) / kInt8XBlock;
+// One int8 weight's operands, checked against rows of `k` columns
+struct Int8Weight {
+  const int8_t* w;
+  const float* am;
+  int64_t n;
+  bool per_block;
+};
+
+Int8Weight int8_weight(const at::Tensor& weight, const at::Tensor& row_absmax, int64_t k, const char* op) {
+  TORCH_CHECK(weight.scalar_type() == at::kChar && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == k, "llmslim: ", op,
+              " needs a contiguous int8 (N, K) weight with K = ", k, ", got ", weight.sizes());
+  const int64_t n = weight.size(0), blocks = (k + kInt8XBlock - 1) / kInt8XBlock;
   const bool per_block = row_absmax.dim() == 2;
   TORCH_CHECK(row_absmax.scalar_type() == at::kFloat && row_absmax.is_contiguous() &&
                   (per_block ? row_absmax.size(0) == n && row_absmax.size(1) == blocks : row_absmax.numel() == n),
-              "llmslim: gemv_int8_rows takes a contiguous float32 absmax of shape (", n, ",) or (", n, ", ", blocks,
-              ") (one per row, or per row and block of ", kInt8XBlock, " columns), got ", row_absmax.sizes(), " ", row_absmax.scalar_type());
+              "llmslim: ", op, " takes a contiguous float32 absmax of shape (", n, ",) or (", n, ", ", blocks, ") (one per row, or per row and block of ",
+              kInt8XBlock, " columns), got ", row_absmax.sizes(), " ", row_absmax.scalar_type());
+  return {weight.data_ptr<int8_t>(), row_absmax.data_ptr<float>(), n, per_block};
+}
+
+QuantizedX16 int8_rows_input(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16, "llmslim: ", op, " takes a 2-D bfloat16 CPU input, got ",
+              x.sizes(), " ", x.scalar_type());
+  TORCH_CHECK(x.size(1) % 32 == 0, "llmslim: ", op, " needs K % 32 == 0, got ", x.size(1));
   const at::Tensor xc = x.contiguous();
   QuantizedX16 xq;
-  quantize_x16(xc.data_ptr<at::BFloat16>(), m, k, xq);
-  at::Tensor out = at::empty({m, n}, at::TensorOptions().dtype(at::kBFloat16));
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const float* am = row_absmax.data_ptr<float>();
-  at::BFloat16* po = out.data_ptr<at::BFloat16>();  // rounded to nearest even, as Tensor.to(bfloat16)
-  constexpr int R = 4;
-  at::parallel_for(0, (n + R - 1) / R, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t group = begin; group < end; group++) {
-      const int64_t row0 = group * R;
-      const int rows = static_cast<int>(std::min<int64_t>(R, n - row0));
-      for (int64_t m0 = 0; m0 < m; m0 += 2) {  // two tokens share each loaded row chunk
-        const int tm = static_cast<int>(std::min<int64_t>(2, m - m0));
-        const int16_t* xs[2] = {xq.q.data() + m0 * k, xq.q.data() + (m0 + tm - 1) * k};
-        const float* ss[2] = {xq.scale.data() + m0 * xq.blocks, xq.scale.data() + (m0 + tm - 1) * xq.blocks};
-        float totals[2 * R];
-        for (int r0 = 0; r0 < rows;) {  // 4 rows at a time; the last rows of N % 4 one by one
-          const int8_t* wr = w + (row0 + r0) * k;
-          const float* ws = per_block ? am + (row0 + r0) * blocks : nullptr;
-          const int step = rows - r0 >= R ? R : 1;
-          if (step == R) {
-            if (tm == 2) gemv_rows_int8<2, R>(xs, ss, wr, k, ws, blocks, totals);
-            else gemv_rows_int8<1, R>(xs, ss, wr, k, ws, blocks, totals);
-          } else {
-            if (tm == 2) gemv_rows_int8<2, 1>(xs, ss, wr, k, ws, blocks, totals);
-            else gemv_rows_int8<1, 1>(xs, ss, wr, k, ws, blocks, totals);
-          }
-          for (int t = 0; t < tm; t++)
-            for (int r = 0; r < step; r++)
-              po[(m0 + t) * n + row0 + r0 + r] = totals[t * step + r] * ((per_block ? 1.f : am[row0 + r0 + r]) / 127.f);
-          r0 += step;
+  quantize_x16(xc.data_ptr<at::BFloat16>(), x.size(0), x.size(1), xq);
+  return xq;
+}
+
+constexpr int kInt8Rows = 4;  // weight rows read together
+
+// Groups [begin, end) of kInt8Rows weight rows for all m input rows into po (m, n)
+void run_int8_groups(const QuantizedX16& xq, int64_t m, int64_t k, const Int8Weight& wt, int64_t begin, int64_t end, at::BFloat16* po) {
+  constexpr int R = kInt8Rows;
+  const int64_t n = wt.n, blocks = xq.blocks;
+  for (int64_t group = begin; group < end; group++) {
+    const int64_t row0 = group * R;
+    const int rows = static_cast<int>(std::min<int64_t>(R, n - row0));
+    for (int64_t m0 = 0; m0 < m; m0 += 2) {  // two tokens share each loaded row chunk
+      const int tm = static_cast<int>(std::min<int64_t>(2, m - m0));
+      const int16_t* xs[2] = {xq.q.data() + m0 * k, xq.q.data() + (m0 + tm - 1) * k};
+      const float* ss[2] = {xq.scale.data() + m0 * blocks, xq.scale.data() + (m0 + tm - 1) * blocks};
+      float totals[2 * R];
+      for (int r0 = 0; r0 < rows;) {  // 4 rows at a time; the last rows of N % 4 one by one
+        const int8_t* wr = wt.w + (row0 + r0) * k;
+        const float* ws = wt.per_block ? wt.am + (row0 + r0) * blocks : nullptr;
+        const int step = rows - r0 >= R ? R : 1;
+        if (step == R) {
+          if (tm == 2) gemv_rows_int8<2, R>(xs, ss, wr, k, ws, blocks, totals);
+          else gemv_rows_int8<1, R>(xs, ss, wr, k, ws, blocks, totals);
+        } else {
+          if (tm == 2) gemv_rows_int8<2, 1>(xs, ss, wr, k, ws, blocks, totals);
+          else gemv_rows_int8<1, 1>(xs, ss, wr, k, ws, blocks, totals);
         }
+        for (int t = 0; t < tm; t++)  // rounded to nearest even, as Tensor.to(bfloat16)
+          for (int r = 0; r < step; r++)
+            po[(m0 + t) * n + row0 + r0 + r] = totals[t * step + r] * ((wt.per_block ? 1.f : wt.am[row0 + r0 + r]) / 127.f);
+        r0 += step;
       }
     }
-  });
+  }
+}
+
+at::Tensor gemv_int8_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& row_absmax) {
+  const QuantizedX16 xq = int8_rows_input(x, "gemv_int8_rows");
+  const int64_t m = x.size(0), k = x.size(1);
+  const Int8Weight wt = int8_weight(weight, row_absmax, k, "gemv_int8_rows");
+  at::Tensor out = at::empty({m, wt.n}, at::TensorOptions().dtype(at::kBFloat16));
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, (wt.n + kInt8Rows - 1) / kInt8Rows, 8, [&](int64_t begin, int64_t end) { run_int8_groups(xq, m, k, wt, begin, end, po); });
   return out;
+}
+
+// A few int8 weights that read the same rows (q/k/v, gate/up) in one call: the rows quantized once, the weights' row
+// groups shared out together in one parallel region. Each output as gemv_int8_rows', bit for bit.
+std::vector<at::Tensor> gemv_int8_rows_multi(const at::Tensor& x, at::TensorList weights, at::TensorList row_absmax) {
+  TORCH_CHECK(!weights.empty() && weights.size() == row_absmax.size(), "llmslim: gemv_int8_rows_multi takes as many weights as absmax, got ",
+              weights.size(), ", ", row_absmax.size());
+  const QuantizedX16 xq = int8_rows_input(x, "gemv_int8_rows_multi");
+  const int64_t m = x.size(0), k = x.size(1);
+  std::vector<Int8Weight> wts;
+  std::vector<at::Tensor> outs;
+  std::vector<int64_t> first{0};  // each weight's first row group in the groups shared out
+  for (size_t j = 0; j < weights.size(); j++) {
+    wts.push_back(int8_weight(weights[j], row_absmax[j], k, "gemv_int8_rows_multi"));
+    outs.push_back(at::empty({m, wts[j].n}, at::TensorOptions().dtype(at::kBFloat16)));
+    first.push_back(first.back() + (wts[j].n + kInt8Rows - 1) / kInt8Rows);
+  }
+  at::parallel_for(0, first.back(), 8, [&](int64_t begin, int64_t end) {
+    for (size_t j = 0; j < wts.size(); j++) {
+      const int64_t lo = std::max(begin, first[j]), hi = std::min(end, first[j + 1]);
+      if (lo < hi) run_int8_groups(xq, m, k, wts[j], lo - first[j], hi - first[j], outs[j].data_ptr<at::BFloat16>());
+    }
+  });
+  return outs;
 }
 
 #endif  // LLMSLIM_AVX512_BF16 || LLMSLIM_AVX2
@@ -2007,17 +2053,20 @@ std::tuple<at::Tensor, at::Tensor> kv_append(const at::Tensor& key_room, const a
   return {key_room.narrow(2, 0, seen + 1), value_room.narrow(2, 0, seen + 1)};
 }
 
-#ifdef LLMSLIM_AVX2
-// ---- a decoder layer's decode step in two calls (AVX2: 4-bit weights through mm_4bit_i16) -----------------------------
+#if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
+// ---- a decoder layer's decode step in two calls -----------------------------------------------------------------------
 //
 // hf/decode.py's lean step, with every operator above called from here instead of from Python: a SmolLM2 layer took
 // ~13 operator calls and their Python glue (~200 us of a ~400 us layer on a 2-core EPYC, more than its matmuls). The
 // step is split where the KV cache (a Python object) takes the new key and value:
-//   lean_qkv_i16: h = rms_norm(x); q, k, v = h @ Wq/Wk/Wv (+ biases, one parallel region); rotary on q and k
-//   lean_out_i16: o = attend(q, cache k, cache v); x += o @ Wo (+ bias); h = rms_norm(x);
-//                 x += (silu(h @ Wg) * (h @ Wu)) @ Wd (biases added where given)
+//   lean_qkv: h = rms_norm(x); q, k, v = h @ Wq/Wk/Wv (+ biases, one parallel region); rotary on q and k
+//   lean_out: o = attend(q, cache k, cache v); x += o @ Wo (+ bias); h = rms_norm(x);
+//             x += (silu(h @ Wg) * (h @ Wu)) @ Wd (biases added where given)
 // Each step is the operator the Python step calls, in the same order on the same values: the results are its bits.
-// Weights: float32 absmax (a double-quantized one decoded with block_scales_f32), one table and block for all.
+// The seven weights are of one kind (LeanWeights), the decode kernel this build runs for their format.
+constexpr int64_t kLean4bitI16 = 0;    // AVX2: NF4/FP4 codes through mm_4bit_i16 (float32 absmax, one table and block)
+constexpr int64_t kLean4bitTiles = 1;  // AVX-512 BF16: NF4/FP4 in the CPU layout through gemv_4bit_cpu_layout (bf16 absmax)
+constexpr int64_t kLeanInt8 = 2;       // both: int8 rows through gemv_int8_rows (float32 absmax per row or row and block)
 
 // out + bias.to(out.dtype) in bf16 (torch's add: in float32, rounded once)
 void add_bias_rows(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
@@ -2029,48 +2078,97 @@ void add_bias_rows(at::Tensor& out, const c10::optional<at::Tensor>& bias) {
   for (int64_t i = 0; i < out.numel(); i++) po[i] = c10::BFloat16(static_cast<float>(po[i]) + static_cast<float>(pb[i % b.numel()]));
 }
 
-void check_plan(at::TensorList codes, at::TensorList scales, const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns,
-                size_t count, const char* op) {
-  TORCH_CHECK(codes.size() == count && scales.size() == count && biases.size() == count && ns.size() == count, "llmslim: ", op, " takes ",
-              count, " weights (codes, scales, biases, ns), got ", codes.size(), ", ", scales.size(), ", ", biases.size(), ", ", ns.size());
-  for (size_t j = 0; j < count; j++)
-    TORCH_CHECK(scales[j].scalar_type() == at::kFloat, "llmslim: ", op, " takes float32 absmax (block_scales_f32 decodes a double-quantized one), got ",
-                scales[j].scalar_type());
+// A layer's weights of one kind, and the products lean_qkv and lean_out take of them
+struct LeanWeights {
+  int64_t kind;
+  at::TensorList weights, scales;
+  const c10::optional<at::Tensor>& lut;
+  at::IntArrayRef ns;
+  int64_t block;
+
+  // rows h times weights [first, first + count), in one call (one parallel region, h quantized once)
+  std::vector<at::Tensor> multi(const at::Tensor& h, size_t first, size_t count) const {
+    const at::TensorList w = weights.slice(first, count), s = scales.slice(first, count);
+    switch (kind) {
+#ifdef LLMSLIM_AVX2
+      case kLean4bitI16: return mm_4bit_i16_multi(h, w, *lut, s, {}, c10::nullopt, {}, ns.slice(first, count), block);
+#endif
+#ifdef LLMSLIM_AVX512_BF16
+      case kLean4bitTiles: return gemv_4bit_multi(h, w, s, *lut, ns.slice(first, count), block);
+#endif
+      default: return gemv_int8_rows_multi(h, w, s);
+    }
+  }
+
+  at::Tensor one(const at::Tensor& x, size_t j) const {
+    switch (kind) {
+#ifdef LLMSLIM_AVX2
+      case kLean4bitI16: return mm_4bit_i16(x, weights[j], *lut, scales[j], c10::nullopt, c10::nullopt, c10::nullopt, ns[j], block);
+#endif
+#ifdef LLMSLIM_AVX512_BF16
+      case kLean4bitTiles: return gemv_4bit_cpu_layout(x, weights[j], scales[j], *lut, ns[j], x.size(1), block);
+#endif
+      default: return gemv_int8_rows(x, weights[j], scales[j]);
+    }
+  }
+};
+
+LeanWeights lean_weights(int64_t kind, at::TensorList weights, at::TensorList scales, const c10::optional<at::Tensor>& lut,
+                         const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns, int64_t block, size_t count, const char* op) {
+  TORCH_CHECK(weights.size() == count && scales.size() == count && biases.size() == count && ns.size() == count, "llmslim: ", op, " takes ",
+              count, " weights (weights, scales, biases, ns), got ", weights.size(), ", ", scales.size(), ", ", biases.size(), ", ", ns.size());
+#ifdef LLMSLIM_AVX2
+  const bool built = kind == kLean4bitI16 || kind == kLeanInt8;
+#else
+  const bool built = kind == kLean4bitTiles || kind == kLeanInt8;
+#endif
+  TORCH_CHECK(built, "llmslim: ", op, " has no weight kind ", kind, " in this build (", kLean4bitI16, ": 4-bit on AVX2, ", kLean4bitTiles,
+              ": 4-bit in the CPU layout on AVX-512 BF16, ", kLeanInt8, ": int8 rows)");
+  TORCH_CHECK(kind == kLeanInt8 || lut.has_value(), "llmslim: ", op, "'s 4-bit weights need their table");
+  for (size_t j = 0; j < count; j++) {
+    if (kind == kLean4bitI16)
+      TORCH_CHECK(scales[j].scalar_type() == at::kFloat, "llmslim: ", op, " takes float32 absmax (block_scales_f32 decodes a double-quantized one), got ",
+                  scales[j].scalar_type());
+    if (kind == kLeanInt8)
+      TORCH_CHECK(weights[j].dim() == 2 && weights[j].size(0) == ns[j], "llmslim: ", op, "'s int8 weight ", j, " has ", weights[j].sizes(),
+                  " rows, not ", ns[j]);
+  }
+  return {kind, weights, scales, lut, ns, block};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lean_qkv_i16(const at::Tensor& x, const at::Tensor& norm_weight, double eps, at::TensorList codes,
-                                                            const at::Tensor& lut, at::TensorList scales,
-                                                            const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns,
-                                                            int64_t block, const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
-  check_rows(x, "lean_qkv_i16's x");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "llmslim: lean_qkv_i16 takes one token's row (1, hidden), got ", x.sizes());
-  check_plan(codes, scales, biases, ns, 3, "lean_qkv_i16");
-  TORCH_CHECK(head_dim > 0 && ns[0] % head_dim == 0 && ns[1] % head_dim == 0 && ns[1] == ns[2], "llmslim: lean_qkv_i16's outputs ", ns,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lean_qkv(const at::Tensor& x, const at::Tensor& norm_weight, double eps, int64_t kind,
+                                                        at::TensorList weights, at::TensorList scales, const c10::optional<at::Tensor>& lut,
+                                                        const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns, int64_t block,
+                                                        const at::Tensor& cos, const at::Tensor& sin, int64_t head_dim) {
+  check_rows(x, "lean_qkv's x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "llmslim: lean_qkv takes one token's row (1, hidden), got ", x.sizes());
+  const LeanWeights lw = lean_weights(kind, weights, scales, lut, biases, ns, block, 3, "lean_qkv");
+  TORCH_CHECK(head_dim > 0 && ns[0] % head_dim == 0 && ns[1] % head_dim == 0 && ns[1] == ns[2], "llmslim: lean_qkv's outputs ", ns,
               " are not whole heads of ", head_dim);
   const at::Tensor h = rms_norm_rows(x, norm_weight, eps);
-  std::vector<at::Tensor> qkv = mm_4bit_i16_multi(h, codes, lut, scales, {}, c10::nullopt, {}, ns, block);
+  std::vector<at::Tensor> qkv = lw.multi(h, 0, 3);
   for (size_t j = 0; j < 3; j++) add_bias_rows(qkv[j], biases.get(j));
   const at::Tensor q = rotary_rows(qkv[0].view({1, ns[0] / head_dim, 1, head_dim}), cos, sin);
   const at::Tensor k = rotary_rows(qkv[1].view({1, ns[1] / head_dim, 1, head_dim}), cos, sin);
   return {q, k, qkv[2].view({1, ns[2] / head_dim, 1, head_dim})};
 }
 
-at::Tensor lean_out_i16(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, at::TensorList codes,
-                        const at::Tensor& lut, at::TensorList scales, const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns,
-                        int64_t block, const at::Tensor& norm_weight, double eps) {
-  check_rows(x, "lean_out_i16's x");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "llmslim: lean_out_i16 takes one token's row (1, hidden), got ", x.sizes());
-  check_plan(codes, scales, biases, ns, 4, "lean_out_i16");  // o, gate, up, down
-  TORCH_CHECK(ns[0] == x.size(1) && ns[3] == x.size(1) && ns[1] == ns[2], "llmslim: lean_out_i16's outputs ", ns, " do not fit rows of ", x.size(1));
+at::Tensor lean_out(const at::Tensor& x, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, int64_t kind,
+                    at::TensorList weights, at::TensorList scales, const c10::optional<at::Tensor>& lut,
+                    const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef ns, int64_t block, const at::Tensor& norm_weight,
+                    double eps) {
+  check_rows(x, "lean_out's x");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "llmslim: lean_out takes one token's row (1, hidden), got ", x.sizes());
+  const LeanWeights lw = lean_weights(kind, weights, scales, lut, biases, ns, block, 4, "lean_out");  // o, gate, up, down
+  TORCH_CHECK(ns[0] == x.size(1) && ns[3] == x.size(1) && ns[1] == ns[2], "llmslim: lean_out's outputs ", ns, " do not fit rows of ", x.size(1));
   const at::Tensor o = attend_one_rows(q, k, v, scale);
-  at::Tensor projected = mm_4bit_i16(o, codes[0], lut, scales[0], c10::nullopt, c10::nullopt, c10::nullopt, ns[0], block);
+  at::Tensor projected = lw.one(o, 0);
   add_bias_rows(projected, biases.get(0));
   const auto [mid, h] = add_rms_norm_rows(x, projected, norm_weight, eps);
-  std::vector<at::Tensor> gate_up = mm_4bit_i16_multi(h, codes.slice(1, 2), lut, scales.slice(1, 2), {}, c10::nullopt, {}, ns.slice(1, 2), block);
+  std::vector<at::Tensor> gate_up = lw.multi(h, 1, 2);
   add_bias_rows(gate_up[0], biases.get(1));
   add_bias_rows(gate_up[1], biases.get(2));
-  at::Tensor down = mm_4bit_i16(silu_mul_rows(gate_up[0], gate_up[1]), codes[3], lut, scales[3], c10::nullopt, c10::nullopt, c10::nullopt,
-                                ns[3], block);
+  at::Tensor down = lw.one(silu_mul_rows(gate_up[0], gate_up[1]), 3);
   add_bias_rows(down, biases.get(3));
   at::Tensor out = at::empty_like(mid);
   const at::BFloat16 *pm = mid.data_ptr<at::BFloat16>(), *pd = down.data_ptr<at::BFloat16>();
@@ -2078,7 +2176,7 @@ at::Tensor lean_out_i16(const at::Tensor& x, const at::Tensor& q, const at::Tens
   for (int64_t i = 0; i < out.numel(); i++) po[i] = c10::BFloat16(static_cast<float>(pm[i]) + static_cast<float>(pd[i]));
   return out;
 }
-#endif  // LLMSLIM_AVX2
+#endif  // LLMSLIM_AVX512_BF16 || LLMSLIM_AVX2
 
 }  // namespace
 
@@ -2110,12 +2208,13 @@ TORCH_LIBRARY(llmslim, m) {
   m.def("silu_mul_rows(Tensor gate, Tensor up) -> Tensor");
   m.def("attend_one_rows(Tensor q, Tensor k, Tensor v, float scale) -> Tensor");
   m.def("kv_append(Tensor(a!) key_room, Tensor(b!) value_room, Tensor k, Tensor v, int seen) -> (Tensor(a), Tensor(b))");
+  m.def("gemv_int8_rows_multi(Tensor x, Tensor[] weights, Tensor[] row_absmax) -> Tensor[]");
   m.def(
-      "lean_qkv_i16(Tensor x, Tensor norm_weight, float eps, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor?[] biases, int[] ns, "
-      "int block, Tensor cos, Tensor sin, int head_dim) -> (Tensor, Tensor, Tensor)");
+      "lean_qkv(Tensor x, Tensor norm_weight, float eps, int kind, Tensor[] weights, Tensor[] scales, Tensor? lut, Tensor?[] biases, "
+      "int[] ns, int block, Tensor cos, Tensor sin, int head_dim) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "lean_out_i16(Tensor x, Tensor q, Tensor k, Tensor v, float scale, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor?[] biases, "
-      "int[] ns, int block, Tensor norm_weight, float eps) -> Tensor");
+      "lean_out(Tensor x, Tensor q, Tensor k, Tensor v, float scale, int kind, Tensor[] weights, Tensor[] scales, Tensor? lut, "
+      "Tensor?[] biases, int[] ns, int block, Tensor norm_weight, float eps) -> Tensor");
   m.def("simd_available() -> Tensor");
   m.def("int4_q8_available() -> Tensor");
   m.def("int8_rows_available() -> Tensor");
@@ -2131,11 +2230,12 @@ TORCH_LIBRARY(llmslim, m) {
   m.impl("mm_4bit_i16", c10::DispatchKey::CPU, mm_4bit_i16);
   m.impl("mm_4bit_i16_multi", c10::DispatchKey::CPU, mm_4bit_i16_multi);
   m.impl("block_scales_f32", c10::DispatchKey::CPU, block_scales_f32);
-  m.impl("lean_qkv_i16", c10::DispatchKey::CPU, lean_qkv_i16);
-  m.impl("lean_out_i16", c10::DispatchKey::CPU, lean_out_i16);
 #endif
 #if defined(LLMSLIM_AVX512_BF16) || defined(LLMSLIM_AVX2)
   m.impl("gemv_int8_rows", c10::DispatchKey::CPU, gemv_int8_rows);
+  m.impl("gemv_int8_rows_multi", c10::DispatchKey::CPU, gemv_int8_rows_multi);
+  m.impl("lean_qkv", c10::DispatchKey::CPU, lean_qkv);
+  m.impl("lean_out", c10::DispatchKey::CPU, lean_out);
 #endif
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
