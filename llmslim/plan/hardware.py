@@ -7,7 +7,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
-from llmslim.quant.native import cpu_half_matmul_is_native, cpu_has_amx
+from llmslim.quant.native import cpu_half_matmul_is_native
 
 GiB = 2**30
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12}
@@ -65,9 +65,9 @@ class Hardware:
         disk: free disk space for offloaded layers.
         bandwidth: bytes/s of `gpu` memory, the `pcie` link, `cpu` memory and `disk` reads.
         cpu_half_gemm: whether the CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); without it
-            llmslim's prompts and training run their dense products in float32 (default: this machine's CPU).
-        cpu_amx: whether the CPU has AMX bf16 tiles: int8 prompts then multiply the weight turned into bf16 instead of
-            running LLM.int8 (`quant.kernels.int8_prompt_matmul_amx`; default: this machine's CPU).
+            llmslim's prompts and training run their dense products in float32, and with it int8 prompts multiply the
+            weight turned into bf16 instead of running LLM.int8 (`quant.kernels.int8_prompt_matmul_bf16`) (default:
+            this machine's CPU).
     """
 
     gpus: list[int]
@@ -75,7 +75,6 @@ class Hardware:
     disk: int
     bandwidth: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_BANDWIDTH))
     cpu_half_gemm: bool = field(default_factory=cpu_half_matmul_is_native)
-    cpu_amx: bool = field(default_factory=cpu_has_amx)
 
     def __post_init__(self) -> None:
         if isinstance(self.cpu, bool) or not isinstance(self.cpu, int) or self.cpu <= 0:

@@ -77,7 +77,7 @@ def activation_bytes(shape: ModelShape, tokens: int, batch: int, dtype_bytes: in
     return batch * tokens * widest * dtype_bytes + logits
 
 
-INT8_AMX_CHUNK_ELEMENTS = 1 << 24  # quant.kernels.INT8_AMX_CHUNK_ELEMENTS: weights turned into bf16 at a time
+INT8_BF16_CHUNK_ELEMENTS = 1 << 24  # quant.kernels.INT8_BF16_CHUNK_ELEMENTS: weights turned into bf16 at a time
 PACKED_GEMV_MAX_TOKENS = 64  # quant.kernels.PACKED_GEMV_MAX_TOKENS: NF4/FP4 in the CPU layout run the decode kernel up to here
 
 
@@ -119,7 +119,6 @@ def prompt_workspace_bytes(
     block_size: int = 64,
     cpu: bool = False,
     half_gemm: bool = True,
-    amx: bool = False,
 ) -> int:
     """Temporaries of the largest quantized layer on a prompt of `tokens` rows (batch included).
 
@@ -133,9 +132,9 @@ def prompt_workspace_bytes(
     int8 (LLM.int8 on CPU): an upper bound, as if the int8 weight were transposed for `torch._int_mm`
     and every column were an outlier dequantized in float32 at once (the kernel goes in chunks of
     weight rows, `quant.kernels.INT8_PROMPT_CHUNK_ELEMENTS`, so it needs less); per token, the
-    input in float32 and int8 and the float32 output. int8 on a CPU with AMX (`amx`, with `half_gemm`): the
-    weight's bf16 copy (at most `INT8_AMX_CHUNK_ELEMENTS` at a time), and per token the bf16 and float32 product
-    (`quant.kernels.int8_prompt_matmul_amx`; its bf16 output is the layer's activation).
+    input in float32 and int8 and the float32 output. int8 on a CPU with hardware bf16 GEMMs (`half_gemm`): the
+    weight's bf16 copy (at most `INT8_BF16_CHUNK_ELEMENTS` at a time), and per token the bf16 and float32 product
+    (`quant.kernels.int8_prompt_matmul_bf16`; its bf16 output is the layer's activation).
     """
     if weights is None:
         return 0
@@ -144,8 +143,8 @@ def prompt_workspace_bytes(
     packed = cpu and fmt.blockwise_absmax and not float32_product  # bitsandbytes' CPU layout, up to its own row limit
     if tokens <= (PACKED_GEMV_MAX_TOKENS if packed else fmt.decode_max_tokens):
         return 0
-    if fmt.bits == 8 and cpu and half_gemm and amx and dtype_bytes == 2:
-        return min(w.largest_linear, INT8_AMX_CHUNK_ELEMENTS) * 2 + tokens * w.max_out * (2 + FP32)
+    if fmt.bits == 8 and cpu and half_gemm and dtype_bytes == 2:
+        return min(w.largest_linear, INT8_BF16_CHUNK_ELEMENTS) * 2 + tokens * w.max_out * (2 + FP32)
     if fmt.bits == 8:
         return w.largest_linear * (1 + FP32) + tokens * (w.max_in * (FP32 + 1) + w.max_out * FP32)
     if float32_product:

@@ -274,7 +274,6 @@ def plan_format(shape: ModelShape, fmt: str, hardware: Hardware, workload: Workl
         workload.context * workload.batch,
         cpu=cpu_inference,
         half_gemm=hardware.cpu_half_gemm,
-        amx=hardware.cpu_amx,
     )
     if cpu_inference:
         workspace += decode_head_bytes(shape, config)  # the int8 copy a float head decodes through

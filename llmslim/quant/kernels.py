@@ -184,9 +184,6 @@ CPU_PACK_ROWS = 32  # output rows whose codes the CPU layout interleaves
 # are emulated: a QLoRA step of SmolLM2 (4 x 128 tokens, nf4, checkpointing) took 77 s in bf16 and 5.2 s in float32 on
 # the AVX2 EPYC this was measured on. A constant (read once), so that compiled code reads it without tracing a file read.
 CPU_HALF_MATMUL_IS_NATIVE = native.cpu_half_matmul_is_native()
-# Whether bf16 GEMMs run on AMX tiles here: then an int8 prompt is faster as the int8 weight turned into bf16 (exactly)
-# times the bf16 activations than as LLM.int8's int8 GEMM (`int8_prompt_matmul_amx`)
-CPU_AMX = native.cpu_has_amx()
 
 
 @lru_cache(maxsize=1)
@@ -610,14 +607,15 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     CUDA: `linear_int8_bnb_ops`. CPU, up to `INT8_DECODE_MAX_TOKENS` tokens (any number on the AVX2 build,
     `_int8_prompts_on_rows`): llmslim's `gemv_int8_rows` for bfloat16 `x`
     (exact int8 products with 16-bit activations), else PyTorch's weight-only int8 kernel; neither
-    materialises a float weight. CPU, more tokens (prompts): the LLM.int8
-    decomposition on `torch._int_mm` (VNNI), several times faster than a bf16 GEMM.
+    materialises a float weight. CPU, more tokens (prompts): bf16 rows on a CPU with hardware bf16 GEMMs take the
+    codes turned into bf16 (`int8_prompt_matmul_bf16`: every column in 16 bits), on the AVX2 build `gemv_int8_rows`;
+    else the LLM.int8 decomposition on `torch._int_mm`.
     """
     if x.device.type == "cuda" and (torch.compiler.is_compiling() or bnb_functional() is not None):
         return linear_int8_bnb_ops(x, weight, row_absmax, threshold)
     tokens = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and x.dtype == torch.bfloat16 and CPU_AMX:
-        return int8_prompt_matmul_amx(x.reshape(-1, x.shape[-1]), weight, row_absmax).view(*x.shape[:-1], weight.shape[0])
+    if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and x.dtype == torch.bfloat16 and CPU_HALF_MATMUL_IS_NATIVE:
+        return int8_prompt_matmul_bf16(x.reshape(-1, x.shape[-1]), weight, row_absmax).view(*x.shape[:-1], weight.shape[0])
     if x.device.type == "cpu" and tokens > INT8_DECODE_MAX_TOKENS and _int8_prompts_on_rows(x, weight, row_absmax):
         out = torch.ops.llmslim.gemv_int8_rows(x.reshape(-1, x.shape[-1]), weight, row_absmax)
         return out.view(*x.shape[:-1], weight.shape[0])
@@ -640,21 +638,23 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
-INT8_AMX_CHUNK_ELEMENTS = 1 << 24  # weight elements turned into bf16 at a time in `int8_prompt_matmul_amx` (32 MiB)
+INT8_BF16_CHUNK_ELEMENTS = 1 << 24  # weight elements turned into bf16 at a time in `int8_prompt_matmul_bf16` (32 MiB)
 
 
-def int8_prompt_matmul_amx(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
-    """`x @ W.T` for a bf16 prompt (2-D `x`) on a CPU with AMX, bf16 result.
+def int8_prompt_matmul_bf16(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
+    """`x @ W.T` for a bf16 prompt (2-D `x`) on a CPU with hardware bf16 GEMMs (AMX, AVX-512 BF16), bf16 result.
 
-    The int8 codes become bf16 exactly (|q| <= 127 fits bf16's 8-bit significand), AMX multiplies them with `x` in one
-    bf16 GEMM, and each output column is scaled by its row's absmax / 127 in float32. Every activation column is
-    multiplied in 16 bits, so `int8_threshold` has nothing to choose (LLM.int8 rounds the other columns to int8: less
-    precise, and its int8 GEMM ran at 0.31x the bf16 prompt speed on the 1.1B shape here). Rows go in chunks of
-    about `INT8_AMX_CHUNK_ELEMENTS` weights, which bounds the bf16 copy for a vocabulary-sized head.
+    The int8 codes become bf16 exactly (|q| <= 127 fits bf16's 8-bit significand), one bf16 GEMM multiplies them with
+    `x`, and each output column is scaled by its row's absmax / 127 in float32. Every activation column is multiplied
+    in 16 bits, so `int8_threshold` has nothing to choose (LLM.int8 rounds the other columns to int8: less precise,
+    and slower here: its int8 GEMM ran at 0.31x the bf16 prompt speed on the 1.1B shape on an AMX Xeon; on an AVX-512
+    EPYC (Zen 5), 128 tokens x a 2048 x 2048 weight, 2 threads: this 1.53 ms, bf16 `F.linear` 1.25, LLM.int8 at the
+    default threshold with most columns outliers 11.1, with none 1.08). Rows go in chunks of about
+    `INT8_BF16_CHUNK_ELEMENTS` weights, which bounds the bf16 copy for a vocabulary-sized head.
     """
     tokens, rows = x.shape[0], weight.shape[0]
     out = torch.empty(tokens, rows, dtype=x.dtype)
-    step = max(1, INT8_AMX_CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    step = max(1, INT8_BF16_CHUNK_ELEMENTS // max(weight.shape[1], 1))
     for r0 in range(0, rows, step):
         product = torch.nn.functional.linear(x, weight[r0 : r0 + step].to(torch.bfloat16))
         torch.mul(product, row_absmax[r0 : r0 + step] / 127.0, out=out[:, r0 : r0 + step])  # in float32, rounded once

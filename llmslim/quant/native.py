@@ -40,11 +40,6 @@ def cpu_half_matmul_is_native() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpu_flags()))
 
 
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles for bf16 (Sapphire Rapids and later): PyTorch's bf16 GEMMs then run on them."""
-    return "amx_bf16" in cpu_flags()
-
-
 def _cpu_fingerprint() -> str:
     """What -march=native depends on: the CPU's flags (a cached build is only reused on the same kind)."""
     try:

@@ -25,7 +25,7 @@ from llmslim.quant.experts import experts_modules, quantized_experts
 from llmslim.quant.quantize import quantize_
 from llmslim.stats import model_nbytes
 
-CPU_ONLY = Hardware(gpus=[], cpu=24 * GiB, disk=2 * 10**12, cpu_half_gemm=True, cpu_amx=False)  # pinned, not detected
+CPU_ONLY = Hardware(gpus=[], cpu=24 * GiB, disk=2 * 10**12, cpu_half_gemm=True)  # pinned, not detected
 ONE_GPU = Hardware(gpus=[24 * GiB], cpu=128 * GiB, disk=2 * 10**12)
 FORMATS = ("bf16", "int8", "nf4", "nf4+dq", "int4")
 MOE_BUNDLED = ("mixtral-8x22b", "qwen3-235b-a22b", "deepseek-v3", "gpt-oss-120b", "llama-4-maverick")

@@ -388,8 +388,8 @@ def test_llm_int8_in_row_chunks_equals_one_pass(monkeypatch, dtype):
 
 @pytest.mark.parametrize("tokens", (9, 64))
 def test_linear_int8_prompt_path_is_the_decomposition(tokens, monkeypatch):
-    monkeypatch.setattr(kernels, "CPU_AMX", False)
-    monkeypatch.setattr(kernels, "_int8_prompts_on_rows", lambda *args: False)  # a CPU with AVX-512 VNNI, no AMX
+    monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", False)
+    monkeypatch.setattr(kernels, "_int8_prompts_on_rows", lambda *args: False)  # a CPU with VNNI but no bf16 GEMMs
     q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
     x = _with_outlier_features(tokens, 128, (5,), magnitude=30.0).to(torch.bfloat16)
     out = kernels.linear_int8(x, q, absmax, threshold=6.0)
@@ -403,7 +403,7 @@ def test_linear_int8_prompt_path_is_the_decomposition(tokens, monkeypatch):
 def test_int8_prompts_on_avx2_take_the_exact_int8_row_kernel(tokens, monkeypatch):
     # without AVX-512 VNNI `torch._int_mm` is ~25x slower than gemv_int8_rows: prompts take it too, every column
     # multiplied exactly against int16 activations, so closer to the dequantized weight's product than LLM.int8
-    monkeypatch.setattr(kernels, "CPU_AMX", False)
+    monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", False)
     q, absmax = kernels.quantize_int8_rows(_randn((48, 128), seed=12))
     x = _with_outlier_features(tokens, 128, (5,), magnitude=30.0).to(torch.bfloat16)
     out = kernels.linear_int8(x, q, absmax, threshold=6.0)
@@ -414,10 +414,11 @@ def test_int8_prompts_on_avx2_take_the_exact_int8_row_kernel(tokens, monkeypatch
     assert torch.equal(kernels.linear_int8(x, q, absmax, threshold=1.5), out)  # the threshold has nothing to choose
 
 
-def test_int8_prompts_on_amx_multiply_the_exact_weight_in_bf16(monkeypatch):
-    # with AMX every column is multiplied in bf16 against the int8 codes (exact in bf16), scaled in float32: closer to
-    # the dequantized weight's product than LLM.int8, and chunks of rows give the same bits as one pass
-    monkeypatch.setattr(kernels, "CPU_AMX", True)
+def test_int8_prompts_with_bf16_gemms_multiply_the_exact_weight_in_bf16(monkeypatch):
+    # with hardware bf16 GEMMs (AMX, AVX-512 BF16) every column is multiplied in bf16 against the int8 codes (exact in
+    # bf16), scaled in float32: closer to the dequantized weight's product than LLM.int8, and chunks of rows give the
+    # same bits as one pass
+    monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", True)
     q, absmax = kernels.quantize_int8_rows(_randn((200, 128), seed=15))
     x = _with_outlier_features(40, 128, (5,), magnitude=30.0).to(torch.bfloat16)
     out = kernels.linear_int8(x, q, absmax, threshold=6.0)
@@ -430,10 +431,10 @@ def test_int8_prompts_on_amx_multiply_the_exact_weight_in_bf16(monkeypatch):
     assert (out.float() - exact).norm() < (decomposed - exact).norm()
     from llmslim.plan import memory
 
-    assert memory.INT8_AMX_CHUNK_ELEMENTS == kernels.INT8_AMX_CHUNK_ELEMENTS  # the planner's copy of the bound
-    monkeypatch.setattr(kernels, "INT8_AMX_CHUNK_ELEMENTS", 16 * 128)  # 16 rows per chunk
+    assert memory.INT8_BF16_CHUNK_ELEMENTS == kernels.INT8_BF16_CHUNK_ELEMENTS  # the planner's copy of the bound
+    monkeypatch.setattr(kernels, "INT8_BF16_CHUNK_ELEMENTS", 16 * 128)  # 16 rows per chunk
     assert torch.equal(kernels.linear_int8(x, q, absmax, threshold=6.0), out)
-    monkeypatch.setattr(kernels, "int8_prompt_matmul_amx", None)  # decode rows never take it
+    monkeypatch.setattr(kernels, "int8_prompt_matmul_bf16", None)  # decode rows never take it
     kernels.linear_int8(x[: kernels.INT8_DECODE_MAX_TOKENS], q, absmax, threshold=6.0)
 
 
