@@ -466,10 +466,10 @@ def resolve_model(name: str) -> Path:
 
 MERGE_NOTES = {
     "llmslim-int8": (
-        "int8 (and -t6) measured on a CPU with AMX, where int8 prompts multiply the int8 weight turned into bf16 "
-        "(`kernels.int8_prompt_matmul_bf16`, as on every CPU with hardware bf16 GEMMs since 2026-12-06: no activation "
-        "rounded, so the threshold changes nothing); through LLM.int8 (CPUs with neither) SmolLM2 read 28.92 at "
-        "threshold 1.5 and 29.32 at 6."
+        "int8 measured on a CPU with hardware bf16 GEMMs (an AMX Xeon; since 2026-12-06 16:52 a Zen 5 EPYC with AVX-512 "
+        "BF16), where int8 prompts multiply the int8 weight turned into bf16 (`kernels.int8_prompt_matmul_bf16`: no "
+        "activation rounded, so the threshold changes nothing; -t6 measured on the Xeon); through LLM.int8 (CPUs with "
+        "neither) SmolLM2 read 28.92 at threshold 1.5 and 29.32 at 6."
     ),
     "llmslim-nf4-gptq": (
         "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0) with the defaults: damp 0.25, "
