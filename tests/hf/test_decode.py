@@ -239,6 +239,8 @@ def test_the_kept_cache_room_holds_what_torch_cat_gives():
     handed_out = []
     for step in range(140):  # past the first room of 5 + 128 positions: the room grows once
         k, v = torch.randn(1, 2, 1, 8).bfloat16(), torch.randn(1, 2, 1, 8).bfloat16()
+        if step % 7 == 0:  # a strided token: written through copy_ instead of the direct copy
+            k = torch.randn(1, 2, 1, 16).bfloat16()[..., ::2]
         got = decode._cache_update(ours, k, v, 0)
         want = theirs.update(k, v, 0)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
