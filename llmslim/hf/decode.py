@@ -176,8 +176,9 @@ def _hooked(modules) -> bool:
 
 
 def _project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` for rows `x`: a 4-bit layer's decode operator, else the module's forward (its `__call__` if hooked)."""
-    if module._forward_hooks or module._forward_pre_hooks:
+    """`module(x)` for rows `x`: a 4-bit layer's decode operator, else the module's forward (its `__call__` if hooked or
+    given an instance `forward`, as accelerate's hooks do)."""
+    if module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__:
         return module(x)
     if type(module) is SlimLinear4bit:
         out = module.decode_rows(x)
@@ -292,7 +293,7 @@ def _layer_plan(layer, a, f, x: torch.Tensor) -> tuple | None:
                 break
         else:
             return plan
-    if not kernels.lean_layer_ops() or any(m._forward_hooks or m._forward_pre_hooks or m.training for m in modules):
+    if not kernels.lean_layer_ops() or any(_bypassed(m) for m in modules):
         return None
     if all(type(m) is SlimLinear4bit for m in modules):
         found = _plan_4bit(modules, x)
@@ -309,6 +310,19 @@ def _layer_plan(layer, a, f, x: torch.Tensor) -> tuple | None:
     out = (kind, weights[3:], scales[3:], table, biases[3:], ns[3:], block)
     plan = layer.__dict__["_lean_plan"] = (key, absmax_name, qkv, out)
     return plan
+
+
+def _bypassed(m: nn.Module) -> bool:
+    """Whether a projection does more in its call than its kernel (hooks, an instance `forward` such as accelerate's,
+    streamed or offloaded weights) or trains: a layer plan would skip that."""
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or m.training
+        or "forward" in m.__dict__
+        or hasattr(m, "_hf_hook")
+        or getattr(m, "streamed", False)
+    )
 
 
 def _plan_4bit(modules, x: torch.Tensor) -> tuple | None:
@@ -335,9 +349,6 @@ def _plan_int8(modules, x: torch.Tensor) -> tuple | None:
         if (
             m.compute_dtype is not x.dtype
             or weight.device.type != "cpu"
-            or getattr(m, "streamed", False)
-            or hasattr(m, "_hf_hook")
-            or "forward" in m.__dict__
             or kernels.INT8_DECODE_MAX_TOKENS < 1
             or not kernels.int8_decode_usable(x, weight, absmax)
         ):

@@ -216,6 +216,18 @@ def test_a_hook_on_a_projection_is_called_by_the_lean_step(decode_models, monkey
     assert taken and len(seen) == 5
 
 
+@pytest.mark.parametrize("weights", ("nf4", "int8"))
+def test_an_instance_forward_on_a_projection_is_called_by_the_lean_step(decode_models, weights, monkeypatch):
+    # as accelerate's hooks wrap a module's forward: neither the two-operator layer nor the per-operator step skips it
+    model = llmslim.from_pretrained(decode_models["llama"], SlimConfig(weights=weights), progress=False)
+    taken = _lean_steps(monkeypatch)
+    down = model.model.layers[1].mlp.down_proj
+    seen, forward = [], down.forward
+    down.forward = lambda x: seen.append(x.shape) or forward(x)
+    _greedy(model, steps=5)
+    assert taken and len(seen) == 5 and "_lean_plan" not in model.model.layers[1].__dict__
+
+
 def test_quantize_in_place_gives_the_lean_step(decode_models):
     model = AutoModelForCausalLM.from_pretrained(decode_models["llama"], dtype=torch.bfloat16)
     llmslim.quantize_(model, SlimConfig(weights="nf4"))
