@@ -133,8 +133,9 @@ def prompt_workspace_bytes(
     and every column were an outlier dequantized in float32 at once (the kernel goes in chunks of
     weight rows, `quant.kernels.INT8_PROMPT_CHUNK_ELEMENTS`, so it needs less); per token, the
     input in float32 and int8 and the float32 output. int8 on a CPU with hardware bf16 GEMMs (`half_gemm`): the
-    weight's bf16 copy (at most `INT8_BF16_CHUNK_ELEMENTS` at a time), and per token the bf16 and float32 product
-    (`quant.kernels.int8_prompt_matmul_bf16`; its bf16 output is the layer's activation).
+    weight dequantized to bf16 (at most `INT8_BF16_CHUNK_ELEMENTS` at a time; a layer that needs several chunks also
+    holds a chunk's product per token) (`quant.kernels.int8_prompt_matmul_bf16`; its bf16 output is the layer's
+    activation).
     """
     if weights is None:
         return 0
@@ -143,8 +144,9 @@ def prompt_workspace_bytes(
     packed = cpu and fmt.blockwise_absmax and not float32_product  # bitsandbytes' CPU layout, up to its own row limit
     if tokens <= (PACKED_GEMV_MAX_TOKENS if packed else fmt.decode_max_tokens):
         return 0
-    if fmt.bits == 8 and cpu and half_gemm and dtype_bytes == 2:
-        return min(w.largest_linear, INT8_BF16_CHUNK_ELEMENTS) * 2 + tokens * w.max_out * (2 + FP32)
+    if fmt.bits == 8 and cpu and half_gemm and dtype_bytes == 2:  # a chunked product is copied into the output
+        chunked = w.largest_linear > INT8_BF16_CHUNK_ELEMENTS
+        return min(w.largest_linear, INT8_BF16_CHUNK_ELEMENTS) * 2 + (tokens * w.max_out * 2 if chunked else 0)
     if fmt.bits == 8:
         return w.largest_linear * (1 + FP32) + tokens * (w.max_in * (FP32 + 1) + w.max_out * FP32)
     if float32_product:

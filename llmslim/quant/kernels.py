@@ -644,21 +644,32 @@ INT8_BF16_CHUNK_ELEMENTS = 1 << 24  # weight elements turned into bf16 at a time
 def int8_prompt_matmul_bf16(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
     """`x @ W.T` for a bf16 prompt (2-D `x`) on a CPU with hardware bf16 GEMMs (AMX, AVX-512 BF16), bf16 result.
 
-    The int8 codes become bf16 exactly (|q| <= 127 fits bf16's 8-bit significand), one bf16 GEMM multiplies them with
-    `x`, and each output column is scaled by its row's absmax / 127 in float32. Every activation column is multiplied
-    in 16 bits, so `int8_threshold` has nothing to choose (LLM.int8 rounds the other columns to int8: less precise,
-    and slower here: its int8 GEMM ran at 0.31x the bf16 prompt speed on the 1.1B shape on an AMX Xeon; on an AVX-512
-    EPYC (Zen 5), 128 tokens x a 2048 x 2048 weight, 2 threads: this 1.53 ms, bf16 `F.linear` 1.25, LLM.int8 at the
-    default threshold with most columns outliers 11.1, with none 1.08). Rows go in chunks of about
-    `INT8_BF16_CHUNK_ELEMENTS` weights, which bounds the bf16 copy for a vocabulary-sized head.
+    The weight is dequantized to bf16 as `formats.dequantize_int8_rows` does (each element q x absmax / 127, rounded
+    once; `_int8_rows_bf16`) and one bf16 GEMM multiplies it with `x`: the product of `x` with the dequantized weight,
+    every activation column in 16 bits, so `int8_threshold` has nothing to choose (LLM.int8 rounds the other columns
+    to int8: less precise, and slower here: its int8 GEMM ran at 0.31x the bf16 prompt speed on the 1.1B shape on an
+    AMX Xeon; on a Zen 5 EPYC, 128 tokens x a 2048 x 2048 weight, 2 threads, 11.1 ms with most columns outliers
+    against bf16 `F.linear`'s 1.25). Until 2026-12-06 the codes went into the GEMM unscaled and each output column was
+    scaled after it: a pass over the output, through dtype conversions, that cost SmolLM2's 512-token int8 prompt
+    ~120 ms of ~510 on that EPYC. Rows go in chunks of about `INT8_BF16_CHUNK_ELEMENTS` weights, which bounds the bf16
+    copy for a vocabulary-sized head.
     """
     tokens, rows = x.shape[0], weight.shape[0]
-    out = torch.empty(tokens, rows, dtype=x.dtype)
     step = max(1, INT8_BF16_CHUNK_ELEMENTS // max(weight.shape[1], 1))
+    if rows <= step:
+        return torch.nn.functional.linear(x, _int8_rows_bf16(weight, row_absmax))
+    out = torch.empty(tokens, rows, dtype=x.dtype)
     for r0 in range(0, rows, step):
-        product = torch.nn.functional.linear(x, weight[r0 : r0 + step].to(torch.bfloat16))
-        torch.mul(product, row_absmax[r0 : r0 + step] / 127.0, out=out[:, r0 : r0 + step])  # in float32, rounded once
+        out[:, r0 : r0 + step] = torch.nn.functional.linear(x, _int8_rows_bf16(weight[r0 : r0 + step], row_absmax[r0 : r0 + step]))
     return out
+
+
+def _int8_rows_bf16(weight: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
+    """`formats.dequantize_int8_rows(weight, row_absmax, torch.bfloat16)`, the same bits: in one vectorized pass where
+    llmslim's AVX-512 operators are built (the torch expression makes a float32 copy of the weight first)."""
+    if weight.is_cpu and weight.is_contiguous() and row_absmax.dtype == torch.float32 and row_absmax.is_contiguous() and decode_kernels():
+        return torch.ops.llmslim.dequantize_int8_rows_bf16(weight, row_absmax)
+    return formats.dequantize_int8_rows(weight, row_absmax, torch.bfloat16)
 
 
 def _int8_prompts_on_rows(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor) -> bool:

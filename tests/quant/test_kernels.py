@@ -414,18 +414,22 @@ def test_int8_prompts_on_avx2_take_the_exact_int8_row_kernel(tokens, monkeypatch
     assert torch.equal(kernels.linear_int8(x, q, absmax, threshold=1.5), out)  # the threshold has nothing to choose
 
 
-def test_int8_prompts_with_bf16_gemms_multiply_the_exact_weight_in_bf16(monkeypatch):
-    # with hardware bf16 GEMMs (AMX, AVX-512 BF16) every column is multiplied in bf16 against the int8 codes (exact in
-    # bf16), scaled in float32: closer to the dequantized weight's product than LLM.int8, and chunks of rows give the
-    # same bits as one pass
+@pytest.mark.parametrize("k", (128, 200))  # 200: a row's last 8 columns past the 16-wide steps
+def test_dequantize_int8_rows_bf16_is_the_reference(k):
+    q, absmax = kernels.quantize_int8_rows(_randn((37, k), seed=16))
+    assert torch.equal(kernels._int8_rows_bf16(q, absmax), formats.dequantize_int8_rows(q, absmax, torch.bfloat16))
+    assert torch.equal(kernels._int8_rows_bf16(q[5:20], absmax[5:20]), formats.dequantize_int8_rows(q[5:20], absmax[5:20], torch.bfloat16))
+
+
+def test_int8_prompts_with_bf16_gemms_multiply_the_dequantized_weight_in_bf16(monkeypatch):
+    # with hardware bf16 GEMMs (AMX, AVX-512 BF16) every column is multiplied in bf16 against the dequantized weight:
+    # closer to the float32 product than LLM.int8, and chunks of rows give the same bits as one pass
     monkeypatch.setattr(kernels, "CPU_HALF_MATMUL_IS_NATIVE", True)
     q, absmax = kernels.quantize_int8_rows(_randn((200, 128), seed=15))
     x = _with_outlier_features(40, 128, (5,), magnitude=30.0).to(torch.bfloat16)
     out = kernels.linear_int8(x, q, absmax, threshold=6.0)
-    product = x.float() @ q.float().T  # the codes' exact products, then the row scales
-    expected = (product * (absmax / 127.0)).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2**-7, atol=2**-7 * expected.float().abs().max().item())
+    dequantized = formats.dequantize_int8_rows(q, absmax, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.nn.functional.linear(x, dequantized))  # that product's bits
     exact = x.float() @ formats.dequantize_int8_rows(q, absmax).T
     decomposed = kernels.int8_decomposed_matmul(x, q, absmax, 6.0)
     assert (out.float() - exact).norm() < (decomposed - exact).norm()

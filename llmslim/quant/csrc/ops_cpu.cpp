@@ -263,6 +263,38 @@ void dequantize_tile_cpu_layout(const uint8_t* tile, const at::BFloat16* am, con
 }
 #endif
 
+#ifdef LLMSLIM_AVX512_BF16
+// A row-wise int8 weight as bf16, formats.dequantize_int8_rows' bits: (q.float() * (absmax / 127)).to(bf16), each
+// element rounded to nearest even once, 16 at a time (an int8 prompt's weight before its bf16 GEMM, which then needs
+// no pass over its output to scale it)
+at::Tensor dequantize_int8_rows_bf16(const at::Tensor& q, const at::Tensor& absmax) {
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous(), "llmslim: dequantize_int8_rows_bf16 takes a contiguous int8 (N, K) weight, got ",
+              q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous() && absmax.numel() == q.size(0),
+              "llmslim: dequantize_int8_rows_bf16 takes one float32 absmax per row (", q.size(0), "), got ", absmax.scalar_type(), " ", absmax.sizes());
+  const int64_t n = q.size(0), k = q.size(1);
+  at::Tensor out = at::empty({n, k}, q.options().dtype(at::kBFloat16));
+  const int8_t* pq = q.data_ptr<int8_t>();
+  const float* pa = absmax.data_ptr<float>();
+  at::BFloat16* po = out.data_ptr<at::BFloat16>();
+  at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const float s = pa[r] / 127.f;
+      const __m512 vs = _mm512_set1_ps(s);
+      const int8_t* qr = pq + r * k;
+      at::BFloat16* orow = po + r * k;
+      int64_t c = 0;
+      for (; c + 16 <= k; c += 16) {
+        const __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + c)))), vs);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(orow + c), (__m256i)_mm512_cvtneps_pbh(v));
+      }
+      for (; c < k; c++) orow[c] = c10::BFloat16(static_cast<float>(qr[c]) * s);
+    }
+  });
+  return out;
+}
+#endif
+
 at::Tensor dequantize_4bit_cpu_layout(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& lut, int64_t n, int64_t k,
                                       int64_t block) {
   TORCH_CHECK(n % 32 == 0 && k % 2 == 0 && block > 0 && k % block == 0 && block % 2 == 0,
@@ -2219,6 +2251,7 @@ TORCH_LIBRARY(llmslim, m) {
       "mm_4bit_i16_multi(Tensor x, Tensor[] codes, Tensor lut, Tensor[] scales, Tensor[] nested_absmax, Tensor? nested_code, "
       "Tensor[] nested_offset, int[] ns, int block) -> Tensor[]");
   m.def("dequantize_4bit_cpu_layout(Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
+  m.def("dequantize_int8_rows_bf16(Tensor q, Tensor absmax) -> Tensor");
   m.def("gemv_4bit_cpu_layout(Tensor x, Tensor packed, Tensor absmax, Tensor lut, int n, int k, int block) -> Tensor");
   m.def("gemv_int8_rows(Tensor x, Tensor weight, Tensor row_absmax) -> Tensor");
   m.def("gemv_4bit_multi(Tensor x, Tensor[] packed, Tensor[] absmax, Tensor lut, int[] ns, int block) -> Tensor[]");
@@ -2260,6 +2293,7 @@ TORCH_LIBRARY(llmslim, m) {
 #ifdef LLMSLIM_AVX512_BF16
   m.impl("gemv_4bit_cpu_layout", c10::DispatchKey::CPU, gemv_4bit_cpu_layout);
   m.impl("gemv_4bit_multi", c10::DispatchKey::CPU, gemv_4bit_multi);
+  m.impl("dequantize_int8_rows_bf16", c10::DispatchKey::CPU, dequantize_int8_rows_bf16);
 #endif
   m.impl("rms_norm_rows", c10::DispatchKey::CPU, rms_norm_rows);
   m.impl("add_rms_norm_rows", c10::DispatchKey::CPU, add_rms_norm_rows);
