@@ -466,10 +466,11 @@ def resolve_model(name: str) -> Path:
 
 MERGE_NOTES = {
     "llmslim-int8": (
-        "int8 measured on a CPU with hardware bf16 GEMMs (an AMX Xeon; since 2026-12-06 16:52 a Zen 5 EPYC with AVX-512 "
-        "BF16), where int8 prompts multiply the int8 weight turned into bf16 (`kernels.int8_prompt_matmul_bf16`: no "
-        "activation rounded, so the threshold changes nothing; -t6 measured on the Xeon); through LLM.int8 (CPUs with "
-        "neither) SmolLM2 read 28.92 at threshold 1.5 and 29.32 at 6."
+        "int8 measured on a CPU with hardware bf16 GEMMs (an AMX Xeon; since 2026-12-06 a Zen 5 EPYC with AVX-512 BF16), "
+        "where int8 prompts multiply bf16 activations with the weight in bf16 (`kernels.int8_prompt_matmul_bf16`: no "
+        "activation rounded, so the threshold changes nothing; since 2026-12-06 17:35 the weight dequantized to bf16, "
+        "before that the codes with each output column scaled after the GEMM: 28.87 on the Zen 5; -t6 measured on the "
+        "Xeon); through LLM.int8 (CPUs with neither) SmolLM2 read 28.92 at threshold 1.5 and 29.32 at 6."
     ),
     "llmslim-nf4-gptq": (
         "`-gptq`: GPTQ calibrated on the shipped Tiny Shakespeare (65,536 tokens of 512, seed 0) with the defaults: damp 0.25, "
