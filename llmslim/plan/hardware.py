@@ -66,7 +66,7 @@ class Hardware:
         bandwidth: bytes/s of `gpu` memory, the `pcie` link, `cpu` memory and `disk` reads.
         cpu_half_gemm: whether the CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); without it
             llmslim's prompts and training run their dense products in float32, and with it int8 prompts multiply the
-            weight turned into bf16 instead of running LLM.int8 (`quant.kernels.int8_prompt_matmul_bf16`) (default:
+            weight dequantized to bf16 instead of running LLM.int8 (`quant.kernels.int8_prompt_matmul_bf16`) (default:
             this machine's CPU).
     """
 

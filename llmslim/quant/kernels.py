@@ -608,7 +608,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, row_absmax: torch.Tensor,
     `_int8_prompts_on_rows`): llmslim's `gemv_int8_rows` for bfloat16 `x`
     (exact int8 products with 16-bit activations), else PyTorch's weight-only int8 kernel; neither
     materialises a float weight. CPU, more tokens (prompts): bf16 rows on a CPU with hardware bf16 GEMMs take the
-    codes turned into bf16 (`int8_prompt_matmul_bf16`: every column in 16 bits), on the AVX2 build `gemv_int8_rows`;
+    weight dequantized to bf16 (`int8_prompt_matmul_bf16`: every column in 16 bits), on the AVX2 build `gemv_int8_rows`;
     else the LLM.int8 decomposition on `torch._int_mm`.
     """
     if x.device.type == "cuda" and (torch.compiler.is_compiling() or bnb_functional() is not None):

@@ -203,6 +203,7 @@ def _register_fakes() -> None:
         "gemv_4bit_cpu_layout": gemv_4bit_fake,
         "gemv_int8_rows": gemv_int8_fake,
         "gemv_int8_rows_multi": int8_multi_fake,
+        "dequantize_int8_rows_bf16": lambda q, absmax: q.new_empty(q.shape, dtype=torch.bfloat16),
     }
     for name, fake in fakes.items():
         if hasattr(torch.ops.llmslim, name):
