@@ -315,14 +315,7 @@ def _layer_plan(layer, a, f, x: torch.Tensor) -> tuple | None:
 def _bypassed(m: nn.Module) -> bool:
     """Whether a projection does more in its call than its kernel (hooks, an instance `forward` such as accelerate's,
     streamed or offloaded weights) or trains: a layer plan would skip that."""
-    return bool(
-        m._forward_hooks
-        or m._forward_pre_hooks
-        or m.training
-        or "forward" in m.__dict__
-        or hasattr(m, "_hf_hook")
-        or getattr(m, "streamed", False)
-    )
+    return m.training or _hooked((m,)) or hasattr(m, "_hf_hook") or bool(getattr(m, "streamed", False))
 
 
 def _plan_4bit(modules, x: torch.Tensor) -> tuple | None:
