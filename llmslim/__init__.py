@@ -32,11 +32,13 @@ def save_pretrained(*args, **kwargs):
 def quantize_(model, *args, **kwargs):
     """Quantize a loaded float model in place, its decoder layers given the lean decode step (`llmslim.hf.decode`);
     see `llmslim.quant.quantize.quantize_`."""
+    from llmslim.hf.attention import use_prompt_attention
     from llmslim.hf.decode import use_lean_layers
     from llmslim.quant.quantize import quantize_ as _quantize_
 
     replaced = _quantize_(model, *args, **kwargs)
     use_lean_layers(model)
+    use_prompt_attention(model)
     return replaced
 
 

@@ -25,6 +25,7 @@ from llmslim.calibrate import CALIBRATION_TOKENS, calibrate_, calibration_ids
 from llmslim.compress.load import prepare_compression
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import checks, compat
+from llmslim.hf.attention import use_prompt_attention
 from llmslim.hf.decode import use_lean_layers
 from llmslim.hf.quantizer import enable_peft_if_installed
 from llmslim.memory.blocks import find_blocks
@@ -489,6 +490,7 @@ def _finish_model(model: PreTrainedModel, config: SlimConfig, plan: DevicePlan, 
     compat.mark_quantized(model, config)
     apply_decode_head(model, config)
     use_lean_layers(model)
+    use_prompt_attention(model)
     enable_peft_if_installed(model)
     model.config.name_or_path = str(source)
     plan.dispatch(model)

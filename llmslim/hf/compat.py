@@ -20,7 +20,7 @@ from packaging import version
 from transformers import AttentionInterface, CompileConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.pytorch_utils import Conv1D
 
@@ -249,6 +249,13 @@ def swap_model_class(module: torch.nn.Module, cls: type) -> None:
     module.__class__ = cls
     if flags:
         registry[module] = flags
+
+
+def register_attention(name: str, function) -> None:
+    """Register `function` as attention implementation `name`, its masks built as for "sdpa" (transformers builds no mask
+    at all for an implementation without a mask function)."""
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def attn_implementation(config) -> str | None:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 
 from llmslim.hf import compat
+from llmslim.hf.attention import SDPA_NAMES
 from llmslim.hf.compat import DynamicLayer
 from llmslim.quant import kernels
 from llmslim.quant.modules import SlimLinear4bit, SlimLinear8bit
@@ -163,7 +164,7 @@ def _step_parts(layer) -> tuple | None:
     modules = layer._modules  # not through nn.Module.__getattr__
     attn, mlp = modules["self_attn"], modules["mlp"]
     norms = modules["input_layernorm"], modules["post_attention_layernorm"]
-    if compat.attn_implementation(attn.config) == "sdpa" and not _hooked((*norms, attn, mlp, mlp._modules["act_fn"])):
+    if compat.attn_implementation(attn.config) in SDPA_NAMES and not _hooked((*norms, attn, mlp, mlp._modules["act_fn"])):
         return attn, mlp, norms
     return None
 

@@ -21,6 +21,7 @@ from llmslim.compress.apply import compress_
 from llmslim.compress.load import prepare_compression, share_loaded_
 from llmslim.config import QUANT_METHOD, SlimConfig
 from llmslim.hf import compat
+from llmslim.hf.attention import use_prompt_attention
 from llmslim.hf.checks import check_checkpoint_files, check_loaded
 from llmslim.hf.compat import head_tied_to_embedding, untie_int8_head
 from llmslim.hf.decode import use_lean_layers
@@ -138,6 +139,7 @@ class SlimHfQuantizer(HfQuantizer):
             self.quantization_config = _compress_loaded(model, self.quantization_config, self.pre_quantized)
         apply_decode_head(model, self.quantization_config)
         use_lean_layers(model)
+        use_prompt_attention(model)
         enable_peft_if_installed(model)
         return model
 

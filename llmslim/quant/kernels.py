@@ -361,6 +361,12 @@ def _int8_rows_built() -> bool:
     return bool(torch.ops.llmslim.int8_rows_available().item())
 
 
+@torch.compiler.assume_constant_result
+def prompt_attention_kernel() -> bool:
+    """Whether llmslim's `attend_prompt_rows` (a bf16 prompt's causal attention) runs here: built for AVX-512 BF16."""
+    return _ops_loaded() and _vnni_kernel()
+
+
 NF4_INT8_LEVELS = formats.int8_levels("nf4")  # NF4's values x 127, rounded (at most 0.5 / 127 of the absmax off)
 # up to this many 16-bit rows (decode, batched or not) NF4 takes the integer-dot kernel where it is built (AVX2), each
 # row quantized alone. Off (0), on two counts. Numerics: with the activations as two int8 rows (as int4's, whose cost

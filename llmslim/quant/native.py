@@ -190,6 +190,7 @@ def _register_fakes() -> None:
         "rotary_rows": like_fake,
         "silu_mul_rows": like_fake,
         "attend_one_rows": lambda q, k, v, scale: q.new_empty((1, q.shape[1] * q.shape[3])),
+        "attend_prompt_rows": lambda q, k, v, scale: q.new_empty((1, q.shape[2], q.shape[1] * q.shape[3])),
         "mm_4bit": mm_fake,
         "mm_int4_q8": mm_fake,
         "mm_4bit_q8": mm_fake,
