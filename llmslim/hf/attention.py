@@ -67,9 +67,7 @@ def prompt_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention function, with a causal prompt without a mask on `attend_prompt_rows`."""
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    plain = attention_mask is None and causal and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-    if plain and kwargs.get("s_aux") is None and kwargs.get("sinks") is None:
+    if attention_mask is None and plain_causal(module, dropout, is_causal, kwargs):
         # SDPA's is_causal is aligned top-left: with more keys than queries (a prompt into an empty static cache)
         # the queries see the first q_len keys, as sdpa_attention_forward crops them
         q_len = query.shape[2]
@@ -79,6 +77,13 @@ def prompt_attention(
     return compat.sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
+
+
+def plain_causal(module: nn.Module, dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
+    """Whether an attention call asks for causal attention and nothing else the kernel lacks (dropout, a position
+    bias, a soft cap, attention sinks)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return bool(causal) and not dropout and all(kwargs.get(name) is None for name in ("position_bias", "softcap", "s_aux", "sinks"))
 
 
 def use_prompt_attention(model: nn.Module) -> bool:

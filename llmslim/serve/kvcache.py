@@ -21,6 +21,7 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
+from llmslim.hf import attention
 from llmslim.hf.compat import AttentionInterface, sdpa_attention_forward
 
 ROW_ATTENTION = "llmslim_rows"
@@ -106,13 +107,18 @@ class BatchKV:
 
 
 def row_attention(module, query: torch.Tensor, key, value, attention_mask, **kwargs) -> tuple[torch.Tensor, None]:
-    """Scaled dot-product attention of each query row over its own sequence's keys (causal within a prompt)."""
+    """Scaled dot-product attention of each query row over its own sequence's keys (causal within a prompt). A prompt
+    (with or without cached tokens before it) takes llmslim's CPU kernel where it is built (`llmslim.hf.attention`)."""
     if isinstance(key, torch.Tensor):
         raise TypeError(f"{ROW_ATTENTION} attention needs llmslim.serve.kvcache.BatchKV as the cache, got a plain tensor")
-    outputs = [
-        sdpa_attention_forward(module, query[row : row + 1], k, v, _suffix_mask(query.shape[2], k.shape[2], query.device), **kwargs)[0]
-        for row, (k, v) in enumerate(zip(key, value, strict=True))
-    ]  # each (1, q_len, heads, head_dim)
+    kernel = attention.plain_causal(module, kwargs.get("dropout", 0.0), kwargs.get("is_causal"), kwargs)
+    outputs = []
+    for row, (k, v) in enumerate(zip(key, value, strict=True)):
+        q = query[row : row + 1]
+        out = attention.causal_prompt(q, k, v, kwargs.get("scaling")) if kernel else None  # causal aligned to the end, as _suffix_mask
+        if out is None:
+            out = sdpa_attention_forward(module, q, k, v, _suffix_mask(query.shape[2], k.shape[2], query.device), **kwargs)[0]
+        outputs.append(out)  # (1, q_len, heads, head_dim)
     return torch.cat(outputs), None  # (batch, q_len, heads, head_dim)
 
 

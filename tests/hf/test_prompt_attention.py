@@ -127,3 +127,30 @@ def test_a_saved_model_names_no_llmslim_attention(llama, tmp_path):
     assert "_attn_implementation" not in json.loads((tmp_path / "saved" / "config.json").read_text())
     # the folder loads through transformers' door (its quantizer is llmslim's), which chooses the attention again
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == PROMPT_ATTENTION
+
+
+@needs_kernel
+def test_the_servers_rows_take_the_kernel_for_prompts_after_cached_tokens(monkeypatch):
+    from types import SimpleNamespace
+
+    from llmslim.serve.kvcache import _suffix_mask, row_attention
+
+    taken = _kernel_calls(monkeypatch)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 4, 6, 16, generator=g).to(torch.bfloat16)
+    # row 0: a whole prompt of 6 tokens; row 1: 6 new tokens after 9 cached ones (a prefix cache hit, a later chunk)
+    keys = [torch.randn(1, 2, n, 16, generator=g).to(torch.bfloat16) for n in (6, 15)]
+    values = [torch.randn(1, 2, n, 16, generator=g).to(torch.bfloat16) for n in (6, 15)]
+    got, _ = row_attention(module, query, keys, values, None, dropout=0.0, scaling=0.25)
+    assert taken == [True, True]
+    for row, (k, v) in enumerate(zip(keys, values, strict=True)):
+        mask = _suffix_mask(6, k.shape[2], "cpu")
+        exact = torch.nn.functional.scaled_dot_product_attention(
+            query[row : row + 1].double(), k.double(), v.double(), attn_mask=mask, is_causal=mask is None, scale=0.25, enable_gqa=True
+        ).transpose(1, 2)
+        assert float((got[row : row + 1].double() - exact).abs().max()) <= 2**-7
+    # one token each (decode): SDPA, as before
+    taken.clear()
+    row_attention(module, query[:, :, :1], keys, values, None, dropout=0.0, scaling=0.25)
+    assert taken == [False, False]
