@@ -171,9 +171,10 @@ def dequantize_4bit(w: formats.FourBitWeight, dtype: torch.dtype) -> torch.Tenso
 #
 # bitsandbytes 0.50 reads the codes of 32 output rows interleaved (`torch.ops.bitsandbytes.gemv_4bit`),
 # so one sequential stream feeds 32 accumulators, with the absmax in bfloat16, transposed to
-# (K / block, N). llmslim's `gemv_4bit_cpu_layout` reads the same layout with fewer instructions per
-# byte: over the 1.1B shape's 154 decode matmuls it streams ~15-17 GB/s against bitsandbytes'
-# ~13 GB/s (benchmarks/README.md). `SlimLinear4bit` repacks its codes into that layout at its
+# (K / block, N). llmslim's `gemv_4bit_cpu_layout` reads the same codes with fewer instructions per
+# byte (on the AMX Xeon of benchmarks/README.md ~15-17 GB/s against bitsandbytes' ~13 GB/s over the
+# 1.1B shape's 154 decode matmuls) and its absmax copy tile by tile, (N / 32, K / block, 32), which
+# streams beside the codes (~1.25x on a Zen 5 EPYC). `SlimLinear4bit` repacks its codes into that layout at its
 # first CPU inference call and repacks them back for saving (bitsandbytes' `Linear4bit` does the
 # same); these functions convert.
 
@@ -208,7 +209,10 @@ _REPACK_ROWS = 256  # rows converted at a time: the temporaries stay ~3 bytes x 
 
 
 def pack_4bit_for_cpu(w: formats.FourBitWeight) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes in bitsandbytes' CPU layout, absmax as bfloat16 (K / block, N)) of a row-major 4-bit weight."""
+    """(codes in bitsandbytes' CPU layout, absmax as bfloat16 (N / 32, K / block, 32)) of a row-major 4-bit weight.
+
+    The absmax copy is tile by tile: each 32-row tile's block scales in a row, read in the order of its codes
+    (`csrc/ops_cpu.cpp` says why); `bnb_cpu_absmax` gives bitsandbytes' (K / block, N) of it."""
     n, k = w.shape
     stored = w.codes.view(n, k // 2)
     packed = torch.empty(n // CPU_PACK_ROWS, k // 2, 32, dtype=torch.uint8)
@@ -218,8 +222,14 @@ def pack_4bit_for_cpu(w: formats.FourBitWeight) -> tuple[torch.Tensor, torch.Ten
         codes = torch.stack([rows >> 4, rows & 0xF], dim=-1)  # (rows, K / 2, 2): one code per byte
         codes = codes.view(tiles, CPU_PACK_ROWS, k // 2, 2).transpose(1, 2).reshape(tiles, k // 2, 64)
         torch.bitwise_or(codes[..., 32:] << 4, codes[..., :32], out=packed[start // CPU_PACK_ROWS :][:tiles])  # rows 16-31 high
-    absmax = w.float_absmax().view(n, k // w.block_size).t().to(torch.bfloat16).contiguous()  # (K / block, N)
-    return packed.view(-1, 1), absmax
+    blocks = k // w.block_size
+    absmax = w.float_absmax().view(n // CPU_PACK_ROWS, CPU_PACK_ROWS, blocks).transpose(1, 2).to(torch.bfloat16).contiguous()
+    return packed.view(-1, 1), absmax  # (N / 32, K / block, 32)
+
+
+def bnb_cpu_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """`pack_4bit_for_cpu`'s absmax (N / 32, K / block, 32) in bitsandbytes' CPU layout, (K / block, N)."""
+    return absmax.transpose(0, 1).reshape(absmax.shape[1], -1)
 
 
 def unpack_4bit_from_cpu(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -249,7 +259,8 @@ def linear_4bit_packed(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     if decode_kernels():
         out = torch.ops.llmslim.gemv_4bit_cpu_layout(x.reshape(-1, k), packed, absmax, _code_4bit(fmt), n, k, block_size)
         return out.view(*x.shape[:-1], n)
-    return torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), absmax, _code_4bit(fmt), block_size)
+    # bitsandbytes' kernel, where llmslim's could not be built: its absmax layout, rebuilt per call (a 1/32 of the codes)
+    return torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), bnb_cpu_absmax(absmax), _code_4bit(fmt), block_size)
 
 
 @cache

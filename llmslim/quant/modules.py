@@ -391,7 +391,7 @@ class SlimLinear4bit(SlimLinear):
         if packed:
             codes, absmax = kernels.pack_4bit_for_cpu(self.four_bit_weight())
             self.weight = nn.Parameter(codes, requires_grad=False)
-            self.register_buffer("weight_absmax_cpu", absmax, persistent=False)  # bf16 (K / block, N), counted as memory
+            self.register_buffer("weight_absmax_cpu", absmax, persistent=False)  # bf16 (N / 32, K / block, 32), counted as memory
         else:
             if self.cpu_layout:
                 self.weight = nn.Parameter(self.four_bit_weight().codes, requires_grad=False)

@@ -456,7 +456,8 @@ def test_cpu_layout_equals_bitsandbytes_conversion_and_inverts(shape, block_size
     packed, absmax = kernels.pack_4bit_for_cpu(w)
     ref_codes, ref_state = bnb_f._convert_weight_packed_for_cpu(w.codes.clone(), kernels.quant_state(w, torch.bfloat16))
     assert torch.equal(packed.reshape(-1), ref_codes.reshape(-1))
-    assert torch.equal(absmax, ref_state.absmax)
+    assert torch.equal(kernels.bnb_cpu_absmax(absmax), ref_state.absmax)
+    assert absmax.shape == (shape[0] // 32, shape[1] // block_size, 32)  # tile by tile
     assert torch.equal(kernels.unpack_4bit_from_cpu(packed, shape), w.codes)
 
 
@@ -472,7 +473,7 @@ def test_packed_linear_equals_reference_with_bf16_absmax(shape, fmt, batch):
     packed, absmax = kernels.pack_4bit_for_cpu(w)
     got = kernels.linear_4bit_packed(x, packed, absmax, shape, fmt, 64)
     codes = formats.unpack_nibbles(w.codes, shape[0] * shape[1]).view(shape[0], -1, 64)
-    dense = formats.code_4bit(fmt)[codes] * absmax.float().t().unsqueeze(-1)  # (N, K / 64, 64)
+    dense = formats.code_4bit(fmt)[codes] * kernels.bnb_cpu_absmax(absmax).float().t().unsqueeze(-1)  # (N, K / 64, 64)
     expected = x.float() @ dense.reshape(shape).t()
     assert got.shape == (*batch, shape[0]) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
@@ -492,7 +493,7 @@ def test_dequantize_from_the_cpu_layout_equals_reference_with_bf16_absmax(shape,
     packed, absmax = kernels.pack_4bit_for_cpu(w)
     got = torch.ops.llmslim.dequantize_4bit_cpu_layout(packed, absmax, formats.code_4bit(fmt), shape[0], shape[1], block_size)
     codes = formats.unpack_nibbles(w.codes, shape[0] * shape[1]).view(shape[0], -1, block_size)
-    expected = (formats.code_4bit(fmt)[codes] * absmax.float().t().unsqueeze(-1)).reshape(shape).to(torch.bfloat16)
+    expected = (formats.code_4bit(fmt)[codes] * kernels.bnb_cpu_absmax(absmax).float().t().unsqueeze(-1)).reshape(shape).to(torch.bfloat16)
     assert torch.equal(got, expected)
 
 
@@ -633,7 +634,7 @@ def test_gemv_4bit_cpu_layout_equals_bitsandbytes_kernel(shape, block_size, fmt,
     x = _randn((tokens, shape[1]), torch.bfloat16, seed=5)
     code = formats.code_4bit(fmt)
     got = torch.ops.llmslim.gemv_4bit_cpu_layout(x, packed, absmax, code, shape[0], shape[1], block_size)
-    theirs = torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), absmax, code, block_size)
+    theirs = torch.ops.bitsandbytes.gemv_4bit(x, packed, list(shape), kernels.bnb_cpu_absmax(absmax), code, block_size)
     assert got.dtype == torch.bfloat16 and got.shape == (tokens, shape[0])
     torch.testing.assert_close(got.float(), theirs.float(), rtol=2**-7, atol=1e-6)
 
