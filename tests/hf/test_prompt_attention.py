@@ -15,18 +15,9 @@ from llmslim.hf import attention
 from llmslim.hf.attention import PROMPT_ATTENTION, use_prompt_attention
 from llmslim.quant import kernels
 
-needs_kernel = pytest.mark.skipif(not kernels.prompt_attention_kernel(), reason="attend_prompt_rows is built for AVX-512 BF16")
+from .test_decode import _SHAPE  # head size 16 (the kernel's smallest), grouped queries
 
-# head size 16 (the kernel's smallest), grouped queries
-_SHAPE = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=160,
-    max_position_embeddings=256,
-)
+needs_kernel = pytest.mark.skipif(not kernels.prompt_attention_kernel(), reason="attend_prompt_rows is built for AVX-512 BF16")
 
 
 @pytest.fixture(scope="module")
