@@ -29,9 +29,11 @@ from _models import DEFAULT_TINYLLAMA, bnb_config, load_bf16, load_quanto
 
 README_BLOCKS = {"bench_quality": "bench_quality.json"}  # README marker -> the committed JSON it is rendered from (render.py)
 README_SECTION = "## Perplexity per format (`benchmarks/bench_quality.py`)"
-# llmslim-FORMAT[-gGROUP][-refine][-gptq][-tTHRESHOLD][-bBITS][-head8]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
+# llmslim-FORMAT[-gGROUP][-refine][-gptq][-tTHRESHOLD][-bBITS][-head8][-sdpa]: SlimConfig(weights=FORMAT, block_size=GROUP, refine=True,
 # method="gptq", int8_threshold=THRESHOLD, bits_per_param=BITS; head8: exclude=[], int8_layers=["lm_head"], an int8 copy of the
-# tied head). bnb-nf4-gptq-export: llmslim's GPTQ-NF4 saved in bitsandbytes' layout, loaded by stock transformers + bitsandbytes.
+# tied head); sdpa: the model switched back to transformers' SDPA attention (the opt-out of llmslim's prompt attention kernel,
+# `llmslim.hf.attention`, which the other llmslim cases take where it is built). bnb-nf4-gptq-export: llmslim's GPTQ-NF4
+# saved in bitsandbytes' layout, loaded by stock transformers + bitsandbytes.
 CASES = (
     "bf16",
     "llmslim-int8",
@@ -39,6 +41,7 @@ CASES = (
     "llmslim-nf4",
     "llmslim-nf4-q8",
     "llmslim-nf4-head8",
+    "llmslim-nf4-sdpa",
     "llmslim-fp4",
     "llmslim-int4-g32",
     "llmslim-int4-g64",
@@ -93,8 +96,8 @@ def slim_config(case: str):
             kwargs["int8_threshold"] = float(option[1:])
         elif option == "head8":
             kwargs.update(exclude=[], int8_layers=["lm_head"])
-        elif option == "q8":
-            pass  # not a quantization setting: `measure` scores every token with decode's int8 activations
+        elif option in ("q8", "sdpa"):
+            pass  # not quantization settings: `measure` scores every token with decode's int8 activations; `load_case`
         else:
             raise ValueError(f"unknown option {option!r} in case {case!r}")
     return llmslim.SlimConfig(weights=weights, **kwargs)
@@ -109,7 +112,10 @@ def load_case(case: str, path: Path):
     if case == "bf16":
         return load_bf16(path)
     if case.startswith("llmslim-"):
-        return llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
+        model = llmslim.from_pretrained(path, slim_config(case), dtype=torch.bfloat16, progress=False)
+        if case.endswith("-sdpa"):
+            model.set_attn_implementation("sdpa")
+        return model
     if case == "bnb-nf4-gptq-export":
         return load_gptq_export(path)
     if case == LLMCOMPRESSOR_CASE:
@@ -495,6 +501,10 @@ MERGE_NOTES = {
     ),
     "llmslim-nf4-head8": (
         "`-head8`: the tied output head as its own int8 copy (the embedding stays bf16; the copy is counted in the footprint)."
+    ),
+    "llmslim-nf4-sdpa": (
+        "`-sdpa`: the same nf4 model with transformers' SDPA attention instead of llmslim's prompt attention kernel "
+        "(`llmslim.hf.attention`, AVX-512 BF16; the other llmslim rows of this run take it where it is built)."
     ),
 }
 
