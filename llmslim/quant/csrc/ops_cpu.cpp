@@ -911,13 +911,27 @@ inline void gemv_rows_int8(const int16_t* const* xq, const float* const* xscale,
     __m512i dot[TM][R][2];  // two chains per row: vpdpwssd's latency is several cycles
     for (int t = 0; t < TM; t++)
       for (int r = 0; r < R; r++) dot[t][r][0] = dot[t][r][1] = _mm512_setzero_si512();
-    for (int64_t c = c0; c < c1; c += 32) {
-      const int h = static_cast<int>((c >> 5) & 1);
+    // 64 columns a step, one chain each half: picked by a runtime index ((c >> 5) & 1), as before, the chains were
+    // kept in memory, and the loop was bound by that (a 2048 x 2048 weight from cache, one Zen 5 thread: 125-135 us,
+    // now 89; the same integer sums)
+    int64_t c = c0;
+    for (; c + 64 <= c1; c += 64) {
+      __m512i w[R][2];
+      for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++)
+          w[r][h] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * k + c + 32 * h)));
+      for (int t = 0; t < TM; t++)
+        for (int h = 0; h < 2; h++) {
+          const __m512i xv = _mm512_loadu_si512(xq[t] + c + 32 * h);
+          for (int r = 0; r < R; r++) dot[t][r][h] = _mm512_dpwssd_epi32(dot[t][r][h], w[r][h], xv);
+        }
+    }
+    if (c < c1) {  // a block of an odd number of 32 columns (K's last)
       __m512i w[R];
       for (int r = 0; r < R; r++) w[r] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows + r * k + c)));
       for (int t = 0; t < TM; t++) {
         const __m512i xv = _mm512_loadu_si512(xq[t] + c);
-        for (int r = 0; r < R; r++) dot[t][r][h] = _mm512_dpwssd_epi32(dot[t][r][h], w[r], xv);
+        for (int r = 0; r < R; r++) dot[t][r][0] = _mm512_dpwssd_epi32(dot[t][r][0], w[r], xv);
       }
     }
     for (int t = 0; t < TM; t++)
