@@ -67,7 +67,7 @@ def prompt_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention function, with a causal prompt without a mask on `attend_prompt_rows`."""
-    if attention_mask is None and plain_causal(module, dropout, is_causal, kwargs):
+    if query.shape[2] > 1 and attention_mask is None and plain_causal(module, dropout, is_causal, kwargs):  # a decoded token: SDPA
         # SDPA's is_causal is aligned top-left: with more keys than queries (a prompt into an empty static cache)
         # the queries see the first q_len keys, as sdpa_attention_forward crops them
         q_len = query.shape[2]

@@ -111,7 +111,7 @@ def row_attention(module, query: torch.Tensor, key, value, attention_mask, **kwa
     (with or without cached tokens before it) takes llmslim's CPU kernel where it is built (`llmslim.hf.attention`)."""
     if isinstance(key, torch.Tensor):
         raise TypeError(f"{ROW_ATTENTION} attention needs llmslim.serve.kvcache.BatchKV as the cache, got a plain tensor")
-    kernel = attention.plain_causal(module, kwargs.get("dropout", 0.0), kwargs.get("is_causal"), kwargs)
+    kernel = query.shape[2] > 1 and attention.plain_causal(module, kwargs.get("dropout", 0.0), kwargs.get("is_causal"), kwargs)
     outputs = []
     for row, (k, v) in enumerate(zip(key, value, strict=True)):
         q = query[row : row + 1]
